@@ -1,0 +1,148 @@
+"""The `hearth` command."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from hearth.config import HearthSettings, load_settings
+from protocol.errors import ConfigError, HearthError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _one_line_errors(fn: F) -> F:
+    """Errors reach the user as one line on stderr and exit status 1, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except HearthError as exc:
+            click.echo(f"hearth: error: {exc.message}", err=True)
+            sys.exit(1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+_data_dir = click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Data directory (default: $HEARTH_DATA_DIR, else $XDG_DATA_HOME/hearth).",
+)
+_config = click.option(
+    "--config", type=click.Path(dir_okay=False, path_type=Path), default=None, help="TOML settings file."
+)
+
+
+def _settings(config: Path | None, data_dir: Path | None, **overrides: Any) -> HearthSettings:
+    if data_dir is not None:
+        overrides["data_dir"] = data_dir
+    return load_settings(config, **overrides)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="hearth-llm")
+def main() -> None:
+    """Hearth: your community's own OpenAI-compatible LLM service."""
+
+
+@main.command()
+@click.option("--demo", is_flag=True, help="Serve a small generated model (offline, seconds to build).")
+@click.option("--model", "model_spec", metavar="PATH_OR_HF_ID", help="A model directory or a Hugging Face id.")
+@click.option("--host", default=None, help="Address of the API (default 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Port of the API (default 8000; 0 picks a free one).")
+@_data_dir
+@_config
+@_one_line_errors
+def up(
+    demo: bool,
+    model_spec: str | None,
+    host: str | None,
+    port: int | None,
+    data_dir: Path | None,
+    config: Path | None,
+) -> None:
+    """Run a scheduler and a local node on this machine."""
+    from hearth.models import demo_model, resolve_model
+    from hearth.up import serve_up
+
+    if demo == (model_spec is not None):
+        raise ConfigError("choose one: --demo, or --model PATH_OR_HF_ID")
+    scheduler: dict[str, Any] = {}
+    if host is not None:
+        scheduler["host"] = host
+    if port is not None:
+        scheduler["port"] = port
+    settings = _settings(config, data_dir, **({"scheduler": scheduler} if scheduler else {}))
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    if demo:
+        model = functools.partial(demo_model, settings.data_dir)
+    else:
+        assert model_spec is not None
+        model = functools.partial(resolve_model, model_spec, settings.data_dir)
+    asyncio.run(serve_up(settings, model, out=lambda line: click.echo(line)))
+
+
+@main.group()
+def tokens() -> None:
+    """Create, list and revoke API tokens."""
+
+
+def _store(config: Path | None, data_dir: Path | None) -> Any:
+    from scheduler.store import Store
+
+    settings = _settings(config, data_dir)
+    return Store(settings.data_dir / "hearth.db")
+
+
+@tokens.command("create")
+@click.option("--name", default="user", show_default=True, help="A label to recognise the token by.")
+@click.option("--admin", is_flag=True, help="Give the token admin scope.")
+@_data_dir
+@_config
+@_one_line_errors
+def tokens_create(name: str, admin: bool, data_dir: Path | None, config: Path | None) -> None:
+    """Create a token and print it alone on stdout (it is stored only as a hash)."""
+    store = _store(config, data_dir)
+    token, record = store.create_token(name, "admin" if admin else "user")
+    click.echo(token)
+    click.echo(f"created {record.id} ({record.scope})", err=True)
+
+
+@tokens.command("list")
+@_data_dir
+@_config
+@_one_line_errors
+def tokens_list(data_dir: Path | None, config: Path | None) -> None:
+    """List tokens (ids and names; the tokens themselves are not stored)."""
+    rows = _store(config, data_dir).list_tokens()
+    click.echo(f"{'ID':<17} {'SCOPE':<6} {'CREATED':<20} {'REVOKED':<20} NAME")
+    for r in rows:
+        click.echo(f"{r.id:<17} {r.scope:<6} {_when(r.created):<20} {_when(r.revoked):<20} {r.name}")
+
+
+@tokens.command("revoke")
+@click.argument("token_id")
+@_data_dir
+@_config
+@_one_line_errors
+def tokens_revoke(token_id: str, data_dir: Path | None, config: Path | None) -> None:
+    """Revoke a token by its id; requests with it fail from now on."""
+    record = _store(config, data_dir).revoke_token(token_id)
+    click.echo(f"revoked {record.id} ({record.name})")
+
+
+def _when(ts: float | None) -> str:
+    return "-" if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")

@@ -1,0 +1,74 @@
+"""Settings for the `hearth` commands: one TOML file, environment overrides, command-line flags.
+
+Precedence, highest first: flags, environment (``HEARTH_`` prefix, ``__`` between nested names, e.g.
+``HEARTH_SCHEDULER__MAX_BODY_BYTES=2097152``), the TOML file, defaults. Every field carries a description;
+docs/configuration.md lists them all and a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from node.settings import NodeSettings
+from protocol.errors import ConfigError
+from scheduler.settings import SchedulerSettings
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "hearth"
+
+
+class HearthSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HEARTH_", env_nested_delimiter="__", extra="forbid")
+
+    data_dir: Path = Field(
+        default_factory=default_data_dir,
+        description="Where Hearth keeps its database and downloaded or generated models "
+        "(default: $XDG_DATA_HOME/hearth, else ~/.local/share/hearth).",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="Log verbosity. Logs never contain prompt or completion text."
+    )
+    scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings, description="The scheduler.")
+    node: NodeSettings = Field(default_factory=NodeSettings, description="The local node.")
+
+
+def load_settings(config: Path | None = None, **overrides: Any) -> HearthSettings:
+    """Settings from ``config`` (TOML), the environment and ``overrides`` (flags); ConfigError if invalid."""
+    if config is not None and not config.is_file():
+        raise ConfigError(f"no config file at {config}")
+
+    class _Sourced(HearthSettings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+            if config is not None:
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config))
+            return tuple(sources)
+
+    try:
+        return HearthSettings.model_validate(_Sourced(**overrides).model_dump())
+    except ValidationError as exc:
+        err = exc.errors(include_input=False, include_url=False)[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(f"invalid setting {where}: {err['msg']}") from None
+    except ValueError as exc:  # malformed TOML
+        raise ConfigError(f"cannot read {config}: {exc}") from None

@@ -1,0 +1,128 @@
+"""The reference backend: Hugging Face transformers on the CPU (or whatever torch finds).
+
+It decodes token by token with the model's KV cache, so a cancelled job stops within one step and a
+streamed token leaves as soon as it is sampled. One job at a time: on a CPU box the matrix work already
+uses every core, and batching would only add latency to the first token.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from node.backends.base import SamplingParams
+from protocol.errors import ConfigError
+
+
+class TransformersBackend:
+    def __init__(self, model: Any, tokenizer: Any, eos_ids: frozenset[int], context_length: int) -> None:
+        self._model = model
+        self._tokenizer = tokenizer
+        self._eos_ids = eos_ids
+        self._context_length = context_length
+
+    @classmethod
+    def load(cls, path: Path, *, threads: int | None = None) -> TransformersBackend:
+        """Load a Hugging Face-layout model directory (blocking: call it off the event loop)."""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if threads:
+            torch.set_num_threads(threads)
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{path} is not a model directory (no config.json)")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot load the model in {path}: {type(exc).__name__}") from None
+        model.eval()
+        eos: set[int] = set()
+        gen_eos = getattr(model.generation_config, "eos_token_id", None)
+        if isinstance(gen_eos, int):
+            eos.add(gen_eos)
+        elif isinstance(gen_eos, list):
+            eos.update(int(i) for i in gen_eos)
+        if tokenizer.eos_token_id is not None:
+            eos.add(int(tokenizer.eos_token_id))
+        context = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+        return cls(model, tokenizer, frozenset(eos), context)
+
+    @property
+    def context_length(self) -> int:
+        return self._context_length
+
+    @property
+    def chat_template(self) -> str | None:
+        template = getattr(self._tokenizer, "chat_template", None)
+        return template if isinstance(template, str) else None
+
+    @property
+    def bos_token(self) -> str:
+        return str(self._tokenizer.bos_token or "")
+
+    @property
+    def eos_token(self) -> str:
+        return str(self._tokenizer.eos_token or "")
+
+    def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self._tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    def generate(
+        self, prompt_ids: Sequence[int], params: SamplingParams, cancelled: threading.Event
+    ) -> Iterator[int]:
+        import torch
+
+        generator = torch.Generator()
+        generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
+        penalize = params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+        counts: Any = None
+        with torch.inference_mode():
+            out = self._model(input_ids=torch.tensor([list(prompt_ids)]), use_cache=True)
+            for step in range(params.max_new_tokens):
+                if cancelled.is_set():
+                    return
+                logits = out.logits[0, -1].float()
+                if penalize:
+                    if counts is None:
+                        counts = torch.zeros_like(logits)
+                    logits = logits - params.frequency_penalty * counts
+                    logits = logits - params.presence_penalty * (counts > 0).float()
+                token = _sample(logits, params, generator)
+                if token in self._eos_ids:
+                    return
+                yield token
+                if penalize:
+                    counts[token] += 1
+                if step + 1 == params.max_new_tokens:
+                    return
+                out = self._model(
+                    input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True
+                )
+
+    def close(self) -> None:
+        self._model = None
+        self._tokenizer = None
+
+
+def _sample(logits: Any, params: SamplingParams, generator: Any) -> int:
+    import torch
+
+    if params.temperature == 0.0:
+        return int(torch.argmax(logits).item())
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        cumulative = torch.cumsum(sorted_probs, dim=-1)
+        # Keep the smallest set whose mass reaches top_p (always at least the most likely token).
+        keep = cumulative - sorted_probs < params.top_p
+        sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
+        choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
+        return int(order[choice].item())
+    return int(torch.multinomial(probs, 1, generator=generator).item())

@@ -1,0 +1,48 @@
+"""The policy engine: pure decisions about who may send what.
+
+It sees only what the scheduler may see of a request (model, max_tokens, whether the body is sealed),
+never its text, so the same rules hold once prompts are end-to-end encrypted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from protocol.errors import InvalidRequest, PermissionDenied
+
+
+class Policy(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    allow_plaintext: bool = Field(
+        default=True,
+        description="Accept requests the scheduler can read. `hearth up` (one user, one machine) allows "
+        "them; a federation with remote nodes should require end-to-end encryption.",
+    )
+    max_tokens_cap: int = Field(
+        default=8192, ge=1, description="Largest max_tokens any request may ask for."
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Visible:
+    """What the scheduler knows about a request."""
+
+    model: str
+    max_tokens: int | None
+    sealed: bool
+
+
+def check(policy: Policy, request: Visible) -> None:
+    """Raise the refusal the request earns, or return None when it may proceed."""
+    if not request.sealed and not policy.allow_plaintext:
+        raise PermissionDenied(
+            "this scheduler accepts only end-to-end encrypted requests; send them through `hearth proxy`",
+            code="e2e_required",
+        )
+    if request.max_tokens is not None and request.max_tokens > policy.max_tokens_cap:
+        raise InvalidRequest(
+            f"max_tokens may be at most {policy.max_tokens_cap} here", param="max_tokens", code="max_tokens_over_cap"
+        )

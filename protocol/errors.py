@@ -1,0 +1,172 @@
+"""The one error hierarchy every Hearth part raises and every API speaks.
+
+    HearthError                      500 server_error        (root; internal faults)
+    ├── InvalidRequest               400 invalid_request_error
+    │   └── ContextLengthExceeded    400 invalid_request_error / context_length_exceeded
+    ├── AuthenticationFailed         401 authentication_error / invalid_api_key
+    ├── PermissionDenied             403 permission_error
+    ├── NotFound                     404 invalid_request_error / not_found
+    │   └── ModelNotFound            404 invalid_request_error / model_not_found
+    ├── PayloadTooLarge              413 invalid_request_error / payload_too_large
+    ├── Unprocessable                422 invalid_request_error
+    ├── RateLimited                  429 rate_limit_error (+ Retry-After)
+    ├── Unavailable                  503 server_error / no_capacity (+ Retry-After)
+    ├── UpstreamFailed               502 server_error / node_failed
+    └── ConfigError                  CLI and start-up problems (one line on stderr, exit 1)
+
+Messages are written for the person who sent the request. They must never quote prompt or completion
+text: an error message can end up in a client's log, and the server logs only the error code.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class HearthError(Exception):
+    """Root of every error Hearth raises on purpose."""
+
+    status: ClassVar[int] = 500
+    error_type: ClassVar[str] = "server_error"
+    default_code: ClassVar[str | None] = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+        self.retry_after = retry_after
+
+    def to_body(self) -> dict[str, Any]:
+        """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after is None:
+            return {}
+        return {"Retry-After": str(max(1, round(self.retry_after)))}
+
+    @classmethod
+    def from_body(cls, status: int, body: Any) -> HearthError:
+        """Rebuild an error relayed from another Hearth service (node → scheduler)."""
+        err = body.get("error") if isinstance(body, dict) else None
+        if not isinstance(err, dict):
+            return UpstreamFailed("the node returned a malformed error")
+        klass = _BY_STATUS.get(status, HearthError)
+        message = str(err.get("message") or "error")
+        param = err.get("param")
+        code = err.get("code")
+        return klass(
+            message,
+            param=param if isinstance(param, str) else None,
+            code=code if isinstance(code, str) else None,
+        )
+
+
+class InvalidRequest(HearthError):
+    status = 400
+    error_type = "invalid_request_error"
+    default_code: ClassVar[str | None] = None
+
+
+class ContextLengthExceeded(InvalidRequest):
+    default_code = "context_length_exceeded"
+
+
+class AuthenticationFailed(HearthError):
+    status = 401
+    error_type = "authentication_error"
+    default_code = "invalid_api_key"
+
+
+class PermissionDenied(HearthError):
+    status = 403
+    error_type = "permission_error"
+    default_code = "permission_denied"
+
+
+class NotFound(HearthError):
+    status = 404
+    error_type = "invalid_request_error"
+    default_code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    default_code = "model_not_found"
+
+
+class MethodNotAllowed(HearthError):
+    status = 405
+    error_type = "invalid_request_error"
+    default_code = "method_not_allowed"
+
+
+class PayloadTooLarge(HearthError):
+    status = 413
+    error_type = "invalid_request_error"
+    default_code = "payload_too_large"
+
+
+class Unprocessable(HearthError):
+    status = 422
+    error_type = "invalid_request_error"
+    default_code = None
+
+
+class RateLimited(HearthError):
+    status = 429
+    error_type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
+
+
+class UpstreamFailed(HearthError):
+    status = 502
+    error_type = "server_error"
+    default_code = "node_failed"
+
+
+class Unavailable(HearthError):
+    status = 503
+    error_type = "server_error"
+    default_code = "no_capacity"
+
+
+class ConfigError(HearthError):
+    """A problem with settings, files or the command line; the CLI prints it as one line."""
+
+    default_code = "config_error"
+
+
+class ProtocolError(HearthError):
+    """Malformed bytes between Hearth services (frames, status documents)."""
+
+    status = 502
+    default_code = "protocol_error"
+
+
+_BY_STATUS: dict[int, type[HearthError]] = {
+    400: InvalidRequest,
+    401: AuthenticationFailed,
+    403: PermissionDenied,
+    404: NotFound,
+    405: MethodNotAllowed,
+    413: PayloadTooLarge,
+    422: Unprocessable,
+    429: RateLimited,
+    502: UpstreamFailed,
+    503: Unavailable,
+}

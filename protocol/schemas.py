@@ -1,0 +1,291 @@
+"""Wire schemas of the public, OpenAI-compatible API.
+
+Requests are validated with pydantic; the same models generate the OpenAPI document, so the document cannot
+drift from what the server accepts. Responses are built as plain dicts on the hot path (one per streamed
+token) and described here by models that a test checks real responses against.
+
+Validation errors are turned into one :class:`InvalidRequest` naming the field and the rule, never the
+value: a value may be prompt text.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from protocol.errors import InvalidRequest
+
+MAX_MESSAGES = 2048
+MAX_STOP_SEQUENCES = 4
+MAX_STOP_LENGTH = 256
+MAX_MODEL_ID_LENGTH = 256
+
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+Truncation = Literal["auto", "disabled"]
+
+
+class _Request(BaseModel):
+    # Unknown fields are ignored as OpenAI does, so clients that send extra options keep working; the
+    # options we cannot honour are declared below and refused explicitly instead of silently dropped.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    role: Role
+    content: str | list[TextPart] | None = None
+    name: str | None = Field(default=None, max_length=256)
+
+    def text(self) -> str:
+        """The message's content flattened to one string (text parts joined)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    include_usage: bool = False
+
+
+StopField = Annotated[
+    str | Annotated[list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]], Field(max_length=MAX_STOP_SEQUENCES)] | None,
+    Field(description=f"Up to {MAX_STOP_SEQUENCES} sequences where generation stops; not included in the output."),
+]
+
+
+class _Sampling(_Request):
+    model: str = Field(min_length=1, max_length=MAX_MODEL_ID_LENGTH, description="A model id from /v1/models.")
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="0 means greedy decoding.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1, description="Makes sampling repeatable.")
+    stop: StopField = None
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(default=1, description="Only 1 is supported.")
+    user: str | None = Field(default=None, max_length=256)
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, value: int) -> int:
+        if value != 1:
+            raise ValueError("only n=1 is supported")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_length(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, str) and not 1 <= len(value) <= MAX_STOP_LENGTH:
+            raise ValueError(f"a stop sequence must be 1 to {MAX_STOP_LENGTH} characters")
+        return value
+
+    def stop_sequences(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        if isinstance(self.stop, str):
+            return (self.stop,)
+        return tuple(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_tokens: int | None = Field(default=None, ge=1, description="Upper bound on generated tokens.")
+    max_completion_tokens: int | None = Field(default=None, ge=1, description="Newer name of max_tokens.")
+    truncation: Truncation | None = Field(
+        default=None,
+        description='Hearth extension: "auto" drops the oldest turns (keeping system prompts) when the '
+        'conversation does not fit the context; "disabled" refuses with context_length_exceeded. '
+        "Default: the node's setting.",
+    )
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    logprobs: bool | None = None
+    response_format: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _supported(self) -> ChatCompletionRequest:
+        if self.tools:
+            raise ValueError("tools are not supported yet")
+        if self.logprobs:
+            raise ValueError("logprobs are not supported yet")
+        if self.response_format is not None and self.response_format.get("type", "text") != "text":
+            raise ValueError("only response_format type 'text' is supported")
+        return self
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] = Field(
+        description="One prompt (a string, or a list holding one string)."
+    )
+    max_tokens: int | None = Field(default=16, ge=1, description="Upper bound on generated tokens (default 16).")
+    echo: bool = False
+    suffix: str | None = None
+    logprobs: int | None = None
+    best_of: int | None = None
+
+    @model_validator(mode="after")
+    def _supported(self) -> CompletionRequest:
+        if self.echo:
+            raise ValueError("echo is not supported")
+        if self.suffix:
+            raise ValueError("suffix is not supported")
+        if self.logprobs is not None:
+            raise ValueError("logprobs are not supported yet")
+        if self.best_of not in (None, 1):
+            raise ValueError("only best_of=1 is supported")
+        return self
+
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+
+Endpoint = Literal["chat", "completion"]
+REQUEST_MODELS: dict[str, type[ChatCompletionRequest] | type[CompletionRequest]] = {
+    "chat": ChatCompletionRequest,
+    "completion": CompletionRequest,
+}
+
+
+def parse_request(endpoint: str, body: Any) -> ChatCompletionRequest | CompletionRequest:
+    """Validate a decoded JSON body; raise InvalidRequest naming the first bad field (never its value)."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    try:
+        return REQUEST_MODELS[endpoint].model_validate(body)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+def validation_error(exc: ValidationError) -> InvalidRequest:
+    errors = exc.errors(include_input=False, include_url=False, include_context=False)
+    first = errors[0]
+    loc = [str(part) for part in first["loc"] if not str(part).startswith("function-")]
+    # pydantic names the union branch it tried ("str", "list[...]"); users want the field path.
+    path = ".".join(p for p in loc if not _is_type_tag(p))
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "missing":
+        message = "this field is required"
+    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    where = f"'{path}': " if path else ""
+    return InvalidRequest(f"invalid request: {where}{message}{more}", param=path or None)
+
+
+def _is_type_tag(part: str) -> bool:
+    return part in {"str", "int", "float", "bool", "none", "TextPart"} or part.startswith(
+        ("list[", "function-", "constrained-")
+    )
+
+
+# ----- response schemas (documentation and tests; the hot path builds dicts) -----
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: FinishReason
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChunkDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int
+    delta: ChunkDelta
+    finish_reason: FinishReason | None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: FinishReason | None
+    logprobs: None = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    context_length: int = Field(description="Hearth extension: the model's context window in tokens.")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

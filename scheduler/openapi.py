@@ -1,0 +1,100 @@
+"""The OpenAPI 3.1 document of the public API, generated from the same pydantic models that validate it."""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from protocol.schemas import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    ErrorResponse,
+    ModelList,
+)
+
+VERSION = "0.1.0"
+_MODELS: list[type[BaseModel]] = [
+    ChatCompletionRequest, CompletionRequest, ChatCompletion, ChatCompletionChunk, Completion, ModelList,
+    ErrorResponse,
+]
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    descriptions = {
+        400: "Invalid request (bad JSON, wrong field, context_length_exceeded).",
+        401: "Missing, invalid or revoked API token.",
+        403: "Refused by policy.",
+        404: "Unknown model (model_not_found).",
+        413: "Request body over the size limit.",
+        503: "No node can take the request now; see Retry-After.",
+    }
+    return {
+        str(s): {"description": descriptions[s], "content": {"application/json": {"schema": _ref("ErrorResponse")}}}
+        for s in statuses
+    }
+
+
+def _generation(summary: str, request: str, response: str, chunk: str) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": summary,
+            "security": [{"bearer": []}],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(request)}}},
+            "responses": {
+                "200": {
+                    "description": f"A {response} (stream=false) or server-sent events of {chunk} objects "
+                    "ending with `data: [DONE]` (stream=true).",
+                    "content": {
+                        "application/json": {"schema": _ref(response)},
+                        "text/event-stream": {"schema": _ref(chunk)},
+                    },
+                },
+                **_errors(400, 401, 403, 404, 413, 503),
+            },
+        }
+    }
+
+
+@cache
+def openapi_document() -> dict[str, Any]:
+    _, schemas = models_json_schema(
+        [(m, "validation" if m.__name__.endswith("Request") else "serialization") for m in _MODELS],
+        ref_template="#/components/schemas/{model}",
+    )
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Hearth", "version": VERSION, "description": "OpenAI-compatible API of a Hearth scheduler."},
+        "components": {
+            "schemas": schemas["$defs"],
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "paths": {
+            "/v1/models": {
+                "get": {
+                    "summary": "List the models the cluster serves.",
+                    "security": [{"bearer": []}],
+                    "responses": {
+                        "200": {"description": "The models.", "content": {"application/json": {"schema": _ref("ModelList")}}},
+                        **_errors(401),
+                    },
+                }
+            },
+            "/v1/chat/completions": _generation(
+                "Create a chat completion.", "ChatCompletionRequest", "ChatCompletion", "ChatCompletionChunk"
+            ),
+            "/v1/completions": _generation("Create a completion.", "CompletionRequest", "Completion", "Completion"),
+            "/openapi.json": {"get": {"summary": "This document.", "responses": {"200": {"description": "OpenAPI 3.1."}}}},
+            "/healthz": {"get": {"summary": "Liveness.", "responses": {"200": {"description": "Serving."}}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics.", "responses": {"200": {"description": "Metrics."}}}},
+        },
+    }

@@ -1,0 +1,163 @@
+"""Relay one job to a node and its answer back to the client, frame by frame, without buffering.
+
+DATA frames hold the client's bytes already (node-built SSE events or a JSON body), so relaying is a copy:
+nothing here parses, logs or keeps what the model wrote. META frames give token counts for accounting.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from protocol import frames
+from protocol.errors import HearthError, ProtocolError, Unavailable
+from scheduler.registry import NodeEntry
+from scheduler.store import UsageRecord
+
+MAX_ERROR_BYTES = 64 * 1024
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RelayJob:
+    request_id: str
+    token_id: str
+    endpoint: str
+    model: str
+    stream: bool
+    body: bytes
+    started: float
+
+
+class NodeFailed(Exception):
+    """The node broke the stream (died, cut it, sent garbage); carries no detail worth showing users."""
+
+
+class Relay:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        idle_timeout: float,
+        retry_after: float,
+        on_done: Callable[[UsageRecord], None],
+        on_node_failed: Callable[[str], None],
+    ) -> None:
+        self._session = session
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=5.0, sock_read=idle_timeout)
+        self._retry_after = retry_after
+        self._on_done = on_done
+        self._on_node_failed = on_node_failed
+
+    async def run(self, request: web.Request, node: NodeEntry, job: RelayJob) -> web.StreamResponse:
+        node_id = node.link.node_id
+        node.inflight[job.model] = node.inflight.get(job.model, 0) + 1
+        usage = {"prompt_tokens": 0, "completion_tokens": 0}
+        status = "cancelled"
+        try:
+            try:
+                resp = await self._session.post(
+                    node.link.url.rstrip("/") + "/jobs",
+                    data=job.body,
+                    headers={**node.auth_headers(), "Content-Type": "application/json"},
+                    timeout=self._timeout,
+                )
+            except (aiohttp.ClientError, TimeoutError):
+                self._on_node_failed(node_id)
+                status = "node_unreachable"
+                raise Unavailable(
+                    "the node serving this model could not be reached", retry_after=self._retry_after
+                ) from None
+            try:
+                if resp.status != 200:
+                    status = f"refused_{resp.status}"
+                    raise await _node_error(resp, self._retry_after)
+                out, status = await self._pump(request, resp, job, usage, node_id)
+                return out
+            finally:
+                resp.close()
+        finally:
+            node.inflight[job.model] -= 1
+            self._on_done(
+                UsageRecord(
+                    job.request_id, job.token_id, job.model, job.endpoint, node_id, status,
+                    usage["prompt_tokens"], usage["completion_tokens"], job.started, time.time(),
+                )
+            )
+
+    async def _pump(
+        self,
+        request: web.Request,
+        resp: aiohttp.ClientResponse,
+        job: RelayJob,
+        usage: dict[str, int],
+        node_id: str,
+    ) -> tuple[web.StreamResponse, str]:
+        decoder = frames.FrameDecoder()
+        out: web.StreamResponse | None = None
+        collected: list[bytes] = []
+        try:
+            async for chunk in resp.content.iter_any():
+                for frame in decoder.feed(chunk):
+                    if frame.kind == frames.DATA:
+                        if not job.stream:
+                            collected.append(frame.payload)
+                            continue
+                        if out is None:
+                            out = web.StreamResponse(headers=SSE_HEADERS)
+                            await out.prepare(request)
+                        await out.write(frame.payload)
+                    elif frame.kind == frames.META:
+                        meta = frame.json()
+                        usage["prompt_tokens"] = int(meta.get("prompt_tokens", 0))
+                        usage["completion_tokens"] = int(meta.get("completion_tokens", 0))
+                    else:
+                        body = frame.json()
+                        err = HearthError.from_body(int(body.pop("status", 500)), body)
+                        if out is None:
+                            raise err
+                        await out.write(b"data: " + json.dumps(err.to_body()).encode() + b"\n\n")
+                        await out.write_eof()
+                        return out, "node_error"
+            decoder.close()
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError, ProtocolError):
+            self._on_node_failed(node_id)
+            err = Unavailable(
+                "the node failed while answering; try again", code="node_failed", retry_after=self._retry_after
+            )
+            if out is None:
+                raise err from None
+            await out.write(b"data: " + json.dumps(err.to_body()).encode() + b"\n\n")
+            await out.write_eof()
+            return out, "node_failed"
+        if job.stream:
+            if out is None:
+                out = web.StreamResponse(headers=SSE_HEADERS)
+                await out.prepare(request)
+            await out.write_eof()
+            return out, "ok"
+        return web.Response(body=b"".join(collected), content_type="application/json"), "ok"
+
+
+async def _node_error(resp: aiohttp.ClientResponse, retry_after: float) -> HearthError:
+    """The node refused before answering: pass its error on (it names the field, never the text)."""
+    try:
+        body = json.loads(await resp.content.read(MAX_ERROR_BYTES))
+    except (ValueError, aiohttp.ClientError, TimeoutError):
+        body = None
+    if resp.status in (401, 403):
+        # The node does not recognise its scheduler: an operator problem, not the client's.
+        return Unavailable("this model's node refused the scheduler; the operator must check its keys")
+    err = HearthError.from_body(resp.status, body)
+    if err.status == 503 and err.retry_after is None:
+        err.retry_after = retry_after
+    return err
