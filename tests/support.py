@@ -1,0 +1,131 @@
+"""Real Hearth servers for tests: a node and a scheduler on 127.0.0.1, port 0, on their own event loop.
+
+The servers run in a background thread so that tests can use the synchronous `openai` client, the async
+one, or raw HTTP, exactly as users do. The loop runs in debug mode and records every callback that held it
+for longer than ``SLOW_CALLBACK_S``; tests fail if any did (nothing may block the event loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from aiohttp import web
+from pydantic import SecretStr
+
+from node.app import BackendLoader, load_transformers
+from node.app import create_app as create_node_app
+from node.settings import ModelSettings, NodeSettings
+from protocol.web import start_site
+from scheduler.app import REGISTRY
+from scheduler.app import create_app as create_scheduler_app
+from scheduler.settings import NodeLink, SchedulerSettings
+from scheduler.store import Store
+
+T = TypeVar("T")
+SLOW_CALLBACK_S = 0.25
+
+
+class _SlowCallbacks(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.seen: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "took" in record.getMessage() and "Executing" in record.getMessage():
+            self.seen.append(record.getMessage()[:200])
+
+
+class LoopThread:
+    """An asyncio loop in a daemon thread; ``call`` runs a coroutine there and waits for it."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.loop.set_debug(True)
+        self.loop.slow_callback_duration = SLOW_CALLBACK_S
+        self.slow = _SlowCallbacks()
+        logging.getLogger("asyncio").addHandler(self.slow)
+        self._thread = threading.Thread(target=self.loop.run_forever, name="test-servers", daemon=True)
+        self._thread.start()
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 120) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+        logging.getLogger("asyncio").removeHandler(self.slow)
+
+
+@dataclass
+class Stack:
+    """A node and a scheduler wired together, as `hearth up` wires them."""
+
+    data_dir: Path
+    base_url: str = ""
+    node_url: str = ""
+    node_secret: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    token: str = ""
+    scheduler_app: web.Application | None = None
+    runners: list[web.AppRunner] = field(default_factory=list)
+
+    @property
+    def api(self) -> str:
+        return self.base_url + "/v1"
+
+
+async def start_stack(
+    data_dir: Path,
+    models: list[ModelSettings],
+    *,
+    loader: BackendLoader = load_transformers,
+    scheduler: dict[str, Any] | None = None,
+    node: dict[str, Any] | None = None,
+) -> Stack:
+    stack = Stack(data_dir)
+    store = Store(data_dir / "hearth.db")
+    stack.token, _ = store.create_token("test", "admin")
+    store.close()
+    node_settings = NodeSettings(secret=SecretStr(stack.node_secret), models=models, **(node or {}))
+    node_runner, stack.node_url = await start_site(create_node_app(node_settings, loader=loader), "127.0.0.1", 0)
+    stack.runners.append(node_runner)
+    sched = SchedulerSettings(
+        port=0,
+        data_dir=data_dir,
+        poll_interval=0.2,
+        nodes=[NodeLink(node_id="local", url=stack.node_url, secret=SecretStr(stack.node_secret))],
+        **(scheduler or {}),
+    )
+    stack.scheduler_app = create_scheduler_app(sched)
+    runner, stack.base_url = await start_site(stack.scheduler_app, "127.0.0.1", 0)
+    stack.runners.insert(0, runner)
+    await wait_for(lambda: _ready(stack, [m.model_id for m in models]), timeout=60)
+    return stack
+
+
+async def _ready(stack: Stack, model_ids: list[str]) -> bool:
+    assert stack.scheduler_app is not None
+    snapshot = stack.scheduler_app[REGISTRY].snapshot()
+    ready = {m.id for n in snapshot.nodes if n.healthy for m in n.models if m.ready}
+    return set(model_ids) <= ready
+
+
+async def stop_stack(stack: Stack) -> None:
+    for runner in stack.runners:
+        await runner.cleanup()
+
+
+async def wait_for(predicate: Callable[[], Awaitable[bool]], *, timeout: float, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        await asyncio.sleep(interval)
