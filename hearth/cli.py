@@ -58,7 +58,9 @@ def main() -> None:
 
 @main.command()
 @click.option("--demo", is_flag=True, help="Serve a small generated model (offline, seconds to build).")
-@click.option("--model", "model_spec", metavar="PATH_OR_HF_ID", help="A model directory or a Hugging Face id.")
+@click.option(
+    "--model", "model_spec", metavar="PATH_OR_HF_ID", help="A model directory or a Hugging Face id."
+)
 @click.option("--host", default=None, help="Address of the API (default 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Port of the API (default 8000; 0 picks a free one).")
 @_data_dir

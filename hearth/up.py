@@ -61,8 +61,9 @@ async def serve_up(
 
     out("Preparing the model…")
     model_settings = await asyncio.to_thread(model)
-    admin_token = await asyncio.to_thread(ensure_admin_token, settings.scheduler.model_copy(
-        update={"data_dir": data_dir}).db_path)
+    admin_token = await asyncio.to_thread(
+        ensure_admin_token, settings.scheduler.model_copy(update={"data_dir": data_dir}).db_path
+    )
 
     secret = secrets.token_urlsafe(32)
     node_settings = settings.node.model_copy(
@@ -116,14 +117,17 @@ async def _model_failed(app: web.Application, model_id: str) -> bool:
     import aiohttp
 
     entry = next(iter(app[REGISTRY].nodes.values()))
-    async with aiohttp.ClientSession() as session, session.get(
-        entry.link.url + "/status", headers=entry.auth_headers()
-    ) as resp:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(entry.link.url + "/status", headers=entry.auth_headers()) as resp,
+    ):
         doc = await resp.json()
     return any(m["id"] == model_id and m["state"] == "failed" for m in doc["models"])
 
 
-def _banner(out: Callable[[str], None], base_url: str, model_id: str, token: str | None, data_dir: Path) -> None:
+def _banner(
+    out: Callable[[str], None], base_url: str, model_id: str, token: str | None, data_dir: Path
+) -> None:
     out("")
     out("Hearth is up.")
     out(f"  API base URL: {base_url}/v1")
@@ -136,8 +140,10 @@ def _banner(out: Callable[[str], None], base_url: str, model_id: str, token: str
     out("")
     out("Try it:")
     out(f"  curl {base_url}/v1/chat/completions -H 'Authorization: Bearer $TOKEN' \\")
-    out(f"       -H 'Content-Type: application/json' -d '{{\"model\": \"{model_id}\", "
-        "\"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}]}'")
+    out(
+        f'       -H \'Content-Type: application/json\' -d \'{{"model": "{model_id}", '
+        '"messages": [{"role": "user", "content": "Hello"}]}\''
+    )
     out("Press Ctrl-C to stop.")
     if hasattr(sys.stdout, "flush"):
         sys.stdout.flush()

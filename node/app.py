@@ -238,9 +238,9 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
                 continue
             if last.finish_reason in ("error", "cancelled"):
                 err = HearthError("the node failed while generating", code="generation_failed")
-                await response.write(frames.encode_json(
-                    {"status": err.status, **err.to_body()}, frames.ERROR | frames.FINAL
-                ))
+                await response.write(
+                    frames.encode_json({"status": err.status, **err.to_body()}, frames.ERROR | frames.FINAL)
+                )
                 break
             prompt_tokens = len(prepared.prompt_ids)
             chunk += writer.finish(last.finish_reason, prompt_tokens, last.completion_tokens)

@@ -20,7 +20,7 @@ class ModelSettings(BaseModel):
     )
     truncation: Literal["auto", "disabled"] = Field(
         default="disabled",
-        description='What to do with a conversation longer than the context when the request does not say: '
+        description="What to do with a conversation longer than the context when the request does not say: "
         '"auto" drops the oldest turns (system prompt kept), "disabled" refuses with '
         "context_length_exceeded.",
     )
@@ -45,6 +45,8 @@ class NodeSettings(BaseModel):
         description="Shared secret the scheduler presents on every call (set by `hearth up`; replaced by "
         "enrollment keys for remote nodes).",
     )
-    threads: int | None = Field(default=None, ge=1, description="CPU threads for generation; default: torch's.")
+    threads: int | None = Field(
+        default=None, ge=1, description="CPU threads for generation; default: torch's."
+    )
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="Largest job body accepted.")
     models: list[ModelSettings] = Field(default_factory=list, description="Models this node serves.")

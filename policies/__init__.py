@@ -21,9 +21,7 @@ class Policy(BaseModel):
         description="Accept requests the scheduler can read. `hearth up` (one user, one machine) allows "
         "them; a federation with remote nodes should require end-to-end encryption.",
     )
-    max_tokens_cap: int = Field(
-        default=8192, ge=1, description="Largest max_tokens any request may ask for."
-    )
+    max_tokens_cap: int = Field(default=8192, ge=1, description="Largest max_tokens any request may ask for.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,5 +42,7 @@ def check(policy: Policy, request: Visible) -> None:
         )
     if request.max_tokens is not None and request.max_tokens > policy.max_tokens_cap:
         raise InvalidRequest(
-            f"max_tokens may be at most {policy.max_tokens_cap} here", param="max_tokens", code="max_tokens_over_cap"
+            f"max_tokens may be at most {policy.max_tokens_cap} here",
+            param="max_tokens",
+            code="max_tokens_over_cap",
         )

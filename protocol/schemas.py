@@ -58,13 +58,22 @@ class StreamOptions(BaseModel):
 
 
 StopField = Annotated[
-    str | Annotated[list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]], Field(max_length=MAX_STOP_SEQUENCES)] | None,
-    Field(description=f"Up to {MAX_STOP_SEQUENCES} sequences where generation stops; not included in the output."),
+    str
+    | Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]],
+        Field(max_length=MAX_STOP_SEQUENCES),
+    ]
+    | None,
+    Field(
+        description=f"Up to {MAX_STOP_SEQUENCES} sequences where generation stops (not included in output)."
+    ),
 ]
 
 
 class _Sampling(_Request):
-    model: str = Field(min_length=1, max_length=MAX_MODEL_ID_LENGTH, description="A model id from /v1/models.")
+    model: str = Field(
+        min_length=1, max_length=MAX_MODEL_ID_LENGTH, description="A model id from /v1/models."
+    )
     temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="0 means greedy decoding.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1, description="Makes sampling repeatable.")
@@ -136,7 +145,9 @@ class CompletionRequest(_Sampling):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] = Field(
         description="One prompt (a string, or a list holding one string)."
     )
-    max_tokens: int | None = Field(default=16, ge=1, description="Upper bound on generated tokens (default 16).")
+    max_tokens: int | None = Field(
+        default=16, ge=1, description="Upper bound on generated tokens (default 16)."
+    )
     echo: bool = False
     suffix: str | None = None
     logprobs: int | None = None

@@ -1,11 +1,11 @@
 """The scheduler's application factory and its OpenAI-compatible API.
 
-    GET  /v1/models              models the cluster serves
-    POST /v1/chat/completions    chat, streaming (SSE) or not
-    POST /v1/completions         plain completions, streaming or not
-    GET  /openapi.json           this API, described
-    GET  /healthz                liveness
-    GET  /metrics                Prometheus metrics
+GET  /v1/models              models the cluster serves
+POST /v1/chat/completions    chat, streaming (SSE) or not
+POST /v1/completions         plain completions, streaming or not
+GET  /openapi.json           this API, described
+GET  /healthz                liveness
+GET  /metrics                Prometheus metrics
 """
 
 from __future__ import annotations
@@ -22,7 +22,13 @@ import aiohttp
 from aiohttp import web
 
 from policies import Visible, check
-from protocol.errors import AuthenticationFailed, ContextLengthExceeded, InvalidRequest, ModelNotFound, Unavailable
+from protocol.errors import (
+    AuthenticationFailed,
+    ContextLengthExceeded,
+    InvalidRequest,
+    ModelNotFound,
+    Unavailable,
+)
 from protocol.schemas import Endpoint, parse_request
 from protocol.web import error_middleware, json_response, log_unexpected
 from scheduler.metrics import Metrics
@@ -189,10 +195,16 @@ async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamRespo
             raise ModelNotFound(f"the model '{req.model}' does not exist here; see /v1/models", param="model")
         if decision.kind == "never":
             raise ContextLengthExceeded(decision.reason, param="max_tokens")
-        raise Unavailable(f"no node can take this request now: {decision.reason}", retry_after=settings.retry_after)
+        raise Unavailable(
+            f"no node can take this request now: {decision.reason}", retry_after=settings.retry_after
+        )
     request_id = secrets.token_hex(12)
     # The body was just parsed as JSON, so it can be spliced in as is instead of serialized again.
-    job = b'{"endpoint":"%s","request_id":"%s","request":' % (endpoint.encode(), request_id.encode()) + raw + b"}"
+    job = (
+        b'{"endpoint":"%s","request_id":"%s","request":' % (endpoint.encode(), request_id.encode())
+        + raw
+        + b"}"
+    )
     node = request.app[REGISTRY].nodes[decision.node_id]
     relay_job = RelayJob(request_id, token.id, endpoint, req.model, req.stream, job, started)
     with contextlib.suppress(ConnectionResetError):

@@ -20,7 +20,12 @@ from protocol.schemas import (
 
 VERSION = "0.1.0"
 _MODELS: list[type[BaseModel]] = [
-    ChatCompletionRequest, CompletionRequest, ChatCompletion, ChatCompletionChunk, Completion, ModelList,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ChatCompletion,
+    ChatCompletionChunk,
+    Completion,
+    ModelList,
     ErrorResponse,
 ]
 
@@ -39,7 +44,10 @@ def _errors(*statuses: int) -> dict[str, Any]:
         503: "No node can take the request now; see Retry-After.",
     }
     return {
-        str(s): {"description": descriptions[s], "content": {"application/json": {"schema": _ref("ErrorResponse")}}}
+        str(s): {
+            "description": descriptions[s],
+            "content": {"application/json": {"schema": _ref("ErrorResponse")}},
+        }
         for s in statuses
     }
 
@@ -73,7 +81,11 @@ def openapi_document() -> dict[str, Any]:
     )
     return {
         "openapi": "3.1.0",
-        "info": {"title": "Hearth", "version": VERSION, "description": "OpenAI-compatible API of a Hearth scheduler."},
+        "info": {
+            "title": "Hearth",
+            "version": VERSION,
+            "description": "OpenAI-compatible API of a Hearth scheduler.",
+        },
         "components": {
             "schemas": schemas["$defs"],
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
@@ -84,7 +96,10 @@ def openapi_document() -> dict[str, Any]:
                     "summary": "List the models the cluster serves.",
                     "security": [{"bearer": []}],
                     "responses": {
-                        "200": {"description": "The models.", "content": {"application/json": {"schema": _ref("ModelList")}}},
+                        "200": {
+                            "description": "The models.",
+                            "content": {"application/json": {"schema": _ref("ModelList")}},
+                        },
                         **_errors(401),
                     },
                 }
@@ -92,9 +107,15 @@ def openapi_document() -> dict[str, Any]:
             "/v1/chat/completions": _generation(
                 "Create a chat completion.", "ChatCompletionRequest", "ChatCompletion", "ChatCompletionChunk"
             ),
-            "/v1/completions": _generation("Create a completion.", "CompletionRequest", "Completion", "Completion"),
-            "/openapi.json": {"get": {"summary": "This document.", "responses": {"200": {"description": "OpenAPI 3.1."}}}},
+            "/v1/completions": _generation(
+                "Create a completion.", "CompletionRequest", "Completion", "Completion"
+            ),
+            "/openapi.json": {
+                "get": {"summary": "This document.", "responses": {"200": {"description": "OpenAPI 3.1."}}}
+            },
             "/healthz": {"get": {"summary": "Liveness.", "responses": {"200": {"description": "Serving."}}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics.", "responses": {"200": {"description": "Metrics."}}}},
+            "/metrics": {
+                "get": {"summary": "Prometheus metrics.", "responses": {"200": {"description": "Metrics."}}}
+            },
         },
     }

@@ -52,7 +52,9 @@ class Registry:
                     entry.link.node_id,
                     entry.reachable and now - entry.last_ok < timeout,
                     tuple(
-                        ModelState(m.id, m.ready, m.context_length, m.active + entry.inflight.get(m.id, 0), m.queued)
+                        ModelState(
+                            m.id, m.ready, m.context_length, m.active + entry.inflight.get(m.id, 0), m.queued
+                        )
                         for m in entry.models
                     ),
                 )

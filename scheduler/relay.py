@@ -89,8 +89,16 @@ class Relay:
             node.inflight[job.model] -= 1
             self._on_done(
                 UsageRecord(
-                    job.request_id, job.token_id, job.model, job.endpoint, node_id, status,
-                    usage["prompt_tokens"], usage["completion_tokens"], job.started, time.time(),
+                    job.request_id,
+                    job.token_id,
+                    job.model,
+                    job.endpoint,
+                    node_id,
+                    status,
+                    usage["prompt_tokens"],
+                    usage["completion_tokens"],
+                    job.started,
+                    time.time(),
                 )
             )
 
@@ -132,7 +140,9 @@ class Relay:
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError, ProtocolError):
             self._on_node_failed(node_id)
             err = Unavailable(
-                "the node failed while answering; try again", code="node_failed", retry_after=self._retry_after
+                "the node failed while answering; try again",
+                code="node_failed",
+                retry_after=self._retry_after,
             )
             if out is None:
                 raise err from None

@@ -83,9 +83,16 @@ class Store:
         if not usage.exists():
             usage.create(
                 {
-                    "request_id": str, "token_id": str, "model": str, "endpoint": str, "node_id": str,
-                    "status": str, "prompt_tokens": int, "completion_tokens": int,
-                    "started": float, "ended": float,
+                    "request_id": str,
+                    "token_id": str,
+                    "model": str,
+                    "endpoint": str,
+                    "node_id": str,
+                    "status": str,
+                    "prompt_tokens": int,
+                    "completion_tokens": int,
+                    "started": float,
+                    "ended": float,
                 },
                 pk="request_id",
             )
@@ -101,16 +108,20 @@ class Store:
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         record = TokenRecord(f"tok_{secrets.token_hex(6)}", name, scope, time.time(), None)
         self.db.table("tokens").insert(
-            {"id": record.id, "name": name, "scope": scope, "hash": hash_token(token),
-             "created": record.created, "revoked": None}
+            {
+                "id": record.id,
+                "name": name,
+                "scope": scope,
+                "hash": hash_token(token),
+                "created": record.created,
+                "revoked": None,
+            }
         )
         return token, record
 
     def verify_token(self, token: str) -> TokenRecord | None:
         rows = list(
-            self.db.query(
-                "select * from tokens where hash = ? and revoked is null", [hash_token(token)]
-            )
+            self.db.query("select * from tokens where hash = ? and revoked is null", [hash_token(token)])
         )
         return TokenRecord.from_row(rows[0]) if rows else None
 

@@ -30,7 +30,9 @@ def servers() -> Iterator[LoopThread]:
 
 
 @pytest.fixture(scope="session")
-def stack(servers: LoopThread, demo_model: ModelSettings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(
+    servers: LoopThread, demo_model: ModelSettings, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
     """One node serving the demo model behind one scheduler, shared by the API tests."""
     s = servers.call(start_stack(tmp_path_factory.mktemp("stack"), [demo_model]))
     yield s

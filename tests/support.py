@@ -95,7 +95,9 @@ async def start_stack(
     stack.token, _ = store.create_token("test", "admin")
     store.close()
     node_settings = NodeSettings(secret=SecretStr(stack.node_secret), models=models, **(node or {}))
-    node_runner, stack.node_url = await start_site(create_node_app(node_settings, loader=loader), "127.0.0.1", 0)
+    node_runner, stack.node_url = await start_site(
+        create_node_app(node_settings, loader=loader), "127.0.0.1", 0
+    )
     stack.runners.append(node_runner)
     sched = SchedulerSettings(
         port=0,
@@ -107,7 +109,7 @@ async def start_stack(
     stack.scheduler_app = create_scheduler_app(sched)
     runner, stack.base_url = await start_site(stack.scheduler_app, "127.0.0.1", 0)
     stack.runners.insert(0, runner)
-    await wait_for(lambda: _ready(stack, [m.model_id for m in models]), timeout=60)
+    await wait_for(lambda: _ready(stack, [m.model_id for m in models]), within=60)
     return stack
 
 
@@ -123,8 +125,10 @@ async def stop_stack(stack: Stack) -> None:
         await runner.cleanup()
 
 
-async def wait_for(predicate: Callable[[], Awaitable[bool]], *, timeout: float, interval: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
+async def wait_for(
+    predicate: Callable[[], Awaitable[bool]], *, within: float, interval: float = 0.05
+) -> None:
+    deadline = time.monotonic() + within
     while not await predicate():
         if time.monotonic() > deadline:
             raise TimeoutError("condition not met in time")

@@ -95,7 +95,13 @@ def test_max_tokens_gives_finish_reason_length(client: openai.OpenAI) -> None:
 
 def test_top_p_and_penalties_are_accepted(client: openai.OpenAI) -> None:
     r = client.chat.completions.create(
-        model=MODEL, messages=HELLO, max_tokens=8, top_p=0.5, presence_penalty=1.0, frequency_penalty=0.5, seed=3
+        model=MODEL,
+        messages=HELLO,
+        max_tokens=8,
+        top_p=0.5,
+        presence_penalty=1.0,
+        frequency_penalty=0.5,
+        seed=3,
     )
     assert r.usage is not None and r.usage.completion_tokens > 0
 
@@ -106,7 +112,11 @@ def test_completions_non_streaming_and_streaming(client: openai.OpenAI) -> None:
     assert r.usage is not None and 0 < r.usage.completion_tokens <= 8
     streamed = list(
         client.completions.create(
-            model=MODEL, prompt="Once upon a time", max_tokens=8, seed=5, stream=True,
+            model=MODEL,
+            prompt="Once upon a time",
+            max_tokens=8,
+            seed=5,
+            stream=True,
             stream_options={"include_usage": True},
         )
     )
@@ -153,6 +163,9 @@ def test_long_conversation_is_truncated_when_asked(client: openai.OpenAI) -> Non
         client.chat.completions.create(model=MODEL, messages=turns, max_tokens=8)  # type: ignore[arg-type]
     assert refused.value.code == "context_length_exceeded"
     r = client.chat.completions.create(
-        model=MODEL, messages=turns, max_tokens=8, extra_body={"truncation": "auto"}  # type: ignore[arg-type]
+        model=MODEL,
+        messages=turns,
+        max_tokens=8,
+        extra_body={"truncation": "auto"},  # type: ignore[arg-type]
     )
     assert r.usage is not None and r.usage.prompt_tokens <= 2048 - 8

@@ -41,7 +41,10 @@ def _start(data_dir: Path, logs: Path) -> Running:
     with stdout.open("wb") as out, stderr.open("wb") as err:
         proc = subprocess.Popen(
             [HEARTH, "up", "--demo", "--port", "0", "--data-dir", str(data_dir)],
-            stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env,
+            stdout=out,
+            stderr=err,
+            stdin=subprocess.DEVNULL,
+            env=env,
         )
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -79,22 +82,33 @@ def test_chat_through_hearth_up(running: Running) -> None:
 def test_tokens_cli_against_the_running_server(running: Running) -> None:
     created = subprocess.run(
         [HEARTH, "tokens", "create", "--name", "alice", "--data-dir", str(running.data_dir)],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     token = created.stdout.strip()
     assert re.fullmatch(r"hth_[A-Za-z0-9_-]{40,}", token), "create prints the token alone on stdout"
     headers = {"Authorization": f"Bearer {token}"}
     assert httpx.get(running.api + "/models", headers=headers).status_code == 200
     listed = subprocess.run(
-        [HEARTH, "tokens", "list", "--data-dir", str(running.data_dir)], capture_output=True, text=True, check=True
+        [HEARTH, "tokens", "list", "--data-dir", str(running.data_dir)],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     assert "alice" in listed and token not in listed
     token_id = next(line.split()[0] for line in listed.splitlines() if line.endswith("alice"))
-    subprocess.run([HEARTH, "tokens", "revoke", token_id, "--data-dir", str(running.data_dir)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [HEARTH, "tokens", "revoke", token_id, "--data-dir", str(running.data_dir)],
+        check=True,
+        capture_output=True,
+    )
     assert httpx.get(running.api + "/models", headers=headers).status_code == 401
-    bad = subprocess.run([HEARTH, "tokens", "revoke", "tok_nope", "--data-dir", str(running.data_dir)],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [HEARTH, "tokens", "revoke", "tok_nope", "--data-dir", str(running.data_dir)],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 1
     assert bad.stderr.startswith("hearth: error:") and "Traceback" not in bad.stderr
 
@@ -115,14 +129,22 @@ def test_canary_never_reaches_logs_or_disk(running: Running) -> None:
         {"model": "hearth-demo", "messages": [{"role": canary, "content": canary}]},
         {"model": "no-such-model", "messages": chat},
     ):
-        r = httpx.post(running.api + "/chat/completions", json=bad,
-                       headers={"Authorization": f"Bearer {running.token}"}, timeout=30)
+        r = httpx.post(
+            running.api + "/chat/completions",
+            json=bad,
+            headers={"Authorization": f"Bearer {running.token}"},
+            timeout=30,
+        )
         assert r.status_code in (400, 404)
         assert canary not in r.text
     # An abandoned stream.
-    with httpx.stream("POST", running.api + "/chat/completions", timeout=30,
-                      json={"model": "hearth-demo", "messages": chat, "max_tokens": 500, "stream": True},
-                      headers={"Authorization": f"Bearer {running.token}"}) as r:
+    with httpx.stream(
+        "POST",
+        running.api + "/chat/completions",
+        timeout=30,
+        json={"model": "hearth-demo", "messages": chat, "max_tokens": 500, "stream": True},
+        headers={"Authorization": f"Bearer {running.token}"},
+    ) as r:
         next(r.iter_lines())
     time.sleep(0.5)
 
@@ -156,8 +178,12 @@ def test_second_start_does_not_print_a_new_admin_token(running: Running, tmp_pat
 def _start_no_token(data_dir: Path, logs: Path) -> str:
     out = logs / "out.log"
     with out.open("wb") as fh:
-        proc = subprocess.Popen([HEARTH, "up", "--demo", "--port", "0", "--data-dir", str(data_dir)],
-                                stdout=fh, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [HEARTH, "up", "--demo", "--port", "0", "--data-dir", str(data_dir)],
+            stdout=fh,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+        )
     try:
         deadline = time.monotonic() + 120
         while "Press Ctrl-C" not in out.read_text():
@@ -172,7 +198,10 @@ def _start_no_token(data_dir: Path, logs: Path) -> str:
 def test_offline_hugging_face_id_fails_in_one_line(tmp_path: Path) -> None:
     r = subprocess.run(
         [HEARTH, "up", "--model", "someorg/somemodel", "--port", "0", "--data-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert r.returncode == 1
     lines = [line for line in r.stderr.splitlines() if line.strip()]
@@ -188,6 +217,8 @@ def test_offline_hugging_face_id_fails_in_one_line(tmp_path: Path) -> None:
     ],
 )
 def test_bad_up_arguments_fail_in_one_line(args: list[str], message: str, tmp_path: Path) -> None:
-    r = subprocess.run([HEARTH, "up", *args, "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [HEARTH, "up", *args, "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 1
     assert message in r.stderr and "Traceback" not in r.stderr

@@ -29,7 +29,9 @@ class TransformersBackend:
         """Load a Hugging Face-layout model directory (blocking: call it off the event loop)."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # clutters the operator log
         if threads:
             torch.set_num_threads(threads)
         if not (path / "config.json").is_file():
@@ -39,7 +41,7 @@ class TransformersBackend:
             model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot load the model in {path}: {type(exc).__name__}") from None
-        model.eval()
+        model.eval()  # type: ignore[no-untyped-call]
         eos: set[int] = set()
         gen_eos = getattr(model.generation_config, "eos_token_id", None)
         if isinstance(gen_eos, int):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import httpx
@@ -17,7 +18,9 @@ LONG = {
 
 
 def _node_busy(stack: Stack) -> int:
-    status = httpx.get(stack.node_url + "/status", headers={"Authorization": f"Bearer {stack.node_secret}"}).json()
+    status = httpx.get(
+        stack.node_url + "/status", headers={"Authorization": f"Bearer {stack.node_secret}"}
+    ).json()
     return sum(m["active"] + m["queued"] for m in status["models"])
 
 
@@ -37,20 +40,23 @@ def test_disconnect_mid_stream_frees_the_backend(stack: Stack) -> None:
     assert _node_busy(stack) == 0
     assert freed_after < 0.5, f"backend still busy {freed_after:.3f} s after the client left"
     # And the next request is served at once.
-    r = httpx.post(stack.api + "/chat/completions", json={**LONG, "stream": False, "max_tokens": 4}, headers=headers)
+    r = httpx.post(
+        stack.api + "/chat/completions", json={**LONG, "stream": False, "max_tokens": 4}, headers=headers
+    )
     assert r.status_code == 200
 
 
 def test_queued_job_of_a_departed_client_never_runs(stack: Stack) -> None:
     headers = {"Authorization": f"Bearer {stack.token}"}
-    with httpx.Client(timeout=30) as first, httpx.Client(timeout=30) as second:
-        with first.stream("POST", stack.api + "/chat/completions", json=LONG, headers=headers) as r1:
-            next(r1.iter_lines())
-            try:
-                # The second request waits behind the first; give up on it after a moment.
-                second.post(stack.api + "/chat/completions", json=LONG, headers=headers, timeout=0.3)
-            except httpx.ReadTimeout:
-                pass
+    with (
+        httpx.Client(timeout=30) as first,
+        httpx.Client(timeout=30) as second,
+        first.stream("POST", stack.api + "/chat/completions", json=LONG, headers=headers) as r1,
+    ):
+        next(r1.iter_lines())
+        # The second request waits behind the first; give up on it after a moment.
+        with contextlib.suppress(httpx.ReadTimeout):
+            second.post(stack.api + "/chat/completions", json=LONG, headers=headers, timeout=0.3)
     deadline = time.monotonic() + 5
     while _node_busy(stack) and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -11,11 +11,11 @@ import pytest
 from pydantic import SecretStr
 
 from protocol.schemas import ErrorResponse
+from protocol.web import start_site
 from scheduler.app import create_app
 from scheduler.settings import NodeLink, SchedulerSettings
 from scheduler.store import Store
 from tests.support import LoopThread, Stack, stop_stack, wait_for
-from protocol.web import start_site
 
 MSG = [{"role": "user", "content": "hi"}]
 OK = {"model": "hearth-demo", "messages": MSG, "max_tokens": 4}
@@ -29,31 +29,102 @@ CASES: list[tuple[str, str, Any, dict[str, str] | None, int, str | None]] = [
     ("missing messages", "/v1/chat/completions", {"model": "hearth-demo"}, None, 400, None),
     ("missing model", "/v1/chat/completions", {"messages": MSG}, None, 400, None),
     ("empty messages", "/v1/chat/completions", {**OK, "messages": []}, None, 400, None),
-    ("content of wrong type", "/v1/chat/completions", {**OK, "messages": [{"role": "user", "content": 5}]}, None, 400, None),
-    ("unknown role", "/v1/chat/completions", {**OK, "messages": [{"role": "wizard", "content": "x"}]}, None, 400, None),
+    (
+        "content of wrong type",
+        "/v1/chat/completions",
+        {**OK, "messages": [{"role": "user", "content": 5}]},
+        None,
+        400,
+        None,
+    ),
+    (
+        "unknown role",
+        "/v1/chat/completions",
+        {**OK, "messages": [{"role": "wizard", "content": "x"}]},
+        None,
+        400,
+        None,
+    ),
     ("temperature as string", "/v1/chat/completions", {**OK, "temperature": "hot"}, None, 400, None),
     ("temperature out of range", "/v1/chat/completions", {**OK, "temperature": 9}, None, 400, None),
     ("negative max_tokens", "/v1/chat/completions", {**OK, "max_tokens": -1}, None, 400, None),
     ("n above 1", "/v1/chat/completions", {**OK, "n": 2}, None, 400, None),
     ("tools unsupported", "/v1/chat/completions", {**OK, "tools": [{"type": "function"}]}, None, 400, None),
-    ("too many stop sequences", "/v1/chat/completions", {**OK, "stop": ["a", "b", "c", "d", "e"]}, None, 400, None),
-    ("max_tokens beyond context", "/v1/chat/completions", {**OK, "max_tokens": 4096}, None, 400, "context_length_exceeded"),
-    ("max_tokens over the policy cap", "/v1/chat/completions", {**OK, "max_tokens": 100000}, None, 400, "max_tokens_over_cap"),
-    ("prompt beyond context", "/v1/completions", {"model": "hearth-demo", "prompt": "word " * 3000, "max_tokens": 4}, None, 400, "context_length_exceeded"),
-    ("completion prompt list of two", "/v1/completions", {"model": "hearth-demo", "prompt": ["a", "b"]}, None, 400, None),
+    (
+        "too many stop sequences",
+        "/v1/chat/completions",
+        {**OK, "stop": ["a", "b", "c", "d", "e"]},
+        None,
+        400,
+        None,
+    ),
+    (
+        "max_tokens beyond context",
+        "/v1/chat/completions",
+        {**OK, "max_tokens": 4096},
+        None,
+        400,
+        "context_length_exceeded",
+    ),
+    (
+        "max_tokens over the policy cap",
+        "/v1/chat/completions",
+        {**OK, "max_tokens": 100000},
+        None,
+        400,
+        "max_tokens_over_cap",
+    ),
+    (
+        "prompt beyond context",
+        "/v1/completions",
+        {"model": "hearth-demo", "prompt": "word " * 3000, "max_tokens": 4},
+        None,
+        400,
+        "context_length_exceeded",
+    ),
+    (
+        "completion prompt list of two",
+        "/v1/completions",
+        {"model": "hearth-demo", "prompt": ["a", "b"]},
+        None,
+        400,
+        None,
+    ),
     ("no token", "/v1/chat/completions", OK, {}, 401, "invalid_api_key"),
     ("bad token", "/v1/chat/completions", OK, {"Authorization": "Bearer hth_nope"}, 401, "invalid_api_key"),
     ("wrong scheme", "/v1/chat/completions", OK, {"Authorization": "Basic abc"}, 401, "invalid_api_key"),
     ("unknown model", "/v1/chat/completions", {**OK, "model": "gpt-9"}, None, 404, "model_not_found"),
-    ("unknown model, completions", "/v1/completions", {"model": "gpt-9", "prompt": "x"}, None, 404, "model_not_found"),
+    (
+        "unknown model, completions",
+        "/v1/completions",
+        {"model": "gpt-9", "prompt": "x"},
+        None,
+        404,
+        "model_not_found",
+    ),
     ("unknown endpoint", "/v1/embeddings", OK, None, 404, "not_found"),
-    ("body over the size limit", "/v1/chat/completions", {**OK, "messages": [{"role": "user", "content": "x" * 2_000_000}]}, None, 413, "payload_too_large"),
+    (
+        "body over the size limit",
+        "/v1/chat/completions",
+        {**OK, "messages": [{"role": "user", "content": "x" * 2_000_000}]},
+        None,
+        413,
+        "payload_too_large",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("name", "path", "body", "headers", "status", "code"), CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(
+    ("name", "path", "body", "headers", "status", "code"), CASES, ids=[c[0] for c in CASES]
+)
 def test_error_shape_and_status(
-    stack: Stack, name: str, path: str, body: Any, headers: dict[str, str] | None, status: int, code: str | None
+    stack: Stack,
+    name: str,
+    path: str,
+    body: Any,
+    headers: dict[str, str] | None,
+    status: int,
+    code: str | None,
 ) -> None:
     hdrs = {"Authorization": f"Bearer {stack.token}"} if headers is None else headers
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -99,14 +170,19 @@ def test_no_node_available_is_503_with_retry_after(servers: LoopThread, tmp_path
 
     async def start() -> Stack:
         # A port that was just free and is closed now: nothing answers there.
-        probe, dead_url = await start_site(create_app(SchedulerSettings(port=0, data_dir=tmp_path / "x")), "127.0.0.1", 0)
+        probe, dead_url = await start_site(
+            create_app(SchedulerSettings(port=0, data_dir=tmp_path / "x")), "127.0.0.1", 0
+        )
         await probe.cleanup()
         stack = Stack(tmp_path)
         store = Store(tmp_path / "hearth.db")
         stack.token, _ = store.create_token("t")
         store.close()
         settings = SchedulerSettings(
-            port=0, data_dir=tmp_path, poll_interval=0.1, node_timeout=0.5,
+            port=0,
+            data_dir=tmp_path,
+            poll_interval=0.1,
+            node_timeout=0.5,
             nodes=[NodeLink(node_id="gone", url=dead_url, secret=SecretStr("s"))],
         )
         stack.scheduler_app = create_app(settings)
@@ -116,7 +192,9 @@ def test_no_node_available_is_503_with_retry_after(servers: LoopThread, tmp_path
 
     stack = servers.call(start())
     try:
-        r = httpx.post(stack.api + "/chat/completions", json=OK, headers={"Authorization": f"Bearer {stack.token}"})
+        r = httpx.post(
+            stack.api + "/chat/completions", json=OK, headers={"Authorization": f"Bearer {stack.token}"}
+        )
         # The scheduler never saw the node, so it cannot know the model: 404. That is the honest answer.
         assert r.status_code == 404
     finally:
@@ -129,7 +207,10 @@ def test_node_down_after_it_was_seen_gives_503(servers: LoopThread, demo_model: 
     stack = servers.call(start_stack(tmp_path, [demo_model], scheduler={"node_timeout": 0.6}))
     headers = {"Authorization": f"Bearer {stack.token}"}
     try:
-        assert httpx.post(stack.api + "/chat/completions", json=OK, headers=headers, timeout=30).status_code == 200
+        assert (
+            httpx.post(stack.api + "/chat/completions", json=OK, headers=headers, timeout=30).status_code
+            == 200
+        )
         node_runner = stack.runners.pop()
         servers.call(node_runner.cleanup())
 
@@ -139,7 +220,7 @@ def test_node_down_after_it_was_seen_gives_503(servers: LoopThread, demo_model: 
 
             return not any(n.healthy for n in stack.scheduler_app[REGISTRY].snapshot().nodes)
 
-        servers.call(wait_for(unhealthy, timeout=10))
+        servers.call(wait_for(unhealthy, within=10))
         r = httpx.post(stack.api + "/chat/completions", json=OK, headers=headers, timeout=10)
         assert r.status_code == 503
         assert int(r.headers["Retry-After"]) >= 1

@@ -1,0 +1,38 @@
+"""Tokens are stored only as hashes; usage rows hold metadata only."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from protocol.errors import ConfigError
+from scheduler.store import Store, UsageRecord
+
+
+def test_tokens_are_random_hashed_and_revocable(tmp_path: Path) -> None:
+    store = Store(tmp_path / "hearth.db")
+    token, record = store.create_token("alice")
+    other, _ = store.create_token("bob", "admin")
+    assert token != other and len(token) > 40
+    assert store.verify_token(token) == record
+    assert store.verify_token(token + "x") is None
+    assert store.has_admin_token()
+    store.revoke_token(record.id)
+    assert store.verify_token(token) is None
+    with pytest.raises(ConfigError):
+        store.revoke_token("tok_missing")
+    store.close()
+    raw = b"".join(p.read_bytes() for p in tmp_path.iterdir())
+    assert token.encode() not in raw and other.encode() not in raw
+
+
+def test_usage_is_recorded(tmp_path: Path) -> None:
+    store = Store(tmp_path / "hearth.db")
+    rec = UsageRecord("r1", "tok_a", "m", "chat", "local", "ok", 10, 5, 1.0, 2.0)
+    store.record_usage([rec])
+    store.close()
+    with sqlite3.connect(tmp_path / "hearth.db") as db:
+        rows = db.execute("select request_id, prompt_tokens, completion_tokens, status from usage").fetchall()
+    assert rows == [("r1", 10, 5, "ok")]
