@@ -1,4 +1,4 @@
-"""The project's own rules, checked on every test run: lint, types, import boundaries, no torch on the scheduler."""
+"""The project's own rules on every test run: lint, types, import boundaries, no torch on the scheduler."""
 
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ BIN = Path(sys.executable).parent
     ids=lambda c: c[0] if c[0] != "ruff" else f"ruff-{c[1]}",
 )
 def test_tool_passes(command: list[str]) -> None:
-    r = subprocess.run([str(BIN / command[0]), *command[1:]], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [str(BIN / command[0]), *command[1:]], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
 
 

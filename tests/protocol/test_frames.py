@@ -29,7 +29,10 @@ def test_any_chunking_yields_the_same_frames(payloads: list[bytes], step: int) -
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        (frames.HEADER.pack(frames.MAX_FRAME_PAYLOAD + 1, 0), "over the limit"),  # huge length, nothing allocated
+        (
+            frames.HEADER.pack(frames.MAX_FRAME_PAYLOAD + 1, 0),
+            "over the limit",
+        ),  # huge length, nothing allocated
         (frames.HEADER.pack(2**32 - 1, 0), "over the limit"),  # the largest length field
         (frames.HEADER.pack(1, 0x80) + b"x", "unknown frame flags"),  # a flag nobody defined
         (_stream(b"a") + frames.encode(b"late"), "after the final frame"),  # trailing frame

@@ -41,11 +41,17 @@ def test_real_responses_match_their_schemas(stack: Stack) -> None:
     h = {"Authorization": f"Bearer {stack.token}"}
     _validator("ModelList").validate(httpx.get(stack.api + "/models", headers=h).json())
     body = {"model": "hearth-demo", "messages": MSG, "max_tokens": 4}
-    _validator("ChatCompletion").validate(httpx.post(stack.api + "/chat/completions", json=body, headers=h).json())
+    _validator("ChatCompletion").validate(
+        httpx.post(stack.api + "/chat/completions", json=body, headers=h).json()
+    )
     comp = {"model": "hearth-demo", "prompt": "x", "max_tokens": 4}
     _validator("Completion").validate(httpx.post(stack.api + "/completions", json=comp, headers=h).json())
-    with httpx.stream("POST", stack.api + "/chat/completions", headers=h,
-                      json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+    with httpx.stream(
+        "POST",
+        stack.api + "/chat/completions",
+        headers=h,
+        json={**body, "stream": True, "stream_options": {"include_usage": True}},
+    ) as r:
         events = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     for event in events[:-1]:
