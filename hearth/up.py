@@ -97,32 +97,16 @@ async def _wait_ready(app: web.Application, model_id: str, stop: asyncio.Event) 
     registry = app[REGISTRY]
     deadline = asyncio.get_running_loop().time() + READY_TIMEOUT
     while not stop.is_set():
+        await registry.poll_once()
         for node in registry.snapshot().nodes:
             state = node.model(model_id)
-            if node.healthy and state is not None and state.ready:
+            if state is not None and node.healthy and state.ready:
                 return
+            if state is not None and state.phase == "failed":
+                raise ConfigError(f"the model {model_id} failed to load; the log above says why")
         if asyncio.get_running_loop().time() > deadline:
             raise ConfigError(f"the model {model_id} did not become ready in {READY_TIMEOUT:.0f} s")
-        await registry.poll_once()
-        entry = next(iter(registry.nodes.values()))
-        if entry.reachable and any(m.id == model_id and not m.ready for m in entry.models):
-            failed = await _model_failed(app, model_id)
-            if failed:
-                raise ConfigError(f"the model {model_id} failed to load; see the log above")
         await asyncio.sleep(0.2)
-
-
-async def _model_failed(app: web.Application, model_id: str) -> bool:
-    # The node reports "failed" as not ready; the registry keeps only ready/not-ready, so ask directly.
-    import aiohttp
-
-    entry = next(iter(app[REGISTRY].nodes.values()))
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(entry.link.url + "/status", headers=entry.auth_headers()) as resp,
-    ):
-        doc = await resp.json()
-    return any(m["id"] == model_id and m["state"] == "failed" for m in doc["models"])
 
 
 def _banner(

@@ -14,7 +14,7 @@ import asyncio
 import hmac
 import logging
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -25,7 +25,7 @@ from node.context import fit_messages, fit_prompt
 from node.openai_format import ResponseWriter
 from node.runner import JobRunner
 from node.settings import ModelSettings, NodeSettings
-from node.templates import ChatTemplate, resolve_template
+from node.templates import ChatTemplate, Message, resolve_template
 from protocol import frames
 from protocol.errors import (
     AuthenticationFailed,
@@ -171,14 +171,23 @@ def _prepare(slot: ModelSlot, req: ChatCompletionRequest | CompletionRequest) ->
     budget = context - (requested if requested is not None else 1)
     if isinstance(req, ChatCompletionRequest):
         template = slot.template
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        messages: list[Message] = [{"role": m.role, "content": m.text()} for m in req.messages]
+        # Fitting counts candidate conversations; keep each one's ids so the winner is not encoded twice.
+        encoded: dict[tuple[int, ...], list[int]] = {}
 
-        def count(candidate: object) -> int:
-            return len(backend.encode(template.render(candidate), add_special_tokens=False))  # type: ignore[arg-type]
+        def count(candidate: Sequence[Message]) -> int:
+            ids = backend.encode(template.render(candidate), add_special_tokens=False)
+            encoded[tuple(map(id, candidate))] = ids
+            return len(ids)
 
         truncate = (req.truncation or slot.settings.truncation) == "auto"
         fitted = fit_messages(messages, count_tokens=count, budget=budget, truncate=truncate)
-        prompt_ids = backend.encode(template.render(fitted.messages), add_special_tokens=False)
+        key = tuple(map(id, fitted.messages))
+        prompt_ids = (
+            encoded[key]
+            if key in encoded
+            else backend.encode(template.render(fitted.messages), add_special_tokens=False)
+        )
         default = slot.settings.default_max_tokens
     else:
         prompt_ids = backend.encode(req.prompt_text(), add_special_tokens=True)

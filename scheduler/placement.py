@@ -14,13 +14,20 @@ from typing import Literal
 RefusalKind = Literal["retry", "never", "unknown_model"]
 
 
+ModelPhase = Literal["loading", "ready", "failed"]
+
+
 @dataclass(frozen=True, slots=True)
 class ModelState:
     id: str
-    ready: bool
+    phase: ModelPhase
     context_length: int | None
     active: int
     queued: int
+
+    @property
+    def ready(self) -> bool:
+        return self.phase == "ready"
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +74,8 @@ def filter_node(request: PlacementRequest, node: NodeState) -> Refusal | None:
         return Refusal("unknown_model", f"{node.node_id} does not serve {request.model}")
     if not node.healthy:
         return Refusal("retry", f"{node.node_id} is not answering")
+    if model.phase == "failed":
+        return Refusal("retry", f"{request.model} failed to load on {node.node_id}")
     if not model.ready or model.context_length is None:
         return Refusal("retry", f"{request.model} is still loading on {node.node_id}")
     if request.max_tokens is not None and request.max_tokens >= model.context_length:

@@ -53,7 +53,7 @@ class Registry:
                     entry.reachable and now - entry.last_ok < timeout,
                     tuple(
                         ModelState(
-                            m.id, m.ready, m.context_length, m.active + entry.inflight.get(m.id, 0), m.queued
+                            m.id, m.phase, m.context_length, m.active + entry.inflight.get(m.id, 0), m.queued
                         )
                         for m in entry.models
                     ),
@@ -110,7 +110,7 @@ def _parse_status(raw: bytes) -> tuple[ModelState, ...]:
         return tuple(
             ModelState(
                 id=str(m["id"]),
-                ready=m.get("state") == "ready",
+                phase=m["state"] if m.get("state") in ("loading", "ready", "failed") else "failed",
                 context_length=m["context_length"] if isinstance(m.get("context_length"), int) else None,
                 active=int(m.get("active", 0)),
                 queued=int(m.get("queued", 0)),

@@ -19,7 +19,6 @@ from tests.support import LoopThread, Stack, stop_stack, wait_for
 
 MSG = [{"role": "user", "content": "hi"}]
 OK = {"model": "hearth-demo", "messages": MSG, "max_tokens": 4}
-AUTH = "use-token"
 
 CASES: list[tuple[str, str, Any, dict[str, str] | None, int, str | None]] = [
     # (name, path, body (bytes = raw), headers override, status, code)

@@ -20,7 +20,11 @@ from scheduler.placement import (
 def node(
     node_id: str, *, healthy: bool = True, ready: bool = True, active: int = 0, ctx: int = 2048
 ) -> NodeState:
-    return NodeState(node_id, healthy, (ModelState("m", ready, ctx if ready else None, active, 0),))
+    return NodeState(
+        node_id,
+        healthy,
+        (ModelState("m", "ready" if ready else "loading", ctx if ready else None, active, 0),),
+    )
 
 
 @pytest.mark.parametrize(
