@@ -2,6 +2,7 @@
 
     GET  /healthz   liveness, no auth
     GET  /status    models, their state and load (scheduler only)
+    GET  /metrics   Prometheus metrics (scheduler only)
     POST /jobs      run one OpenAI request; the answer is a stream of frames (protocol.frames)
 
 Only the node sees prompt text: it validates the request, renders the chat template, fits the context,
@@ -22,6 +23,7 @@ from aiohttp import web
 
 from node.backends.base import Backend, SamplingParams
 from node.context import fit_messages, fit_prompt
+from node.metrics import NodeMetrics
 from node.openai_format import ResponseWriter
 from node.runner import JobRunner
 from node.settings import ModelSettings, NodeSettings
@@ -77,15 +79,21 @@ class ModelSlot:
 
 SLOTS = web.AppKey("slots", dict[str, ModelSlot])
 SETTINGS = web.AppKey("settings", NodeSettings)
+METRICS = web.AppKey("metrics", NodeMetrics)
 
 
 def create_app(settings: NodeSettings, *, loader: BackendLoader = load_transformers) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
-    app[SLOTS] = {m.model_id: ModelSlot(m) for m in settings.models}
+    slots = {m.model_id: ModelSlot(m) for m in settings.models}
+    app[SLOTS] = slots
+    app[METRICS] = NodeMetrics(
+        lambda: [(s.id, s.runner.active, s.runner.queued) for s in slots.values() if s.runner is not None]
+    )
     app.cleanup_ctx.append(_models_ctx(loader))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/status", status)
+    app.router.add_get("/metrics", metrics)
     app.router.add_post("/jobs", submit_job)
     return app
 
@@ -137,6 +145,11 @@ def _authorize(request: web.Request) -> None:
 
 async def healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    _authorize(request)
+    return web.Response(body=request.app[METRICS].render(), content_type="text/plain", charset="utf-8")
 
 
 async def status(request: web.Request) -> web.Response:
@@ -246,12 +259,17 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
                     await response.write(frames.encode(chunk))
                 continue
             if last.finish_reason in ("error", "cancelled"):
+                request.app[METRICS].jobs.labels(slot.id, last.finish_reason).inc()
                 err = HearthError("the node failed while generating", code="generation_failed")
                 await response.write(
                     frames.encode_json({"status": err.status, **err.to_body()}, frames.ERROR | frames.FINAL)
                 )
                 break
             prompt_tokens = len(prepared.prompt_ids)
+            metrics = request.app[METRICS]
+            metrics.jobs.labels(slot.id, last.finish_reason).inc()
+            metrics.tokens.labels(slot.id, "prompt").inc(prompt_tokens)
+            metrics.tokens.labels(slot.id, "completion").inc(last.completion_tokens)
             chunk += writer.finish(last.finish_reason, prompt_tokens, last.completion_tokens)
             await response.write(frames.encode(chunk))
             meta = {
