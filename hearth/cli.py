@@ -74,11 +74,14 @@ def up(
     data_dir: Path | None,
     config: Path | None,
 ) -> None:
-    """Run a scheduler and a local node on this machine."""
+    """Run a scheduler and a local node on this machine.
+
+    The node serves --demo, --model, or else the [[node.models]] of the config file.
+    """
     from hearth.models import demo_model, resolve_model
     from hearth.up import serve_up
 
-    if demo == (model_spec is not None):
+    if demo and model_spec is not None:
         raise ConfigError("choose one: --demo, or --model PATH_OR_HF_ID")
     scheduler: dict[str, Any] = {}
     if host is not None:
@@ -89,12 +92,16 @@ def up(
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    data = settings.data_dir
     if demo:
-        model = functools.partial(demo_model, settings.data_dir)
+        models = lambda: [demo_model(data)]  # noqa: E731
+    elif model_spec is not None:
+        models = lambda: [resolve_model(model_spec, data)]  # noqa: E731
+    elif settings.node.models:
+        models = lambda: settings.node.models  # noqa: E731
     else:
-        assert model_spec is not None
-        model = functools.partial(resolve_model, model_spec, settings.data_dir)
-    asyncio.run(serve_up(settings, model, out=lambda line: click.echo(line)))
+        raise ConfigError("choose one: --demo, --model PATH_OR_HF_ID, or list [[node.models]] in the config")
+    asyncio.run(serve_up(settings, models, out=lambda line: click.echo(line)))
 
 
 @main.group()

@@ -1,8 +1,10 @@
 """Settings for the `hearth` commands: one TOML file, environment overrides, command-line flags.
 
-Precedence, highest first: flags, environment (``HEARTH_`` prefix, ``__`` between nested names, e.g.
-``HEARTH_SCHEDULER__MAX_BODY_BYTES=2097152``), the TOML file, defaults. Every field carries a description;
-docs/configuration.md lists them all and a test keeps the two in step.
+The file is ``--config FILE``, else ``$HEARTH_CONFIG``, else ``$XDG_CONFIG_HOME/hearth/hearth.toml``
+(usually ``~/.config/hearth/hearth.toml``) if it exists. Precedence, highest first: flags, environment
+(``HEARTH_`` prefix, ``__`` between nested names, e.g. ``HEARTH_SCHEDULER__MAX_BODY_BYTES=2097152``),
+the file, defaults. Every field carries a description; docs/configuration.md lists them all and a test
+keeps the two in step.
 """
 
 from __future__ import annotations
@@ -44,8 +46,19 @@ class HearthSettings(BaseSettings):
     node: NodeSettings = Field(default_factory=NodeSettings, description="The local node.")
 
 
+def default_config_file() -> Path | None:
+    """$HEARTH_CONFIG if set, else $XDG_CONFIG_HOME/hearth/hearth.toml (~/.config/…) when it exists."""
+    if named := os.environ.get("HEARTH_CONFIG"):
+        return Path(named)
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    path = Path(base) / "hearth" / "hearth.toml"
+    return path if path.is_file() else None
+
+
 def load_settings(config: Path | None = None, **overrides: Any) -> HearthSettings:
-    """Settings from ``config`` (TOML), the environment and ``overrides`` (flags); ConfigError if invalid."""
+    """Settings from ``config`` (TOML; default: ``default_config_file()``), the environment and
+    ``overrides`` (flags); ConfigError if invalid."""
+    config = config or default_config_file()
     if config is not None and not config.is_file():
         raise ConfigError(f"no config file at {config}")
 

@@ -11,6 +11,8 @@ from protocol.errors import ConfigError
 
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+# Only for repositories that ship no safetensors: pickled weights are the older, larger format.
+_LEGACY_WEIGHTS = ["*.bin"]
 
 
 def demo_model(data_dir: Path) -> ModelSettings:
@@ -41,7 +43,14 @@ def download(repo_id: str, cache_dir: Path) -> Path:
     )
 
     try:
-        return Path(snapshot_download(repo_id, cache_dir=cache_dir, allow_patterns=_DOWNLOAD_PATTERNS))
+        path = Path(snapshot_download(repo_id, cache_dir=cache_dir, allow_patterns=_DOWNLOAD_PATTERNS))
+        if not any(path.glob("*.safetensors")):
+            path = Path(
+                snapshot_download(
+                    repo_id, cache_dir=cache_dir, allow_patterns=_DOWNLOAD_PATTERNS + _LEGACY_WEIGHTS
+                )
+            )
+        return path
     except (RepositoryNotFoundError, GatedRepoError):
         raise ConfigError(f"Hugging Face has no model {repo_id} that this machine may download") from None
     except (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError, OSError):

@@ -46,7 +46,7 @@ def ensure_admin_token(db_path: Path) -> str | None:
 
 async def serve_up(
     settings: HearthSettings,
-    model: Callable[[], ModelSettings],
+    models: Callable[[], list[ModelSettings]],
     *,
     out: Callable[[str], None] = print,
     stop: asyncio.Event | None = None,
@@ -60,14 +60,15 @@ async def serve_up(
     stop = stop or _stop_on_signals()
 
     out("Preparing the model…")
-    model_settings = await asyncio.to_thread(model)
+    model_list = await asyncio.to_thread(models)
+    model_ids = [m.model_id for m in model_list]
     admin_token = await asyncio.to_thread(
         ensure_admin_token, settings.scheduler.model_copy(update={"data_dir": data_dir}).db_path
     )
 
     secret = secrets.token_urlsafe(32)
     node_settings = settings.node.model_copy(
-        update={"host": "127.0.0.1", "port": 0, "secret": SecretStr(secret), "models": [model_settings]}
+        update={"host": "127.0.0.1", "port": 0, "secret": SecretStr(secret), "models": model_list}
     )
     runners: list[web.AppRunner] = []
     try:
@@ -82,10 +83,11 @@ async def serve_up(
         app = create_scheduler_app(sched_settings)
         sched_runner, base_url = await start_site(app, sched_settings.host, sched_settings.port)
         runners.insert(0, sched_runner)
-        await _wait_ready(app, model_settings.model_id, stop)
+        for model_id in model_ids:
+            await _wait_ready(app, model_id, stop)
         if stop.is_set():
             return
-        _banner(out, base_url, model_settings.model_id, admin_token, data_dir)
+        _banner(out, base_url, model_ids, admin_token, data_dir)
         await stop.wait()
         out("Shutting down…")
     finally:
@@ -110,7 +112,7 @@ async def _wait_ready(app: web.Application, model_id: str, stop: asyncio.Event) 
 
 
 def _banner(
-    out: Callable[[str], None], base_url: str, model_id: str, token: str | None, data_dir: Path
+    out: Callable[[str], None], base_url: str, model_ids: list[str], token: str | None, data_dir: Path
 ) -> None:
     out("")
     out("Hearth is up.")
@@ -120,12 +122,13 @@ def _banner(
         out("                (admin token, shown only this once: keep it somewhere safe)")
     else:
         out(f"  API token:    the one printed on first start, or: hearth tokens create --data-dir {data_dir}")
-    out(f"  Model:        {model_id}")
+    out(f"  Model{'s' if len(model_ids) > 1 else ''}:        {', '.join(model_ids)}")
     out("")
     out("Try it:")
-    out(f"  curl {base_url}/v1/chat/completions -H 'Authorization: Bearer $TOKEN' \\")
+    out(f"  export HEARTH_TOKEN={token or '<your token>'}")
+    out(f'  curl {base_url}/v1/chat/completions -H "Authorization: Bearer $HEARTH_TOKEN" \\')
     out(
-        f'       -H \'Content-Type: application/json\' -d \'{{"model": "{model_id}", '
+        f'       -H \'Content-Type: application/json\' -d \'{{"model": "{model_ids[0]}", '
         '"messages": [{"role": "user", "content": "Hello"}]}\''
     )
     out("Press Ctrl-C to stop.")

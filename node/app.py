@@ -43,6 +43,7 @@ from protocol.web import error_middleware, json_response, log_unexpected, read_j
 log = logging.getLogger("hearth.node")
 
 VERSION = "0.1.0"
+KEEPALIVE_S = 10.0
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 BackendLoader = Callable[[ModelSettings, NodeSettings], Backend]
@@ -184,7 +185,10 @@ def _prepare(slot: ModelSlot, req: ChatCompletionRequest | CompletionRequest) ->
     budget = context - (requested if requested is not None else 1)
     if isinstance(req, ChatCompletionRequest):
         template = slot.template
-        messages: list[Message] = [{"role": m.role, "content": m.text()} for m in req.messages]
+        messages: list[Message] = [
+            {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+            for m in req.messages
+        ]
         # Fitting counts candidate conversations; keep each one's ids so the winner is not encoded twice.
         encoded: dict[tuple[int, ...], list[int]] = {}
 
@@ -251,7 +255,13 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
         if head := writer.start():
             await response.write(frames.encode(head))
         while True:
-            deltas = await job.next_deltas()
+            try:
+                deltas = await asyncio.wait_for(job.next_deltas(), KEEPALIVE_S)
+            except TimeoutError:
+                # Nothing to say yet (long prefill, or a non-streaming answer still growing): an empty
+                # frame tells the scheduler this node is alive, so only a silent node trips its timeout.
+                await response.write(frames.encode(b""))
+                continue
             chunk = b"".join(writer.delta(d.text) for d in deltas)
             last = deltas[-1]
             if last.finish_reason is None:

@@ -78,6 +78,7 @@ class _Sampling(_Request):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1, description="Makes sampling repeatable.")
     stop: StopField = None
+    logit_bias: dict[str, float] | None = Field(default=None, description="Not supported yet; refused.")
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     stream: bool = False
@@ -90,6 +91,13 @@ class _Sampling(_Request):
     def _one_choice(cls, value: int) -> int:
         if value != 1:
             raise ValueError("only n=1 is supported")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value:
+            raise ValueError("logit_bias is not supported yet")
         return value
 
     @field_validator("stop")
@@ -192,16 +200,24 @@ def parse_request(endpoint: str, body: Any) -> ChatCompletionRequest | Completio
 
 def validation_error(exc: ValidationError) -> InvalidRequest:
     errors = exc.errors(include_input=False, include_url=False, include_context=False)
-    first = errors[0]
-    loc = [str(part) for part in first["loc"] if not str(part).startswith("function-")]
-    # pydantic names the union branch it tried ("str", "list[...]"); users want the field path.
-    path = ".".join(p for p in loc if not _is_type_tag(p))
+    path = _path(errors[0]["loc"])
+    # A union field reports one error per branch ("stop": not a string, and a list too long); the branch
+    # that failed on a rule, not on the type, is the one that says what to fix.
+    same_field = [e for e in errors if _path(e["loc"]) == path]
+    first = next((e for e in same_field if not e["type"].endswith("_type")), same_field[0])
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "missing":
         message = "this field is required"
-    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    others = len({_path(e["loc"]) for e in errors}) - 1
+    more = f" (and {others} more problem{'s' if others > 1 else ''})" if others else ""
     where = f"'{path}': " if path else ""
     return InvalidRequest(f"invalid request: {where}{message}{more}", param=path or None)
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    # pydantic names the union branch it tried ("str", "list[...]"); users want the field path.
+    parts = [str(p) for p in loc]
+    return ".".join(p for p in parts if not _is_type_tag(p))
 
 
 def _is_type_tag(part: str) -> bool:

@@ -25,6 +25,7 @@ from policies import Visible, check
 from protocol.errors import (
     AuthenticationFailed,
     ContextLengthExceeded,
+    HearthError,
     InvalidRequest,
     ModelNotFound,
     Unavailable,
@@ -34,7 +35,7 @@ from protocol.web import error_middleware, json_response, log_unexpected
 from scheduler.metrics import Metrics
 from scheduler.openapi import openapi_document
 from scheduler.placement import Placement, PlacementRequest, place
-from scheduler.registry import Registry
+from scheduler.registry import NodeEntry, Registry
 from scheduler.relay import Relay, RelayJob
 from scheduler.settings import SchedulerSettings
 from scheduler.store import AsyncStore, TokenRecord, UsageRecord
@@ -87,6 +88,7 @@ async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
             retry_after=settings.retry_after,
             on_done=usage.put_nowait,
             on_node_failed=registry.mark_failed,
+            on_first_frame=app[METRICS].ttfb.observe,
         )
         tasks = [
             asyncio.create_task(registry.run(), name="hearth-registry"),
@@ -178,6 +180,19 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+    try:
+        node, job = await _admit(request, endpoint)
+    except HearthError as exc:
+        # Refused by the scheduler itself; relayed requests are counted with their usage rows.
+        request.app[METRICS].requests.labels(endpoint, f"refused_{exc.status}").inc()
+        raise
+    with contextlib.suppress(ConnectionResetError):  # the client left while we were writing
+        return await request.app[RELAY].run(request, node, job)
+    return web.Response(status=499)
+
+
+async def _admit(request: web.Request, endpoint: Endpoint) -> tuple[NodeEntry, RelayJob]:
+    """Authenticate, validate, apply policy and place: everything before the first byte goes to a node."""
     token = await authenticate(request)
     started = time.time()
     raw = await request.read()
@@ -189,7 +204,8 @@ async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamRespo
     settings = request.app[SETTINGS]
     max_tokens = req.requested_max_tokens
     check(settings.policy, Visible(req.model, max_tokens, sealed=False))
-    decision = place(PlacementRequest(req.model, max_tokens), request.app[REGISTRY].snapshot())
+    registry = request.app[REGISTRY]
+    decision = place(PlacementRequest(req.model, max_tokens), registry.snapshot())
     if not isinstance(decision, Placement):
         if decision.kind == "unknown_model":
             raise ModelNotFound(f"the model '{req.model}' does not exist here; see /v1/models", param="model")
@@ -200,13 +216,7 @@ async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamRespo
         )
     request_id = secrets.token_hex(12)
     # The body was just parsed as JSON, so it can be spliced in as is instead of serialized again.
-    job = (
-        b'{"endpoint":"%s","request_id":"%s","request":' % (endpoint.encode(), request_id.encode())
-        + raw
-        + b"}"
+    job = b'{"endpoint":"%s","request_id":"%s","request":%s}' % (endpoint.encode(), request_id.encode(), raw)
+    return registry.nodes[decision.node_id], RelayJob(
+        request_id, token.id, endpoint, req.model, req.stream, job, started
     )
-    node = request.app[REGISTRY].nodes[decision.node_id]
-    relay_job = RelayJob(request_id, token.id, endpoint, req.model, req.stream, job, started)
-    with contextlib.suppress(ConnectionResetError):
-        return await request.app[RELAY].run(request, node, relay_job)
-    return web.Response(status=499)

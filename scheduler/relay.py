@@ -51,12 +51,14 @@ class Relay:
         retry_after: float,
         on_done: Callable[[UsageRecord], None],
         on_node_failed: Callable[[str], None],
+        on_first_frame: Callable[[float], None] = lambda seconds: None,
     ) -> None:
         self._session = session
         self._timeout = aiohttp.ClientTimeout(total=None, connect=5.0, sock_read=idle_timeout)
         self._retry_after = retry_after
         self._on_done = on_done
         self._on_node_failed = on_node_failed
+        self._on_first_frame = on_first_frame
 
     async def run(self, request: web.Request, node: NodeEntry, job: RelayJob) -> web.StreamResponse:
         node_id = node.link.node_id
@@ -113,8 +115,12 @@ class Relay:
         decoder = frames.FrameDecoder()
         out: web.StreamResponse | None = None
         collected: list[bytes] = []
+        first = True
         try:
             async for chunk in resp.content.iter_any():
+                if first:
+                    first = False
+                    self._on_first_frame(time.time() - job.started)
                 for frame in decoder.feed(chunk):
                     if frame.kind == frames.DATA:
                         if not job.stream:
@@ -166,8 +172,14 @@ async def _node_error(resp: aiohttp.ClientResponse, retry_after: float) -> Heart
         body = None
     if resp.status in (401, 403):
         # The node does not recognise its scheduler: an operator problem, not the client's.
-        return Unavailable("this model's node refused the scheduler; the operator must check its keys")
+        return Unavailable(
+            "this model's node refused the scheduler; the operator must check its keys",
+            retry_after=retry_after,
+        )
     err = HearthError.from_body(resp.status, body)
-    if err.status == 503 and err.retry_after is None:
-        err.retry_after = retry_after
+    if err.status in (429, 503):
+        try:
+            err.retry_after = float(resp.headers.get("Retry-After", ""))
+        except ValueError:
+            err.retry_after = retry_after
     return err

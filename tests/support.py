@@ -30,7 +30,9 @@ from scheduler.settings import NodeLink, SchedulerSettings
 from scheduler.store import Store
 
 T = TypeVar("T")
-SLOW_CALLBACK_S = 0.25
+# Generous: on a 2-core box the loop also waits for the GIL behind generation threads; a real block
+# (a model load, a generation loop, a synchronous download) holds it for seconds.
+SLOW_CALLBACK_S = 0.5
 
 
 class _SlowCallbacks(logging.Handler):
