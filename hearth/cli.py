@@ -29,6 +29,9 @@ def _one_line_errors(fn: F) -> F:
         except HearthError as exc:
             click.echo(f"hearth: error: {exc.message}", err=True)
             sys.exit(1)
+        except KeyboardInterrupt:  # Ctrl-C before the command installed its own handler
+            click.echo("hearth: interrupted", err=True)
+            sys.exit(130)
 
     return wrapper  # type: ignore[return-value]
 

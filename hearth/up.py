@@ -60,7 +60,16 @@ async def serve_up(
     stop = stop or _stop_on_signals()
 
     out("Preparing the model…")
-    model_list = await asyncio.to_thread(models)
+    preparing = asyncio.ensure_future(asyncio.to_thread(models))
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({preparing, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if not preparing.done():
+        # A build or download runs in a thread that cannot be interrupted; say so instead of hanging mute.
+        out("Stopping once the current model step finishes…")
+        preparing.cancel()
+        return
+    model_list = preparing.result()
     model_ids = [m.model_id for m in model_list]
     admin_token = await asyncio.to_thread(
         ensure_admin_token, settings.scheduler.model_copy(update={"data_dir": data_dir}).db_path
