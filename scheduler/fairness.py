@@ -1,0 +1,77 @@
+"""Fair queueing between users by tokens: the Virtual Token Counter (Sheng et al., "Fairness in Serving
+Large Language Models", OSDI 2024).
+
+Every user has a counter of the service they received, in weighted tokens (a generated token costs more
+than a prompt token, as on the GPU). The next request to dispatch is the oldest one of the backlogged user
+with the smallest counter. A user who was idle is lifted to the smallest counter among the backlogged (or
+to the last served user's counter when nobody waits), so idling earns no credit to burst with later: a
+heavy user cannot starve a light one, and a light one cannot starve the heavy one either.
+
+Pure data structure: no I/O, no clock. The scheduler charges a request when it is dispatched (its prompt
+plus max_tokens, the most it can cost) and refunds what it did not use when the answer ends.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass
+class _User(Generic[T]):
+    counter: float = 0.0
+    waiting: deque[T] = field(default_factory=deque)
+
+
+class VirtualTokenCounter(Generic[T]):
+    def __init__(self, *, prompt_weight: float = 1.0, completion_weight: float = 2.0) -> None:
+        self.prompt_weight = prompt_weight
+        self.completion_weight = completion_weight
+        self._users: dict[Hashable, _User[T]] = {}
+        self._last_served = 0.0
+
+    def __len__(self) -> int:
+        return sum(len(u.waiting) for u in self._users.values())
+
+    def counter(self, user: Hashable) -> float:
+        return self._users[user].counter if user in self._users else 0.0
+
+    def _backlogged(self) -> list[_User[T]]:
+        return [u for u in self._users.values() if u.waiting]
+
+    def push(self, user: Hashable, item: T) -> None:
+        state = self._users.setdefault(user, _User())
+        if not state.waiting:
+            backlogged = self._backlogged()
+            floor = min(u.counter for u in backlogged) if backlogged else self._last_served
+            state.counter = max(state.counter, floor)
+        state.waiting.append(item)
+
+    def pop(self) -> tuple[Hashable, T] | None:
+        """The next item to dispatch, or None when nobody waits."""
+        best: tuple[Hashable, _User[T]] | None = None
+        for user, state in self._users.items():
+            if state.waiting and (best is None or state.counter < best[1].counter):
+                best = (user, state)
+        if best is None:
+            return None
+        user, state = best
+        self._last_served = state.counter
+        return user, state.waiting.popleft()
+
+    def remove(self, user: Hashable, item: T) -> bool:
+        """Take back a request that left the queue without being served (its client went away)."""
+        state = self._users.get(user)
+        if state is None or item not in state.waiting:
+            return False
+        state.waiting.remove(item)
+        return True
+
+    def charge(self, user: Hashable, prompt_tokens: int, completion_tokens: int) -> None:
+        """Add service (negative values refund an over-estimate)."""
+        state = self._users.setdefault(user, _User())
+        state.counter += self.prompt_weight * prompt_tokens + self.completion_weight * completion_tokens

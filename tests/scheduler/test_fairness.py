@@ -1,0 +1,78 @@
+"""The virtual token counter serves users fairly by tokens."""
+
+from __future__ import annotations
+
+import pytest
+
+from scheduler.fairness import VirtualTokenCounter
+
+
+def test_light_user_is_not_starved_by_a_heavy_one() -> None:
+    vtc: VirtualTokenCounter[str] = VirtualTokenCounter()
+    for i in range(100):
+        vtc.push("heavy", f"h{i}")
+    served: list[str] = []
+    for step in range(20):
+        if step == 5:
+            vtc.push("light", "l0")
+        popped = vtc.pop()
+        assert popped is not None
+        user, _ = popped
+        served.append(str(user))
+        vtc.charge(user, 100, 200 if user == "heavy" else 10)
+    # The light user arrived at step 5 and is served next or one after (a tie with the heavy user's
+    # counter), not after the heavy user's 100 requests.
+    assert served.index("light") in (5, 6)
+
+
+def test_equal_users_alternate_by_tokens() -> None:
+    vtc: VirtualTokenCounter[int] = VirtualTokenCounter()
+    for i in range(10):
+        vtc.push("a", i)
+        vtc.push("b", i)
+    share = {"a": 0, "b": 0}
+    for _ in range(10):
+        popped = vtc.pop()
+        assert popped is not None
+        user = str(popped[0])
+        share[user] += 1
+        vtc.charge(user, 50, 50)
+    assert share == {"a": 5, "b": 5}
+
+
+def test_idle_time_earns_no_credit() -> None:
+    vtc: VirtualTokenCounter[int] = VirtualTokenCounter()
+    vtc.push("busy", 0)
+    popped = vtc.pop()
+    assert popped is not None
+    vtc.charge("busy", 0, 10_000)
+    # "late" shows up after a long quiet spell; its counter is lifted to the last served counter.
+    vtc.push("busy", 1)
+    vtc.push("late", 0)
+    assert vtc.counter("late") == pytest.approx(vtc.counter("busy"))
+
+
+@pytest.mark.parametrize(
+    ("prompt_weight", "completion_weight", "expected"),
+    [
+        (1.0, 2.0, 1 * 10 + 2 * 5),  # default: generated tokens cost twice
+        (1.0, 1.0, 15),  # plain token count
+    ],
+)
+def test_charge_weights(prompt_weight: float, completion_weight: float, expected: float) -> None:
+    vtc: VirtualTokenCounter[int] = VirtualTokenCounter(
+        prompt_weight=prompt_weight, completion_weight=completion_weight
+    )
+    vtc.charge("u", 10, 5)
+    assert vtc.counter("u") == expected
+
+
+def test_removed_requests_are_not_served() -> None:
+    vtc: VirtualTokenCounter[str] = VirtualTokenCounter()
+    vtc.push("u", "x")
+    vtc.push("u", "y")
+    assert vtc.remove("u", "x")
+    assert not vtc.remove("u", "x")
+    assert vtc.pop() == ("u", "y")
+    assert vtc.pop() is None
+    assert len(vtc) == 0
