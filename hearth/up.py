@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 from aiohttp import web
 from pydantic import SecretStr
@@ -21,7 +23,7 @@ from hearth.config import HearthSettings
 from node.app import create_app as create_node_app
 from node.settings import ModelSettings
 from protocol.errors import ConfigError
-from protocol.web import start_site
+from protocol.web import in_daemon_thread, start_site
 from scheduler.app import REGISTRY
 from scheduler.app import create_app as create_scheduler_app
 from scheduler.settings import NodeLink
@@ -60,14 +62,14 @@ async def serve_up(
     stop = stop or _stop_on_signals()
 
     out("Preparing the model…")
-    preparing = asyncio.ensure_future(asyncio.to_thread(models))
-    stopping = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({preparing, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    preparing = in_daemon_thread(models, "hearth-prepare-model")
+    stopping: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+    await asyncio.wait(
+        [cast("asyncio.Future[Any]", preparing), stopping], return_when=asyncio.FIRST_COMPLETED
+    )
     stopping.cancel()
     if not preparing.done():
-        # A build or download runs in a thread that cannot be interrupted; say so instead of hanging mute.
-        out("Stopping once the current model step finishes…")
-        preparing.cancel()
+        preparing.cancel()  # the download or build thread is a daemon: it ends with the process
         return
     model_list = preparing.result()
     model_ids = [m.model_id for m in model_list]
@@ -147,7 +149,14 @@ def _banner(
 
 def _stop_on_signals() -> asyncio.Event:
     stop = asyncio.Event()
+
+    def on_signal() -> None:
+        if stop.is_set():  # a second Ctrl-C: the user wants out now, cleanup or not
+            sys.stderr.write("hearth: stopped without cleanup\n")
+            os._exit(130)
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     return stop

@@ -25,7 +25,7 @@ from node.backends.base import Backend, SamplingParams
 from node.context import fit_messages, fit_prompt
 from node.metrics import NodeMetrics
 from node.openai_format import ResponseWriter
-from node.runner import JobRunner
+from node.runner import Job, JobRunner
 from node.settings import ModelSettings, NodeSettings
 from node.templates import ChatTemplate, Message, resolve_template
 from protocol import frames
@@ -38,12 +38,13 @@ from protocol.errors import (
     Unavailable,
 )
 from protocol.schemas import ChatCompletionRequest, CompletionRequest, Endpoint, parse_request
-from protocol.web import error_middleware, json_response, log_unexpected, read_json
+from protocol.web import error_middleware, in_daemon_thread, json_response, log_unexpected, read_json
 
 log = logging.getLogger("hearth.node")
 
 VERSION = "0.1.0"
 KEEPALIVE_S = 10.0
+PROGRESS_S = 1.0
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 BackendLoader = Callable[[ModelSettings, NodeSettings], Backend]
@@ -74,6 +75,8 @@ class ModelSlot:
             "context_length": runner.backend.context_length if runner else None,
             "active": runner.active if runner else 0,
             "queued": runner.queued if runner else 0,
+            "started": runner.started if runner else 0,
+            "skipped": runner.skipped if runner else 0,
             "template": self.template.name if self.template else None,
         }
 
@@ -116,7 +119,7 @@ def _models_ctx(loader: BackendLoader) -> Callable[[web.Application], AsyncItera
 
 async def _load(slot: ModelSlot, loader: BackendLoader, settings: NodeSettings) -> None:
     try:
-        backend = await asyncio.to_thread(loader, slot.settings, settings)
+        backend = await in_daemon_thread(lambda: loader(slot.settings, settings), f"hearth-load-{slot.id}")
         slot.template = resolve_template(
             slot.settings.chat_template,
             backend.chat_template,
@@ -221,6 +224,7 @@ def _prepare(slot: ModelSlot, req: ChatCompletionRequest | CompletionRequest) ->
         seed=req.seed,
         presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty,
+        ignore_eos=req.ignore_eos,
     )
     return Prepared(prompt_ids, params)
 
@@ -242,54 +246,75 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
         raise Unavailable(f"the model '{req.model}' is {slot.state}", retry_after=5)
     prepared = await asyncio.to_thread(_prepare, slot, req)
     job = slot.runner.submit(prepared.prompt_ids, prepared.params, req.stop_sequences())
+    writer = ResponseWriter(
+        endpoint, model=slot.id, request_id=request_id, stream=req.stream, include_usage=req.include_usage
+    )
+    response = web.StreamResponse(headers={"Content-Type": frames.MEDIA_TYPE})
+    prompt_tokens = len(prepared.prompt_ids)
+    produced, outcome = 0, "cancelled"
     try:
-        response = web.StreamResponse(headers={"Content-Type": frames.MEDIA_TYPE})
         await response.prepare(request)
-        writer = ResponseWriter(
-            endpoint,
-            model=slot.id,
-            request_id=request_id,
-            stream=req.stream,
-            include_usage=req.include_usage,
-        )
-        if head := writer.start():
-            await response.write(frames.encode(head))
-        while True:
-            try:
-                deltas = await asyncio.wait_for(job.next_deltas(), KEEPALIVE_S)
-            except TimeoutError:
-                # Nothing to say yet (long prefill, or a non-streaming answer still growing): an empty
-                # frame tells the scheduler this node is alive, so only a silent node trips its timeout.
-                await response.write(frames.encode(b""))
-                continue
-            chunk = b"".join(writer.delta(d.text) for d in deltas)
-            last = deltas[-1]
-            if last.finish_reason is None:
-                if chunk:
-                    await response.write(frames.encode(chunk))
-                continue
-            if last.finish_reason in ("error", "cancelled"):
-                request.app[METRICS].jobs.labels(slot.id, last.finish_reason).inc()
-                err = HearthError("the node failed while generating", code="generation_failed")
-                await response.write(
-                    frames.encode_json({"status": err.status, **err.to_body()}, frames.ERROR | frames.FINAL)
-                )
-                break
-            prompt_tokens = len(prepared.prompt_ids)
-            metrics = request.app[METRICS]
-            metrics.jobs.labels(slot.id, last.finish_reason).inc()
-            metrics.tokens.labels(slot.id, "prompt").inc(prompt_tokens)
-            metrics.tokens.labels(slot.id, "completion").inc(last.completion_tokens)
-            chunk += writer.finish(last.finish_reason, prompt_tokens, last.completion_tokens)
-            await response.write(frames.encode(chunk))
-            meta = {
-                "finish_reason": last.finish_reason,
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": last.completion_tokens,
-            }
-            await response.write(frames.encode_json(meta, frames.META | frames.FINAL))
-            break
+        outcome, produced = await _stream_job(response, job, writer, prompt_tokens)
         await response.write_eof()
-        return response
+    except ConnectionResetError:
+        pass  # the scheduler went away (its client left): the job is cancelled below
     finally:
         job.cancel()
+        metrics = request.app[METRICS]
+        metrics.jobs.labels(slot.id, outcome).inc()
+        metrics.tokens.labels(slot.id, "prompt").inc(prompt_tokens)
+        metrics.tokens.labels(slot.id, "completion").inc(produced)
+    return response
+
+
+async def _stream_job(
+    response: web.StreamResponse, job: Job, writer: ResponseWriter, prompt_tokens: int
+) -> tuple[str, int]:
+    """Write the job's frames until its end; return (finish reason, completion tokens)."""
+    loop = asyncio.get_running_loop()
+    pending = writer.start()
+    last_progress = loop.time()
+    while True:
+        try:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the handler's cancellation
+            # when a delta lands in the same loop turn, and then a departed client's job runs on.
+            async with asyncio.timeout(KEEPALIVE_S):
+                deltas = await job.next_deltas()
+        except TimeoutError:
+            # Nothing to say yet (a long prefill, or a non-streaming answer still growing): tell the
+            # scheduler, and any proxy on the way, that this node is alive.
+            await response.write(frames.encode(writer.keepalive()))
+            continue
+        last = deltas[-1]
+        data = pending + b"".join(writer.delta(d.text) for d in deltas)
+        pending = b""
+        if last.finish_reason is None:
+            out = frames.encode_data(data) if data else b""
+            if loop.time() - last_progress >= PROGRESS_S:
+                # Running token counts, so a stream the client abandons is still accounted for.
+                last_progress = loop.time()
+                out += frames.encode_json(
+                    _usage_meta(None, prompt_tokens, last.completion_tokens), frames.META
+                )
+            if out:
+                await response.write(out)
+            continue
+        if last.finish_reason in ("error", "cancelled"):
+            err = HearthError("the node failed while generating", code="generation_failed")
+            body = {"status": err.status, **err.to_body()}
+            await response.write(
+                frames.encode_data(data) + frames.encode_json(body, frames.ERROR | frames.FINAL)
+            )
+            return last.finish_reason, last.completion_tokens
+        data += writer.finish(last.finish_reason, prompt_tokens, last.completion_tokens)
+        meta = _usage_meta(last.finish_reason, prompt_tokens, last.completion_tokens)
+        await response.write(frames.encode_data(data) + frames.encode_json(meta, frames.META | frames.FINAL))
+        return last.finish_reason, last.completion_tokens
+
+
+def _usage_meta(finish_reason: str | None, prompt_tokens: int, completion_tokens: int) -> dict[str, object]:
+    return {
+        "finish_reason": finish_reason,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+    }

@@ -76,6 +76,10 @@ class ResponseWriter:
         self._parts.append(text)
         return b""
 
+    def keepalive(self) -> bytes:
+        """Bytes that say "still working": an SSE comment, which clients and proxies skip, or nothing."""
+        return b": keepalive\n\n" if self.stream else b""
+
     def finish(self, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> bytes:
         used = usage(prompt_tokens, completion_tokens)
         if self.stream:

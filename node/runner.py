@@ -77,7 +77,8 @@ class JobRunner:
         self._current: Job | None = None
         self._queued = 0
         self._lock = threading.Lock()
-        self.completed = 0
+        self.started = 0
+        self.skipped = 0
 
     @property
     def queued(self) -> int:
@@ -126,8 +127,10 @@ class JobRunner:
                 self._current = job
             try:
                 if job.cancelled.is_set():
+                    self.skipped += 1  # its client left while it waited: it never touches the model
                     job.post(Delta("", 0, "cancelled"))
                 else:
+                    self.started += 1
                     self._run(job)
             except Exception as exc:
                 log_unexpected("generation", exc)
@@ -135,7 +138,6 @@ class JobRunner:
             finally:
                 with self._lock:
                     self._current = None
-                    self.completed += 1
 
     def _run(self, job: Job) -> None:
         decoder = IncrementalDecoder(self.backend.decode)

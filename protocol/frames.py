@@ -58,6 +58,14 @@ def encode(payload: bytes, flags: int = DATA) -> bytes:
     return HEADER.pack(len(payload), flags) + payload
 
 
+def encode_data(payload: bytes) -> bytes:
+    """DATA frames for a payload of any size (a long non-streaming answer spans several frames)."""
+    if len(payload) <= MAX_FRAME_PAYLOAD:
+        return encode(payload)
+    step = MAX_FRAME_PAYLOAD
+    return b"".join(encode(payload[i : i + step]) for i in range(0, len(payload), step))
+
+
 def encode_json(obj: Any, flags: int) -> bytes:
     return encode(json.dumps(obj, separators=(",", ":")).encode(), flags)
 

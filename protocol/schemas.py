@@ -12,7 +12,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from protocol.errors import InvalidRequest
 
@@ -20,6 +29,18 @@ MAX_MESSAGES = 2048
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_LENGTH = 256
 MAX_MODEL_ID_LENGTH = 256
+
+
+def _valid_unicode(text: str) -> str:
+    # JSON escapes can smuggle lone surrogates ("\\ud800") that no tokenizer can encode.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid Unicode (it contains a lone surrogate)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 Truncation = Literal["auto", "disabled"]
@@ -34,13 +55,13 @@ class _Request(BaseModel):
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
     role: Role
-    content: str | list[TextPart] | None = None
+    content: Text | list[TextPart] | None = None
     name: str | None = Field(default=None, max_length=256)
 
     def text(self) -> str:
@@ -54,13 +75,13 @@ class ChatMessage(BaseModel):
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
-    include_usage: bool = False
+    include_usage: bool | None = False
 
 
 StopField = Annotated[
-    str
+    Text
     | Annotated[
-        list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]],
+        list[Annotated[Text, Field(min_length=1, max_length=MAX_STOP_LENGTH)]],
         Field(max_length=MAX_STOP_SEQUENCES),
     ]
     | None,
@@ -78,13 +99,27 @@ class _Sampling(_Request):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1, description="Makes sampling repeatable.")
     stop: StopField = None
-    logit_bias: dict[str, float] | None = Field(default=None, description="Not supported yet; refused.")
+    # Any, not a dict type: a malformed dict would make pydantic name the client's keys in the error.
+    logit_bias: Any = Field(default=None, description="Not supported yet; refused when not empty.")
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    ignore_eos: bool = Field(
+        default=False,
+        description="Hearth extension (as in vLLM): keep generating past end-of-text tokens, up to "
+        "max_tokens. For benchmarks and tests that need answers of an exact length.",
+    )
     n: int = Field(default=1, description="Only 1 is supported.")
     user: str | None = Field(default=None, max_length=256)
+
+    @field_validator(
+        "temperature", "top_p", "presence_penalty", "frequency_penalty", "stream", "n", mode="before"
+    )
+    @classmethod
+    def _null_means_default(cls, value: Any, info: ValidationInfo) -> Any:
+        # OpenAI's API accepts null for these and applies the default; clients pass None through.
+        return cls.model_fields[str(info.field_name)].default if value is None else value
 
     @field_validator("n")
     @classmethod
@@ -95,7 +130,7 @@ class _Sampling(_Request):
 
     @field_validator("logit_bias")
     @classmethod
-    def _no_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+    def _no_logit_bias(cls, value: Any) -> Any:
         if value:
             raise ValueError("logit_bias is not supported yet")
         return value
@@ -116,7 +151,7 @@ class _Sampling(_Request):
 
     @property
     def include_usage(self) -> bool:
-        return self.stream_options is not None and self.stream_options.include_usage
+        return self.stream_options is not None and bool(self.stream_options.include_usage)
 
 
 class ChatCompletionRequest(_Sampling):
@@ -150,13 +185,13 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] = Field(
+    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=1)] = Field(
         description="One prompt (a string, or a list holding one string)."
     )
     max_tokens: int | None = Field(
         default=16, ge=1, description="Upper bound on generated tokens (default 16)."
     )
-    echo: bool = False
+    echo: bool | None = False
     suffix: str | None = None
     logprobs: int | None = None
     best_of: int | None = None

@@ -6,13 +6,16 @@ type and stack only: an exception's message may quote request text, so it is nev
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
+import threading
 import traceback
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
-from aiohttp import web
+from aiohttp import ClientResponse, web
 
 from protocol.errors import (
     HearthError,
@@ -24,7 +27,37 @@ from protocol.errors import (
 
 log = logging.getLogger("hearth.web")
 
+SHUTDOWN_TIMEOUT_S = 2.0
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+T = TypeVar("T")
+
+
+def in_daemon_thread(fn: Callable[[], T], name: str) -> asyncio.Future[T]:
+    """Run a long blocking step (a model load, a download) in a daemon thread.
+
+    Unlike ``asyncio.to_thread``, the process need not wait for it on exit: Ctrl-C during a 10-minute
+    download stops the program now, not after the download.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if not future.done():
+            future.set_result(value) if ok else future.set_exception(value)
+
+    def run() -> None:
+        try:
+            outcome: tuple[bool, Any] = (True, fn())
+        except BaseException as exc:
+            outcome = (False, exc)
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits for this any more
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
 
 
 def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -74,22 +107,53 @@ def _status_error(status: int, reason: str) -> HearthError:
     return err
 
 
-async def read_json(request: web.Request) -> Any:
-    """The request's JSON body; raise InvalidRequest (or PayloadTooLarge via aiohttp) when it is not."""
-    raw = await request.read()
+BODY_READ_TIMEOUT_S = 30.0
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The raw body, size-limited by the app (413) and time-limited, so a client trickling bytes cannot
+    hold a handler forever."""
+    try:
+        async with asyncio.timeout(BODY_READ_TIMEOUT_S):
+            return await request.read()
+    except TimeoutError:
+        raise InvalidRequest(f"the request body did not arrive within {BODY_READ_TIMEOUT_S:.0f} s") from None
+
+
+def parse_json(raw: bytes) -> Any:
     if not raw:
         raise InvalidRequest("the request body is empty; send a JSON object")
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise InvalidRequest("the request body is not valid JSON") from None
+    except RecursionError:
+        raise InvalidRequest("the request body is nested too deeply") from None
+
+
+async def read_json(request: web.Request) -> Any:
+    """The request's JSON body; raise InvalidRequest (or PayloadTooLarge via aiohttp) when it is not."""
+    return parse_json(await read_body(request))
+
+
+async def read_capped(response: ClientResponse, cap: int) -> bytes:
+    """A whole response body of at most ``cap`` bytes (``content.read(n)`` may return less than n)."""
+    body = bytearray()
+    async for chunk in response.content.iter_any():
+        body += chunk
+        if len(body) > cap:
+            raise ValueError("response body over the limit")
+    return bytes(body)
 
 
 async def start_site(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, str]:
     """Serve ``app`` on host:port (0 picks a free port); return the runner and the base URL."""
     # handler_cancellation: a client that goes away cancels its handler at once, which is how a
     # disconnected stream reaches the generation job and frees the backend.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    # A short shutdown_timeout: on Ctrl-C, streams still running are cut after it rather than awaited.
+    runner = web.AppRunner(
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     try:

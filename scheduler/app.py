@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import secrets
 import time
@@ -26,12 +25,11 @@ from protocol.errors import (
     AuthenticationFailed,
     ContextLengthExceeded,
     HearthError,
-    InvalidRequest,
     ModelNotFound,
     Unavailable,
 )
 from protocol.schemas import Endpoint, parse_request
-from protocol.web import error_middleware, json_response, log_unexpected
+from protocol.web import error_middleware, json_response, log_unexpected, parse_json, read_body
 from scheduler.metrics import Metrics
 from scheduler.openapi import openapi_document
 from scheduler.placement import Placement, PlacementRequest, place
@@ -79,8 +77,13 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     usage: asyncio.Queue[UsageRecord] = asyncio.Queue()
-    async with aiohttp.ClientSession() as session:
-        registry = Registry(settings, session)
+    # Relays get their own unlimited pool: a pool shared with status polls (aiohttp's default caps it at
+    # 100) would make a busy node look dead. Concurrency is bounded by admission, not by sockets.
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session,
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=16)) as poll_session,
+    ):
+        registry = Registry(settings, poll_session)
         app[REGISTRY] = registry
         app[RELAY] = Relay(
             session,
@@ -120,11 +123,11 @@ async def _flush_usage(app: web.Application, usage: asyncio.Queue[UsageRecord]) 
 
 async def _store_usage(app: web.Application, batch: list[UsageRecord]) -> None:
     metrics = app[METRICS]
-    for record in batch:
-        metrics.requests.labels(record.endpoint, record.status).inc()
-        metrics.tokens.labels("prompt").inc(record.prompt_tokens)
-        metrics.tokens.labels("completion").inc(record.completion_tokens)
     try:
+        for record in batch:
+            metrics.requests.labels(record.endpoint, record.status).inc()
+            metrics.tokens.labels("prompt").inc(record.prompt_tokens)
+            metrics.tokens.labels("completion").inc(record.completion_tokens)
         await app[STORE].record_usage(batch)
     except Exception as exc:  # accounting must never take the API down
         log_unexpected("recording usage", exc)
@@ -195,12 +198,8 @@ async def _admit(request: web.Request, endpoint: Endpoint) -> tuple[NodeEntry, R
     """Authenticate, validate, apply policy and place: everything before the first byte goes to a node."""
     token = await authenticate(request)
     started = time.time()
-    raw = await request.read()
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidRequest("the request body is not valid JSON") from None
-    req = parse_request(endpoint, body)
+    raw = await read_body(request)
+    req = parse_request(endpoint, parse_json(raw))
     settings = request.app[SETTINGS]
     max_tokens = req.requested_max_tokens
     check(settings.policy, Visible(req.model, max_tokens, sealed=False))

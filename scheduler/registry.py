@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 
+from protocol.web import read_capped
 from scheduler.placement import ClusterSnapshot, ModelState, NodeState
 from scheduler.settings import NodeLink, SchedulerSettings
 
@@ -82,10 +83,7 @@ class Registry:
             async with self._session.get(url, headers=entry.auth_headers(), timeout=timeout) as resp:
                 if resp.status != 200:
                     raise ValueError(f"status {resp.status}")
-                raw = await resp.content.read(MAX_STATUS_BYTES + 1)
-                if len(raw) > MAX_STATUS_BYTES:
-                    raise ValueError("status document too large")
-                doc = _parse_status(raw)
+                doc = _parse_status(await read_capped(resp, MAX_STATUS_BYTES))
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             if entry.reachable:
                 log.warning("node %s stopped answering (%s)", entry.link.node_id, type(exc).__name__)

@@ -2,24 +2,31 @@
 
 DATA frames hold the client's bytes already (node-built SSE events or a JSON body), so relaying is a copy:
 nothing here parses, logs or keeps what the model wrote. META frames give token counts for accounting.
+Nodes are not trusted to be well-behaved (volunteers run them), so every META and ERROR frame is checked,
+and a broken node ends the client's stream with an error event rather than with corrupt HTTP.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from protocol import frames
 from protocol.errors import HearthError, ProtocolError, Unavailable
+from protocol.web import log_unexpected, read_capped
 from scheduler.registry import NodeEntry
 from scheduler.store import UsageRecord
 
 MAX_ERROR_BYTES = 64 * 1024
+MAX_BODY_BYTES = 64 * 1024 * 1024  # a non-streaming answer, collected before it is sent
+MAX_COUNT = 2**31 - 1
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
@@ -38,8 +45,8 @@ class RelayJob:
     started: float
 
 
-class NodeFailed(Exception):
-    """The node broke the stream (died, cut it, sent garbage); carries no detail worth showing users."""
+class _ClientStalled(Exception):
+    """The client stopped reading: writing to it timed out."""
 
 
 class Relay:
@@ -55,6 +62,7 @@ class Relay:
     ) -> None:
         self._session = session
         self._timeout = aiohttp.ClientTimeout(total=None, connect=5.0, sock_read=idle_timeout)
+        self._write_timeout = idle_timeout
         self._retry_after = retry_after
         self._on_done = on_done
         self._on_node_failed = on_node_failed
@@ -91,18 +99,10 @@ class Relay:
             node.inflight[job.model] -= 1
             self._on_done(
                 UsageRecord(
-                    job.request_id,
-                    job.token_id,
-                    job.model,
-                    job.endpoint,
-                    node_id,
-                    status,
-                    usage["prompt_tokens"],
-                    usage["completion_tokens"],
-                    job.started,
-                    time.time(),
+                    job.request_id, job.token_id, job.model, job.endpoint, node_id, status,
+                    usage["prompt_tokens"], usage["completion_tokens"], job.started, time.time(),
                 )
-            )
+            )  # fmt: skip
 
     async def _pump(
         self,
@@ -115,6 +115,7 @@ class Relay:
         decoder = frames.FrameDecoder()
         out: web.StreamResponse | None = None
         collected: list[bytes] = []
+        size = 0
         first = True
         try:
             async for chunk in resp.content.iter_any():
@@ -124,23 +125,22 @@ class Relay:
                 for frame in decoder.feed(chunk):
                     if frame.kind == frames.DATA:
                         if not job.stream:
+                            size += len(frame.payload)
+                            if size > MAX_BODY_BYTES:
+                                raise ProtocolError("the node's answer is over the size limit")
                             collected.append(frame.payload)
                             continue
                         if out is None:
                             out = web.StreamResponse(headers=SSE_HEADERS)
                             await out.prepare(request)
-                        await out.write(frame.payload)
+                        await self._write(out, frame.payload)
                     elif frame.kind == frames.META:
-                        meta = frame.json()
-                        usage["prompt_tokens"] = int(meta.get("prompt_tokens", 0))
-                        usage["completion_tokens"] = int(meta.get("completion_tokens", 0))
+                        usage.update(_usage(frame))
                     else:
-                        body = frame.json()
-                        err = HearthError.from_body(int(body.pop("status", 500)), body)
+                        err = _error(frame)
                         if out is None:
                             raise err
-                        await out.write(b"data: " + json.dumps(err.to_body()).encode() + b"\n\n")
-                        await out.write_eof()
+                        await self._end_with_error(out, err)
                         return out, "node_error"
             decoder.close()
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError, ProtocolError):
@@ -152,9 +152,22 @@ class Relay:
             )
             if out is None:
                 raise err from None
-            await out.write(b"data: " + json.dumps(err.to_body()).encode() + b"\n\n")
-            await out.write_eof()
+            await self._end_with_error(out, err)
             return out, "node_failed"
+        except _ClientStalled:
+            if request.transport is not None:
+                request.transport.close()
+            assert out is not None
+            return out, "client_stalled"
+        except (HearthError, ConnectionResetError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            if out is None:
+                raise
+            # The response has started: a new one cannot be sent, so end this one with an error event.
+            log_unexpected("relaying a stream", exc)
+            await self._end_with_error(out, HearthError("internal error while relaying"))
+            return out, "error"
         if job.stream:
             if out is None:
                 out = web.StreamResponse(headers=SSE_HEADERS)
@@ -163,11 +176,44 @@ class Relay:
             return out, "ok"
         return web.Response(body=b"".join(collected), content_type="application/json"), "ok"
 
+    async def _write(self, out: web.StreamResponse, payload: bytes) -> None:
+        try:
+            async with asyncio.timeout(self._write_timeout):
+                await out.write(payload)
+        except TimeoutError:
+            raise _ClientStalled from None
+
+    async def _end_with_error(self, out: web.StreamResponse, err: HearthError) -> None:
+        try:
+            await self._write(out, b"data: " + json.dumps(err.to_body()).encode() + b"\n\n")
+            await out.write_eof()
+        except (_ClientStalled, ConnectionResetError):
+            pass
+
+
+def _usage(frame: frames.Frame) -> dict[str, int]:
+    meta: Any = frame.json()
+    if not isinstance(meta, dict):
+        raise ProtocolError("a node's META frame is not an object")
+    counts = {k: meta.get(k) for k in ("prompt_tokens", "completion_tokens")}
+    for value in counts.values():
+        if type(value) is not int or not 0 <= value <= MAX_COUNT:
+            raise ProtocolError("a node's token counts are malformed")
+    return counts  # type: ignore[return-value]
+
+
+def _error(frame: frames.Frame) -> HearthError:
+    body: Any = frame.json()
+    status = body.get("status") if isinstance(body, dict) else None
+    if type(status) is not int or not 400 <= status <= 599 or not isinstance(body.get("error"), dict):
+        raise ProtocolError("a node's ERROR frame is malformed")
+    return HearthError.from_body(status, body)
+
 
 async def _node_error(resp: aiohttp.ClientResponse, retry_after: float) -> HearthError:
     """The node refused before answering: pass its error on (it names the field, never the text)."""
     try:
-        body = json.loads(await resp.content.read(MAX_ERROR_BYTES))
+        body = json.loads(await read_capped(resp, MAX_ERROR_BYTES))
     except (ValueError, aiohttp.ClientError, TimeoutError):
         body = None
     if resp.status in (401, 403):

@@ -86,7 +86,8 @@ class TransformersBackend:
         penalize = params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
         counts: Any = None
         with torch.inference_mode():
-            out = self._model(input_ids=torch.tensor([list(prompt_ids)]), use_cache=True)
+            # Logits for the last position only: all of them would be prompt × vocabulary floats (GBs).
+            out = self._model(input_ids=torch.tensor([list(prompt_ids)]), use_cache=True, logits_to_keep=1)
             for step in range(params.max_new_tokens):
                 if cancelled.is_set():
                     return
@@ -97,7 +98,7 @@ class TransformersBackend:
                     logits = logits - params.frequency_penalty * counts
                     logits = logits - params.presence_penalty * (counts > 0).float()
                 token = _sample(logits, params, generator)
-                if token in self._eos_ids:
+                if token in self._eos_ids and not params.ignore_eos:
                     return
                 yield token
                 if penalize:

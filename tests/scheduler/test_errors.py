@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,97 +21,40 @@ from tests.support import LoopThread, Stack, stop_stack, wait_for
 MSG = [{"role": "user", "content": "hi"}]
 OK = {"model": "hearth-demo", "messages": MSG, "max_tokens": 4}
 
+# fmt: off
 CASES: list[tuple[str, str, Any, dict[str, str] | None, int, str | None]] = [
-    # (name, path, body (bytes = raw), headers override, status, code)
+    # (name, path, body (bytes = raw), headers (None = a valid token), status, code)
     ("malformed JSON", "/v1/chat/completions", b'{"model": ', None, 400, None),
     ("body is a list", "/v1/chat/completions", [1, 2], None, 400, None),
     ("empty body", "/v1/chat/completions", b"", None, 400, None),
+    ("deeply nested JSON", "/v1/chat/completions", b"[" * 100_000 + b"]" * 100_000, None, 400, None),
     ("missing messages", "/v1/chat/completions", {"model": "hearth-demo"}, None, 400, None),
     ("missing model", "/v1/chat/completions", {"messages": MSG}, None, 400, None),
     ("empty messages", "/v1/chat/completions", {**OK, "messages": []}, None, 400, None),
-    (
-        "content of wrong type",
-        "/v1/chat/completions",
-        {**OK, "messages": [{"role": "user", "content": 5}]},
-        None,
-        400,
-        None,
-    ),
-    (
-        "unknown role",
-        "/v1/chat/completions",
-        {**OK, "messages": [{"role": "wizard", "content": "x"}]},
-        None,
-        400,
-        None,
-    ),
+    ("content of wrong type", "/v1/chat/completions", {**OK, "messages": [{"role": "user", "content": 5}]}, None, 400, None),
+    ("unknown role", "/v1/chat/completions", {**OK, "messages": [{"role": "wizard", "content": "x"}]}, None, 400, None),
+    ("lone surrogate in content", "/v1/chat/completions", b'{"model": "hearth-demo", "messages": [{"role": "user", "content": "a\\ud800b"}]}', None, 400, None),
+    ("lone surrogate in prompt", "/v1/completions", b'{"model": "hearth-demo", "prompt": "\\udfff"}', None, 400, None),
     ("temperature as string", "/v1/chat/completions", {**OK, "temperature": "hot"}, None, 400, None),
     ("temperature out of range", "/v1/chat/completions", {**OK, "temperature": 9}, None, 400, None),
     ("negative max_tokens", "/v1/chat/completions", {**OK, "max_tokens": -1}, None, 400, None),
     ("n above 1", "/v1/chat/completions", {**OK, "n": 2}, None, 400, None),
     ("tools unsupported", "/v1/chat/completions", {**OK, "tools": [{"type": "function"}]}, None, 400, None),
-    (
-        "too many stop sequences",
-        "/v1/chat/completions",
-        {**OK, "stop": ["a", "b", "c", "d", "e"]},
-        None,
-        400,
-        None,
-    ),
-    (
-        "max_tokens beyond context",
-        "/v1/chat/completions",
-        {**OK, "max_tokens": 4096},
-        None,
-        400,
-        "context_length_exceeded",
-    ),
-    (
-        "max_tokens over the policy cap",
-        "/v1/chat/completions",
-        {**OK, "max_tokens": 100000},
-        None,
-        400,
-        "max_tokens_over_cap",
-    ),
-    (
-        "prompt beyond context",
-        "/v1/completions",
-        {"model": "hearth-demo", "prompt": "word " * 3000, "max_tokens": 4},
-        None,
-        400,
-        "context_length_exceeded",
-    ),
-    (
-        "completion prompt list of two",
-        "/v1/completions",
-        {"model": "hearth-demo", "prompt": ["a", "b"]},
-        None,
-        400,
-        None,
-    ),
+    ("logit_bias unsupported", "/v1/chat/completions", {**OK, "logit_bias": {"50256": -100}}, None, 400, None),
+    ("too many stop sequences", "/v1/chat/completions", {**OK, "stop": ["a", "b", "c", "d", "e"]}, None, 400, None),
+    ("max_tokens beyond context", "/v1/chat/completions", {**OK, "max_tokens": 4096}, None, 400, "context_length_exceeded"),
+    ("max_tokens over the policy cap", "/v1/chat/completions", {**OK, "max_tokens": 100000}, None, 400, "max_tokens_over_cap"),
+    ("prompt beyond context", "/v1/completions", {"model": "hearth-demo", "prompt": "word " * 3000, "max_tokens": 4}, None, 400, "context_length_exceeded"),
+    ("completion prompt list of two", "/v1/completions", {"model": "hearth-demo", "prompt": ["a", "b"]}, None, 400, None),
     ("no token", "/v1/chat/completions", OK, {}, 401, "invalid_api_key"),
     ("bad token", "/v1/chat/completions", OK, {"Authorization": "Bearer hth_nope"}, 401, "invalid_api_key"),
     ("wrong scheme", "/v1/chat/completions", OK, {"Authorization": "Basic abc"}, 401, "invalid_api_key"),
     ("unknown model", "/v1/chat/completions", {**OK, "model": "gpt-9"}, None, 404, "model_not_found"),
-    (
-        "unknown model, completions",
-        "/v1/completions",
-        {"model": "gpt-9", "prompt": "x"},
-        None,
-        404,
-        "model_not_found",
-    ),
+    ("unknown model, completions", "/v1/completions", {"model": "gpt-9", "prompt": "x"}, None, 404, "model_not_found"),
     ("unknown endpoint", "/v1/embeddings", OK, None, 404, "not_found"),
-    (
-        "body over the size limit",
-        "/v1/chat/completions",
-        {**OK, "messages": [{"role": "user", "content": "x" * 2_000_000}]},
-        None,
-        413,
-        "payload_too_large",
-    ),
+    ("body over the size limit", "/v1/chat/completions", {**OK, "messages": [{"role": "user", "content": "x" * 2_000_000}]}, None, 413, "payload_too_large"),
 ]
+# fmt: on
 
 
 @pytest.mark.parametrize(
@@ -134,6 +78,22 @@ def test_error_shape_and_status(
     assert err.message and "Traceback" not in err.message
     if status == 400 and code is None:
         assert err.type == "invalid_request_error"
+
+
+def test_chunked_body_over_the_limit_is_413(stack: Stack) -> None:
+    """No Content-Length to check up front: the limit holds while the body streams in."""
+
+    def body() -> Iterator[bytes]:
+        yield b'{"model": "hearth-demo", "messages": [{"role": "user", "content": "'
+        for _ in range(40):
+            yield b"x" * 65536
+        yield b'"}]}'
+
+    r = httpx.post(
+        stack.api + "/chat/completions", content=body(), headers={"Authorization": f"Bearer {stack.token}"}
+    )
+    assert r.status_code == 413
+    assert ErrorResponse.model_validate(r.json()).error.code == "payload_too_large"
 
 
 def test_method_not_allowed_has_the_error_shape(stack: Stack) -> None:
@@ -164,8 +124,8 @@ def test_revoked_token_is_refused(stack: Stack) -> None:
     assert r.status_code == 401
 
 
-def test_no_node_available_is_503_with_retry_after(servers: LoopThread, tmp_path: Path) -> None:
-    """A scheduler whose only node is down answers 503 + Retry-After, quickly, for a model it knew."""
+def test_unknown_model_when_no_node_ever_answered_is_404(servers: LoopThread, tmp_path: Path) -> None:
+    """A scheduler that never reached its node cannot know the model: 404, at once (no hang)."""
 
     async def start() -> Stack:
         # A port that was just free and is closed now: nothing answers there.

@@ -22,8 +22,7 @@ from node.app import load_transformers
 from node.backends.base import Backend, SamplingParams
 from node.settings import ModelSettings, NodeSettings
 from protocol.web import start_site
-from scheduler.app import REGISTRY
-from scheduler.app import create_app
+from scheduler.app import REGISTRY, create_app
 from scheduler.settings import NodeLink, SchedulerSettings
 from scheduler.store import Store
 from tests.support import LoopThread, Stack, start_stack, stop_stack, wait_for
