@@ -12,7 +12,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,6 +22,7 @@ from pydantic import SecretStr
 
 from node.app import BackendLoader, load_transformers
 from node.app import create_app as create_node_app
+from node.backends.base import Backend, SamplingParams
 from node.settings import ModelSettings, NodeSettings
 from protocol.web import start_site
 from scheduler.app import REGISTRY
@@ -81,7 +82,7 @@ class Stack:
     data_dir: Path
     base_url: str = ""
     node_url: str = ""
-    node_secret: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    node_secret: str = ""
     token: str = ""
     scheduler_app: web.Application | None = None
     runners: list[web.AppRunner] = field(default_factory=list)
@@ -89,6 +90,26 @@ class Stack:
     @property
     def api(self) -> str:
         return self.base_url + "/v1"
+
+
+async def start_scheduler(
+    data_dir: Path, node_url: str, node_secret: str, *, node_id: str = "local", **settings: Any
+) -> Stack:
+    """A scheduler (with a fresh admin token) whose one node is at ``node_url``."""
+    stack = Stack(data_dir, node_url=node_url, node_secret=node_secret)
+    store = Store(data_dir / "hearth.db")
+    stack.token, _ = store.create_token("test", "admin")
+    store.close()
+    sched = SchedulerSettings(
+        port=0,
+        data_dir=data_dir,
+        nodes=[NodeLink(node_id=node_id, url=node_url, secret=SecretStr(node_secret))],
+        **{"poll_interval": 0.2, **settings},
+    )
+    stack.scheduler_app = create_scheduler_app(sched)
+    runner, stack.base_url = await start_site(stack.scheduler_app, "127.0.0.1", 0)
+    stack.runners.insert(0, runner)
+    return stack
 
 
 async def start_stack(
@@ -99,27 +120,28 @@ async def start_stack(
     scheduler: dict[str, Any] | None = None,
     node: dict[str, Any] | None = None,
 ) -> Stack:
-    stack = Stack(data_dir)
-    store = Store(data_dir / "hearth.db")
-    stack.token, _ = store.create_token("test", "admin")
-    store.close()
-    node_settings = NodeSettings(secret=SecretStr(stack.node_secret), models=models, **(node or {}))
-    node_runner, stack.node_url = await start_site(
-        create_node_app(node_settings, loader=loader), "127.0.0.1", 0
-    )
+    secret = secrets.token_urlsafe(24)
+    node_settings = NodeSettings(secret=SecretStr(secret), models=models, **(node or {}))
+    node_runner, node_url = await start_site(create_node_app(node_settings, loader=loader), "127.0.0.1", 0)
+    stack = await start_scheduler(data_dir, node_url, secret, **(scheduler or {}))
     stack.runners.append(node_runner)
-    sched = SchedulerSettings(
-        port=0,
-        data_dir=data_dir,
-        poll_interval=0.2,
-        nodes=[NodeLink(node_id="local", url=stack.node_url, secret=SecretStr(stack.node_secret))],
-        **(scheduler or {}),
-    )
-    stack.scheduler_app = create_scheduler_app(sched)
-    runner, stack.base_url = await start_site(stack.scheduler_app, "127.0.0.1", 0)
-    stack.runners.insert(0, runner)
     await wait_for(lambda: _ready(stack, [m.model_id for m in models]), within=60)
     return stack
+
+
+class WrappedBackend:
+    """A real backend with one behaviour changed, for tests that need a node to misbehave on purpose."""
+
+    def __init__(self, inner: Backend) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+    def generate(
+        self, prompt_ids: Sequence[int], params: SamplingParams, cancelled: threading.Event
+    ) -> Iterator[int]:
+        return self._inner.generate(prompt_ids, params, cancelled)
 
 
 async def _ready(stack: Stack, model_ids: list[str]) -> bool:

@@ -13,25 +13,19 @@ import pytest
 from node.app import load_transformers
 from node.backends.base import Backend, SamplingParams
 from node.settings import ModelSettings, NodeSettings
-from tests.support import LoopThread, Stack, start_stack, stop_stack
+from tests.support import LoopThread, Stack, WrappedBackend, start_stack, stop_stack
 
 
-class Paced:
+class Paced(WrappedBackend):
     """The real demo backend, slowed to 5 ms a token so a job outlives the test's moves.
 
     The demo model writes 2,000 tokens in well under a second, faster than a client can give up on it.
     """
 
-    def __init__(self, inner: Backend) -> None:
-        self._inner = inner
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._inner, name)
-
     def generate(
         self, prompt_ids: Sequence[int], params: SamplingParams, cancelled: threading.Event
     ) -> Iterator[int]:
-        for token in self._inner.generate(prompt_ids, params, cancelled):
+        for token in super().generate(prompt_ids, params, cancelled):
             time.sleep(0.005)
             yield token
 

@@ -9,14 +9,13 @@ from typing import Any
 
 import httpx
 import pytest
-from pydantic import SecretStr
 
 from protocol.schemas import ErrorResponse
 from protocol.web import start_site
 from scheduler.app import create_app
-from scheduler.settings import NodeLink, SchedulerSettings
+from scheduler.settings import SchedulerSettings
 from scheduler.store import Store
-from tests.support import LoopThread, Stack, stop_stack, wait_for
+from tests.support import LoopThread, Stack, start_scheduler, stop_stack, wait_for
 
 MSG = [{"role": "user", "content": "hi"}]
 OK = {"model": "hearth-demo", "messages": MSG, "max_tokens": 4}
@@ -133,20 +132,9 @@ def test_unknown_model_when_no_node_ever_answered_is_404(servers: LoopThread, tm
             create_app(SchedulerSettings(port=0, data_dir=tmp_path / "x")), "127.0.0.1", 0
         )
         await probe.cleanup()
-        stack = Stack(tmp_path)
-        store = Store(tmp_path / "hearth.db")
-        stack.token, _ = store.create_token("t")
-        store.close()
-        settings = SchedulerSettings(
-            port=0,
-            data_dir=tmp_path,
-            poll_interval=0.1,
-            node_timeout=0.5,
-            nodes=[NodeLink(node_id="gone", url=dead_url, secret=SecretStr("s"))],
+        stack = await start_scheduler(
+            tmp_path, dead_url, "s", node_id="gone", poll_interval=0.1, node_timeout=0.5
         )
-        stack.scheduler_app = create_app(settings)
-        runner, stack.base_url = await start_site(stack.scheduler_app, "127.0.0.1", 0)
-        stack.runners.append(runner)
         return stack
 
     stack = servers.call(start())

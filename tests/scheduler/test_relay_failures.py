@@ -16,34 +16,32 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from pydantic import SecretStr
 
 from node.app import load_transformers
 from node.backends.base import Backend, SamplingParams
 from node.settings import ModelSettings, NodeSettings
-from protocol.web import start_site
-from scheduler.app import REGISTRY, create_app
-from scheduler.settings import NodeLink, SchedulerSettings
-from scheduler.store import Store
-from tests.support import LoopThread, Stack, start_stack, stop_stack, wait_for
+from scheduler.app import REGISTRY
+from tests.support import (
+    LoopThread,
+    Stack,
+    WrappedBackend,
+    start_scheduler,
+    start_stack,
+    stop_stack,
+    wait_for,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 BODY = {"model": "hearth-demo", "messages": [{"role": "user", "content": "go"}], "max_tokens": 1500}
 
 
-class BreaksAfterThreeTokens:
-    """Wraps the real backend and raises mid-generation: a node that fails on purpose."""
-
-    def __init__(self, inner: Backend) -> None:
-        self._inner = inner
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._inner, name)
+class BreaksAfterThreeTokens(WrappedBackend):
+    """Raises mid-generation: a node that fails on purpose."""
 
     def generate(
         self, prompt_ids: Sequence[int], params: SamplingParams, cancelled: threading.Event
     ) -> Iterator[int]:
-        for n, token in enumerate(self._inner.generate(prompt_ids, params, cancelled)):
+        for n, token in enumerate(super().generate(prompt_ids, params, cancelled)):
             if n == 3:
                 raise RuntimeError("simulated GPU fault")
             yield token
@@ -93,19 +91,7 @@ def killable(
     node_url = proc.stdout.readline().strip()
 
     async def start() -> Stack:
-        stack = Stack(tmp_path, node_url=node_url, node_secret=secret)
-        store = Store(tmp_path / "hearth.db")
-        stack.token, _ = store.create_token("t")
-        store.close()
-        settings = SchedulerSettings(
-            port=0,
-            data_dir=tmp_path,
-            poll_interval=0.2,
-            nodes=[NodeLink(node_id="doomed", url=node_url, secret=SecretStr(secret))],
-        )
-        stack.scheduler_app = create_app(settings)
-        runner, stack.base_url = await start_site(stack.scheduler_app, "127.0.0.1", 0)
-        stack.runners.append(runner)
+        stack = await start_scheduler(tmp_path, node_url, secret, node_id="doomed")
 
         async def ready() -> bool:
             assert stack.scheduler_app is not None

@@ -14,15 +14,11 @@ import httpx
 import openai
 import pytest
 from aiohttp import web
-from pydantic import SecretStr
 
 from node.settings import ModelSettings
 from protocol import frames
 from protocol.web import start_site
-from scheduler.app import create_app
-from scheduler.settings import NodeLink, SchedulerSettings
-from scheduler.store import Store
-from tests.support import LoopThread, Stack, start_stack, stop_stack, wait_for
+from tests.support import LoopThread, Stack, start_scheduler, start_stack, stop_stack, wait_for
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 GOOD_DATA = frames.encode(b'data: {"choices": []}\n\n')
@@ -65,17 +61,8 @@ def rogue(servers: LoopThread, tmp_path: Path) -> Iterator[tuple[Stack, dict[str
         app.router.add_get("/status", status)
         app.router.add_post("/jobs", jobs)
         node_runner, node_url = await start_site(app, "127.0.0.1", 0)
-        stack = Stack(tmp_path, node_url=node_url)
-        store = Store(tmp_path / "hearth.db")
-        stack.token, _ = store.create_token("t")
-        store.close()
-        settings = SchedulerSettings(
-            port=0, data_dir=tmp_path, poll_interval=5,
-            nodes=[NodeLink(node_id="rogue", url=node_url, secret=SecretStr("s"))],
-        )  # fmt: skip
-        stack.scheduler_app = create_app(settings)
-        runner, stack.base_url = await start_site(stack.scheduler_app, "127.0.0.1", 0)
-        stack.runners += [runner, node_runner]
+        stack = await start_scheduler(tmp_path, node_url, "s", node_id="rogue", poll_interval=5)
+        stack.runners.append(node_runner)
         from scheduler.app import REGISTRY
 
         await stack.scheduler_app[REGISTRY].poll_once()
