@@ -11,7 +11,9 @@ Tokens:
 
 The answer is a fixed cycle of words, exactly ``max_new_tokens`` long (the eos is never produced). The prompt
 can script the pace: a prompt containing ``delay_ms=<float>`` waits that long before each token; without
-one, the backend's default delay applies (0: every token at once).
+one, the backend's default delay applies (0: every token at once). Each stream keeps its own schedule from its
+own start, so the first token comes ``delay_ms`` after the job starts and any delay before that (the
+scheduler's, say) shows in the time to first token one for one.
 """
 
 from __future__ import annotations
@@ -27,8 +29,30 @@ BOS_ID, EOS_ID, PAD_ID = 0, 1, 2
 BYTE_BASE = 3
 WORD_BASE = BYTE_BASE + 256
 WORDS = (
-    "the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "hearth", "relays",
-    "every", "token", "as", "it", "comes", "from", "node", "to", "client", "without", "reading", "one",
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "while",
+    "hearth",
+    "relays",
+    "every",
+    "token",
+    "as",
+    "it",
+    "comes",
+    "from",
+    "node",
+    "to",
+    "client",
+    "without",
+    "reading",
+    "one",
 )
 _DELAY = re.compile(rb"delay_ms=([0-9]+(?:\.[0-9]+)?)")
 
