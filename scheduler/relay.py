@@ -27,6 +27,8 @@ from scheduler.store import UsageRecord
 MAX_ERROR_BYTES = 64 * 1024
 MAX_BODY_BYTES = 64 * 1024 * 1024  # a non-streaming answer, collected before it is sent
 MAX_COUNT = 2**31 - 1
+# Past this much unsent data a write may block on the client, so it gets a timeout.
+STALL_BUFFER_BYTES = 32 * 1024
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
@@ -122,6 +124,7 @@ class Relay:
                 if first:
                     first = False
                     self._on_first_frame(time.time() - job.started)
+                relay_now: list[bytes] = []
                 for frame in decoder.feed(chunk):
                     if frame.kind == frames.DATA:
                         if not job.stream:
@@ -129,19 +132,24 @@ class Relay:
                             if size > MAX_BODY_BYTES:
                                 raise ProtocolError("the node's answer is over the size limit")
                             collected.append(frame.payload)
-                            continue
-                        if out is None:
-                            out = web.StreamResponse(headers=SSE_HEADERS)
-                            await out.prepare(request)
-                        await self._write(out, frame.payload)
+                        else:
+                            relay_now.append(frame.payload)
                     elif frame.kind == frames.META:
                         usage.update(_usage(frame))
                     else:
                         err = _error(frame)
                         if out is None:
                             raise err
-                        await self._end_with_error(out, err)
+                        if relay_now:
+                            await self._write(request, out, b"".join(relay_now))
+                        await self._end_with_error(request, out, err)
                         return out, "node_error"
+                if relay_now:
+                    # One write for everything one read brought: a burst of tokens costs one syscall.
+                    if out is None:
+                        out = web.StreamResponse(headers=SSE_HEADERS)
+                        await out.prepare(request)
+                    await self._write(request, out, b"".join(relay_now))
             decoder.close()
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError, ProtocolError):
             self._on_node_failed(node_id)
@@ -152,7 +160,7 @@ class Relay:
             )
             if out is None:
                 raise err from None
-            await self._end_with_error(out, err)
+            await self._end_with_error(request, out, err)
             return out, "node_failed"
         except _ClientStalled:
             if request.transport is not None:
@@ -166,7 +174,7 @@ class Relay:
                 raise
             # The response has started: a new one cannot be sent, so end this one with an error event.
             log_unexpected("relaying a stream", exc)
-            await self._end_with_error(out, HearthError("internal error while relaying"))
+            await self._end_with_error(request, out, HearthError("internal error while relaying"))
             return out, "error"
         if job.stream:
             if out is None:
@@ -176,16 +184,22 @@ class Relay:
             return out, "ok"
         return web.Response(body=b"".join(collected), content_type="application/json"), "ok"
 
-    async def _write(self, out: web.StreamResponse, payload: bytes) -> None:
+    async def _write(self, request: web.Request, out: web.StreamResponse, payload: bytes) -> None:
+        transport = request.transport
+        if transport is None or transport.get_write_buffer_size() < STALL_BUFFER_BYTES:
+            # The common case: the client keeps up, the write cannot block, and a timer per token
+            # would cost more than the copy.
+            await out.write(payload)
+            return
         try:
             async with asyncio.timeout(self._write_timeout):
                 await out.write(payload)
         except TimeoutError:
             raise _ClientStalled from None
 
-    async def _end_with_error(self, out: web.StreamResponse, err: HearthError) -> None:
+    async def _end_with_error(self, request: web.Request, out: web.StreamResponse, err: HearthError) -> None:
         try:
-            await self._write(out, b"data: " + json.dumps(err.to_body()).encode() + b"\n\n")
+            await self._write(request, out, b"data: " + json.dumps(err.to_body()).encode() + b"\n\n")
             await out.write_eof()
         except (_ClientStalled, ConnectionResetError):
             pass
