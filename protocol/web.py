@@ -95,16 +95,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(_status_error(exc.status, exc.reason))
+        # Other refusals aiohttp raises itself (a malformed request line, say): same shape, its status.
+        return error_response(HearthError.from_body(exc.status, {"error": {"message": exc.reason}}))
     except Exception as exc:
         log_unexpected(f"{request.method} {request.path}", exc)
         return error_response(HearthError("internal error; the operator can find it in the server log"))
-
-
-def _status_error(status: int, reason: str) -> HearthError:
-    err = HearthError(reason)
-    err.status = status  # type: ignore[misc]
-    return err
 
 
 BODY_READ_TIMEOUT_S = 30.0
