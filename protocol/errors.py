@@ -66,7 +66,7 @@ class HearthError(Exception):
         err = body.get("error") if isinstance(body, dict) else None
         if not isinstance(err, dict):
             return UpstreamFailed("the node returned a malformed error")
-        klass = _BY_STATUS.get(status, HearthError)
+        klass = _BY_STATUS.get(status) or (InvalidRequest if 400 <= status < 500 else HearthError)
         message = str(err.get("message") or "error")
         param = err.get("param")
         code = err.get("code")
