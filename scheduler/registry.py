@@ -1,7 +1,8 @@
 """The scheduler's view of its nodes, kept fresh by polling each node's /status.
 
-Polling runs in one owned task; placement reads an immutable snapshot, rebuilt only when a poll changes
-something, so a request pays nothing for it.
+Polling runs in one owned task; placement reads an immutable snapshot built per request from the last
+poll plus the requests in flight (O(models): microseconds for a handful, to be cached per poll once the
+federation brings many nodes).
 """
 
 from __future__ import annotations
@@ -41,8 +42,6 @@ class Registry:
         self._settings = settings
         self._session = session
         self.nodes = {link.node_id: NodeEntry(link) for link in settings.nodes}
-        self._snapshot = ClusterSnapshot(())
-        self._changed = asyncio.Event()
 
     def snapshot(self) -> ClusterSnapshot:
         now = time.monotonic()
@@ -65,11 +64,6 @@ class Registry:
 
     async def poll_once(self) -> None:
         await asyncio.gather(*(self._poll(entry) for entry in self.nodes.values()))
-        self._changed.set()
-
-    async def wait_changed(self) -> None:
-        self._changed.clear()
-        await self._changed.wait()
 
     async def run(self) -> None:
         while True:
