@@ -3,60 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import sys
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
-from hearth.config import HearthSettings, load_settings
-from protocol.errors import ConfigError, HearthError
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _one_line_errors(fn: F) -> F:
-    """Errors reach the user as one line on stderr and exit status 1, never a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except HearthError as exc:
-            click.echo(f"hearth: error: {exc.message}", err=True)
-            sys.exit(1)
-        except KeyboardInterrupt:  # Ctrl-C before the command installed its own handler
-            click.echo("hearth: interrupted", err=True)
-            sys.exit(130)
-
-    return wrapper  # type: ignore[return-value]
-
-
-_data_dir = click.option(
-    "--data-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Data directory (default: $HEARTH_DATA_DIR, else $XDG_DATA_HOME/hearth).",
-)
-_config = click.option(
-    "--config", type=click.Path(dir_okay=False, path_type=Path), default=None, help="TOML settings file."
-)
-
-
-def _settings(config: Path | None, data_dir: Path | None, **overrides: Any) -> HearthSettings:
-    if data_dir is not None:
-        overrides["data_dir"] = data_dir
-    return load_settings(config, **overrides)
+from hearth import federation_cli
+from hearth.cli_common import config_option, data_dir_option, one_line_errors, settings_for
+from protocol.errors import ConfigError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="hearth-llm")
 def main() -> None:
     """Hearth: your community's own OpenAI-compatible LLM service."""
+
+
+federation_cli.register(main)
 
 
 @main.command()
@@ -66,9 +32,9 @@ def main() -> None:
 )
 @click.option("--host", default=None, help="Address of the API (default 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Port of the API (default 8000; 0 picks a free one).")
-@_data_dir
-@_config
-@_one_line_errors
+@data_dir_option
+@config_option
+@one_line_errors
 def up(
     demo: bool,
     model_spec: str | None,
@@ -91,7 +57,7 @@ def up(
         scheduler["host"] = host
     if port is not None:
         scheduler["port"] = port
-    settings = _settings(config, data_dir, **({"scheduler": scheduler} if scheduler else {}))
+    settings = settings_for(config, data_dir, **({"scheduler": scheduler} if scheduler else {}))
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
@@ -115,16 +81,16 @@ def tokens() -> None:
 def _store(config: Path | None, data_dir: Path | None) -> Any:
     from scheduler.store import Store
 
-    settings = _settings(config, data_dir)
+    settings = settings_for(config, data_dir)
     return Store(settings.data_dir / "hearth.db")
 
 
 @tokens.command("create")
 @click.option("--name", default="user", show_default=True, help="A label to recognise the token by.")
 @click.option("--admin", is_flag=True, help="Give the token admin scope.")
-@_data_dir
-@_config
-@_one_line_errors
+@data_dir_option
+@config_option
+@one_line_errors
 def tokens_create(name: str, admin: bool, data_dir: Path | None, config: Path | None) -> None:
     """Create a token and print it alone on stdout (it is stored only as a hash)."""
     store = _store(config, data_dir)
@@ -134,9 +100,9 @@ def tokens_create(name: str, admin: bool, data_dir: Path | None, config: Path | 
 
 
 @tokens.command("list")
-@_data_dir
-@_config
-@_one_line_errors
+@data_dir_option
+@config_option
+@one_line_errors
 def tokens_list(data_dir: Path | None, config: Path | None) -> None:
     """List tokens (ids and names; the tokens themselves are not stored)."""
     rows = _store(config, data_dir).list_tokens()
@@ -147,9 +113,9 @@ def tokens_list(data_dir: Path | None, config: Path | None) -> None:
 
 @tokens.command("revoke")
 @click.argument("token_id")
-@_data_dir
-@_config
-@_one_line_errors
+@data_dir_option
+@config_option
+@one_line_errors
 def tokens_revoke(token_id: str, data_dir: Path | None, config: Path | None) -> None:
     """Revoke a token by its id; requests with it fail from now on."""
     record = _store(config, data_dir).revoke_token(token_id)

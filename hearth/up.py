@@ -1,37 +1,43 @@
 """`hearth up`: a scheduler and one local node on this machine, in one process and one command.
 
-The node listens on 127.0.0.1 only, with a random per-run secret the scheduler presents, so nothing else on
-the machine can send it work. The scheduler's API is the one users talk to.
+It is the federation in miniature, on the same code path: a local authority (in the data dir, since the
+operator and the machine are one here) certifies the local node, which heartbeats to the scheduler and
+accepts only calls signed by it. The node listens on 127.0.0.1 only and does not advertise on the LAN.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import secrets
-import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
 from aiohttp import web
-from pydantic import SecretStr
 
 from hearth.config import HearthSettings
-from node.app import create_app as create_node_app
+from hearth.serve import node_settings, stop_on_signals
+from node.app import start_node
 from node.settings import ModelSettings
+from node.trust import Enrollment, Trust
 from protocol.errors import ConfigError
+from protocol.identity import (
+    Identity,
+    init_authority,
+    issue_certificate,
+    load_authority,
+    load_or_create_identity,
+)
 from protocol.web import in_daemon_thread, start_site
-from scheduler.app import REGISTRY
 from scheduler.app import create_app as create_scheduler_app
-from scheduler.settings import NodeLink
+from scheduler.state import FEDERATION
 from scheduler.store import Store
 
 log = logging.getLogger("hearth.up")
 
 READY_TIMEOUT = 600.0
+LOCAL_TIER = "club"
 
 
 def ensure_admin_token(db_path: Path) -> str | None:
@@ -44,6 +50,35 @@ def ensure_admin_token(db_path: Path) -> str | None:
         return token
     finally:
         store.close()
+
+
+def certify_local_node(data_dir: Path, node_id: str) -> tuple[Identity, Trust]:
+    """The desktop's own authority approves the local node (blocking file and database work)."""
+    authority_dir = data_dir / "authority"
+    authority = (
+        load_authority(authority_dir)
+        if (authority_dir / "authority.key").exists()
+        else init_authority(authority_dir)
+    )
+    scheduler_key = load_or_create_identity(data_dir / "scheduler.key")
+    trust = Trust.open(data_dir / "node")
+    trust.enrollment = Enrollment("", scheduler_key.public_b64, authority.public_b64, node_id, LOCAL_TIER)
+    cert = issue_certificate(
+        authority, node_id=node_id, tier=LOCAL_TIER, identity_key=trust.identity.public_b64,
+        encryption_key=trust.encryption_public, scheduler_key=scheduler_key.public_b64,
+    )  # fmt: skip
+    store = Store(data_dir / "hearth.db")
+    try:
+        if (old := store.node(node_id)) is not None and old.identity_key != trust.identity.public_b64:
+            store.db.table("nodes").delete(node_id)  # the node's keys were made anew: this is it now
+        store.upsert_pending(
+            node_id=node_id, source="local", tier=LOCAL_TIER, identity_key=trust.identity.public_b64,
+            encryption_key=trust.encryption_public, fingerprint=trust.identity.fingerprint, url=None,
+        )  # fmt: skip
+        store.set_node_state(node_id, "approved", certificate=cert)
+    finally:
+        store.close()
+    return authority, trust
 
 
 async def serve_up(
@@ -59,7 +94,7 @@ async def serve_up(
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"cannot create the data directory {data_dir}: {exc.strerror}") from None
-    stop = stop or _stop_on_signals()
+    stop = stop or stop_on_signals()
 
     out("Preparing the model…")
     preparing = in_daemon_thread(models, "hearth-prepare-model")
@@ -77,23 +112,24 @@ async def serve_up(
         ensure_admin_token, settings.scheduler.model_copy(update={"data_dir": data_dir}).db_path
     )
 
-    secret = secrets.token_urlsafe(32)
-    node_settings = settings.node.model_copy(
-        update={"host": "127.0.0.1", "port": 0, "secret": SecretStr(secret), "models": model_list}
-    )
+    node_base = node_settings(settings)
+    authority, trust = await asyncio.to_thread(certify_local_node, data_dir, node_base.node_id)
     runners: list[web.AppRunner] = []
     try:
-        node_runner, node_url = await start_site(create_node_app(node_settings), "127.0.0.1", 0)
-        runners.append(node_runner)
         sched_settings = settings.scheduler.model_copy(
-            update={
-                "data_dir": data_dir,
-                "nodes": [NodeLink(node_id=node_settings.node_id, url=node_url, secret=SecretStr(secret))],
-            }
+            update={"data_dir": data_dir, "authority_key": authority.public_b64, "discovery": False}
         )
         app = create_scheduler_app(sched_settings)
         sched_runner, base_url = await start_site(app, sched_settings.host, sched_settings.port)
-        runners.insert(0, sched_runner)
+        runners.append(sched_runner)
+        node = node_base.model_copy(
+            update={
+                "host": "127.0.0.1", "port": 0, "models": model_list, "tier": LOCAL_TIER, "advertise": False,
+                "scheduler_url": base_url.replace("0.0.0.0", "127.0.0.1"),
+            }
+        )  # fmt: skip
+        node_runner, _, _ = await start_node(node, trust=trust)
+        runners.append(node_runner)
         for model_id in model_ids:
             await _wait_ready(app, model_id, stop)
         if stop.is_set():
@@ -107,13 +143,12 @@ async def serve_up(
 
 
 async def _wait_ready(app: web.Application, model_id: str, stop: asyncio.Event) -> None:
-    registry = app[REGISTRY]
+    registry = app[FEDERATION].registry
     deadline = asyncio.get_running_loop().time() + READY_TIMEOUT
     while not stop.is_set():
-        await registry.poll_once()
         for node in registry.snapshot().nodes:
             state = node.model(model_id)
-            if state is not None and node.healthy and state.ready:
+            if state is not None and node.healthy and state.phase == "ready":
                 return
             if state is not None and state.phase == "failed":
                 raise ConfigError(f"the model {model_id} failed to load; the log above says why")
@@ -145,18 +180,3 @@ def _banner(
     out("Press Ctrl-C to stop.")
     if hasattr(sys.stdout, "flush"):
         sys.stdout.flush()
-
-
-def _stop_on_signals() -> asyncio.Event:
-    stop = asyncio.Event()
-
-    def on_signal() -> None:
-        if stop.is_set():  # a second Ctrl-C: the user wants out now, cleanup or not
-            sys.stderr.write("hearth: stopped without cleanup\n")
-            os._exit(130)
-        stop.set()
-
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal)
-    return stop

@@ -1,9 +1,17 @@
 """The node agent's HTTP API (aiohttp).
 
-    GET  /healthz   liveness, no auth
-    GET  /status    models, their state and load (scheduler only)
-    GET  /metrics   Prometheus metrics (scheduler only)
-    POST /jobs      run one OpenAI request; the answer is a stream of frames (protocol.frames)
+    GET  /healthz                 liveness, no auth
+    GET  /identity                this node's public keys, self-signed (for LAN discovery), no auth
+    GET  /status                  models, their state and load                     (scheduler only)
+    GET  /metrics                 Prometheus metrics                               (scheduler only)
+    POST /jobs                    run one OpenAI request; answered as frames       (scheduler only)
+    POST /models/{id}/load        load a model now, unloading idle ones if needed  (scheduler only)
+    POST /models/{id}/unload      free a model's memory                           (scheduler only)
+    POST /drain                   {"drain": bool}: finish running jobs, take none  (scheduler only)
+    POST /certificate             a LAN node's certificate after approval          (its scheduler only)
+
+"Scheduler only" means signed by the scheduler key this node pinned at enrollment, addressed to this node,
+fresh and never seen before (protocol.identity); anything else gets 401 and changes nothing.
 
 Only the node sees prompt text: it validates the request, renders the chat template, fits the context,
 generates, and writes the client's bytes itself.
@@ -12,160 +20,267 @@ generates, and writes the client's bytes itself.
 from __future__ import annotations
 
 import asyncio
-import hmac
+import json
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
-from typing import Literal
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
-from node.backends.base import Backend, SamplingParams
+from node.backends.base import SamplingParams
 from node.context import fit_messages, fit_prompt
 from node.metrics import NodeMetrics
 from node.openai_format import ResponseWriter
-from node.runner import Job, JobRunner
+from node.pool import BackendLoader, ModelPool, ModelSlot
+from node.runner import Job
 from node.settings import ModelSettings, NodeSettings
-from node.templates import ChatTemplate, Message, resolve_template
+from node.templates import Message
+from node.trust import Enrollment, Trust
 from protocol import frames
 from protocol.errors import (
     AuthenticationFailed,
     ContextLengthExceeded,
     HearthError,
     InvalidRequest,
-    ModelNotFound,
+    PermissionDenied,
     Unavailable,
 )
+from protocol.identity import RequestVerifier, b64d, b64e, fingerprint, verify_certificate
 from protocol.schemas import ChatCompletionRequest, CompletionRequest, Endpoint, parse_request
-from protocol.web import error_middleware, in_daemon_thread, json_response, log_unexpected, read_json
+from protocol.web import error_middleware, json_response, parse_json, read_body
 
 log = logging.getLogger("hearth.node")
 
-VERSION = "0.1.0"
+VERSION = "0.2.0"
 KEEPALIVE_S = 10.0
 PROGRESS_S = 1.0
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
-BackendLoader = Callable[[ModelSettings, NodeSettings], Backend]
 
-
-def load_transformers(model: ModelSettings, settings: NodeSettings) -> Backend:
+def load_transformers(model: ModelSettings, settings: NodeSettings) -> Any:
     from node.backends.transformers_backend import TransformersBackend
 
     return TransformersBackend.load(model.path, threads=settings.threads)
 
 
 @dataclass
-class ModelSlot:
-    settings: ModelSettings
-    state: Literal["loading", "ready", "failed"] = "loading"
-    runner: JobRunner | None = None
-    template: ChatTemplate | None = None
+class NodeState:
+    """What the node's handlers and background tasks share."""
 
-    @property
-    def id(self) -> str:
-        return self.settings.model_id
+    settings: NodeSettings
+    trust: Trust
+    pool: ModelPool
+    verifier: RequestVerifier
+    cert_verifier: RequestVerifier
+    url: str | None = None
+    draining: bool = False
+    reply_interval: float | None = None  # the heartbeat interval the scheduler asked for
+    listening: asyncio.Event = field(default_factory=asyncio.Event)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    advert_changed: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def describe(self) -> dict[str, object]:
-        runner = self.runner
-        return {
-            "id": self.id,
-            "state": self.state,
-            "context_length": runner.backend.context_length if runner else None,
-            "active": runner.active if runner else 0,
-            "queued": runner.queued if runner else 0,
-            "started": runner.started if runner else 0,
-            "skipped": runner.skipped if runner else 0,
-            "template": self.template.name if self.template else None,
-        }
+    def touch(self) -> None:
+        self.changed.set()
+        self.advert_changed.set()
 
 
-SLOTS = web.AppKey("slots", dict[str, ModelSlot])
 SETTINGS = web.AppKey("settings", NodeSettings)
+STATE = web.AppKey("state", NodeState)
 METRICS = web.AppKey("metrics", NodeMetrics)
+LOADER: web.AppKey[BackendLoader] = web.AppKey("loader")
+TRUST = web.AppKey("trust", Trust)
 
 
-def create_app(settings: NodeSettings, *, loader: BackendLoader = load_transformers) -> web.Application:
+def create_app(
+    settings: NodeSettings, *, trust: Trust | None = None, loader: BackendLoader = load_transformers
+) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
-    slots = {m.model_id: ModelSlot(m) for m in settings.models}
-    app[SLOTS] = slots
-    app[METRICS] = NodeMetrics(
-        lambda: [(s.id, s.runner.active, s.runner.queued) for s in slots.values() if s.runner is not None]
-    )
-    app.cleanup_ctx.append(_models_ctx(loader))
+    app[LOADER] = loader
+    if trust is not None:
+        app[TRUST] = trust
+    app[METRICS] = NodeMetrics(lambda: _load_figures(app))
+    app.cleanup_ctx.append(_node_ctx)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/identity", identity)
     app.router.add_get("/status", status)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/jobs", submit_job)
+    app.router.add_post("/models/{model_id}/load", load_model)
+    app.router.add_post("/models/{model_id}/unload", unload_model)
+    app.router.add_post("/drain", drain)
+    app.router.add_post("/certificate", certificate)
     return app
 
 
-def _models_ctx(loader: BackendLoader) -> Callable[[web.Application], AsyncIterator[None]]:
-    async def ctx(app: web.Application) -> AsyncIterator[None]:
-        settings = app[SETTINGS]
-        loads = [asyncio.create_task(_load(slot, loader, settings)) for slot in app[SLOTS].values()]
+def _load_figures(app: web.Application) -> list[tuple[str, int, int]]:
+    state = app.get(STATE)
+    if state is None:
+        return []
+    return [(s.id, s.runner.active, s.runner.queued) for s in state.pool.slots.values() if s.runner]
+
+
+async def _node_ctx(app: web.Application) -> AsyncIterator[None]:
+    from node.heartbeat import advertise_ctx, heartbeat_loop, memory_total
+
+    settings = app[SETTINGS]
+    trust = app.get(TRUST)
+    if trust is None:
+        trust = await asyncio.to_thread(Trust.open, _data_dir(settings))
+    if trust.enrollment is not None and trust.enrollment.node_id != settings.node_id:
+        # The name the node enrolled under is the one its certificate and heartbeats carry.
+        settings = settings.model_copy(update={"node_id": trust.enrollment.node_id})
+    total = await asyncio.to_thread(memory_total, settings)
+    pool = await asyncio.to_thread(ModelPool, settings, app[LOADER], total)
+    state = NodeState(
+        settings, trust, pool, trust.verifier(settings.node_id), RequestVerifier(settings.node_id, _no_signer)
+    )
+    pool.on_change = state.touch
+    app[STATE] = state
+    pool.start()
+    beat = asyncio.create_task(heartbeat_loop(state), name="hearth-heartbeat")
+    async with advertise_ctx(state):
         yield
-        for task in loads:
-            task.cancel()
-        await asyncio.gather(*loads, return_exceptions=True)
-        for slot in app[SLOTS].values():
-            if slot.runner is not None:
-                await asyncio.to_thread(slot.runner.stop)
-
-    return ctx
+    beat.cancel()
+    await asyncio.gather(beat, return_exceptions=True)
+    await pool.close()
 
 
-async def _load(slot: ModelSlot, loader: BackendLoader, settings: NodeSettings) -> None:
-    try:
-        backend = await in_daemon_thread(lambda: loader(slot.settings, settings), f"hearth-load-{slot.id}")
-        slot.template = resolve_template(
-            slot.settings.chat_template,
-            backend.chat_template,
-            bos_token=backend.bos_token,
-            eos_token=backend.eos_token,
-        )
-    except HearthError as exc:
-        slot.state = "failed"
-        log.error("model %s failed to load: %s", slot.id, exc.message)
-        return
-    except Exception as exc:
-        slot.state = "failed"
-        log_unexpected(f"loading model {slot.id}", exc)
-        return
-    slot.runner = JobRunner(backend, max_queued=slot.settings.max_queued, name=slot.id)
-    slot.runner.start()
-    slot.state = "ready"
-    log.info("model %s ready (context %d tokens)", slot.id, backend.context_length)
+def _no_signer(fp: str) -> bytes | None:
+    return None
 
 
-def _authorize(request: web.Request) -> None:
-    secret = request.app[SETTINGS].secret.get_secret_value()
-    presented = request.headers.get("Authorization", "").removeprefix("Bearer ")
-    if not secret or not hmac.compare_digest(presented.encode(), secret.encode()):
-        raise AuthenticationFailed("this node accepts calls only from its scheduler")
+def _data_dir(settings: NodeSettings) -> Any:
+    if settings.data_dir is None:
+        raise HearthError("the node has no data dir (set node.data_dir)")
+    return settings.data_dir
+
+
+async def start_node(
+    settings: NodeSettings, *, trust: Trust | None = None, loader: BackendLoader = load_transformers
+) -> tuple[web.AppRunner, str, web.Application]:
+    """Serve a node; its heartbeats and adverts start once its address is known."""
+    from protocol.web import start_site
+
+    app = create_app(settings, trust=trust, loader=loader)
+    runner, url = await start_site(app, settings.host, settings.port)
+    state = app[STATE]
+    state.url = settings.public_url or url
+    state.listening.set()
+    return runner, url, app
+
+
+async def _authorize(request: web.Request, body: bytes = b"") -> NodeState:
+    state = request.app[STATE]
+    state.verifier.verify(request.method, request.path_qs, request.headers, body)
+    return state
 
 
 async def healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
 
+async def identity(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    trust = state.trust
+    node_id = state.settings.node_id
+    ident, enc = trust.identity.public_b64, trust.encryption_public
+    signed = f"hearth-identity-v1\n{node_id}\n{ident}\n{enc}".encode()
+    return json_response(
+        {
+            "node_id": node_id,
+            "tier": state.settings.tier,
+            "identity_key": ident,
+            "encryption_key": enc,
+            "fingerprint": trust.identity.fingerprint,
+            "signature": b64e(trust.identity.sign(signed)),
+        }
+    )
+
+
 async def metrics(request: web.Request) -> web.Response:
-    _authorize(request)
+    await _authorize(request)
     return web.Response(body=request.app[METRICS].render(), content_type="text/plain", charset="utf-8")
 
 
 async def status(request: web.Request) -> web.Response:
-    _authorize(request)
-    settings = request.app[SETTINGS]
-    return json_response(
-        {
-            "node_id": settings.node_id,
-            "version": VERSION,
-            "models": [slot.describe() for slot in request.app[SLOTS].values()],
-        }
-    )
+    from node.heartbeat import status_doc
+
+    state = await _authorize(request)
+    return json_response(status_doc(state))
+
+
+async def _object(request: web.Request) -> tuple[NodeState, dict[str, Any]]:
+    raw = await read_body(request)
+    state = await _authorize(request, raw)
+    body = parse_json(raw) if raw else {}
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    return state, body
+
+
+async def load_model(request: web.Request) -> web.Response:
+    state, body = await _object(request)
+    evict = body.get("evict", [])
+    if not isinstance(evict, list) or not all(isinstance(e, str) for e in evict):
+        raise InvalidRequest("evict must be a list of model ids", param="evict")
+    phase = state.pool.request_load(request.match_info["model_id"], tuple(evict))
+    return json_response({"phase": phase}, status=202)
+
+
+async def unload_model(request: web.Request) -> web.Response:
+    state, _ = await _object(request)
+    slot = state.pool.get(request.match_info["model_id"])
+    if slot.busy:
+        raise Unavailable(f"{slot.id} has work running; drain first", retry_after=5)
+    state.pool.unload(slot.id)
+    return json_response({"phase": slot.phase})
+
+
+async def drain(request: web.Request) -> web.Response:
+    state, body = await _object(request)
+    flag = body.get("drain", True)
+    if not isinstance(flag, bool):
+        raise InvalidRequest("drain must be true or false", param="drain")
+    state.draining = flag
+    state.touch()
+    return json_response({"draining": flag})
+
+
+async def certificate(request: web.Request) -> web.Response:
+    """A LAN node approved without a code learns its scheduler here, from a certificate its pinned
+    authority signed; the call must be signed by the scheduler that certificate names."""
+    state = request.app[STATE]
+    settings = state.settings
+    raw = await read_body(request)
+    authority = settings.authority_key
+    if authority is None:
+        raise PermissionDenied("this node pins no authority key; enroll it with `hearth node enroll`")
+    try:
+        doc = json.loads(raw)
+        cert = verify_certificate(doc.get("certificate"), authority)
+        scheduler_url = str(doc["scheduler_url"])
+    except (ValueError, AttributeError, KeyError, TypeError):
+        raise AuthenticationFailed("malformed certificate") from None
+    except HearthError:
+        raise AuthenticationFailed("the certificate is not signed by this node's authority") from None
+    key = b64d(cert.scheduler_key, length=32)
+    verifier = state.cert_verifier
+    verifier.lookup = lambda fp: key if fp == fingerprint(key) else None  # type: ignore[method-assign]
+    verifier.verify(request.method, request.path_qs, request.headers, raw)
+    if cert.node_id != settings.node_id:
+        raise AuthenticationFailed("the certificate names another node")
+    trust = state.trust
+    enrollment = Enrollment(scheduler_url, cert.scheduler_key, authority, cert.node_id, cert.tier)
+    await asyncio.to_thread(trust.enroll, enrollment)
+    await asyncio.to_thread(trust.accept_certificate, doc["certificate"], authority)
+    state.verifier = trust.verifier(settings.node_id)
+    state.touch()
+    log.info("approved by the operator; serving the scheduler at %s", scheduler_url)
+    return json_response({"node_id": cert.node_id, "tier": cert.tier})
 
 
 @dataclass(frozen=True)
@@ -230,8 +345,13 @@ def _prepare(slot: ModelSlot, req: ChatCompletionRequest | CompletionRequest) ->
 
 
 async def submit_job(request: web.Request) -> web.StreamResponse:
-    _authorize(request)
-    body = await read_json(request)
+    raw = await read_body(request)
+    state = await _authorize(request, raw)
+    body = parse_json(raw)
+    if state.draining:
+        raise Unavailable(
+            "this node is draining: it finishes running jobs and takes no new ones", retry_after=5
+        )
     if not isinstance(body, dict) or body.get("endpoint") not in ("chat", "completion"):
         raise InvalidRequest("a job needs an endpoint ('chat' or 'completion') and a request")
     endpoint: Endpoint = body["endpoint"]
@@ -239,11 +359,10 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
     if not _REQUEST_ID.match(request_id):
         raise InvalidRequest("a job needs a request_id of 1-64 letters, digits, '-' or '_'")
     req = parse_request(endpoint, body.get("request"))
-    slot = request.app[SLOTS].get(req.model)
-    if slot is None:
-        raise ModelNotFound(f"this node does not serve the model '{req.model}'", param="model")
-    if slot.state != "ready" or slot.runner is None:
-        raise Unavailable(f"the model '{req.model}' is {slot.state}", retry_after=5)
+    slot = state.pool.get(req.model)
+    if slot.phase != "ready" or slot.runner is None:
+        raise Unavailable(f"the model '{req.model}' is not loaded here ({slot.phase})", retry_after=5)
+    slot.last_used = time.monotonic()
     prepared = await asyncio.to_thread(_prepare, slot, req)
     job = slot.runner.submit(prepared.prompt_ids, prepared.params, req.stop_sequences())
     writer = ResponseWriter(
@@ -252,14 +371,18 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": frames.MEDIA_TYPE})
     prompt_tokens = len(prepared.prompt_ids)
     produced, outcome = 0, "cancelled"
+    started = time.monotonic()
     try:
         await response.prepare(request)
         outcome, produced = await _stream_job(response, job, writer, prompt_tokens)
         await response.write_eof()
+        slot.record_speed(produced, time.monotonic() - started)
     except ConnectionResetError:
         pass  # the scheduler went away (its client left): the job is cancelled below
     finally:
         job.cancel()
+        slot.last_used = time.monotonic()
+        state.touch()
         metrics = request.app[METRICS]
         metrics.jobs.labels(slot.id, outcome).inc()
         metrics.tokens.labels(slot.id, "prompt").inc(prompt_tokens)

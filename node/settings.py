@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class ModelSettings(BaseModel):
@@ -28,6 +28,11 @@ class ModelSettings(BaseModel):
         default=1024, ge=1, description="Generated-token limit for chat requests that set no max_tokens."
     )
     max_queued: int = Field(default=64, ge=1, description="Requests waiting for this model before 503.")
+    preload: bool = Field(
+        default=True,
+        description="Load the model when the node starts; when false it is loaded on the scheduler's demand "
+        "(and may be unloaded again, least recently used first, to make room for another).",
+    )
 
     @property
     def model_id(self) -> str:
@@ -39,11 +44,48 @@ class NodeSettings(BaseModel):
 
     host: str = Field(default="127.0.0.1", description="Address the node API listens on.")
     port: int = Field(default=0, ge=0, le=65535, description="Port of the node API; 0 picks a free one.")
-    node_id: str = Field(default="local", description="This node's name in the scheduler.")
-    secret: SecretStr = Field(
-        default=SecretStr(""),
-        description="Shared secret the scheduler presents on every call (set by `hearth up`; replaced by "
-        "enrollment keys for remote nodes).",
+    node_id: str = Field(
+        default="local",
+        pattern=r"^[a-z0-9][a-z0-9-]{0,62}$",
+        description="This node's name in the cluster (lower-case letters, digits and '-').",
+    )
+    tier: Literal["club", "community"] = Field(
+        default="community",
+        description="`club` for a club-run server, `community` for a volunteer's machine; the tier comes "
+        "from the enrollment code, this is what the node advertises before it is enrolled.",
+    )
+    data_dir: Path | None = Field(
+        default=None,
+        description="Where the node keeps its keys, enrollment and certificate "
+        "(default: the `node` folder in Hearth's data dir).",
+    )
+    public_url: str | None = Field(
+        default=None,
+        description="The URL the scheduler reaches this node at (default: http://HOST:PORT as bound).",
+    )
+    memory_budget_bytes: int | None = Field(
+        default=None,
+        ge=1,
+        description="CPU node: memory its models may use, standing in for VRAM in placement (default: half "
+        "of this machine's RAM). GPU nodes read free VRAM through NVML instead.",
+    )
+    scheduler_url: str | None = Field(
+        default=None, description="The scheduler's URL (default: the one given at `hearth node enroll`)."
+    )
+    authority_key: str | None = Field(
+        default=None,
+        description="The federation authority's public key, for a LAN node that is approved without a "
+        "code: the node accepts a certificate only when this key signed it.",
+    )
+    heartbeat_interval: float = Field(
+        default=2.0, gt=0, description="Seconds between heartbeats until the scheduler says otherwise."
+    )
+    advertise: bool = Field(default=True, description="Advertise this node on the LAN over zeroconf.")
+    zeroconf_interfaces: list[str] | None = Field(
+        default=None, description='Addresses zeroconf uses (e.g. ["127.0.0.1"]); default: all interfaces.'
+    )
+    advert_interval: float = Field(
+        default=5.0, gt=0, description="Least seconds between two zeroconf updates of this node's record."
     )
     threads: int | None = Field(
         default=None, ge=1, description="CPU threads for generation; default: torch's."

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ConfigDict, Field
 
 from protocol.errors import InvalidRequest, PermissionDenied
+from protocol.federation import TIERS, Tier
 
 
 class Policy(BaseModel):
@@ -22,6 +23,12 @@ class Policy(BaseModel):
         "them; a federation with remote nodes should require end-to-end encryption.",
     )
     max_tokens_cap: int = Field(default=8192, ge=1, description="Largest max_tokens any request may ask for.")
+    tiers: list[Tier] = Field(
+        default_factory=lambda: list(TIERS),
+        min_length=1,
+        description="Node tiers requests may be placed on: `club` (club-run servers) and `community` "
+        '(volunteers\' machines). A club that wants prompts to stay on its own servers sets ["club"].',
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@
     ├── PermissionDenied             403 permission_error
     ├── NotFound                     404 invalid_request_error / not_found
     │   └── ModelNotFound            404 invalid_request_error / model_not_found
+    ├── ConflictError                409 invalid_request_error / conflict
     ├── PayloadTooLarge              413 invalid_request_error / payload_too_large
     ├── Unprocessable                422 invalid_request_error
     ├── RateLimited                  429 rate_limit_error (+ Retry-After)
@@ -115,6 +116,12 @@ class MethodNotAllowed(HearthError):
     default_code = "method_not_allowed"
 
 
+class ConflictError(HearthError):
+    status = 409
+    error_type = "invalid_request_error"
+    default_code = "conflict"
+
+
 class PayloadTooLarge(HearthError):
     status = 413
     error_type = "invalid_request_error"
@@ -164,6 +171,7 @@ _BY_STATUS: dict[int, type[HearthError]] = {
     403: PermissionDenied,
     404: NotFound,
     405: MethodNotAllowed,
+    409: ConflictError,
     413: PayloadTooLarge,
     422: Unprocessable,
     429: RateLimited,

@@ -16,38 +16,35 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from policies import Visible, check
-from protocol.errors import (
-    AuthenticationFailed,
-    ContextLengthExceeded,
-    HearthError,
-    ModelNotFound,
-    Unavailable,
-)
+from protocol.errors import HearthError
+from protocol.identity import load_or_create_identity
 from protocol.schemas import Endpoint, parse_request
 from protocol.web import error_middleware, json_response, log_unexpected, parse_json, read_body
+from scheduler import admin
+from scheduler.admission import Admission, exclude
+from scheduler.federation import Federation
 from scheduler.metrics import Metrics
 from scheduler.openapi import openapi_document
-from scheduler.placement import Placement, PlacementRequest, place
-from scheduler.registry import NodeEntry, Registry
-from scheduler.relay import Relay, RelayJob
+from scheduler.placement import PlacementRequest
+from scheduler.registry import Registry
+from scheduler.relay import Failover, Relay, RelayJob, Target
 from scheduler.settings import SchedulerSettings
-from scheduler.store import AsyncStore, TokenRecord, UsageRecord
+from scheduler.state import ADMISSION, FEDERATION, METRICS, RELAY, SETTINGS, STARTED, STORE, authenticate
+from scheduler.store import AsyncStore, UsageRecord
 
 log = logging.getLogger("hearth.scheduler")
 
-SETTINGS = web.AppKey("settings", SchedulerSettings)
-STORE = web.AppKey("store", AsyncStore)
-REGISTRY = web.AppKey("registry", Registry)
-RELAY = web.AppKey("relay", Relay)
-METRICS = web.AppKey("metrics", Metrics)
-STARTED = web.AppKey("started", int)
-
 USAGE_BATCH = 256
+# The scheduler cannot count tokens it may not read; a prompt's visible length over 4 is a fair guess
+# (about 4 bytes per token in English, and JSON framing only adds bytes). Placement uses it for cache
+# admission and scoring, never to refuse a request: the node counts exactly.
+BYTES_PER_TOKEN_GUESS = 4
 
 
 def create_app(settings: SchedulerSettings) -> web.Application:
@@ -63,6 +60,9 @@ def create_app(settings: SchedulerSettings) -> web.Application:
     app.router.add_get("/v1/models", list_models)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/enroll", enroll)
+    app.router.add_post("/v1/nodes/heartbeat", heartbeat)
+    admin.add_routes(app)
     return app
 
 
@@ -77,14 +77,33 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     usage: asyncio.Queue[UsageRecord] = asyncio.Queue()
-    # Relays get their own unlimited pool: a pool shared with status polls (aiohttp's default caps it at
-    # 100) would make a busy node look dead. Concurrency is bounded by admission, not by sockets.
+    identity = await asyncio.to_thread(load_or_create_identity, settings.key_path)
+    # Relays get their own unlimited pool: a pool shared with control calls (aiohttp's default caps it
+    # at 100) would make a busy node look dead. Concurrency is bounded by admission, not by sockets.
     async with (
         aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session,
-        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=16)) as poll_session,
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=16)) as control_session,
     ):
-        registry = Registry(settings, poll_session)
-        app[REGISTRY] = registry
+        registry = Registry(node_timeout=settings.node_timeout, load_timeout=settings.load_timeout)
+        federation = Federation(
+            identity=identity,
+            store=app[STORE],
+            registry=registry,
+            session=control_session,
+            heartbeat_interval=settings.heartbeat_interval,
+            authority_key=settings.authority_key,
+        )
+        admission = Admission(
+            registry,
+            max_wait=settings.max_queue_wait,
+            max_queued=settings.max_queued,
+            retry_after=settings.retry_after,
+            start_load=federation.load_model,
+        )
+        registry.on_change = admission.wake
+        await federation.load()
+        app[FEDERATION] = federation
+        app[ADMISSION] = admission
         app[RELAY] = Relay(
             session,
             idle_timeout=settings.stream_idle_timeout,
@@ -94,14 +113,39 @@ async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
             on_first_frame=app[METRICS].ttfb.observe,
         )
         tasks = [
-            asyncio.create_task(registry.run(), name="hearth-registry"),
             asyncio.create_task(_write_usage(app, usage), name="hearth-usage"),
+            asyncio.create_task(_watch_health(app), name="hearth-health"),
         ]
+        discovery = await _start_discovery(settings, federation)
         yield
+        if discovery is not None:
+            await discovery.close()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await federation.close()
         await _flush_usage(app, usage)
+
+
+async def _start_discovery(settings: SchedulerSettings, federation: Federation) -> Any:
+    if not settings.discovery:
+        return None
+    from scheduler.discovery import Discovery
+
+    discovery = Discovery(
+        federation.discovered, lambda node_id: None, interfaces=settings.zeroconf_interfaces
+    )
+    await discovery.start()
+    return discovery
+
+
+async def _watch_health(app: web.Application) -> None:
+    """A node that stops sending heartbeats turns unhealthy by the clock alone: look now and then, so
+    requests waiting for it learn of it (and so they fail over or give up without waiting for a change)."""
+    interval = min(1.0, app[SETTINGS].node_timeout / 4)
+    while True:
+        await asyncio.sleep(interval)
+        app[ADMISSION].wake()
 
 
 async def _write_usage(app: web.Application, usage: asyncio.Queue[UsageRecord]) -> None:
@@ -133,17 +177,6 @@ async def _store_usage(app: web.Application, batch: list[UsageRecord]) -> None:
         log_unexpected("recording usage", exc)
 
 
-async def authenticate(request: web.Request) -> TokenRecord:
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise AuthenticationFailed("missing API token: send 'Authorization: Bearer <token>'")
-    record = await request.app[STORE].verify_token(token.strip())
-    if record is None:
-        raise AuthenticationFailed("invalid or revoked API token")
-    return record
-
-
 async def healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
@@ -158,20 +191,32 @@ async def openapi(request: web.Request) -> web.Response:
 
 async def list_models(request: web.Request) -> web.Response:
     await authenticate(request)
-    snapshot = request.app[REGISTRY].snapshot()
+    snapshot = request.app[FEDERATION].registry.snapshot()
     created = request.app[STARTED]
-    cards = {}
+    cards: dict[str, dict[str, Any]] = {}
     for node in snapshot.nodes:
         for model in node.models:
-            if model.context_length is not None:
-                cards[model.id] = {
-                    "id": model.id,
-                    "object": "model",
-                    "created": created,
-                    "owned_by": "hearth",
-                    "context_length": model.context_length,
-                }
+            if model.phase == "failed":
+                continue
+            card = cards.setdefault(
+                model.id,
+                {"id": model.id, "object": "model", "created": created, "owned_by": "hearth",
+                 "context_length": model.context_length},
+            )  # fmt: skip
+            if card["context_length"] is None:
+                card["context_length"] = model.context_length
     return json_response({"object": "list", "data": [cards[k] for k in sorted(cards)]})
+
+
+async def enroll(request: web.Request) -> web.Response:
+    reply = await request.app[FEDERATION].enroll(parse_json(await read_body(request)))
+    return json_response(reply.model_dump(), status=201)
+
+
+async def heartbeat(request: web.Request) -> web.Response:
+    body = await read_body(request)
+    reply = await request.app[FEDERATION].heartbeat(request.method, request.path_qs, request.headers, body)
+    return json_response(reply.model_dump())
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -183,19 +228,50 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+    app = request.app
     try:
-        node, job = await _admit(request, endpoint)
+        user, preq, job = await _admit(request, endpoint)
     except HearthError as exc:
-        # Refused by the scheduler itself; relayed requests are counted with their usage rows.
-        request.app[METRICS].requests.labels(endpoint, f"refused_{exc.status}").inc()
+        app[METRICS].requests.labels(endpoint, f"refused_{exc.status}").inc()
         raise
-    with contextlib.suppress(ConnectionResetError):  # the client left while we were writing
-        return await request.app[RELAY].run(request, node, job)
-    return web.Response(status=499)
+    federation, admission = app[FEDERATION], app[ADMISSION]
+    attempts = app[SETTINGS].failover_attempts
+    failed: Failover | None = None
+    for attempt in range(attempts):
+        try:
+            ticket = await admission.acquire(user, preq)
+        except HearthError as exc:
+            # Refused by the scheduler itself; relayed requests are counted with their usage rows.
+            app[METRICS].requests.labels(endpoint, f"refused_{exc.status}").inc()
+            if failed is not None:  # no other node to fail over to: say what went wrong on the last one
+                raise failed.error from None
+            raise
+        usage = {"prompt_tokens": 0, "completion_tokens": 0}
+        runtime = federation.registry.nodes.get(ticket.node_id)
+        try:
+            if runtime is None or runtime.url is None:
+                raise Failover(HearthError("the chosen node left the cluster"))
+            target = Target(
+                ticket.node_id,
+                runtime.url,
+                federation.signed_headers(ticket.node_id, "POST", "/jobs", job.body),
+            )
+            with contextlib.suppress(ConnectionResetError):  # the client left while we were writing
+                return await app[RELAY].run(request, target, job, usage)
+            return web.Response(status=499)
+        except Failover as exc:
+            log.info("node %s failed before the first token; trying another", ticket.node_id)
+            if attempt == attempts - 1:
+                raise exc.error from None
+            failed = exc
+            preq = exclude(preq, ticket.node_id)
+        finally:
+            admission.release(ticket, usage["prompt_tokens"], usage["completion_tokens"])
+    raise AssertionError("unreachable")
 
 
-async def _admit(request: web.Request, endpoint: Endpoint) -> tuple[NodeEntry, RelayJob]:
-    """Authenticate, validate, apply policy and place: everything before the first byte goes to a node."""
+async def _admit(request: web.Request, endpoint: Endpoint) -> tuple[str, PlacementRequest, RelayJob]:
+    """Authenticate, validate and apply policy: everything before the request joins the queue."""
     token = await authenticate(request)
     started = time.time()
     raw = await read_body(request)
@@ -203,19 +279,13 @@ async def _admit(request: web.Request, endpoint: Endpoint) -> tuple[NodeEntry, R
     settings = request.app[SETTINGS]
     max_tokens = req.requested_max_tokens
     check(settings.policy, Visible(req.model, max_tokens, sealed=False))
-    registry = request.app[REGISTRY]
-    decision = place(PlacementRequest(req.model, max_tokens), registry.snapshot())
-    if not isinstance(decision, Placement):
-        if decision.kind == "unknown_model":
-            raise ModelNotFound(f"the model '{req.model}' does not exist here; see /v1/models", param="model")
-        if decision.kind == "never":
-            raise ContextLengthExceeded(decision.reason, param="max_tokens")
-        raise Unavailable(
-            f"no node can take this request now: {decision.reason}", retry_after=settings.retry_after
-        )
+    preq = PlacementRequest(
+        model=req.model,
+        max_tokens=max_tokens,
+        prompt_tokens=len(raw) // BYTES_PER_TOKEN_GUESS,
+        tiers=frozenset(settings.policy.tiers),
+    )
     request_id = secrets.token_hex(12)
     # The body was just parsed as JSON, so it can be spliced in as is instead of serialized again.
     job = b'{"endpoint":"%s","request_id":"%s","request":%s}' % (endpoint.encode(), request_id.encode(), raw)
-    return registry.nodes[decision.node_id], RelayJob(
-        request_id, token.id, endpoint, req.model, req.stream, job, started
-    )
+    return token.id, preq, RelayJob(request_id, token.id, endpoint, req.model, req.stream, job, started)

@@ -63,6 +63,30 @@ class VirtualTokenCounter(Generic[T]):
         self._last_served = state.counter
         return user, state.waiting.popleft()
 
+    def heads(self) -> list[tuple[Hashable, T]]:
+        """Each backlogged user's oldest item, the user with the smallest counter first.
+
+        The dispatcher walks this list so that a head it cannot place yet (its model is loading, its
+        nodes are full) does not hold back the users behind it whose requests can run elsewhere.
+        """
+        backlogged = [
+            (state.counter, i, user) for i, (user, state) in enumerate(self._users.items()) if state.waiting
+        ]
+        backlogged.sort(key=lambda entry: (entry[0], entry[1]))
+        return [(user, self._users[user].waiting[0]) for _, _, user in backlogged]
+
+    def pop_user(self, user: Hashable) -> T:
+        """Dispatch ``user``'s oldest item (one that ``heads`` offered)."""
+        state = self._users[user]
+        self._last_served = state.counter
+        return state.waiting.popleft()
+
+    def forget_idle(self) -> None:
+        """Drop users with nothing waiting whose counter is at or below the floor (bounded memory)."""
+        floor = self._last_served
+        for user in [u for u, s in self._users.items() if not s.waiting and s.counter <= floor]:
+            del self._users[user]
+
     def remove(self, user: Hashable, item: T) -> bool:
         """Take back a request that left the queue without being served (its client went away)."""
         state = self._users.get(user)

@@ -21,7 +21,6 @@ from aiohttp import web
 from protocol import frames
 from protocol.errors import HearthError, ProtocolError, Unavailable
 from protocol.web import log_unexpected, read_capped
-from scheduler.registry import NodeEntry
 from scheduler.store import UsageRecord
 
 MAX_ERROR_BYTES = 64 * 1024
@@ -47,6 +46,30 @@ class RelayJob:
     started: float
 
 
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a job goes: the node, its address, and the signed headers for this one job."""
+
+    node_id: str
+    url: str
+    headers: dict[str, str]
+
+
+class Failover(Exception):
+    """The node failed or refused before the client saw a byte: the job may go to another node.
+
+    ``error`` is what the client gets when no other node is left to try.
+    """
+
+    def __init__(self, error: HearthError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+# Refusals that say nothing about the request itself, only about that node: another node may take it.
+_FAILOVER_STATUSES = frozenset({401, 403, 404, 408, 429, 500, 502, 503, 504})
+
+
 class _ClientStalled(Exception):
     """The client stopped reading: writing to it timed out."""
 
@@ -70,35 +93,41 @@ class Relay:
         self._on_node_failed = on_node_failed
         self._on_first_frame = on_first_frame
 
-    async def run(self, request: web.Request, node: NodeEntry, job: RelayJob) -> web.StreamResponse:
-        node_id = node.link.node_id
-        node.inflight[job.model] = node.inflight.get(job.model, 0) + 1
-        usage = {"prompt_tokens": 0, "completion_tokens": 0}
+    async def run(
+        self, request: web.Request, target: Target, job: RelayJob, usage: dict[str, int]
+    ) -> web.StreamResponse:
+        """Relay ``job`` to ``target``; ``usage`` receives the token counts. Raises Failover when the
+        node failed before the client saw anything."""
+        node_id = target.node_id
         status = "cancelled"
         try:
             try:
                 resp = await self._session.post(
-                    node.link.url.rstrip("/") + "/jobs",
+                    target.url.rstrip("/") + "/jobs",
                     data=job.body,
-                    headers={**node.auth_headers(), "Content-Type": "application/json"},
+                    headers={**target.headers, "Content-Type": "application/json"},
                     timeout=self._timeout,
                 )
             except (aiohttp.ClientError, TimeoutError):
                 self._on_node_failed(node_id)
                 status = "node_unreachable"
-                raise Unavailable(
-                    "the node serving this model could not be reached", retry_after=self._retry_after
+                raise Failover(
+                    Unavailable(
+                        "the node serving this model could not be reached", retry_after=self._retry_after
+                    )
                 ) from None
             try:
                 if resp.status != 200:
                     status = f"refused_{resp.status}"
-                    raise await _node_error(resp, self._retry_after)
+                    err = await _node_error(resp, self._retry_after)
+                    if resp.status in _FAILOVER_STATUSES:
+                        raise Failover(err)
+                    raise err
                 out, status = await self._pump(request, resp, job, usage, node_id)
                 return out
             finally:
                 resp.close()
         finally:
-            node.inflight[job.model] -= 1
             self._on_done(
                 UsageRecord(
                     job.request_id, job.token_id, job.model, job.endpoint, node_id, status,
@@ -139,7 +168,7 @@ class Relay:
                     else:
                         err = _error(frame)
                         if out is None:
-                            raise err
+                            raise Failover(err) if err.status in _FAILOVER_STATUSES else err
                         if relay_now:
                             await self._write(request, out, b"".join(relay_now))
                         await self._end_with_error(request, out, err)
@@ -159,7 +188,7 @@ class Relay:
                 retry_after=self._retry_after,
             )
             if out is None:
-                raise err from None
+                raise Failover(err) from None
             await self._end_with_error(request, out, err)
             return out, "node_failed"
         except _ClientStalled:
@@ -167,7 +196,7 @@ class Relay:
                 request.transport.close()
             assert out is not None
             return out, "client_stalled"
-        except (HearthError, ConnectionResetError, asyncio.CancelledError):
+        except (HearthError, Failover, ConnectionResetError, asyncio.CancelledError):
             raise
         except Exception as exc:
             if out is None:

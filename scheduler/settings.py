@@ -4,19 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field
 
 from policies import Policy
-
-
-class NodeLink(BaseModel):
-    """A node the scheduler sends work to (enrolled nodes replace this list in the federation)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    node_id: str = Field(description="The node's name.")
-    url: str = Field(description="Base URL of the node's API, e.g. http://127.0.0.1:9100.")
-    secret: SecretStr = Field(description="Shared secret the scheduler presents to the node.")
 
 
 class SchedulerSettings(BaseModel):
@@ -24,21 +14,54 @@ class SchedulerSettings(BaseModel):
 
     host: str = Field(default="127.0.0.1", description="Address the API listens on.")
     port: int = Field(default=8000, ge=0, le=65535, description="Port of the API; 0 picks a free one.")
-    data_dir: Path = Field(default=Path("."), description="Where the database lives.")
+    data_dir: Path = Field(default=Path("."), description="Where the database and the scheduler's key live.")
     max_body_bytes: int = Field(
         default=1024 * 1024, ge=1024, description="Largest request body accepted; larger ones get 413."
     )
-    poll_interval: float = Field(default=2.0, gt=0, description="Seconds between node status polls.")
+    authority_key: str | None = Field(
+        default=None,
+        description="Public key of the federation authority (printed by `hearth authority init`). Node "
+        "certificates must be signed by it; without it no node can be approved.",
+    )
+    heartbeat_interval: float = Field(
+        default=2.0, gt=0, le=3600, description="Seconds between a node's heartbeats (told to each node)."
+    )
     node_timeout: float = Field(
-        default=6.0, gt=0, description="A node silent for this long gets no new work until it answers again."
+        default=6.0, gt=0, description="A node silent for this long gets no new work until it is heard again."
+    )
+    discovery: bool = Field(
+        default=True, description="Browse the LAN over zeroconf for nodes (`_hearth._tcp.local.`)."
+    )
+    zeroconf_interfaces: list[str] | None = Field(
+        default=None, description='Addresses zeroconf uses (e.g. ["127.0.0.1"]); default: all interfaces.'
+    )
+    enrollment_code_ttl: float = Field(
+        default=24 * 3600.0,
+        gt=0,
+        description="Seconds an enrollment code stays valid when not told otherwise.",
+    )
+    max_queue_wait: float = Field(
+        default=60.0, gt=0, description="Longest a request waits for capacity before 503 + Retry-After."
+    )
+    max_queued: int = Field(
+        default=1024, ge=1, description="Requests waiting at once before new ones get 503."
+    )
+    failover_attempts: int = Field(
+        default=3, ge=1, description="Nodes tried for one request when a node fails before its first token."
+    )
+    load_timeout: float = Field(
+        default=600.0, gt=0, description="Seconds a model load on demand may take before it is given up."
     )
     stream_idle_timeout: float = Field(
         default=120.0, gt=0, description="A node stream that sends nothing for this long is ended as failed."
     )
     retry_after: float = Field(default=5.0, gt=0, description="Retry-After seconds sent with 503 answers.")
     policy: Policy = Field(default_factory=Policy, description="Request policy (see policies).")
-    nodes: list[NodeLink] = Field(default_factory=list, description="Nodes to send work to.")
 
     @property
     def db_path(self) -> Path:
         return self.data_dir / "hearth.db"
+
+    @property
+    def key_path(self) -> Path:
+        return self.data_dir / "scheduler.key"

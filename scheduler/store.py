@@ -1,4 +1,5 @@
-"""The scheduler's SQLite database (sqlite-utils): API tokens (hashes only) and usage (metadata only).
+"""The scheduler's SQLite database (sqlite-utils): API tokens (hashes only), usage (metadata only), nodes,
+enrollment codes (hashes only) and an audit log of operator actions.
 
 ``Store`` is synchronous and used from one thread at a time; the CLI uses it directly. Inside the server,
 ``AsyncStore`` gives it one dedicated thread, so every query runs off the event loop and all writes come from
@@ -10,7 +11,9 @@ No prompt or completion text is ever stored here: the usage table has token coun
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
+import json
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -21,10 +24,12 @@ from typing import Any, Literal, TypeVar
 
 import sqlite_utils
 
-from protocol.errors import ConfigError
+from protocol.errors import ConfigError, ConflictError, NotFound
 
 TOKEN_PREFIX = "hth_"
+CODE_PREFIX = "hec"
 Scope = Literal["user", "admin"]
+NodeState = Literal["pending", "approved", "rejected", "revoked"]
 T = TypeVar("T")
 
 
@@ -58,6 +63,47 @@ class UsageRecord:
     completion_tokens: int
     started: float
     ended: float
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRecord:
+    """A node the scheduler knows of: enrolled with a code or seen on the LAN, and what the operator said."""
+
+    node_id: str
+    state: NodeState
+    source: str  # "code" or "discovered"
+    tier: str
+    identity_key: str
+    encryption_key: str
+    fingerprint: str
+    url: str | None
+    certificate: dict[str, Any] | None
+    drain: bool
+    created: float
+    updated: float
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> NodeRecord:
+        cert = json.loads(row["certificate"]) if row["certificate"] else None
+        return cls(
+            row["node_id"], row["state"], row["source"], row["tier"], row["identity_key"],
+            row["encryption_key"], row["fingerprint"], row["url"], cert, bool(row["drain"]),
+            row["created"], row["updated"],
+        )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class CodeRecord:
+    tier: str
+    expires: float
+    note: str
+
+
+def new_enrollment_code() -> str:
+    # 100 random bits in Crockford-style base32 groups: short enough to read over the phone, and one-time
+    # and expiring besides.
+    raw = base64.b32encode(secrets.token_bytes(15)).decode().lower()
+    return f"{CODE_PREFIX}-" + "-".join(raw[i : i + 6] for i in range(0, 24, 6))
 
 
 class Store:
@@ -100,6 +146,27 @@ class Store:
                 pk="request_id",
             )
             usage.create_index(["token_id", "started"])
+        nodes = self.db.table("nodes")
+        if not nodes.exists():
+            nodes.create(
+                {
+                    "node_id": str, "state": str, "source": str, "tier": str, "identity_key": str,
+                    "encryption_key": str, "fingerprint": str, "url": str, "certificate": str,
+                    "drain": int, "created": float, "updated": float,
+                },
+                pk="node_id",
+                not_null={"state", "source", "tier", "identity_key", "encryption_key", "fingerprint"},
+            )  # fmt: skip
+        codes = self.db.table("enrollment_codes")
+        if not codes.exists():
+            codes.create(
+                {"hash": str, "tier": str, "note": str, "created": float, "expires": float, "used": float,
+                 "used_by": str},
+                pk="hash",
+            )  # fmt: skip
+        audit = self.db.table("audit")
+        if not audit.exists():
+            audit.create({"id": int, "at": float, "action": str, "subject": str, "detail": str}, pk="id")
 
     def close(self) -> None:
         self.db.close()
@@ -142,6 +209,112 @@ class Store:
 
     def has_admin_token(self) -> bool:
         return self.db.table("tokens").count_where("scope = 'admin' and revoked is null") > 0
+
+    # enrollment codes and nodes
+
+    def create_code(self, tier: str, ttl_s: float, note: str = "") -> tuple[str, float]:
+        """A one-time enrollment code for a node of ``tier``; only its hash is kept."""
+        code = new_enrollment_code()
+        now = time.time()
+        expires = now + ttl_s
+        self.db.table("enrollment_codes").insert(
+            {"hash": hash_token(code), "tier": tier, "note": note, "created": now, "expires": expires}
+        )
+        self.audit("code_created", tier, note)
+        return code, expires
+
+    def redeem_code(self, code: str, node_id: str) -> CodeRecord | None:
+        """Use a code once: its record if it was valid, unused and unexpired, else None."""
+        now = time.time()
+        with self.db.conn:
+            cursor = self.db.execute(
+                "update enrollment_codes set used = ?, used_by = ? "
+                "where hash = ? and used is null and expires > ?",
+                [now, node_id, hash_token(code), now],
+            )
+            if cursor.rowcount != 1:
+                return None
+            row = next(self.db.query("select * from enrollment_codes where hash = ?", [hash_token(code)]))
+        return CodeRecord(row["tier"], row["expires"], row["note"] or "")
+
+    def node(self, node_id: str) -> NodeRecord | None:
+        rows = list(self.db.query("select * from nodes where node_id = ?", [node_id]))
+        return NodeRecord.from_row(rows[0]) if rows else None
+
+    def nodes(self, state: NodeState | None = None) -> list[NodeRecord]:
+        where, args = ("state = ?", [state]) if state else (None, [])
+        return [
+            NodeRecord.from_row(r) for r in self.db.table("nodes").rows_where(where, args, order_by="created")
+        ]
+
+    def upsert_pending(
+        self,
+        *,
+        node_id: str,
+        source: str,
+        tier: str,
+        identity_key: str,
+        encryption_key: str,
+        fingerprint: str,
+        url: str | None,
+    ) -> NodeRecord:
+        """Record a node asking to join. An approved or revoked node keeps its state; a key that differs
+        from the one on record for this node id is refused (ConflictError)."""
+        now = time.time()
+        existing = self.node(node_id)
+        if existing is not None and existing.identity_key != identity_key:
+            raise ConflictError(f"the node id {node_id} belongs to another machine; choose another name")
+        if existing is not None and existing.state in ("approved", "revoked") and source == "discovered":
+            return existing
+        state: NodeState = "pending"
+        if existing is not None and existing.state == "approved":
+            state = "approved"
+        self.db.table("nodes").upsert(
+            {
+                "node_id": node_id, "state": state, "source": source, "tier": tier,
+                "identity_key": identity_key, "encryption_key": encryption_key, "fingerprint": fingerprint,
+                "url": url, "certificate": existing.certificate and json.dumps(existing.certificate)
+                if existing and state == "approved" else None,
+                "drain": 0, "created": existing.created if existing else now, "updated": now,
+            },
+            pk="node_id",
+        )  # fmt: skip
+        if existing is None or existing.state != state or source == "code":
+            self.audit("enrollment", node_id, f"{source} {tier}")
+        record = self.node(node_id)
+        assert record is not None
+        return record
+
+    def set_node_state(
+        self, node_id: str, state: NodeState, *, certificate: dict[str, Any] | None = None
+    ) -> NodeRecord:
+        if self.node(node_id) is None:
+            raise NotFound(f"no node or enrollment called {node_id} (see `hearth enroll list`)")
+        update: dict[str, Any] = {"state": state, "updated": time.time()}
+        if certificate is not None or state != "approved":
+            update["certificate"] = json.dumps(certificate) if certificate is not None else None
+        self.db.table("nodes").update(node_id, update)
+        self.audit(state, node_id)
+        record = self.node(node_id)
+        assert record is not None
+        return record
+
+    def set_node_drain(self, node_id: str, drain: bool) -> NodeRecord:
+        if self.node(node_id) is None:
+            raise NotFound(f"no node called {node_id} (see `hearth enroll list`)")
+        self.db.table("nodes").update(node_id, {"drain": int(drain), "updated": time.time()})
+        self.audit("drain" if drain else "undrain", node_id)
+        record = self.node(node_id)
+        assert record is not None
+        return record
+
+    def set_node_url(self, node_id: str, url: str) -> None:
+        self.db.table("nodes").update(node_id, {"url": url})
+
+    def audit(self, action: str, subject: str, detail: str = "") -> None:
+        self.db.table("audit").insert(
+            {"at": time.time(), "action": action, "subject": subject, "detail": detail}
+        )
 
     # usage
 

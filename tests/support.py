@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
@@ -18,17 +17,28 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from aiohttp import web
-from pydantic import SecretStr
 
-from node.app import BackendLoader, load_transformers
-from node.app import create_app as create_node_app
+from hearth.up import certify_local_node
+from node.app import load_transformers, start_node
 from node.backends.base import Backend, SamplingParams
+from node.pool import BackendLoader
 from node.settings import ModelSettings, NodeSettings
+from node.trust import Enrollment, Trust
+from protocol.federation import ModelStatus, NodeStatus
+from protocol.identity import (
+    Identity,
+    init_authority,
+    issue_certificate,
+    load_authority,
+    load_or_create_identity,
+    sign_request,
+)
 from protocol.web import start_site
-from scheduler.app import REGISTRY
 from scheduler.app import create_app as create_scheduler_app
-from scheduler.settings import NodeLink, SchedulerSettings
-from scheduler.store import Store
+from scheduler.placement import ClusterSnapshot
+from scheduler.settings import SchedulerSettings
+from scheduler.state import FEDERATION
+from scheduler.store import NodeRecord, Store
 
 T = TypeVar("T")
 # Generous: on a 2-core box the loop also waits for the GIL behind generation threads; a real block
@@ -82,34 +92,51 @@ class Stack:
     data_dir: Path
     base_url: str = ""
     node_url: str = ""
-    node_secret: str = ""
+    node_id: str = "local"
     token: str = ""
     scheduler_app: web.Application | None = None
+    scheduler_identity: Identity | None = None
     runners: list[web.AppRunner] = field(default_factory=list)
+    tasks: list[asyncio.Future[None]] = field(default_factory=list)
 
     @property
     def api(self) -> str:
         return self.base_url + "/v1"
 
+    def node_headers(self, method: str, path: str, body: bytes = b"") -> dict[str, str]:
+        """Headers of a call the scheduler itself would make to its node."""
+        assert self.scheduler_identity is not None
+        return sign_request(self.scheduler_identity, method, path, body, audience=self.node_id)
 
-async def start_scheduler(
-    data_dir: Path, node_url: str, node_secret: str, *, node_id: str = "local", **settings: Any
-) -> Stack:
-    """A scheduler (with a fresh admin token) whose one node is at ``node_url``."""
-    stack = Stack(data_dir, node_url=node_url, node_secret=node_secret)
+    def snapshot(self) -> ClusterSnapshot:
+        assert self.scheduler_app is not None
+        return self.scheduler_app[FEDERATION].registry.snapshot()
+
+
+# Short enough that tests notice a dead node in seconds, long enough for a loaded 2-core machine.
+FAST_SCHEDULER = {"heartbeat_interval": 0.2, "node_timeout": 2.0, "discovery": False}
+
+
+async def start_scheduler(data_dir: Path, **settings: Any) -> Stack:
+    """A scheduler (with a fresh admin token) that trusts the local authority of ``data_dir``."""
+    authority = await asyncio.to_thread(_local_authority, data_dir)
+    stack = Stack(data_dir)
     store = Store(data_dir / "hearth.db")
     stack.token, _ = store.create_token("test", "admin")
     store.close()
     sched = SchedulerSettings(
-        port=0,
-        data_dir=data_dir,
-        nodes=[NodeLink(node_id=node_id, url=node_url, secret=SecretStr(node_secret))],
-        **{"poll_interval": 0.2, **settings},
+        port=0, data_dir=data_dir, authority_key=authority.public_b64, **{**FAST_SCHEDULER, **settings}
     )
+    stack.scheduler_identity = await asyncio.to_thread(load_or_create_identity, data_dir / "scheduler.key")
     stack.scheduler_app = create_scheduler_app(sched)
     runner, stack.base_url = await start_site(stack.scheduler_app, "127.0.0.1", 0)
     stack.runners.insert(0, runner)
     return stack
+
+
+def _local_authority(data_dir: Path) -> Identity:
+    where = data_dir / "authority"
+    return load_authority(where) if (where / "authority.key").exists() else init_authority(where)
 
 
 async def start_stack(
@@ -120,10 +147,15 @@ async def start_stack(
     scheduler: dict[str, Any] | None = None,
     node: dict[str, Any] | None = None,
 ) -> Stack:
-    secret = secrets.token_urlsafe(24)
-    node_settings = NodeSettings(secret=SecretStr(secret), models=models, **(node or {}))
-    node_runner, node_url = await start_site(create_node_app(node_settings, loader=loader), "127.0.0.1", 0)
-    stack = await start_scheduler(data_dir, node_url, secret, **(scheduler or {}))
+    node_settings = NodeSettings(
+        models=models, advertise=False, heartbeat_interval=0.2, data_dir=data_dir / "node", **(node or {})
+    )
+    await asyncio.to_thread(_local_authority, data_dir)
+    _, trust = await asyncio.to_thread(certify_local_node, data_dir, node_settings.node_id)
+    stack = await start_scheduler(data_dir, **(scheduler or {}))
+    stack.node_id = node_settings.node_id
+    node_settings = node_settings.model_copy(update={"scheduler_url": stack.base_url})
+    node_runner, stack.node_url, _ = await start_node(node_settings, trust=trust, loader=loader)
     stack.runners.append(node_runner)
     await wait_for(lambda: _ready(stack, [m.model_id for m in models]), within=60)
     return stack
@@ -145,13 +177,14 @@ class WrappedBackend:
 
 
 async def _ready(stack: Stack, model_ids: list[str]) -> bool:
-    assert stack.scheduler_app is not None
-    snapshot = stack.scheduler_app[REGISTRY].snapshot()
-    ready = {m.id for n in snapshot.nodes if n.healthy for m in n.models if m.ready}
+    ready = {m.id for n in stack.snapshot().nodes if n.healthy for m in n.models if m.phase == "ready"}
     return set(model_ids) <= ready
 
 
 async def stop_stack(stack: Stack) -> None:
+    for task in stack.tasks:
+        task.cancel()
+    await asyncio.gather(*stack.tasks, return_exceptions=True)
     for runner in stack.runners:
         await runner.cleanup()
 
@@ -164,3 +197,57 @@ async def wait_for(
         if time.monotonic() > deadline:
             raise TimeoutError("condition not met in time")
         await asyncio.sleep(interval)
+
+
+async def attach_fake_node(stack: Stack, node_id: str, url: str, models: list[dict[str, Any]]) -> None:
+    """Approve a node that is not a Hearth node (one that misbehaves on purpose) and keep it looking
+    alive, as its heartbeats would."""
+    assert stack.scheduler_app is not None
+    fed = stack.scheduler_app[FEDERATION]
+    ident = Identity.generate()
+    store = fed.store.store
+
+    def approve() -> NodeRecord:
+        store.upsert_pending(
+            node_id=node_id, source="code", tier="club", identity_key=ident.public_b64,
+            encryption_key=ident.public_b64, fingerprint=ident.fingerprint, url=url,
+        )  # fmt: skip
+        return store.set_node_state(node_id, "approved")
+
+    fed.remember(await fed.store.run(approve))
+    status = NodeStatus(
+        node_id=node_id, version="fake", url=url, tier="club", memory_total_bytes=1 << 30,
+        memory_free_bytes=1 << 29, models=[ModelStatus(**m) for m in models],
+    )  # fmt: skip
+
+    async def beat() -> None:
+        while node_id in fed.registry.nodes:
+            fed.registry.heartbeat(node_id, status)
+            await asyncio.sleep(0.2)
+
+    stack.tasks.append(asyncio.ensure_future(beat()))
+
+
+async def certify_node(stack: Stack, node_dir: Path, node_id: str, tier: str = "club") -> None:
+    """Enroll and approve a node whose keys live in ``node_dir`` (for a node in another process), as
+    `hearth node enroll` and `hearth enroll approve` would."""
+    assert stack.scheduler_app is not None and stack.scheduler_identity is not None
+    fed = stack.scheduler_app[FEDERATION]
+    scheduler_key = stack.scheduler_identity.public_b64
+
+    def certify() -> NodeRecord:
+        authority = _local_authority(stack.data_dir)
+        trust = Trust.open(node_dir)
+        trust.enroll(Enrollment(stack.base_url, scheduler_key, authority.public_b64, node_id, tier))
+        cert = issue_certificate(
+            authority, node_id=node_id, tier=tier, identity_key=trust.identity.public_b64,
+            encryption_key=trust.encryption_public, scheduler_key=scheduler_key,
+        )  # fmt: skip
+        store = fed.store.store
+        store.upsert_pending(
+            node_id=node_id, source="code", tier=tier, identity_key=trust.identity.public_b64,
+            encryption_key=trust.encryption_public, fingerprint=trust.identity.fingerprint, url=None,
+        )  # fmt: skip
+        return store.set_node_state(node_id, "approved", certificate=cert)
+
+    fed.remember(await fed.store.run(certify))

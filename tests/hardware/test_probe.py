@@ -36,7 +36,8 @@ def test_fixture_is_exactly_the_probe_format(path: Path) -> None:
     text = path.read_text(encoding="utf-8")
     node = NodeProbe.from_json(text)
     assert node.to_json() == text  # byte for byte: the fixtures are what `to_json` writes
-    assert node.source == HAND_WRITTEN  # honest about not being recorded
+    # Honest about where it came from: recorded on a real machine through NVML, or written by hand.
+    assert node.source == ("nvml" if path.stem.endswith("-recorded") else HAND_WRITTEN)
     for g in node.gpus:
         assert g.vram_free_bytes + g.vram_used_bytes == g.vram_total_bytes
         assert sum(p.used_bytes or 0 for p in g.processes) <= g.vram_used_bytes
@@ -51,6 +52,8 @@ def test_fixture_is_exactly_the_probe_format(path: Path) -> None:
         ("club-4xA100-80GB.json", 4, 320, {0: [], 1: [], 2: [], 3: []}),
         # A gaming desktop: only the desktop session uses the card.
         ("single-4090.json", 1, 23.98828125, {0: [2101, 2398]}),
+        # Recorded on a rented H100 (the device machine, 2026-11-22): an idle card, the driver's own 480 MiB used.
+        ("h100-x1-recorded.json", 1, 79.6474609375, {0: []}),
     ],
 )
 def test_fixture_contents(name: str, gpus: int, total_gib: float, foreign: dict[int, list[int]]) -> None:

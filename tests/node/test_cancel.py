@@ -13,6 +13,7 @@ import pytest
 from node.app import load_transformers
 from node.backends.base import Backend, SamplingParams
 from node.settings import ModelSettings, NodeSettings
+from scheduler.state import ADMISSION
 from tests.support import LoopThread, Stack, WrappedBackend, start_stack, stop_stack
 
 
@@ -52,8 +53,7 @@ LONG = {
 
 
 def _model_status(stack: Stack) -> dict[str, int]:
-    headers = {"Authorization": f"Bearer {stack.node_secret}"}
-    status = httpx.get(stack.node_url + "/status", headers=headers).json()
+    status = httpx.get(stack.node_url + "/status", headers=stack.node_headers("GET", "/status")).json()
     return status["models"][0]  # type: ignore[no-any-return]
 
 
@@ -110,11 +110,14 @@ def test_queued_job_of_a_departed_client_never_runs(stack: Stack) -> None:
     ):
         lines = r1.iter_lines()  # keep the iterator: dropping it closes the response
         next(lines)
-        # The second request waits behind the first; give up on it after a moment.
+        # The second request waits behind the first in the scheduler's fair queue (the node runs one
+        # sequence at a time, so it is sent nothing more); give up on it after a moment.
         with contextlib.suppress(httpx.ReadTimeout):
             second.post(stack.api + "/chat/completions", json=LONG, headers=headers, timeout=0.3)
-        time.sleep(0.5)  # let the second client's departure reach the node while the first job still runs
+        time.sleep(0.5)  # let the second client's departure reach the scheduler while the first job runs
     _wait_idle(stack, time.monotonic())
     after = _model_status(stack)
     assert after["started"] - before["started"] == 1, "only the first job touched the model"
-    assert after["skipped"] - before["skipped"] == 1, "the second was dropped from the queue unrun"
+    assert after["skipped"] - before["skipped"] == 0, "the second never reached the node"
+    assert stack.scheduler_app is not None
+    assert stack.scheduler_app[ADMISSION].queued == 0, "and it left the scheduler's queue"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
@@ -23,7 +24,7 @@ JOB = {"endpoint": "chat", "request_id": "abc123", "request": CHAT}
     ],
 )
 @pytest.mark.parametrize("auth", [None, "Bearer wrong", "Basic abc"], ids=["none", "wrong", "scheme"])
-def test_calls_without_the_scheduler_secret_get_401(
+def test_calls_without_the_schedulers_signature_get_401(
     stack: Stack, method: str, path: str, body: Any, auth: str | None
 ) -> None:
     headers = {"Authorization": auth} if auth else {}
@@ -46,15 +47,15 @@ def test_healthz_is_open(stack: Stack) -> None:
     ],
 )
 def test_bad_jobs_are_refused_before_any_work(stack: Stack, job: dict[str, Any], status: int) -> None:
-    r = httpx.post(
-        stack.node_url + "/jobs", json=job, headers={"Authorization": f"Bearer {stack.node_secret}"}
-    )
+    body = json.dumps(job).encode()
+    r = httpx.post(stack.node_url + "/jobs", content=body, headers=stack.node_headers("POST", "/jobs", body))
     assert r.status_code == status
 
 
 def test_a_job_streams_frames_ending_with_final_usage(stack: Stack) -> None:
-    headers = {"Authorization": f"Bearer {stack.node_secret}"}
-    r = httpx.post(stack.node_url + "/jobs", json=JOB, headers=headers, timeout=30)
+    body = json.dumps(JOB).encode()
+    headers = stack.node_headers("POST", "/jobs", body)
+    r = httpx.post(stack.node_url + "/jobs", content=body, headers=headers, timeout=30)
     assert r.headers["Content-Type"] == frames.MEDIA_TYPE
     decoder = frames.FrameDecoder()
     got = decoder.feed(r.content)
@@ -62,6 +63,6 @@ def test_a_job_streams_frames_ending_with_final_usage(stack: Stack) -> None:
     assert got[-1].final and got[-1].kind == frames.META
     meta = got[-1].json()
     assert meta["completion_tokens"] <= 3 and meta["prompt_tokens"] > 0
-    metrics = httpx.get(stack.node_url + "/metrics", headers=headers).text
+    metrics = httpx.get(stack.node_url + "/metrics", headers=stack.node_headers("GET", "/metrics")).text
     assert 'hearth_node_tokens_total{kind="completion",model="hearth-demo"}' in metrics
     assert "hearth_node_jobs_active" in metrics

@@ -11,11 +11,8 @@ import httpx
 import pytest
 
 from protocol.schemas import ErrorResponse
-from protocol.web import start_site
-from scheduler.app import create_app
-from scheduler.settings import SchedulerSettings
 from scheduler.store import Store
-from tests.support import LoopThread, Stack, start_scheduler, stop_stack, wait_for
+from tests.support import LoopThread, Stack, certify_node, start_scheduler, stop_stack, wait_for
 
 MSG = [{"role": "user", "content": "hi"}]
 OK = {"model": "hearth-demo", "messages": MSG, "max_tokens": 4}
@@ -124,17 +121,11 @@ def test_revoked_token_is_refused(stack: Stack) -> None:
 
 
 def test_unknown_model_when_no_node_ever_answered_is_404(servers: LoopThread, tmp_path: Path) -> None:
-    """A scheduler that never reached its node cannot know the model: 404, at once (no hang)."""
+    """An approved node that never sent a heartbeat is not capacity: its models are unknown, 404 at once."""
 
     async def start() -> Stack:
-        # A port that was just free and is closed now: nothing answers there.
-        probe, dead_url = await start_site(
-            create_app(SchedulerSettings(port=0, data_dir=tmp_path / "x")), "127.0.0.1", 0
-        )
-        await probe.cleanup()
-        stack = await start_scheduler(
-            tmp_path, dead_url, "s", node_id="gone", poll_interval=0.1, node_timeout=0.5
-        )
+        stack = await start_scheduler(tmp_path)
+        await certify_node(stack, tmp_path / "gone", "gone")  # approved, never started
         return stack
 
     stack = servers.call(start())
@@ -142,7 +133,7 @@ def test_unknown_model_when_no_node_ever_answered_is_404(servers: LoopThread, tm
         r = httpx.post(
             stack.api + "/chat/completions", json=OK, headers={"Authorization": f"Bearer {stack.token}"}
         )
-        # The scheduler never saw the node, so it cannot know the model: 404. That is the honest answer.
+        # The scheduler never heard from the node, so it cannot know the model: 404. That is the honest answer.
         assert r.status_code == 404
     finally:
         servers.call(stop_stack(stack))
@@ -162,10 +153,7 @@ def test_node_down_after_it_was_seen_gives_503(servers: LoopThread, demo_model: 
         servers.call(node_runner.cleanup())
 
         async def unhealthy() -> bool:
-            assert stack.scheduler_app is not None
-            from scheduler.app import REGISTRY
-
-            return not any(n.healthy for n in stack.scheduler_app[REGISTRY].snapshot().nodes)
+            return not any(n.healthy for n in stack.snapshot().nodes)
 
         servers.call(wait_for(unhealthy, within=10))
         r = httpx.post(stack.api + "/chat/completions", json=OK, headers=headers, timeout=10)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -20,11 +19,11 @@ import pytest
 from node.app import load_transformers
 from node.backends.base import Backend, SamplingParams
 from node.settings import ModelSettings, NodeSettings
-from scheduler.app import REGISTRY
 from tests.support import (
     LoopThread,
     Stack,
     WrappedBackend,
+    certify_node,
     start_scheduler,
     start_stack,
     stop_stack,
@@ -80,27 +79,21 @@ def test_generation_error_without_streaming_is_a_500(breaking_stack: Stack) -> N
 def killable(
     servers: LoopThread, demo_model_dir: Path, tmp_path: Path
 ) -> Iterator[tuple[Stack, subprocess.Popen[str]]]:
-    secret = secrets.token_urlsafe(16)
+    stack = servers.call(start_scheduler(tmp_path / "scheduler"))
+    servers.call(certify_node(stack, tmp_path / "doomed", "doomed"))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.node_process", str(demo_model_dir), secret],
+        [sys.executable, "-m", "tests.node_process", str(demo_model_dir), str(tmp_path / "doomed")],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,
     )
     assert proc.stdout is not None
-    node_url = proc.stdout.readline().strip()
+    proc.stdout.readline()
 
-    async def start() -> Stack:
-        stack = await start_scheduler(tmp_path, node_url, secret, node_id="doomed")
+    async def ready() -> bool:
+        return any(m.phase == "ready" for n in stack.snapshot().nodes if n.healthy for m in n.models)
 
-        async def ready() -> bool:
-            assert stack.scheduler_app is not None
-            return any(m.ready for n in stack.scheduler_app[REGISTRY].snapshot().nodes for m in n.models)
-
-        await wait_for(ready, within=60)
-        return stack
-
-    stack = servers.call(start())
+    servers.call(wait_for(ready, within=60))
     yield stack, proc
     proc.kill()
     proc.wait()

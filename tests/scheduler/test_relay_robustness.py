@@ -18,7 +18,15 @@ from aiohttp import web
 from node.settings import ModelSettings
 from protocol import frames
 from protocol.web import start_site
-from tests.support import LoopThread, Stack, start_scheduler, start_stack, stop_stack, wait_for
+from tests.support import (
+    LoopThread,
+    Stack,
+    attach_fake_node,
+    start_scheduler,
+    start_stack,
+    stop_stack,
+    wait_for,
+)
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 GOOD_DATA = frames.encode(b'data: {"choices": []}\n\n')
@@ -44,10 +52,6 @@ BAD_STREAMS = [
 def rogue(servers: LoopThread, tmp_path: Path) -> Iterator[tuple[Stack, dict[str, bytes]]]:
     script: dict[str, bytes] = {"body": b""}
 
-    async def status(request: web.Request) -> web.Response:
-        doc = {"models": [{"id": "m", "state": "ready", "context_length": 2048, "active": 0, "queued": 0}]}
-        return web.json_response(doc)
-
     async def jobs(request: web.Request) -> web.StreamResponse:
         await request.read()
         resp = web.StreamResponse(headers={"Content-Type": frames.MEDIA_TYPE})
@@ -58,14 +62,12 @@ def rogue(servers: LoopThread, tmp_path: Path) -> Iterator[tuple[Stack, dict[str
 
     async def start() -> Stack:
         app = web.Application()
-        app.router.add_get("/status", status)
         app.router.add_post("/jobs", jobs)
         node_runner, node_url = await start_site(app, "127.0.0.1", 0)
-        stack = await start_scheduler(tmp_path, node_url, "s", node_id="rogue", poll_interval=5)
+        stack = await start_scheduler(tmp_path)
         stack.runners.append(node_runner)
-        from scheduler.app import REGISTRY
-
-        await stack.scheduler_app[REGISTRY].poll_once()
+        model = {"id": "m", "phase": "ready", "context_length": 2048, "cache_tokens": 2048}
+        await attach_fake_node(stack, "rogue", node_url, [model])
         return stack
 
     stack = servers.call(start())

@@ -1,0 +1,200 @@
+"""How a node keeps its scheduler (and the LAN) informed: signed heartbeats and a zeroconf advert.
+
+Heartbeats go every few seconds, and at once (rate-limited) when something placement cares about
+changes: a model finished loading, a job ended, the node started draining. A scheduler that is down is
+retried with backoff; the node keeps serving nothing new meanwhile only because nothing is sent to it.
+A heartbeat answered "revoked" makes the node drop its scheduler's key at once: from then on every call
+gets 401.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+
+from protocol.errors import HearthError
+from protocol.federation import HeartbeatReply, parse
+from protocol.identity import fingerprint, sign_request
+from protocol.web import read_capped
+
+if TYPE_CHECKING:
+    from protocol.advert import Advert
+
+    from node.app import NodeState
+    from node.settings import NodeSettings
+
+log = logging.getLogger("hearth.node.heartbeat")
+
+MIN_GAP_S = 0.1  # between two heartbeats sent for changes, so a burst of job endings sends one
+MAX_BACKOFF = 8
+MAX_REPLY_BYTES = 64 * 1024
+
+
+def memory_total(settings: NodeSettings) -> int:
+    """A CPU node's memory pool: its declared budget, else half of this machine's RAM."""
+    if settings.memory_budget_bytes is not None:
+        return settings.memory_budget_bytes
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")) // 2
+    except (ValueError, OSError):
+        return 4 << 30
+
+
+def status_doc(state: NodeState) -> dict[str, Any]:
+    pool = state.pool
+    return {
+        "node_id": state.settings.node_id,
+        "version": _version(),
+        "url": state.url or "http://unknown",
+        "tier": (state.trust.enrollment.tier if state.trust.enrollment else state.settings.tier),
+        "gpus": "cpu",
+        "memory_total_bytes": pool.total_bytes,
+        "memory_free_bytes": pool.free_bytes,
+        "draining": state.draining,
+        "yielding": False,
+        "models": [slot.status() for slot in pool.slots.values()],
+    }
+
+
+def _version() -> str:
+    from node.app import VERSION
+
+    return VERSION
+
+
+async def heartbeat_loop(state: NodeState) -> None:
+    await state.listening.wait()
+    interval = state.settings.heartbeat_interval
+    failures = 0
+    said = ""
+    async with aiohttp.ClientSession() as session:
+        while True:
+            state.changed.clear()
+            outcome = await _beat(session, state)
+            if outcome is not None and outcome != said:
+                log.log(logging.WARNING if outcome != "ok" else logging.INFO, "scheduler: %s", outcome)
+                said = outcome
+            if isinstance(outcome, str) and outcome.startswith("unreachable"):
+                failures = min(failures + 1, MAX_BACKOFF)
+            else:
+                failures = 0
+            if state.reply_interval is not None:
+                interval = state.reply_interval
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval * (1 + failures)):
+                    await state.changed.wait()
+            await asyncio.sleep(MIN_GAP_S)
+
+
+async def _beat(session: aiohttp.ClientSession, state: NodeState) -> str | None:
+    trust = state.trust
+    enrollment = trust.enrollment
+    scheduler_url = state.settings.scheduler_url or (enrollment.scheduler_url if enrollment else None)
+    key = trust.scheduler_key
+    if scheduler_url is None or key is None:
+        return "not enrolled (run `hearth node enroll`)" if not trust.revoked else "revoked by the operator"
+    path = "/v1/nodes/heartbeat"
+    body = json.dumps(status_doc(state)).encode()
+    headers = sign_request(trust.identity, "POST", path, body, audience=fingerprint(key))
+    headers["Content-Type"] = "application/json"
+    try:
+        async with session.post(
+            scheduler_url.rstrip("/") + path,
+            data=body,
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(total=10),
+        ) as resp:
+            doc: Any = json.loads(await read_capped(resp, MAX_REPLY_BYTES))
+            code = resp.status
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        return f"unreachable ({type(exc).__name__}); retrying"
+    if code == 200:
+        try:
+            reply: HeartbeatReply = parse(HeartbeatReply, doc)
+        except HearthError:
+            return "sent a malformed reply"
+        state.reply_interval = reply.interval
+        if reply.drain != state.draining:
+            state.draining = reply.drain
+        if (
+            reply.certificate is not None
+            and trust.certificate is None
+            and enrollment
+            and enrollment.authority_key
+        ):
+            try:
+                await asyncio.to_thread(trust.accept_certificate, reply.certificate, enrollment.authority_key)
+            except (HearthError, OSError):
+                return "sent a certificate this node cannot verify"
+        return "ok"
+    error = doc.get("error", {}) if isinstance(doc, dict) else {}
+    reason = error.get("code") if isinstance(error, dict) else None
+    if reason == "node_revoked":
+        trust.revoked = True
+        return "revoked by the operator: this node takes no more work"
+    if reason == "pending_approval":
+        return "enrolled; waiting for the operator's approval"
+    return f"refused the heartbeat (status {code}, {reason})"
+
+
+def advert(state: NodeState) -> Advert:
+    from protocol.advert import Advert
+
+    pool = state.pool
+    enrollment = state.trust.enrollment
+    port = int((state.url or ":0").rsplit(":", 1)[1].split("/")[0] or 0)
+    return Advert(
+        node_id=state.settings.node_id,
+        version=_version(),
+        port=port,
+        tier=enrollment.tier if enrollment else state.settings.tier,
+        fingerprint=state.trust.identity.fingerprint,
+        gpus="cpu",
+        free_bytes=pool.free_bytes,
+        models=tuple(s.id for s in pool.slots.values() if s.phase == "ready"),
+        load=pool.load,
+    )
+
+
+@contextlib.asynccontextmanager
+async def advertise_ctx(state: NodeState) -> AsyncIterator[None]:
+    """Advertise the node on the LAN once it listens, and keep the record current."""
+    settings = state.settings
+    if not settings.advertise:
+        yield
+        return
+    from node.advertise import Advertiser
+
+    holder: list[Advertiser] = []
+
+    async def run() -> None:
+        await state.listening.wait()
+        host = (state.url or "").split("//", 1)[-1].rsplit(":", 1)[0] or "127.0.0.1"
+        advertiser = Advertiser(
+            advert(state),
+            interfaces=settings.zeroconf_interfaces,
+            address=host,
+            min_interval=settings.advert_interval,
+        )
+        holder.append(advertiser)
+        await advertiser.start()
+        while True:
+            await state.advert_changed.wait()
+            state.advert_changed.clear()
+            advertiser.update(advert(state))
+
+    task = asyncio.create_task(run(), name="hearth-advertise")
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        for advertiser in holder:
+            await advertiser.close()

@@ -1,0 +1,220 @@
+"""The models a node serves: which are loaded, what each holds in memory, and loads on demand.
+
+A node declares models (local directories) and a memory pool: a CPU node's declared budget, or its GPUs'
+VRAM. Each model's footprint is estimated from its config.json before a byte is loaded (hardware.estimator:
+weights + a cache for the full context + a reserve), so the scheduler can tell a cold load's cost and fit
+from the heartbeat alone. Loading a model that does not fit unloads idle ones, least recently used first;
+a model with work running is never evicted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from hardware.estimator import footprint
+from hardware.model_spec import ModelConfigError, ModelSpec
+from node.backends.base import Backend
+from node.runner import JobRunner
+from node.settings import ModelSettings, NodeSettings
+from node.templates import ChatTemplate, resolve_template
+from protocol.errors import ConfigError, ConflictError, HearthError, ModelNotFound
+from protocol.web import in_daemon_thread, log_unexpected
+
+log = logging.getLogger("hearth.node.pool")
+
+Phase = Literal["available", "loading", "ready", "failed"]
+BackendLoader = Callable[[ModelSettings, NodeSettings], Backend]
+
+# The transformers backend holds fp32 weights and an fp32 cache on the CPU; Python, torch and the
+# tokenizer need a little beyond that.
+CPU_WEIGHT_BITS = 32
+CPU_CACHE_BITS = 32
+CPU_RESERVE_BYTES = 64 * 1024 * 1024
+DISK_GB_PER_S = 1.0  # a cold load's cost estimate: reading the checkpoint from an ordinary SSD
+SPEED_EMA = 0.3
+
+
+@dataclass
+class ModelSlot:
+    settings: ModelSettings
+    footprint_bytes: int
+    context_length: int | None
+    load_seconds: float
+    phase: Phase = "available"
+    runner: JobRunner | None = None
+    template: ChatTemplate | None = None
+    last_used: float = field(default_factory=time.monotonic)
+    tokens_per_s: float = 0.0
+    task: asyncio.Task[None] | None = None
+
+    @property
+    def id(self) -> str:
+        return self.settings.model_id
+
+    @property
+    def busy(self) -> bool:
+        return self.runner is not None and (self.runner.active + self.runner.queued) > 0
+
+    def record_speed(self, tokens: int, seconds: float) -> None:
+        if tokens >= 2 and seconds > 0:
+            rate = tokens / seconds
+            self.tokens_per_s = (
+                rate if not self.tokens_per_s else (1 - SPEED_EMA) * self.tokens_per_s + SPEED_EMA * rate
+            )
+
+    def status(self) -> dict[str, object]:
+        runner = self.runner
+        return {
+            "id": self.id,
+            "phase": self.phase,
+            "context_length": runner.backend.context_length if runner else self.context_length,
+            "footprint_bytes": self.footprint_bytes,
+            # The reference backend runs one sequence at a time with a cache the size of its context.
+            "cache_tokens": runner.backend.context_length if runner else 0,
+            "max_sequences": 1,
+            "default_max_tokens": self.settings.default_max_tokens,
+            "active": runner.active if runner else 0,
+            "queued": runner.queued if runner else 0,
+            "tokens_per_s": round(self.tokens_per_s, 3),
+            "load_seconds": round(self.load_seconds, 3),
+            "idle_seconds": round(max(0.0, time.monotonic() - self.last_used), 3),
+            "started": runner.started if runner else 0,
+            "skipped": runner.skipped if runner else 0,
+            "template": self.template.name if self.template else None,
+        }
+
+
+def estimate(model: ModelSettings) -> tuple[int, int | None, float]:
+    """(footprint bytes, context length, load seconds) from the model's config.json, before loading."""
+    try:
+        config = json.loads((model.path / "config.json").read_text())
+        size = sum(p.stat().st_size for p in model.path.glob("*.safetensors"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the model in {model.path}: {type(exc).__name__}") from None
+    try:
+        spec = ModelSpec.from_hf_config(config, name=model.model_id)
+    except ModelConfigError:
+        # An architecture the estimator does not describe: its checkpoint, widened to fp32, is the best
+        # guess of its weights, and its cache is unknown.
+        return 2 * size + CPU_RESERVE_BYTES, None, size / (DISK_GB_PER_S * 1e9)
+    context = spec.max_context
+    fp = footprint(spec, CPU_WEIGHT_BITS, context, CPU_CACHE_BITS, CPU_RESERVE_BYTES)
+    return fp.total_bytes, context, size / (DISK_GB_PER_S * 1e9)
+
+
+class ModelPool:
+    def __init__(self, settings: NodeSettings, loader: BackendLoader, total_bytes: int) -> None:
+        self.settings = settings
+        self.total_bytes = total_bytes
+        self._loader = loader
+        self.slots: dict[str, ModelSlot] = {}
+        self.on_change: Callable[[], None] = lambda: None
+        for model in settings.models:
+            fp, context, load_s = estimate(model)
+            self.slots[model.model_id] = ModelSlot(model, fp, context, load_s)
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(s.footprint_bytes for s in self.slots.values() if s.phase in ("loading", "ready"))
+
+    @property
+    def free_bytes(self) -> int:
+        return max(0, self.total_bytes - self.used_bytes)
+
+    @property
+    def load(self) -> int:
+        return sum(s.runner.active + s.runner.queued for s in self.slots.values() if s.runner)
+
+    def get(self, model_id: str) -> ModelSlot:
+        slot = self.slots.get(model_id)
+        if slot is None:
+            raise ModelNotFound(f"this node does not serve the model '{model_id}'", param="model")
+        return slot
+
+    def start(self) -> None:
+        for slot in self.slots.values():
+            if slot.settings.preload:
+                self.request_load(slot.id, ())
+
+    def request_load(self, model_id: str, evict: tuple[str, ...]) -> str:
+        """Begin loading ``model_id``, unloading idle models first if memory is short. Returns the phase
+        it is now in; ConflictError when it cannot fit even after every idle model is gone."""
+        slot = self.get(model_id)
+        if slot.phase in ("loading", "ready"):
+            return slot.phase
+        need = slot.footprint_bytes - self.free_bytes
+        if need > 0:
+            idle = sorted(
+                (s for s in self.slots.values() if s.phase == "ready" and not s.busy and s is not slot),
+                key=lambda s: (s.id not in evict, s.last_used),
+            )
+            if sum(s.footprint_bytes for s in idle) < need:
+                raise ConflictError(
+                    f"{model_id} needs {slot.footprint_bytes} bytes and only {self.free_bytes} are free "
+                    "(the rest holds models that are busy)",
+                    code="insufficient_memory",
+                )
+            for victim in idle:
+                if need <= 0:
+                    break
+                self.unload(victim.id)
+                need -= victim.footprint_bytes
+        slot.phase = "loading"
+        slot.task = asyncio.ensure_future(self._load(slot))
+        self.on_change()
+        return slot.phase
+
+    async def _load(self, slot: ModelSlot) -> None:
+        settings = self.settings
+        started = time.monotonic()
+        try:
+            backend = await in_daemon_thread(
+                lambda: self._loader(slot.settings, settings), f"hearth-load-{slot.id}"
+            )
+            slot.template = resolve_template(
+                slot.settings.chat_template, backend.chat_template, bos_token=backend.bos_token,
+                eos_token=backend.eos_token,
+            )  # fmt: skip
+        except HearthError as exc:
+            slot.phase = "failed"
+            log.error("model %s failed to load: %s", slot.id, exc.message)
+        except Exception as exc:
+            slot.phase = "failed"
+            log_unexpected(f"loading model {slot.id}", exc)
+        else:
+            slot.runner = JobRunner(backend, max_queued=slot.settings.max_queued, name=slot.id)
+            slot.runner.start()
+            slot.phase = "ready"
+            slot.last_used = time.monotonic()
+            slot.load_seconds = time.monotonic() - started
+            log.info("model %s ready (context %d tokens)", slot.id, backend.context_length)
+        finally:
+            slot.task = None
+            self.on_change()
+
+    def unload(self, model_id: str) -> None:
+        slot = self.get(model_id)
+        runner, slot.runner = slot.runner, None
+        slot.phase = "available"
+        if runner is not None:
+            log.info("unloading %s", model_id)
+            # Joining the generation thread may take a step's time: do it off the loop.
+            stopping = asyncio.ensure_future(asyncio.to_thread(runner.stop))
+            stopping.add_done_callback(lambda f: f.exception())
+        self.on_change()
+
+    async def close(self) -> None:
+        tasks = [s.task for s in self.slots.values() if s.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for slot in self.slots.values():
+            if slot.runner is not None:
+                await asyncio.to_thread(slot.runner.stop)
+                slot.runner = None

@@ -1,0 +1,107 @@
+"""Wire schemas between nodes and their scheduler: enrollment and heartbeats.
+
+    POST /v1/enroll            node → scheduler, authenticated by a one-time enrollment code
+    POST /v1/nodes/heartbeat   node → scheduler, signed with the node's identity key (protocol.identity)
+
+A heartbeat carries what placement needs and nothing a user typed: memory, loaded models, cache, queue and
+measured speed. Nodes are run by volunteers and are not trusted to send sane numbers, so every field is
+bounded here and a document that breaks a bound is refused as a whole.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from protocol.errors import InvalidRequest, ProtocolError
+
+Tier = Literal["club", "community"]
+TIERS: tuple[Tier, ...] = ("club", "community")
+ModelPhase = Literal["available", "loading", "ready", "failed"]
+
+NodeId = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
+ModelId = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+Key = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{43}$")]  # 32 raw bytes, base64url
+Count = Annotated[int, Field(ge=0, le=2**31 - 1)]
+Bytes = Annotated[int, Field(ge=0, le=2**60)]
+Url = Annotated[str, StringConstraints(pattern=r"^https?://[^\s/]+(/[^\s]*)?$", max_length=512)]
+
+MAX_MODELS = 256
+MAX_DOC_BYTES = 256 * 1024
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelStatus(_Wire):
+    id: ModelId
+    phase: ModelPhase
+    context_length: Count | None = None
+    footprint_bytes: Bytes = 0
+    cache_tokens: Count = 0
+    max_sequences: Annotated[int, Field(ge=1, le=4096)] = 1
+    default_max_tokens: Annotated[int, Field(ge=1, le=2**31 - 1)] = 1024
+    active: Count = 0
+    queued: Count = 0
+    tokens_per_s: Annotated[float, Field(ge=0, le=1e7)] = 0.0
+    load_seconds: Annotated[float, Field(ge=0, le=1e6)] = 0.0
+    idle_seconds: Annotated[float, Field(ge=0, le=1e9)] = 0.0
+    started: Count = 0  # jobs that ran, since the node started
+    skipped: Count = 0  # jobs whose client left before they ran
+    template: Annotated[str, StringConstraints(max_length=64)] | None = None
+
+
+class NodeStatus(_Wire):
+    node_id: NodeId
+    version: Annotated[str, StringConstraints(max_length=64)]
+    url: Url
+    tier: Tier
+    gpus: Annotated[str, StringConstraints(max_length=200)] = "cpu"
+    memory_total_bytes: Bytes
+    memory_free_bytes: Bytes
+    draining: bool = False
+    yielding: bool = False
+    models: Annotated[list[ModelStatus], Field(max_length=MAX_MODELS)] = []
+
+
+class HeartbeatReply(_Wire):
+    """What the scheduler answers an approved node: its certificate, and whether to drain."""
+
+    certificate: dict[str, Any] | None = None
+    drain: bool = False
+    interval: float = Field(gt=0, le=3600)
+
+
+class EnrollRequest(_Wire):
+    code: Annotated[str, StringConstraints(min_length=8, max_length=128)]
+    node_id: NodeId
+    identity_key: Key
+    encryption_key: Key
+    url: Url | None = None
+    proof: Annotated[str, StringConstraints(max_length=128)]  # identity signature over proof_message()
+
+
+class EnrollReply(_Wire):
+    enrollment_id: str
+    node_id: NodeId
+    tier: Tier
+    scheduler_key: Key
+    authority_key: Key | None
+
+
+def proof_message(code: str, node_id: str, identity_key: str, encryption_key: str) -> bytes:
+    """What an enrolling node signs: proves it holds the identity key it asks to be certified."""
+    return f"hearth-enroll-v1\n{code}\n{node_id}\n{identity_key}\n{encryption_key}".encode()
+
+
+def parse(model: type[_Wire], doc: Any, *, untrusted_peer: bool = True) -> Any:
+    """Validate a decoded document; ProtocolError (from a peer service) or InvalidRequest (from a person)."""
+    try:
+        return model.model_validate(doc)
+    except ValidationError as exc:
+        err = exc.errors(include_input=False, include_url=False, include_context=False)[0]
+        where = ".".join(str(p) for p in err["loc"]) or "document"
+        message = f"malformed {model.__name__}: {where}: {err['msg']}"
+        raise (ProtocolError if untrusted_peer else InvalidRequest)(message) from None

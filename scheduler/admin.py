@@ -1,0 +1,228 @@
+"""The admin API (admin-scope tokens only): enrollment codes, approvals, nodes and models.
+
+    POST /admin/enrollment-codes               {tier, ttl_seconds?, note?} → {code, tier, expires}
+    GET  /admin/enrollments                    nodes waiting for approval (and those decided)
+    POST /admin/enrollments/{node_id}/approve  {certificate}: signed by the operator's authority key
+    POST /admin/enrollments/{node_id}/reject
+    GET  /admin/nodes                          approved nodes with health, memory, models and load
+    POST /admin/nodes/{node_id}/revoke         no more work from now; the node is told at its heartbeat
+    POST /admin/nodes/{node_id}/drain          {drain: true|false}: finish running jobs, take no new ones
+    GET  /admin/models                         where each model runs
+    GET  /admin/authority                      the authority key this scheduler trusts, and its own key
+
+The scheduler cannot approve a node by itself: approval needs a certificate signed by the federation
+authority, whose private key stays with the operator (`hearth enroll approve` signs it on their machine).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from aiohttp import web
+
+from protocol.errors import InvalidRequest, NotFound, PermissionDenied
+from protocol.federation import TIERS
+from protocol.identity import verify_certificate
+from protocol.web import json_response, read_json
+from scheduler.state import ADMISSION, FEDERATION, SETTINGS, STORE, authenticate
+
+MAX_TTL_S = 30 * 24 * 3600.0
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/admin/enrollment-codes", create_code)
+    app.router.add_get("/admin/enrollments", list_enrollments)
+    app.router.add_post("/admin/enrollments/{node_id}/approve", approve)
+    app.router.add_post("/admin/enrollments/{node_id}/reject", reject)
+    app.router.add_get("/admin/nodes", list_nodes)
+    app.router.add_post("/admin/nodes/{node_id}/revoke", revoke)
+    app.router.add_post("/admin/nodes/{node_id}/drain", drain)
+    app.router.add_get("/admin/models", list_models)
+    app.router.add_get("/admin/authority", authority)
+
+
+async def _admin(request: web.Request) -> None:
+    token = await authenticate(request)
+    if token.scope != "admin":
+        raise PermissionDenied("this needs an admin token (`hearth tokens create --admin`)")
+
+
+async def _object(request: web.Request) -> dict[str, Any]:
+    body = await read_json(request) if request.can_read_body else {}
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    return body
+
+
+async def create_code(request: web.Request) -> web.Response:
+    await _admin(request)
+    body = await _object(request)
+    tier = body.get("tier")
+    if tier not in TIERS:
+        raise InvalidRequest(f"tier must be one of {', '.join(TIERS)}", param="tier")
+    ttl = body.get("ttl_seconds", request.app[SETTINGS].enrollment_code_ttl)
+    if not isinstance(ttl, int | float) or isinstance(ttl, bool) or not 60 <= ttl <= MAX_TTL_S:
+        raise InvalidRequest("ttl_seconds must be between 60 and 2592000", param="ttl_seconds")
+    note = body.get("note", "")
+    if not isinstance(note, str) or len(note) > 200:
+        raise InvalidRequest("note must be a string of at most 200 characters", param="note")
+    store = request.app[STORE]
+    code, expires = await store.run(lambda: store.store.create_code(tier, float(ttl), note))
+    return json_response({"code": code, "tier": tier, "expires": expires}, status=201)
+
+
+def _record_doc(request: web.Request, node_id: str) -> dict[str, Any]:
+    fed = request.app[FEDERATION]
+    record = fed.records[node_id]
+    doc: dict[str, Any] = {
+        "node_id": record.node_id,
+        "state": record.state,
+        "source": record.source,
+        "tier": record.tier,
+        "fingerprint": record.fingerprint,
+        "identity_key": record.identity_key,
+        "encryption_key": record.encryption_key,
+        "url": record.url,
+        "drain": record.drain,
+        "created": record.created,
+        "updated": record.updated,
+    }
+    status = fed.pending_status.get(node_id)
+    runtime = fed.registry.nodes.get(node_id)
+    if runtime is not None and runtime.status is not None:
+        status = runtime.status
+    if status is not None:
+        doc["gpus"] = status.gpus
+        doc["memory_total_bytes"] = status.memory_total_bytes
+        doc["memory_free_bytes"] = status.memory_free_bytes
+        doc["models"] = [m.id for m in status.models]
+    return doc
+
+
+async def list_enrollments(request: web.Request) -> web.Response:
+    await _admin(request)
+    state = request.query.get("state")
+    records = request.app[FEDERATION].records.values()
+    docs = [_record_doc(request, r.node_id) for r in records if state in (None, r.state)]
+    return json_response({"enrollments": sorted(docs, key=lambda d: d["created"])})
+
+
+def _known(request: web.Request) -> str:
+    node_id = request.match_info["node_id"]
+    if node_id not in request.app[FEDERATION].records:
+        raise NotFound(f"no node or enrollment called {node_id} (see `hearth enroll list`)")
+    return node_id
+
+
+async def approve(request: web.Request) -> web.Response:
+    await _admin(request)
+    node_id = _known(request)
+    fed = request.app[FEDERATION]
+    if fed.authority_key is None:
+        raise InvalidRequest(
+            "this scheduler trusts no authority yet: set scheduler.authority_key to the key printed by "
+            "`hearth authority init`, then restart it",
+            code="no_authority",
+        )
+    body = await _object(request)
+    cert = verify_certificate(body.get("certificate"), fed.authority_key)
+    record = fed.records[node_id]
+    if (cert.node_id, cert.identity_key, cert.encryption_key, cert.tier) != (
+        record.node_id, record.identity_key, record.encryption_key, record.tier,
+    ) or cert.scheduler_key != fed.identity.public_b64:  # fmt: skip
+        raise InvalidRequest("the certificate does not match this enrollment", param="certificate")
+    store = request.app[STORE]
+    record = await store.run(
+        lambda: store.store.set_node_state(node_id, "approved", certificate=body["certificate"])
+    )
+    fed.remember(record)
+    if record.source == "discovered":
+        fed.push_certificate(node_id, _public_url(request))
+    return json_response(_record_doc(request, node_id))
+
+
+def _public_url(request: web.Request) -> str:
+    return f"{request.scheme}://{request.host}"
+
+
+async def _set_state(request: web.Request, state: str, allowed_from: tuple[str, ...]) -> web.Response:
+    await _admin(request)
+    node_id = _known(request)
+    fed = request.app[FEDERATION]
+    current = fed.records[node_id].state
+    if current not in allowed_from:
+        raise InvalidRequest(
+            f"{node_id} is {current}; only a node that is {' or '.join(allowed_from)} can be {state}"
+        )
+    store = request.app[STORE]
+    record = await store.run(lambda: store.store.set_node_state(node_id, state))  # type: ignore[arg-type]
+    fed.remember(record)
+    request.app[ADMISSION].wake()
+    return json_response(_record_doc(request, node_id))
+
+
+async def reject(request: web.Request) -> web.Response:
+    return await _set_state(request, "rejected", ("pending",))
+
+
+async def revoke(request: web.Request) -> web.Response:
+    return await _set_state(request, "revoked", ("approved", "pending"))
+
+
+async def drain(request: web.Request) -> web.Response:
+    await _admin(request)
+    node_id = _known(request)
+    body = await _object(request)
+    flag = body.get("drain", True)
+    if not isinstance(flag, bool):
+        raise InvalidRequest("drain must be true or false", param="drain")
+    store = request.app[STORE]
+    fed = request.app[FEDERATION]
+    record = await store.run(lambda: store.store.set_node_drain(node_id, flag))
+    fed.remember(record)
+    fed.registry.set_drain(node_id, flag)
+    return json_response(_record_doc(request, node_id))
+
+
+async def list_nodes(request: web.Request) -> web.Response:
+    await _admin(request)
+    fed = request.app[FEDERATION]
+    snapshot = fed.registry.snapshot()
+    now = time.monotonic()
+    docs = []
+    for state in snapshot.nodes:
+        runtime = fed.registry.nodes[state.node_id]
+        docs.append(
+            {
+                **_record_doc(request, state.node_id),
+                "healthy": state.healthy,
+                "draining": state.draining,
+                "yielding": state.yielding,
+                "last_heartbeat_seconds": None
+                if runtime.status is None
+                else round(now - runtime.last_seen, 1),
+                "models": [
+                    {"id": m.id, "phase": m.phase, "active": m.active, "context_length": m.context_length}
+                    for m in state.models
+                ],
+            }
+        )
+    return json_response({"nodes": docs, "queued": request.app[ADMISSION].queued})
+
+
+async def list_models(request: web.Request) -> web.Response:
+    await _admin(request)
+    where: dict[str, list[dict[str, Any]]] = {}
+    for node in request.app[FEDERATION].registry.snapshot().nodes:
+        for m in node.models:
+            where.setdefault(m.id, []).append(
+                {"node_id": node.node_id, "phase": m.phase, "active": m.active, "healthy": node.healthy}
+            )
+    return json_response({"models": [{"id": k, "nodes": where[k]} for k in sorted(where)]})
+
+
+async def authority(request: web.Request) -> web.Response:
+    await _admin(request)
+    fed = request.app[FEDERATION]
+    return json_response({"authority_key": fed.authority_key, "scheduler_key": fed.identity.public_b64})

@@ -1,0 +1,32 @@
+"""The scheduler application's typed keys and its token check, shared by the API and admin modules."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from protocol.errors import AuthenticationFailed
+from scheduler.admission import Admission
+from scheduler.federation import Federation
+from scheduler.metrics import Metrics
+from scheduler.relay import Relay
+from scheduler.settings import SchedulerSettings
+from scheduler.store import AsyncStore, TokenRecord
+
+SETTINGS = web.AppKey("settings", SchedulerSettings)
+STORE = web.AppKey("store", AsyncStore)
+FEDERATION = web.AppKey("federation", Federation)
+ADMISSION = web.AppKey("admission", Admission)
+RELAY = web.AppKey("relay", Relay)
+METRICS = web.AppKey("metrics", Metrics)
+STARTED = web.AppKey("started", int)
+
+
+async def authenticate(request: web.Request) -> TokenRecord:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthenticationFailed("missing API token: send 'Authorization: Bearer <token>'")
+    record = await request.app[STORE].verify_token(token.strip())
+    if record is None:
+        raise AuthenticationFailed("invalid or revoked API token")
+    return record
