@@ -154,7 +154,11 @@ class Cluster:
     # the volunteer's side
 
     def node_dir(self, node_id: str) -> Path:
+        """The node's --data-dir (its keys and enrollment are in `node/` inside, as for any user)."""
         return self.base / "nodes" / node_id
+
+    def node_keys(self, node_id: str) -> Path:
+        return self.node_dir(node_id) / "node"
 
     def write_node_config(self, spec: NodeSpec, *, authority_key: str | None = None) -> Path:
         lines = [

@@ -124,7 +124,7 @@ def test_approval_turns_nodes_into_capacity(cluster: Cluster) -> None:
     # The certificate reached the node enrolled with a code through its heartbeat, and the LAN node
     # through the scheduler's push; both keep it.
     for node_id in ("n1", "n4"):
-        cluster.wait(lambda n=node_id: (cluster.node_dir(n) / "certificate.json").exists(), f"{node_id} cert")
+        cluster.wait(lambda n=node_id: (cluster.node_keys(n) / "certificate.json").exists(), f"{node_id} cert")
 
 
 def test_requests_go_where_the_rules_say(cluster: Cluster) -> None:
@@ -252,7 +252,7 @@ def test_restarting_the_scheduler_loses_nothing(cluster: Cluster) -> None:
 
 
 def _node_identity(cluster: Cluster, node_id: str) -> Identity:
-    return Identity.load(cluster.node_dir(node_id) / "identity.key")
+    return Identity.load(cluster.node_keys(node_id) / "identity.key")
 
 
 def test_forged_and_replayed_calls_are_refused(cluster: Cluster) -> None:
