@@ -260,7 +260,7 @@ def enroll_list(show_all: bool, scheduler_url: str | None, token: str | None) ->
                 r.get("url") or "-",
             ]
             for r in rows
-        ],  # fmt: skip
+        ],
         ["NODE", "STATE", "TIER", "SOURCE", "FINGERPRINT", "GPUS", "MEMORY", "URL"],
     )
 

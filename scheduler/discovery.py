@@ -93,4 +93,3 @@ class Discovery:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._zc is not None:
             await self._zc.async_close()
-

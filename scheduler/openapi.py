@@ -150,7 +150,8 @@ def openapi_document() -> dict[str, Any]:
             },
             "/v1/nodes/heartbeat": {
                 "post": {
-                    "summary": "An approved node's status, signed with its identity key (X-Hearth-* headers).",
+                    "summary": "An approved node's status, signed with its identity key "
+                    "(X-Hearth-* headers).",
                     "requestBody": {"required": True, "content": _json("NodeStatus")},
                     "responses": {
                         "200": {"description": "Accepted.", "content": _json("HeartbeatReply")},

@@ -66,7 +66,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                 (models["demo-c"], "demo-c", False),
                 (models["demo-huge"], "demo-huge", False),
             ],
-        ),  # fmt: skip
+        ),
         "n4": NodeSpec("n4", "community", 200 * MB, [(models["demo-a"], "demo-a", True)]),
     }
     try:
@@ -124,7 +124,9 @@ def test_approval_turns_nodes_into_capacity(cluster: Cluster) -> None:
     # The certificate reached the node enrolled with a code through its heartbeat, and the LAN node
     # through the scheduler's push; both keep it.
     for node_id in ("n1", "n4"):
-        cluster.wait(lambda n=node_id: (cluster.node_keys(n) / "certificate.json").exists(), f"{node_id} cert")
+        cluster.wait(
+            lambda n=node_id: (cluster.node_keys(n) / "certificate.json").exists(), f"{node_id} cert"
+        )
 
 
 def test_requests_go_where_the_rules_say(cluster: Cluster) -> None:

@@ -26,14 +26,22 @@ def _eligible(request: PlacementRequest, node: NodeState) -> Refusal | None:
     if node.draining or node.yielding:
         return Refusal("unavailable", "drain", f"{node.node_id} is draining", node.node_id)
     if node.tier not in request.tiers:
-        return Refusal("never", "tier", f"{request.model} runs only on tiers this request may not use", node.node_id)
+        return Refusal(
+            "never", "tier", f"{request.model} runs only on tiers this request may not use", node.node_id
+        )
     return None
 
 
 def _fit(request: PlacementRequest, node: NodeState, m: ModelState) -> Refusal | None:
     if m.phase == "failed":
-        return Refusal("unavailable", "model", f"{request.model} failed to load on {node.node_id}", node.node_id)
-    if m.context_length is not None and request.max_tokens is not None and request.max_tokens >= m.context_length:
+        return Refusal(
+            "unavailable", "model", f"{request.model} failed to load on {node.node_id}", node.node_id
+        )
+    if (
+        m.context_length is not None
+        and request.max_tokens is not None
+        and request.max_tokens >= m.context_length
+    ):
         return Refusal(
             "never", "context",
             f"max_tokens {request.max_tokens} does not fit {request.model}'s context of {m.context_length} tokens",
@@ -48,15 +56,21 @@ def _fit(request: PlacementRequest, node: NodeState, m: ModelState) -> Refusal |
             )  # fmt: skip
         idle = sum(o.footprint_bytes for o in node.models if o.idle)
         if m.footprint_bytes > node.memory_free_bytes + idle:
-            return Refusal("busy", "memory", f"{node.node_id} has no memory free for {request.model}", node.node_id)
+            return Refusal(
+                "busy", "memory", f"{node.node_id} has no memory free for {request.model}", node.node_id
+            )
         return None
     if m.phase == "loading":
         return Refusal("busy", "loading", f"{request.model} is loading on {node.node_id}", node.node_id)
-    need = request.prompt_tokens + (request.max_tokens if request.max_tokens is not None else m.default_max_tokens)
+    need = request.prompt_tokens + (
+        request.max_tokens if request.max_tokens is not None else m.default_max_tokens
+    )
     if m.context_length is not None:
         need = min(need, m.context_length)
     if need > m.cache_tokens:
-        return Refusal("never", "cache", f"{request.model}'s cache is too small for this request", node.node_id)
+        return Refusal(
+            "never", "cache", f"{request.model}'s cache is too small for this request", node.node_id
+        )
     if m.active >= m.max_sequences or m.reserved_tokens + need > m.cache_tokens:
         return Refusal("busy", "sequences", f"{node.node_id} is busy with {request.model}", node.node_id)
     return None
