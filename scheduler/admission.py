@@ -45,7 +45,7 @@ class _Waiter:
 def refusal_error(refusal: Refusal, retry_after: float) -> HearthError:
     """The API error for a cluster-level refusal: the reason reaches the client as placement wrote it."""
     if refusal.kind == "unknown_model":
-        return ModelNotFound(f"{refusal.reason}; see /v1/models", param="model")
+        return ModelNotFound(f"{refusal.reason}; see /v1/models", param="model", code="model_not_found")
     if refusal.kind == "never":
         if refusal.resource == "tier":
             return PermissionDenied(refusal.reason, code="tier_not_allowed")

@@ -106,7 +106,7 @@ def test_the_walk_reaches_every_nested_model() -> None:
     for expected in (
         "scheduler.max_body_bytes",
         "scheduler.policy.max_tokens_cap",
-        "scheduler.nodes[].secret",
+        "scheduler.policy.tiers",
         "node.threads",
         "node.models[].truncation",
     ):
@@ -245,7 +245,9 @@ COMMANDS = list(_commands(main))
 
 
 def _user_docs() -> str:
-    return "\n".join(_read(p) for p in (QUICKSTART, API, CONFIGURATION))
+    return "\n".join(
+        _read(p) for p in (QUICKSTART, API, CONFIGURATION, DOCS / "operators.md", DOCS / "volunteers.md")
+    )
 
 
 @pytest.mark.parametrize(("path", "command"), COMMANDS, ids=[p for p, _ in COMMANDS])

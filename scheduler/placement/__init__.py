@@ -127,7 +127,7 @@ def place(
     if warm_somewhere and cold:
         return Refusal("busy", "sequences", f"every node serving {request.model} is busy")
     if not refusals:
-        return Refusal("unknown_model", "model", f"no node serves the model '{request.model}'")
+        return Refusal("unknown_model", "model", f"the model '{request.model}' does not exist here")
     refusals.sort(key=lambda r: _ORDER[r.kind])
     best = refusals[0]
     if best.kind == "never":
