@@ -1,5 +1,10 @@
 """Expected wait: the tokens the node still owes for this model, over the speed measured there.
 
+The request's own tokens are left out on purpose: counting them sends even light traffic to the fastest
+nodes, which shortens end-to-end latency but lengthens p99 time to first token, as bigger batches there
+make every newcomer's prefill wait (measured in docs/benchmarks.md). At equal backlogs, free_cache prefers
+the nodes with more room, which are usually the larger cards anyway.
+
 A node that has not measured its speed yet is assumed to be slow rather than fast, so that a new node earns
 its share of work by showing what it can do instead of attracting every request at once.
 """

@@ -1,0 +1,312 @@
+"""A discrete-event simulation of a heterogeneous cluster serving one model, driven by the real placement.
+
+Each node runs continuous batching the way exllamav2's dynamic generator does: at every iteration it admits
+waiting jobs whose prompt plus max_new_tokens fit its free cache (and its batch), prefills them, and then
+every running sequence gains one token. Iteration times come from `hardware.estimator` for the node's GPU:
+prefill at `prefill_tokens_per_s`, a decode step at the batch's `decode_tokens_per_s`. Numbers are
+estimates, so the simulator compares policies on the same footing rather than predicting exact latencies.
+
+Policies:
+- ``hearth``: the scheduler's own rule. Requests wait in one central queue; each is placed by the real
+  `scheduler.placement.place` over a snapshot built from the simulated nodes (in-flight work, reserved
+  cache, measured speed), and only when a node can start it now (cache admission). Late binding: a request
+  goes to whichever node frees up first and suits it best.
+- ``round-robin``: each arrival goes to the next node in turn, into that node's own FIFO queue.
+- ``least-outstanding``: each arrival goes to the node with the fewest requests running or queued there.
+
+Pure: no I/O, no clock; the caller passes the trace in.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import random
+import statistics
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from hardware.catalog import GpuSpec
+from hardware.estimator import (
+    DEFAULT_RESERVE_BYTES,
+    decode_tokens_per_s,
+    kv_bytes_per_token,
+    prefill_tokens_per_s,
+    weight_bytes,
+)
+from hardware.model_spec import ModelSpec
+from scheduler.placement import ClusterSnapshot, ModelState, NodeState, Placement, PlacementRequest, place
+
+Policy = Literal["hearth", "round-robin", "least-outstanding"]
+POLICIES: tuple[Policy, ...] = ("hearth", "round-robin", "least-outstanding")
+MODEL_ID = "model"
+
+
+@dataclass(frozen=True, slots=True)
+class TraceRequest:
+    arrival: float  # seconds from the start
+    prompt_tokens: int
+    output_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSpec:
+    node_id: str
+    gpu: GpuSpec
+    tier: str = "club"
+    max_sequences: int = 32
+
+
+@dataclass(frozen=True, slots=True)
+class Slo:
+    """What counts as a good answer for goodput."""
+
+    ttft_s: float = 2.0
+    time_per_token_s: float = 0.1
+
+
+@dataclass
+class _Job:
+    request: TraceRequest
+    index: int
+    reserved: int
+    produced: int = 0
+    first_token: float | None = None
+    done: float | None = None
+
+
+@dataclass
+class _Node:
+    spec: NodeSpec
+    prefill_tps: float
+    cache_tokens: int
+    decode: dict[int, float]  # batch size -> tokens per second, summed over the batch
+    running: list[_Job] = field(default_factory=list)
+    admitted: list[_Job] = field(default_factory=list)  # placed, prefilled at the next iteration
+    local: deque[_Job] = field(default_factory=deque)  # baselines: the node's own queue
+    reserved: int = 0
+    busy_until: float | None = None
+
+    @property
+    def active(self) -> int:
+        return len(self.running) + len(self.admitted)
+
+    def fits(self, job: _Job) -> bool:
+        return self.active < self.spec.max_sequences and self.reserved + job.reserved <= self.cache_tokens
+
+    def single_stream_tps(self) -> float:
+        return self.decode[1]
+
+    def outstanding(self) -> int:
+        return sum(j.request.output_tokens - j.produced for j in (*self.running, *self.admitted))
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    policy: str
+    completed: int
+    duration_s: float
+    ttft_p50: float
+    ttft_p99: float
+    latency_p50: float
+    latency_p99: float
+    goodput_rps: float  # requests per second that met the SLO
+    slo_attainment: float  # share of requests that met it
+
+
+def _node(spec: NodeSpec, model: ModelSpec, bits: float, context: int) -> _Node:
+    cache_bytes = spec.gpu.vram_bytes - weight_bytes(model, bits) - DEFAULT_RESERVE_BYTES
+    if cache_bytes <= 0:
+        raise ValueError(f"{model.name} at {bits} bpw does not fit a {spec.gpu.name}")
+    cache_tokens = cache_bytes // kv_bytes_per_token(model, 16)
+    decode = {
+        b: decode_tokens_per_s(model, bits, spec.gpu, batch=b, context=context)
+        for b in range(1, spec.max_sequences + 1)
+    }
+    return _Node(spec, prefill_tokens_per_s(model, spec.gpu), int(cache_tokens), decode)
+
+
+class Simulation:
+    def __init__(
+        self,
+        nodes: Sequence[NodeSpec],
+        model: ModelSpec,
+        *,
+        bits_per_weight: float = 4.0,
+        context: int = 8192,
+        slo: Slo | None = None,
+        seed: int = 0,
+    ) -> None:
+        self._specs = list(nodes)
+        self._model = model
+        self._bits = bits_per_weight
+        self._context = context
+        self._slo = slo or Slo()
+        self._seed = seed
+
+    def run(self, trace: Sequence[TraceRequest], policy: Policy) -> Result:
+        rng = random.Random(self._seed)
+        nodes = [_node(s, self._model, self._bits, self._context) for s in self._specs]
+        ctx = self._context
+        jobs = [
+            _Job(r, i, min(ctx, r.prompt_tokens + r.output_tokens))
+            for i, r in enumerate(trace)
+            if r.prompt_tokens + 1 < ctx
+        ]
+        events: list[tuple[float, int, int, int]] = []  # (time, order, kind, index): 0 arrival, 1 node
+        counter = itertools.count()
+        for job in jobs:
+            heapq.heappush(events, (job.request.arrival, next(counter), 0, job.index))
+        by_index = {j.index: j for j in jobs}
+        central: deque[_Job] = deque()
+        turn = itertools.count()
+        now = 0.0
+
+        def start(node_index: int) -> None:
+            node = nodes[node_index]
+            if node.busy_until is None and (node.running or node.admitted):
+                node.busy_until = now + self._iteration(node)
+                heapq.heappush(events, (node.busy_until, next(counter), 1, node_index))
+
+        def pull_local(node: _Node) -> None:
+            while node.local and node.fits(node.local[0]):
+                job = node.local.popleft()
+                node.admitted.append(job)
+                node.reserved += job.reserved
+
+        def dispatch_central() -> None:
+            while central:
+                decision = place(self._request(central[0]), self._snapshot(nodes), rng)
+                if not isinstance(decision, Placement):
+                    return
+                job = central.popleft()
+                index = int(decision.node_id)
+                nodes[index].admitted.append(job)
+                nodes[index].reserved += job.reserved
+                start(index)
+
+        while events:
+            now, _, kind, index = heapq.heappop(events)
+            if kind == 0:
+                job = by_index[index]
+                if policy == "hearth":
+                    central.append(job)
+                    dispatch_central()
+                    continue
+                if policy == "round-robin":
+                    target = next(turn) % len(nodes)
+                else:
+                    loads = [n.active + len(n.local) for n in nodes]
+                    least = min(loads)
+                    target = rng.choice([i for i, v in enumerate(loads) if v == least])
+                nodes[target].local.append(job)
+                pull_local(nodes[target])
+                start(target)
+                continue
+            node = nodes[index]
+            node.busy_until = None
+            self._advance(node, now)
+            if policy == "hearth":
+                dispatch_central()
+            else:
+                pull_local(node)
+            start(index)
+        return self._result(policy, jobs)
+
+    def _iteration(self, node: _Node) -> float:
+        """Prefill what was admitted, then one decode step for the whole batch."""
+        prefill = sum(j.request.prompt_tokens for j in node.admitted) / node.prefill_tps
+        batch = min(len(node.running) + len(node.admitted), node.spec.max_sequences)
+        return prefill + batch / node.decode[max(1, batch)]
+
+    def _advance(self, node: _Node, now: float) -> None:
+        for job in node.admitted:
+            job.first_token = now
+            job.produced = 1
+        node.running.extend(node.admitted)
+        node.admitted.clear()
+        still: list[_Job] = []
+        for job in node.running:
+            if job.first_token != now:
+                job.produced += 1
+            if job.produced >= job.request.output_tokens:
+                job.done = now
+                node.reserved -= job.reserved
+            else:
+                still.append(job)
+        node.running = still
+
+    def _request(self, job: _Job) -> PlacementRequest:
+        return PlacementRequest(MODEL_ID, job.request.output_tokens, prompt_tokens=job.request.prompt_tokens)
+
+    def _snapshot(self, nodes: Sequence[_Node]) -> ClusterSnapshot:
+        return ClusterSnapshot(
+            tuple(
+                NodeState(
+                    node_id=str(i),
+                    tier=n.spec.tier,
+                    healthy=True,
+                    memory_total_bytes=n.spec.gpu.vram_bytes,
+                    models=(
+                        ModelState(
+                            id=MODEL_ID,
+                            phase="ready",
+                            context_length=self._context,
+                            footprint_bytes=0,
+                            cache_tokens=n.cache_tokens,
+                            max_sequences=n.spec.max_sequences,
+                            active=n.active,
+                            reserved_tokens=n.reserved,
+                            outstanding_tokens=n.outstanding(),
+                            tokens_per_s=n.single_stream_tps(),
+                        ),
+                    ),
+                )  # fmt: skip
+                for i, n in enumerate(nodes)
+            )
+        )
+
+    def _result(self, policy: str, jobs: Sequence[_Job]) -> Result:
+        done = [j for j in jobs if j.done is not None and j.first_token is not None]
+        if not done:
+            return Result(policy, 0, 0.0, math.inf, math.inf, math.inf, math.inf, 0.0, 0.0)
+        ttft = sorted(j.first_token - j.request.arrival for j in done)  # type: ignore[operator]
+        latency = sorted(j.done - j.request.arrival for j in done)  # type: ignore[operator]
+        good = 0
+        for j in done:
+            assert j.first_token is not None and j.done is not None
+            first = j.first_token - j.request.arrival
+            per_token = (j.done - j.first_token) / max(1, j.request.output_tokens - 1)
+            if first <= self._slo.ttft_s and per_token <= self._slo.time_per_token_s:
+                good += 1
+        start = min(j.request.arrival for j in jobs)
+        end = max(j.done for j in done)  # type: ignore[type-var]
+        duration = max(1e-9, end - start)
+        return Result(
+            policy=policy,
+            completed=len(done),
+            duration_s=duration,
+            ttft_p50=statistics.median(ttft),
+            ttft_p99=_p99(ttft),
+            latency_p50=statistics.median(latency),
+            latency_p99=_p99(latency),
+            goodput_rps=good / duration,
+            slo_attainment=good / len(jobs),
+        )
+
+
+def _p99(sorted_values: Sequence[float]) -> float:
+    return sorted_values[max(0, math.ceil(0.99 * len(sorted_values)) - 1)]
+
+
+def scale(trace: Sequence[TraceRequest], rate_per_s: float) -> list[TraceRequest]:
+    """The same requests, with arrival times stretched or squeezed to an average of ``rate_per_s``."""
+    if not trace:
+        return []
+    first = trace[0].arrival
+    span = trace[-1].arrival - first
+    factor = (len(trace) - 1) / (rate_per_s * span) if span > 0 else 0.0
+    return [TraceRequest((r.arrival - first) * factor, r.prompt_tokens, r.output_tokens) for r in trace]
