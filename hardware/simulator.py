@@ -264,7 +264,7 @@ class Simulation:
                             tokens_per_s=n.single_stream_tps(),
                         ),
                     ),
-                )  # fmt: skip
+                )
                 for i, n in enumerate(nodes)
             )
         )
@@ -283,7 +283,7 @@ class Simulation:
             if first <= self._slo.ttft_s and per_token <= self._slo.time_per_token_s:
                 good += 1
         start = min(j.request.arrival for j in jobs)
-        end = max(j.done for j in done)  # type: ignore[type-var]
+        end = max(j.done or 0.0 for j in done)
         duration = max(1e-9, end - start)
         return Result(
             policy=policy,
