@@ -124,7 +124,7 @@ def _load_figures(app: web.Application) -> list[tuple[str, int, int]]:
 
 
 async def _node_ctx(app: web.Application) -> AsyncIterator[None]:
-    from node.heartbeat import advertise_ctx, heartbeat_loop, memory_total
+    from node.heartbeat import advertise_ctx, heartbeat_loop, memory_pool
 
     settings = app[SETTINGS]
     trust = app.get(TRUST)
@@ -133,8 +133,8 @@ async def _node_ctx(app: web.Application) -> AsyncIterator[None]:
     if trust.enrollment is not None and trust.enrollment.node_id != settings.node_id:
         # The name the node enrolled under is the one its certificate and heartbeats carry.
         settings = settings.model_copy(update={"node_id": trust.enrollment.node_id})
-    total = await asyncio.to_thread(memory_total, settings)
-    pool = await asyncio.to_thread(ModelPool, settings, app[LOADER], total)
+    total, gpus = await asyncio.to_thread(memory_pool, settings)
+    pool = await asyncio.to_thread(ModelPool, settings, app[LOADER], total, gpus)
     state = NodeState(
         settings, trust, pool, trust.verifier(settings.node_id), RequestVerifier(settings.node_id, _no_signer)
     )

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -37,14 +38,31 @@ MAX_BACKOFF = 8
 MAX_REPLY_BYTES = 64 * 1024
 
 
-def memory_total(settings: NodeSettings) -> int:
-    """A CPU node's memory pool: its declared budget, else half of this machine's RAM."""
+def memory_pool(settings: NodeSettings) -> tuple[int, str]:
+    """(bytes models may use, a short GPU summary). Blocking (NVML): call it off the event loop.
+
+    A declared memory budget wins (a CPU node, or a GPU box whose owner lends only part of it). Else the
+    GPUs' free VRAM at start, as NVML reports it: what the owner's own processes hold stays theirs. With no
+    GPU and no budget, half of this machine's RAM.
+    """
     if settings.memory_budget_bytes is not None:
-        return settings.memory_budget_bytes
+        return settings.memory_budget_bytes, "cpu"
+    from hardware.probe import probe
+
+    found = probe()
+    if found.gpus:
+        return pool_from_probe(found)
     try:
-        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")) // 2
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")) // 2, "cpu"
     except (ValueError, OSError):
-        return 4 << 30
+        return 4 << 30, "cpu"
+
+
+def pool_from_probe(found: NodeProbe) -> tuple[int, str]:
+    """A GPU node's pool: free VRAM summed over its GPUs, and e.g. "2x NVIDIA GeForce RTX 3090"."""
+    names = Counter(g.name for g in found.gpus)
+    summary = ", ".join(f"{count}x {name}" for name, count in names.items())
+    return found.free_bytes, summary[:200]
 
 
 def status_doc(state: NodeState) -> dict[str, Any]:
@@ -54,7 +72,7 @@ def status_doc(state: NodeState) -> dict[str, Any]:
         "version": _version(),
         "url": state.url or "http://unknown",
         "tier": (state.trust.enrollment.tier if state.trust.enrollment else state.settings.tier),
-        "gpus": "cpu",
+        "gpus": pool.gpus,
         "memory_total_bytes": pool.total_bytes,
         "memory_free_bytes": pool.free_bytes,
         "draining": state.draining,
@@ -156,7 +174,7 @@ def advert(state: NodeState) -> Advert:
         port=port,
         tier=enrollment.tier if enrollment else state.settings.tier,
         fingerprint=state.trust.identity.fingerprint,
-        gpus="cpu",
+        gpus=pool.gpus,
         free_bytes=pool.free_bytes,
         models=tuple(s.id for s in pool.slots.values() if s.phase == "ready"),
         load=pool.load,

@@ -109,9 +109,12 @@ def estimate(model: ModelSettings) -> tuple[int, int | None, float]:
 
 
 class ModelPool:
-    def __init__(self, settings: NodeSettings, loader: BackendLoader, total_bytes: int) -> None:
+    def __init__(
+        self, settings: NodeSettings, loader: BackendLoader, total_bytes: int, gpus: str = "cpu"
+    ) -> None:
         self.settings = settings
         self.total_bytes = total_bytes
+        self.gpus = gpus
         self._loader = loader
         self.slots: dict[str, ModelSlot] = {}
         self.on_change: Callable[[], None] = lambda: None

@@ -48,7 +48,7 @@ class Proc:
 class NodeSpec:
     node_id: str
     tier: str
-    budget_bytes: int
+    budget_bytes: int | None  # None: the node reads its GPUs' free VRAM
     models: list[tuple[Path, str, bool]]  # (directory, id, preload)
 
 
@@ -166,11 +166,12 @@ class Cluster:
             "[node]",
             f'node_id = "{spec.node_id}"',
             f'tier = "{spec.tier}"',
-            f"memory_budget_bytes = {spec.budget_bytes}",
             "heartbeat_interval = 0.3",
             "advert_interval = 0.3",
             'zeroconf_interfaces = ["127.0.0.1"]',
         ]
+        if spec.budget_bytes is not None:
+            lines.append(f"memory_budget_bytes = {spec.budget_bytes}")
         if authority_key:
             lines.append(f'authority_key = "{authority_key}"')
         for path, model_id, preload in spec.models:

@@ -282,3 +282,23 @@ def test_time_zone_is_normalised_to_utc() -> None:
     text = node.to_json()
     assert '"probed_at": "2025-03-20T21:05:33+00:00"' in text
     assert NodeProbe.from_json(text).probed_at == datetime(2025, 3, 20, 21, 5, 33, tzinfo=UTC)
+
+
+# A node's memory pool, from each recorded or hand-written probe: (fixture, pool bytes, GPU summary)
+# fmt: off
+POOLS = [
+    ("h100-x1-recorded.json", 85017493504, "1x NVIDIA H100 80GB HBM3"),  # a real NVML reading
+    ("volunteer-2x3090.json", 18775801856 + 25486688256, "2x NVIDIA GeForce RTX 3090"),  # the owner's 6.5 GiB stays theirs
+    ("club-4xA100-80GB.json", None, "4x NVIDIA A100-SXM4-80GB"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(("name", "pool", "summary"), POOLS)
+def test_a_gpu_nodes_pool_is_its_free_vram(name: str, pool: int | None, summary: str) -> None:
+    from node.heartbeat import pool_from_probe
+
+    node = fixture(name)
+    got_pool, got_summary = pool_from_probe(node)
+    assert got_pool == (pool if pool is not None else node.free_bytes)
+    assert got_summary == summary
