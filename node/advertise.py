@@ -59,7 +59,8 @@ class Advertiser:
             else AsyncZeroconf(ip_version=IPVersion.V4Only)
         )
         self._info = self._service_info(self._advert)
-        await self._zc.async_register_service(self._info, allow_name_change=False)
+        # Each call returns a task that finishes once the announcements are out: wait for it too.
+        await (await self._zc.async_register_service(self._info, allow_name_change=False))
         self._published = self._advert
         self.publishes += 1
         self._task = asyncio.create_task(self._run(), name="hearth-advert")
@@ -74,9 +75,9 @@ class Advertiser:
             self._wake.clear()
             if self._advert != self._published and self._zc is not None:
                 self._info = self._service_info(self._advert)
-                await self._zc.async_update_service(self._info)
                 self._published = self._advert
                 self.publishes += 1
+                await (await self._zc.async_update_service(self._info))
             await asyncio.sleep(self._min_interval)
 
     async def close(self) -> None:
@@ -86,6 +87,6 @@ class Advertiser:
         if self._zc is not None:
             if self._info is not None:
                 with contextlib.suppress(Exception):  # shutting down: nothing to do about a failed goodbye
-                    await self._zc.async_unregister_service(self._info)
+                    await (await self._zc.async_unregister_service(self._info))
             await self._zc.async_close()
             self._zc = None
