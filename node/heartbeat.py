@@ -26,10 +26,10 @@ from protocol.identity import fingerprint, sign_request
 from protocol.web import read_capped
 
 if TYPE_CHECKING:
-    from protocol.advert import Advert
-
+    from hardware.probe import NodeProbe
     from node.app import NodeState
     from node.settings import NodeSettings
+    from protocol.advert import Advert
 
 log = logging.getLogger("hearth.node.heartbeat")
 
