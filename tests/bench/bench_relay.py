@@ -52,7 +52,11 @@ from typing import Any
 import aiohttp
 import psutil  # type: ignore[import-untyped]
 
-SECRET_ENV = "HEARTH_BENCH_NODE_SECRET"
+# A tiny Llama shape, only for the node's memory estimate: the scripted backend has no weights.
+SCRIPTED_CONFIG = {
+    "model_type": "llama", "hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 4096,
+}  # fmt: skip
 READY_LINE = "HEARTH-BENCH-URL "
 CONTENT_MARK = b'"delta":{"content":'
 
@@ -69,39 +73,40 @@ def _stop_event() -> asyncio.Event:
     return stop
 
 
-async def _serve_node(slots: int) -> None:
-    from pydantic import SecretStr
-
-    from node.app import create_app
+async def _serve_node(slots: int, data_dir: Path, scheduler_url: str) -> None:
+    from node.app import start_node
     from node.settings import ModelSettings, NodeSettings
-    from protocol.web import start_site
     from tests.bench.scripted import ScriptedBackend
 
-    models = [
-        ModelSettings(path=Path(f"/nonexistent/bench-{i:02d}"), id=f"bench-{i:02d}", max_queued=100_000)
-        for i in range(slots)
-    ]
-    settings = NodeSettings(node_id="bench", secret=SecretStr(os.environ[SECRET_ENV]), models=models)
-    app = create_app(settings, loader=lambda _m, _s: ScriptedBackend())
+    models = []
+    for i in range(slots):
+        # The scripted backend needs no weights; the node estimates each model's memory from its config.
+        path = data_dir / "models" / f"bench-{i:02d}"
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps(SCRIPTED_CONFIG))
+        models.append(ModelSettings(path=path, id=f"bench-{i:02d}", max_queued=100_000))
+    settings = NodeSettings(
+        node_id="bench", data_dir=data_dir / "node", models=models, advertise=False,
+        scheduler_url=scheduler_url, memory_budget_bytes=1 << 40,
+    )  # fmt: skip
     stop = _stop_event()
-    runner, url = await start_site(app, "127.0.0.1", 0)
+    runner, url, _ = await start_node(settings, loader=lambda _m, _s: ScriptedBackend())
     print(READY_LINE + url, flush=True)
     await stop.wait()
     await runner.cleanup()
 
 
-async def _serve_scheduler(node_url: str, data_dir: Path, profile: str | None) -> None:
-    from pydantic import SecretStr
-
+async def _serve_scheduler(data_dir: Path, profile: str | None) -> None:
+    from protocol.identity import load_authority
     from protocol.web import start_site
     from scheduler.app import create_app
-    from scheduler.settings import NodeLink, SchedulerSettings
+    from scheduler.settings import SchedulerSettings
 
     settings = SchedulerSettings(
         port=0,
         data_dir=data_dir,
-        poll_interval=1.0,
-        nodes=[NodeLink(node_id="bench", url=node_url, secret=SecretStr(os.environ[SECRET_ENV]))],
+        discovery=False,
+        authority_key=load_authority(data_dir / "authority").public_b64,
     )
     stop = _stop_event()
     profiler = cProfile.Profile() if profile else None
@@ -126,6 +131,8 @@ class Target:
     url: str
     headers: dict[str, str]
     direct: bool  # True: the node's /jobs (frames); False: the scheduler's /v1/chat/completions (SSE)
+    # Direct calls must be signed like the scheduler's own (a fresh signature per body): sign(body) -> headers
+    sign: Callable[[bytes], dict[str, str]] | None = None
 
 
 @dataclass
@@ -176,7 +183,8 @@ async def _one_stream(
     decoder = frames.FrameDecoder() if target.direct else None
     ttft = -1.0
     t0 = time.perf_counter()
-    async with session.post(target.url, data=data, headers=target.headers) as resp:
+    headers = target.headers if target.sign is None else {**target.headers, **target.sign(data)}
+    async with session.post(target.url, data=data, headers=headers) as resp:
         if resp.status != 200:
             await resp.read()
             raise ProtocolMismatch(f"HTTP {resp.status}")
@@ -485,10 +493,11 @@ def plan(opts: argparse.Namespace) -> list[tuple[str, int, float, int, float]]:
 
 
 async def run_bench(opts: argparse.Namespace) -> dict[str, Any]:
+    from hearth.up import certify_local_node
+    from protocol.identity import load_or_create_identity, sign_request
     from scheduler.store import Store
 
-    secret = secrets.token_urlsafe(24)
-    env = {**os.environ, SECRET_ENV: secret}
+    env = dict(os.environ)
     results: dict[str, Any] = {
         "machine": {
             "cpu": cpu_model(),
@@ -509,13 +518,27 @@ async def run_bench(opts: argparse.Namespace) -> dict[str, Any]:
         store = Store(Path(tmp) / "hearth.db")
         token, _ = store.create_token("bench")
         store.close()
-        node_proc, node_url = await _spawn(["--role", "node", "--slots", str(opts.slots)], env)
-        sched_proc = None
+        # The node is enrolled and approved as `hearth up` does it; the load generator signs direct calls
+        # with the scheduler's key, as the scheduler would.
+        certify_local_node(Path(tmp), "bench")
+        scheduler_key = load_or_create_identity(Path(tmp) / "scheduler.key")
+        sched_args = ["--role", "scheduler", "--data-dir", tmp]
+        if opts.profile:
+            sched_args += ["--profile", opts.profile]
+        sched_proc, sched_url = await _spawn(sched_args, env)
+        node_proc = None
         try:
-            sched_args = ["--role", "scheduler", "--node-url", node_url, "--data-dir", tmp]
-            if opts.profile:
-                sched_args += ["--profile", opts.profile]
-            sched_proc, sched_url = await _spawn(sched_args, env)
+            node_args = [
+                "--role",
+                "node",
+                "--slots",
+                str(opts.slots),
+                "--data-dir",
+                tmp,
+                "--node-url",
+                sched_url,
+            ]
+            node_proc, node_url = await _spawn(node_args, env)
             connector = aiohttp.TCPConnector(limit=0)
             timeout = aiohttp.ClientTimeout(total=120)
             async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
@@ -526,8 +549,9 @@ async def run_bench(opts: argparse.Namespace) -> dict[str, Any]:
                     direct=Target(
                         "direct",
                         node_url + "/jobs",
-                        {"Authorization": f"Bearer {secret}", "Content-Type": "application/json"},
+                        {"Content-Type": "application/json"},
                         True,
+                        lambda body: sign_request(scheduler_key, "POST", "/jobs", body, audience="bench"),
                     ),
                     via=Target(
                         "scheduler",
@@ -552,9 +576,9 @@ async def run_bench(opts: argparse.Namespace) -> dict[str, Any]:
                     print(f"  memory: {warmup} + {requests} requests…", file=sys.stderr, flush=True)
                     results["memory"] = await _memory(bench, warmup, requests, 50, 10)
         finally:
-            if sched_proc is not None:
-                await _stop(sched_proc)
-            await _stop(node_proc)
+            if node_proc is not None:
+                await _stop(node_proc)
+            await _stop(sched_proc)
     return results
 
 
@@ -661,15 +685,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--role", choices=["bench", "node", "scheduler"], default="bench", help=argparse.SUPPRESS
     )
-    parser.add_argument("--node-url", help=argparse.SUPPRESS)
+    parser.add_argument("--node-url", help=argparse.SUPPRESS)  # for the node: the scheduler's URL
     parser.add_argument("--data-dir", help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if opts.role == "node":
-        asyncio.run(_serve_node(opts.slots))
+        asyncio.run(_serve_node(opts.slots, Path(opts.data_dir), opts.node_url))
         return
     if opts.role == "scheduler":
-        asyncio.run(_serve_scheduler(opts.node_url, Path(opts.data_dir), opts.profile))
+        asyncio.run(_serve_scheduler(Path(opts.data_dir), opts.profile))
         return
     started = time.perf_counter()
     results = asyncio.run(run_bench(opts))
