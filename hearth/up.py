@@ -62,7 +62,8 @@ def certify_local_node(data_dir: Path, node_id: str) -> tuple[Identity, Trust]:
     )
     scheduler_key = load_or_create_identity(data_dir / "scheduler.key")
     trust = Trust.open(data_dir / "node")
-    trust.enrollment = Enrollment("", scheduler_key.public_b64, authority.public_b64, node_id, LOCAL_TIER)
+    # The scheduler's URL is known only once it listens; `node.scheduler_url` gives it to the node.
+    trust.enroll(Enrollment("", scheduler_key.public_b64, authority.public_b64, node_id, LOCAL_TIER))
     cert = issue_certificate(
         authority, node_id=node_id, tier=LOCAL_TIER, identity_key=trust.identity.public_b64,
         encryption_key=trust.encryption_public, scheduler_key=scheduler_key.public_b64,

@@ -382,7 +382,9 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
     finally:
         job.cancel()
         slot.last_used = time.monotonic()
-        state.touch()
+        # The scheduler counts its own jobs, so a job's end needs no heartbeat of its own; the LAN advert
+        # (load, free memory) is refreshed, rate-limited.
+        state.advert_changed.set()
         metrics = request.app[METRICS]
         metrics.jobs.labels(slot.id, outcome).inc()
         metrics.tokens.labels(slot.id, "prompt").inc(prompt_tokens)

@@ -49,6 +49,8 @@ class NodeRuntime:
     failed: bool = False  # a relay saw it fail; cleared by its next heartbeat
     inflight: dict[str, _Inflight] = field(default_factory=dict)
     loading: dict[str, float] = field(default_factory=dict)  # loads we asked for → when
+    ended: dict[str, float] = field(default_factory=dict)  # model → when our last job there ended
+    models: dict[str, ModelState] = field(default_factory=dict)  # cached per model, rebuilt on change
     load_failed: set[str] = field(default_factory=set)
 
     @property
@@ -161,7 +163,7 @@ class Registry:
         entry.active += 1
         entry.reserved += reserved
         entry.outstanding += max_new
-        self._touch(node_id)
+        self._touch(node_id, model)
         return Ticket(node_id, model, reserved, max_new, user)
 
     def end(self, ticket: Ticket) -> None:
@@ -175,7 +177,8 @@ class Registry:
             entry.outstanding -= ticket.max_new
             if entry.active <= 0:
                 del runtime.inflight[ticket.model]
-        self._touch(ticket.node_id)
+        runtime.ended[ticket.model] = self._clock()
+        self._touch(ticket.node_id, ticket.model)
 
     # the snapshot
 
@@ -194,8 +197,15 @@ class Registry:
         self._stale_at = stale_at
         return self._snapshot
 
-    def _touch(self, node_id: str) -> None:
+    def _touch(self, node_id: str, model: str | None = None) -> None:
+        """Something about ``node_id`` changed (only ``model``'s figures, when given)."""
         self._states.pop(node_id, None)
+        runtime = self.nodes.get(node_id)
+        if runtime is not None:
+            if model is None:
+                runtime.models.clear()
+            else:
+                runtime.models.pop(model, None)
         self._snapshot = None
         self.on_change()
 
@@ -215,11 +225,21 @@ class Registry:
             yielding=status.yielding,
             memory_total_bytes=status.memory_total_bytes,
             memory_free_bytes=status.memory_free_bytes,
-            models=tuple(self._model(runtime, m, now) for m in status.models),
+            models=tuple(self._cached_model(runtime, m, now) for m in status.models),
         )
+
+    def _cached_model(self, runtime: NodeRuntime, m: ModelStatus, now: float) -> ModelState:
+        state = runtime.models.get(m.id)
+        if state is None:
+            state = runtime.models[m.id] = self._model(runtime, m, now)
+        return state
 
     def _model(self, runtime: NodeRuntime, m: ModelStatus, now: float) -> ModelState:
         mine = runtime.inflight.get(m.id) or _Inflight()
+        # Until the scheduler has sent a job of its own to this model, the node's count stands for jobs it
+        # does not know of (those from before a restart). From then on its own count is fresher than any
+        # heartbeat, which may have been sent just before a job ended.
+        reported = 0 if m.id in runtime.ended or m.id in runtime.inflight else m.active + m.queued
         phase = m.phase
         if m.id in runtime.loading and phase == "available":
             phase = "loading"
@@ -233,8 +253,7 @@ class Registry:
             cache_tokens=m.cache_tokens,
             max_sequences=m.max_sequences,
             default_max_tokens=m.default_max_tokens,
-            # After a scheduler restart the node still runs what it had: count what it reports too.
-            active=max(mine.active, m.active + m.queued),
+            active=max(mine.active, reported),
             reserved_tokens=mine.reserved,
             outstanding_tokens=mine.outstanding,
             tokens_per_s=m.tokens_per_s,
