@@ -63,6 +63,7 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 def load_transformers(model: ModelSettings, settings: NodeSettings) -> Any:
     from node.backends.transformers_backend import TransformersBackend
 
+    assert model.path is not None, "the pool gives loaders a local path"
     return TransformersBackend.load(model.path, threads=settings.threads)
 
 
@@ -74,13 +75,21 @@ class NodeState:
     trust: Trust
     pool: ModelPool
     verifier: RequestVerifier
-    cert_verifier: RequestVerifier
     url: str | None = None
     draining: bool = False
     reply_interval: float | None = None  # the heartbeat interval the scheduler asked for
+    offered_key: bytes | None = None  # the scheduler key a certificate being handed over names
     listening: asyncio.Event = field(default_factory=asyncio.Event)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     advert_changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        # A certificate handed over at approval must come signed by the scheduler it names (and only once).
+        self.cert_verifier = RequestVerifier(self.settings.node_id, self._offered)
+
+    def _offered(self, fp: str) -> bytes | None:
+        key = self.offered_key
+        return key if key is not None and fingerprint(key) == fp else None
 
     def touch(self) -> None:
         self.changed.set()
@@ -135,9 +144,7 @@ async def _node_ctx(app: web.Application) -> AsyncIterator[None]:
         settings = settings.model_copy(update={"node_id": trust.enrollment.node_id})
     total, gpus = await asyncio.to_thread(memory_pool, settings)
     pool = await asyncio.to_thread(ModelPool, settings, app[LOADER], total, gpus)
-    state = NodeState(
-        settings, trust, pool, trust.verifier(settings.node_id), RequestVerifier(settings.node_id, _no_signer)
-    )
+    state = NodeState(settings, trust, pool, trust.verifier(settings.node_id))
     pool.on_change = state.touch
     app[STATE] = state
     pool.start()
@@ -147,10 +154,6 @@ async def _node_ctx(app: web.Application) -> AsyncIterator[None]:
     beat.cancel()
     await asyncio.gather(beat, return_exceptions=True)
     await pool.close()
-
-
-def _no_signer(fp: str) -> bytes | None:
-    return None
 
 
 def _data_dir(settings: NodeSettings) -> Any:
@@ -267,10 +270,8 @@ async def certificate(request: web.Request) -> web.Response:
         raise AuthenticationFailed("malformed certificate") from None
     except HearthError:
         raise AuthenticationFailed("the certificate is not signed by this node's authority") from None
-    key = b64d(cert.scheduler_key, length=32)
-    verifier = state.cert_verifier
-    verifier.lookup = lambda fp: key if fp == fingerprint(key) else None  # type: ignore[method-assign]
-    verifier.verify(request.method, request.path_qs, request.headers, raw)
+    state.offered_key = b64d(cert.scheduler_key, length=32)
+    state.cert_verifier.verify(request.method, request.path_qs, request.headers, raw)
     if cert.node_id != settings.node_id:
         raise AuthenticationFailed("the certificate names another node")
     trust = state.trust

@@ -15,11 +15,13 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
-from hardware.estimator import footprint
+from hardware.estimator import footprint, weight_bytes
 from hardware.model_spec import ModelConfigError, ModelSpec
 from node.backends.base import Backend
+from node.fetch import download, fetch_config
 from node.runner import JobRunner
 from node.settings import ModelSettings, NodeSettings
 from node.templates import ChatTemplate, resolve_template
@@ -90,19 +92,28 @@ class ModelSlot:
         }
 
 
-def estimate(model: ModelSettings) -> tuple[int, int | None, float]:
-    """(footprint bytes, context length, load seconds) from the model's config.json, before loading."""
-    try:
-        config = json.loads((model.path / "config.json").read_text())
-        size = sum(p.stat().st_size for p in model.path.glob("*.safetensors"))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read the model in {model.path}: {type(exc).__name__}") from None
+def estimate(model: ModelSettings, hf_cache: Path) -> tuple[int, int | None, float]:
+    """(footprint bytes, context length, load seconds) from the model's config.json, before loading it.
+    Blocking (a Hugging Face model's config may be fetched)."""
+    if model.path is None:
+        config = fetch_config(str(model.huggingface), hf_cache)
+        size = None
+    else:
+        try:
+            config = json.loads((model.path / "config.json").read_text())
+            size = sum(p.stat().st_size for p in model.path.glob("*.safetensors"))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read the model in {model.path}: {type(exc).__name__}") from None
     try:
         spec = ModelSpec.from_hf_config(config, name=model.model_id)
     except ModelConfigError:
+        if size is None:
+            raise
         # An architecture the estimator does not describe: its checkpoint, widened to fp32, is the best
         # guess of its weights, and its cache is unknown.
         return 2 * size + CPU_RESERVE_BYTES, None, size / (DISK_GB_PER_S * 1e9)
+    if size is None:  # not downloaded yet: the bf16 checkpoint it will be
+        size = weight_bytes(spec, 16)
     context = spec.max_context
     fp = footprint(spec, CPU_WEIGHT_BITS, context, CPU_CACHE_BITS, CPU_RESERVE_BYTES)
     return fp.total_bytes, context, size / (DISK_GB_PER_S * 1e9)
@@ -118,8 +129,17 @@ class ModelPool:
         self._loader = loader
         self.slots: dict[str, ModelSlot] = {}
         self.on_change: Callable[[], None] = lambda: None
+        self.hf_cache = (settings.data_dir or Path(".")) / "hf"
         for model in settings.models:
-            fp, context, load_s = estimate(model)
+            try:
+                fp, context, load_s = estimate(model, self.hf_cache)
+            except ConfigError as exc:
+                if model.path is not None:
+                    raise
+                # A Hugging Face model that cannot be reached now: listed as failed, the node serves the rest.
+                log.error("model %s is unavailable: %s", model.model_id, exc.message)
+                self.slots[model.model_id] = ModelSlot(model, 0, None, 0.0, phase="failed")
+                continue
             self.slots[model.model_id] = ModelSlot(model, fp, context, load_s)
 
     @property
@@ -151,6 +171,10 @@ class ModelPool:
         slot = self.get(model_id)
         if slot.phase in ("loading", "ready"):
             return slot.phase
+        if slot.footprint_bytes == 0 and slot.settings.path is None:
+            raise ConflictError(
+                f"{model_id} could not be reached at start; see the node's log", code="model_unavailable"
+            )
         need = slot.footprint_bytes - self.free_bytes
         if need > 0:
             idle = sorted(
@@ -178,7 +202,7 @@ class ModelPool:
         started = time.monotonic()
         try:
             backend = await in_daemon_thread(
-                lambda: self._loader(slot.settings, settings), f"hearth-load-{slot.id}"
+                lambda: self._loader(self._local(slot.settings), settings), f"hearth-load-{slot.id}"
             )
             slot.template = resolve_template(
                 slot.settings.chat_template, backend.chat_template, bos_token=backend.bos_token,
@@ -200,6 +224,12 @@ class ModelPool:
         finally:
             slot.task = None
             self.on_change()
+
+    def _local(self, model: ModelSettings) -> ModelSettings:
+        """The model with a local path: a Hugging Face one is downloaded first (in the load thread)."""
+        if model.path is not None:
+            return model
+        return model.model_copy(update={"path": download(str(model.huggingface), self.hf_cache)})
 
     def unload(self, model_id: str) -> None:
         slot = self.get(model_id)

@@ -5,14 +5,25 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class ModelSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    path: Path = Field(description="Local directory of the model in Hugging Face layout.")
-    id: str | None = Field(default=None, description="Name clients use; default: the directory's name.")
+    path: Path | None = Field(
+        default=None,
+        description="Local directory of the model in Hugging Face layout (or give `huggingface`).",
+    )
+    huggingface: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$",
+        description='A Hugging Face id this node may fetch, e.g. "Qwen/Qwen2.5-0.5B-Instruct": its config is '
+        "read at start (to estimate its memory), its weights downloaded when it is first loaded.",
+    )
+    id: str | None = Field(
+        default=None, description="Name clients use; default: the directory's name, or the Hugging Face id."
+    )
     chat_template: str | None = Field(
         default=None,
         description="Force a named template (alpaca, vicuna, llama-2, chatml, stackllama) instead of the "
@@ -34,9 +45,17 @@ class ModelSettings(BaseModel):
         "(and may be unloaded again, least recently used first, to make room for another).",
     )
 
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSettings:
+        if (self.path is None) == (self.huggingface is None):
+            raise ValueError("give a model either a `path` or a `huggingface` id")
+        return self
+
     @property
     def model_id(self) -> str:
-        return self.id or self.path.name
+        if self.id:
+            return self.id
+        return self.path.name if self.path is not None else str(self.huggingface)
 
 
 class NodeSettings(BaseModel):
