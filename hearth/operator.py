@@ -20,6 +20,8 @@ MAX_REPLY_BYTES = 8 * 1024 * 1024
 class AdminClient:
     def __init__(self, url: str | None, token: str | None) -> None:
         self.url = (url or os.environ.get("HEARTH_SCHEDULER_URL") or DEFAULT_URL).rstrip("/")
+        if not self.url.startswith(("http://", "https://")):
+            raise ConfigError(f"{self.url} is not a scheduler URL (it starts with http:// or https://)")
         token = token or os.environ.get("HEARTH_TOKEN")
         if not token:
             raise ConfigError("this needs an admin token: pass --token or set HEARTH_TOKEN")

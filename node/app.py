@@ -26,6 +26,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -156,7 +157,7 @@ async def _node_ctx(app: web.Application) -> AsyncIterator[None]:
     await pool.close()
 
 
-def _data_dir(settings: NodeSettings) -> Any:
+def _data_dir(settings: NodeSettings) -> Path:
     if settings.data_dir is None:
         raise HearthError("the node has no data dir (set node.data_dir)")
     return settings.data_dir

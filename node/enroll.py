@@ -15,6 +15,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from node.trust import Enrollment, Trust
 from protocol.errors import ConfigError, HearthError
 from protocol.federation import EnrollReply, EnrollRequest, parse, proof_message
@@ -33,14 +35,21 @@ def enroll(
     data_dir: Path, scheduler_url: str, code: str, node_id: str, public_url: str | None
 ) -> EnrollReply:
     """Enroll this machine (blocking); returns what the scheduler said and saves the enrollment."""
+    url = scheduler_url.rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"{scheduler_url} is not a scheduler URL (it starts with http:// or https://)")
     trust = Trust.open(data_dir)
     identity_key, encryption_key = trust.identity.public_b64, trust.encryption_public
     proof = trust.identity.sign(proof_message(code, node_id, identity_key, encryption_key))
-    request = EnrollRequest(
-        code=code, node_id=node_id, identity_key=identity_key, encryption_key=encryption_key,
-        url=public_url, proof=b64e(proof),
-    )  # fmt: skip
-    url = scheduler_url.rstrip("/")
+    try:
+        request = EnrollRequest(
+            code=code, node_id=node_id, identity_key=identity_key, encryption_key=encryption_key,
+            url=public_url, proof=b64e(proof),
+        )  # fmt: skip
+    except ValidationError as exc:
+        field = ".".join(str(p) for p in exc.errors()[0]["loc"])
+        what = {"code": "an enrollment code", "url": "a URL (--public-url)"}.get(field, f"a valid {field}")
+        raise ConfigError(f"that is not {what}") from None
     doc = _post(url + "/v1/enroll", request.model_dump(exclude_none=True))
     reply: EnrollReply = parse(EnrollReply, doc)
     if reply.node_id != node_id:

@@ -6,6 +6,13 @@ POST /v1/completions         plain completions, streaming or not
 GET  /openapi.json           this API, described
 GET  /healthz                liveness
 GET  /metrics                Prometheus metrics
+POST /v1/enroll              a node joins with a one-time code        (scheduler.federation)
+POST /v1/nodes/heartbeat     an approved node's signed status        (scheduler.federation)
+     /admin/...              the operator's API                       (scheduler.admin)
+
+A request is authenticated, validated and checked against policy here, waits in the fair queue until
+placement finds it a node (scheduler.admission), and is relayed (scheduler.relay); a node that fails
+before the first token is replaced by another, invisibly to the client.
 """
 
 from __future__ import annotations

@@ -146,7 +146,7 @@ class Federation:
         if record.url != status.url:
             store = self.store.store
             await self.store.run(lambda: store.set_node_url(record.node_id, status.url))
-            self.records[record.node_id] = record = _with(record, url=status.url)
+            self.records[record.node_id] = record = replace(record, url=status.url)
         self.registry.heartbeat(record.node_id, status)
         return HeartbeatReply(
             certificate=record.certificate, drain=record.drain, interval=self.heartbeat_interval
@@ -256,7 +256,3 @@ class Federation:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-
-
-def _with(record: NodeRecord, **changes: Any) -> NodeRecord:
-    return replace(record, **changes)
