@@ -334,7 +334,9 @@ class ModelCard(BaseModel):
     object: Literal["model"]
     created: int
     owned_by: str
-    context_length: int = Field(description="Hearth extension: the model's context window in tokens.")
+    context_length: int | None = Field(
+        description="Hearth extension: the model's context window in tokens (null if no node knows it yet)."
+    )
 
 
 class ModelList(BaseModel):

@@ -29,7 +29,7 @@ from protocol.identity import (
     sign_request,
     verify_signature,
 )
-from protocol.web import read_capped
+from protocol.web import parse_json, read_capped
 from scheduler.registry import Registry
 from scheduler.store import AsyncStore, NodeRecord
 
@@ -130,10 +130,7 @@ class Federation:
     async def heartbeat(self, method: str, path: str, headers: Any, body: bytes) -> HeartbeatReply:
         fp = self.verifier.verify(method, path, headers, body)
         record = self._by_fingerprint(fp)
-        try:
-            status: NodeStatus = parse(NodeStatus, json.loads(body))
-        except ValueError:
-            raise ProtocolError("a heartbeat must be a JSON object") from None
+        status: NodeStatus = parse(NodeStatus, parse_json(body))
         if status.node_id != record.node_id:
             raise PermissionDenied("a node may report only on itself")
         if record.state == "pending":
