@@ -261,14 +261,25 @@ def test_forged_and_replayed_calls_are_refused(cluster: Cluster) -> None:
     n1 = cluster.node_urls["n1"]
     job = json.dumps({"endpoint": "chat", "request_id": "forged1", "request": {
         "model": "demo-a", "messages": [{"role": "user", "content": "x"}]}}).encode()  # fmt: skip
-    # No signature, and a signature by a key that is not the scheduler's: 401, and no job runs.
+    scheduler_key = Identity.load(cluster.data_dir / "scheduler.key")
+
+    def node_status() -> dict[str, object]:
+        headers = sign_request(scheduler_key, "GET", "/status", b"", audience="n1")
+        doc = httpx.get(n1 + "/status", headers=headers, timeout=10).json()
+        return next(m for m in doc["models"] if m["id"] == "demo-a")  # type: ignore[no-any-return]
+
+    before = node_status()
+    # No signature, and a signature by a key that is not the scheduler's: 401, and nothing happens.
     assert httpx.post(n1 + "/jobs", content=job, timeout=10).status_code == 401
     mallory = Identity.generate()
     headers = sign_request(mallory, "POST", "/jobs", job, audience="n1")
     r = httpx.post(n1 + "/jobs", content=job, headers=headers, timeout=10)
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    unload = sign_request(mallory, "POST", "/models/demo-a/unload", b"", audience="n1")
+    assert httpx.post(n1 + "/models/demo-a/unload", headers=unload, timeout=10).status_code == 401
+    after = node_status()
+    assert (after["started"], after["phase"]) == (before["started"], "ready"), "no job ran, nothing unloaded"
     # A call the scheduler really signed works once; the same bytes again are a replay.
-    scheduler_key = Identity.load(cluster.data_dir / "scheduler.key")
     headers = sign_request(scheduler_key, "GET", "/status", b"", audience="n1")
     assert httpx.get(n1 + "/status", headers=headers, timeout=10).status_code == 200
     replay = httpx.get(n1 + "/status", headers=headers, timeout=10)
