@@ -189,8 +189,14 @@ async def advertise_ctx(state: NodeState) -> AsyncIterator[None]:
         yield
         return
     from node.advertise import Advertiser
+    from protocol.advert import unknown_addresses
 
     holder: list[Advertiser] = []
+    missing = unknown_addresses(settings.zeroconf_interfaces)
+    if missing:
+        log.warning("not advertised on the LAN: no interface here has the address %s", ", ".join(missing))
+        yield
+        return
 
     async def run() -> None:
         await state.listening.wait()
@@ -202,7 +208,13 @@ async def advertise_ctx(state: NodeState) -> AsyncIterator[None]:
             min_interval=settings.advert_interval,
         )
         holder.append(advertiser)
-        await advertiser.start()
+        try:
+            await advertiser.start()
+        except OSError as exc:  # no multicast-capable interface: the node serves, unadvertised
+            log.warning(
+                "not advertised on the LAN: zeroconf could not start (%s)", exc.strerror or type(exc).__name__
+            )
+            return
         while True:
             await state.advert_changed.wait()
             state.advert_changed.clear()

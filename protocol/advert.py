@@ -46,6 +46,17 @@ class Advert:
     host: str = ""
 
 
+def unknown_addresses(interfaces: list[str] | None) -> list[str]:
+    """The configured zeroconf addresses that no interface of this machine has (zeroconf would fail on
+    them, and leak its socket doing so)."""
+    if not interfaces:
+        return []
+    import ifaddr  # zeroconf's own dependency
+
+    present = {str(ip.ip) for adapter in ifaddr.get_adapters() for ip in adapter.ips if ip.is_IPv4}
+    return [address for address in interfaces if address not in present]
+
+
 def service_name(node_id: str) -> str:
     return f"{node_id}.{SERVICE_TYPE}"
 

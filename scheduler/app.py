@@ -137,12 +137,21 @@ async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _start_discovery(settings: SchedulerSettings, federation: Federation) -> Any:
     if not settings.discovery:
         return None
+    from protocol.advert import unknown_addresses
     from scheduler.discovery import Discovery
 
     discovery = Discovery(
         federation.discovered, lambda node_id: None, interfaces=settings.zeroconf_interfaces
     )
-    await discovery.start()
+    missing = unknown_addresses(settings.zeroconf_interfaces)
+    if missing:
+        log.warning("LAN discovery is off: no interface here has the address %s", ", ".join(missing))
+        return None
+    try:
+        await discovery.start()
+    except OSError as exc:  # no multicast-capable interface
+        log.warning("LAN discovery is off: zeroconf could not start (%s)", exc.strerror or type(exc).__name__)
+        return None
     return discovery
 
 
