@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from protocol.identity import (
     load_or_create_encryption_key,
     load_or_create_identity,
     verify_certificate,
+    write_private,
 )
 
 log = logging.getLogger("hearth.node.trust")
@@ -60,16 +60,7 @@ class Enrollment:
             raise ConfigError(f"{path} is damaged; enroll again with `hearth node enroll`") from None
 
     def save(self, path: Path) -> None:
-        _write_private(path, json.dumps(self.__dict__, indent=2) + "\n")
-
-
-def _write_private(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+        write_private(path, (json.dumps(self.__dict__, indent=2) + "\n").encode(), replace=True)
 
 
 class Trust:
@@ -126,6 +117,6 @@ class Trust:
         cert = verify_certificate(doc, authority_key)
         if cert.identity_key != self.identity.public_b64 or cert.encryption_key != self.encryption_public:
             raise ProtocolError("the certificate is for another machine's keys")
-        _write_private(self.data_dir / "certificate.json", json.dumps(doc) + "\n")
+        write_private(self.data_dir / "certificate.json", (json.dumps(doc) + "\n").encode(), replace=True)
         self.certificate = cert
         return cert

@@ -83,8 +83,10 @@ def verify_signature(public_raw: bytes, data: bytes, signature: bytes) -> bool:
 # key files
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    if path.exists():
+def write_private(path: Path, data: bytes, *, replace: bool = False) -> None:
+    """Write a file only its owner can read (0600, in a 0700 folder), atomically. Keys are written once
+    (``replace=False`` refuses an existing file, also one created meanwhile); state files may be replaced."""
+    if not replace and path.exists():
         raise ConfigError(f"{path} exists already; refusing to overwrite a key")
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
@@ -94,7 +96,10 @@ def _write_private(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.link(tmp, path)  # atomic, and fails instead of replacing a key created meanwhile
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # atomic, and fails instead of replacing a key created meanwhile
     except FileExistsError:
         raise ConfigError(f"{path} exists already; refusing to overwrite a key") from None
     finally:
@@ -149,7 +154,7 @@ class Identity:
         return cls(key)
 
     def save(self, path: Path) -> None:
-        _write_private(path, _pem(self._private))
+        write_private(path, _pem(self._private))
 
     def sign(self, data: bytes) -> bytes:
         return self._private.sign(data)
@@ -170,7 +175,7 @@ def load_or_create_encryption_key(path: Path) -> X25519PrivateKey:
             raise ConfigError(f"{path} is not an X25519 key")
         return key
     key = X25519PrivateKey.generate()
-    _write_private(path, _pem(key))
+    write_private(path, _pem(key))
     return key
 
 
