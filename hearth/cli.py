@@ -14,6 +14,7 @@ import click
 from hearth import federation_cli
 from hearth.cli_common import config_option, data_dir_option, one_line_errors, settings_for
 from protocol.errors import ConfigError
+from protocol.federation import TIERS
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -88,13 +89,22 @@ def _store(config: Path | None, data_dir: Path | None) -> Any:
 @tokens.command("create")
 @click.option("--name", default="user", show_default=True, help="A label to recognise the token by.")
 @click.option("--admin", is_flag=True, help="Give the token admin scope.")
+@click.option(
+    "--tier",
+    "tiers",
+    multiple=True,
+    type=click.Choice(TIERS),
+    help="Node tiers this token's requests may reach (repeatable; default: those the policy allows).",
+)
 @data_dir_option
 @config_option
 @one_line_errors
-def tokens_create(name: str, admin: bool, data_dir: Path | None, config: Path | None) -> None:
+def tokens_create(
+    name: str, admin: bool, tiers: tuple[str, ...], data_dir: Path | None, config: Path | None
+) -> None:
     """Create a token and print it alone on stdout (it is stored only as a hash)."""
     store = _store(config, data_dir)
-    token, record = store.create_token(name, "admin" if admin else "user")
+    token, record = store.create_token(name, "admin" if admin else "user", tuple(sorted(set(tiers))) or None)
     click.echo(token)
     click.echo(f"created {record.id} ({record.scope})", err=True)
 
@@ -106,9 +116,12 @@ def tokens_create(name: str, admin: bool, data_dir: Path | None, config: Path | 
 def tokens_list(data_dir: Path | None, config: Path | None) -> None:
     """List tokens (ids and names; the tokens themselves are not stored)."""
     rows = _store(config, data_dir).list_tokens()
-    click.echo(f"{'ID':<17} {'SCOPE':<6} {'CREATED':<20} {'REVOKED':<20} NAME")
+    click.echo(f"{'ID':<17} {'SCOPE':<6} {'TIERS':<16} {'CREATED':<20} {'REVOKED':<20} NAME")
     for r in rows:
-        click.echo(f"{r.id:<17} {r.scope:<6} {_when(r.created):<20} {_when(r.revoked):<20} {r.name}")
+        tiers = ",".join(r.tiers) if r.tiers else "all"
+        click.echo(
+            f"{r.id:<17} {r.scope:<6} {tiers:<16} {_when(r.created):<20} {_when(r.revoked):<20} {r.name}"
+        )
 
 
 @tokens.command("revoke")

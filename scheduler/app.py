@@ -29,7 +29,7 @@ import aiohttp
 from aiohttp import web
 
 from policies import Visible, check
-from protocol.errors import HearthError
+from protocol.errors import HearthError, PermissionDenied
 from protocol.identity import load_or_create_identity
 from protocol.schemas import Endpoint, parse_request
 from protocol.web import error_middleware, json_response, log_unexpected, parse_json, read_body
@@ -295,11 +295,17 @@ async def _admit(request: web.Request, endpoint: Endpoint) -> tuple[str, Placeme
     settings = request.app[SETTINGS]
     max_tokens = req.requested_max_tokens
     check(settings.policy, Visible(req.model, max_tokens, sealed=False))
+    tiers = frozenset(settings.policy.tiers)
+    if token.tiers is not None:
+        tiers &= frozenset(token.tiers)
+        if not tiers:
+            raise PermissionDenied(
+                f"this token may use only {', '.join(token.tiers)} nodes, and this scheduler allows none of "
+                "those tiers",
+                code="tier_not_allowed",
+            )
     preq = PlacementRequest(
-        model=req.model,
-        max_tokens=max_tokens,
-        prompt_tokens=len(raw) // BYTES_PER_TOKEN_GUESS,
-        tiers=frozenset(settings.policy.tiers),
+        model=req.model, max_tokens=max_tokens, prompt_tokens=len(raw) // BYTES_PER_TOKEN_GUESS, tiers=tiers
     )
     request_id = secrets.token_hex(12)
     # The body was just parsed as JSON, so it can be spliced in as is instead of serialized again.

@@ -45,10 +45,12 @@ class TokenRecord:
     scope: Scope
     created: float
     revoked: float | None
+    tiers: tuple[str, ...] | None = None  # node tiers this token's requests may reach; None: the policy's
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> TokenRecord:
-        return cls(row["id"], row["name"], row["scope"], row["created"], row["revoked"])
+        tiers = tuple(row["tiers"].split(",")) if row.get("tiers") else None
+        return cls(row["id"], row["name"], row["scope"], row["created"], row["revoked"], tiers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +130,8 @@ class Store:
                 not_null={"name", "scope", "hash", "created"},
             )
             tokens.create_index(["hash"], unique=True)
+        if "tiers" not in tokens.columns_dict:  # databases from before per-token tiers
+            tokens.add_column("tiers", str)
         usage = self.db.table("usage")
         if not usage.exists():
             usage.create(
@@ -173,10 +177,12 @@ class Store:
 
     # tokens
 
-    def create_token(self, name: str, scope: Scope = "user") -> tuple[str, TokenRecord]:
+    def create_token(
+        self, name: str, scope: Scope = "user", tiers: tuple[str, ...] | None = None
+    ) -> tuple[str, TokenRecord]:
         """Make a token; the clear text is returned once and never stored."""
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-        record = TokenRecord(f"tok_{secrets.token_hex(6)}", name, scope, time.time(), None)
+        record = TokenRecord(f"tok_{secrets.token_hex(6)}", name, scope, time.time(), None, tiers or None)
         self.db.table("tokens").insert(
             {
                 "id": record.id,
@@ -185,6 +191,7 @@ class Store:
                 "hash": hash_token(token),
                 "created": record.created,
                 "revoked": None,
+                "tiers": ",".join(tiers) if tiers else None,
             }
         )
         return token, record

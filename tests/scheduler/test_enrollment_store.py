@@ -59,3 +59,16 @@ def test_decisions_are_kept_and_audited(tmp_path: Path) -> None:
     assert actions == ["enrollment", "approved", "drain", "revoked"]
     with pytest.raises(NotFound):
         store.set_node_state("nobody", "approved")
+
+
+def test_a_database_from_before_token_tiers_is_upgraded_in_place(tmp_path: Path) -> None:
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "db") as db:
+        db.execute("create table tokens (id text primary key, name text not null, scope text not null, "
+                   "hash text not null, created float not null, revoked float)")  # fmt: skip
+        db.execute("insert into tokens values ('tok_old', 'old', 'user', 'h', 1.0, null)")
+    store = Store(tmp_path / "db")
+    assert [t.tiers for t in store.list_tokens()] == [None]
+    _, record = store.create_token("new", tiers=("club",))
+    assert record.tiers == ("club",) and store.list_tokens()[-1].tiers == ("club",)

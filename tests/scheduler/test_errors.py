@@ -162,3 +162,18 @@ def test_node_down_after_it_was_seen_gives_503(servers: LoopThread, demo_model: 
         assert ErrorResponse.model_validate(r.json()).error.code == "no_capacity"
     finally:
         servers.call(stop_stack(stack))
+
+
+def test_a_token_limited_to_other_tiers_gets_403_naming_the_tier(stack: Stack) -> None:
+    """The local node of `hearth up` is a club server: a community-only token may not reach it."""
+    store = Store(stack.data_dir / "hearth.db")
+    community, _ = store.create_token("volunteers-only", tiers=("community",))
+    club, _ = store.create_token("club-only", tiers=("club",))
+    store.close()
+    r = httpx.post(stack.api + "/chat/completions", json=OK, headers={"Authorization": f"Bearer {community}"})
+    assert r.status_code == 403
+    body = ErrorResponse.model_validate(r.json())
+    assert body.error.code == "tier_not_allowed"
+    assert "outside the tiers allowed here (community)" in body.error.message
+    ok = httpx.post(stack.api + "/chat/completions", json=OK, headers={"Authorization": f"Bearer {club}"})
+    assert ok.status_code == 200
