@@ -1,0 +1,163 @@
+"""The E2E envelope (groundwork): what opens, and every tampering that must not."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol.envelope import (
+    MAX_CANDIDATES,
+    Candidate,
+    EnvelopeError,
+    ResponseOpener,
+    ResponseSealer,
+    Sealed,
+    bucket_for,
+    open_request,
+    seal_request,
+)
+from protocol.errors import InvalidRequest
+
+NODES = {name: X25519PrivateKey.generate() for name in ("n1", "n2", "n3")}
+CANDIDATES = [Candidate(n, f"{n}-k1", k.public_key()) for n, k in NODES.items()]
+BODY = b'{"model": "m", "messages": [{"role": "user", "content": "CANARY the secret words"}]}'
+NOW = 1_800_000_000
+
+
+def seal(body: bytes = BODY, **changes: object) -> tuple[Sealed, dict[str, bytes]]:
+    args: dict[str, object] = {
+        "model": "m", "max_tokens": 64, "stream": True, "request_id": "req1", "issued_at": NOW, "ttl_s": 60,
+        "candidates": CANDIDATES, **changes,
+    }  # fmt: skip
+    return seal_request(body, **args)  # type: ignore[arg-type]
+
+
+def open_as(
+    sealed: Sealed, node: str = "n2", key_id: str | None = None, now: int = NOW
+) -> tuple[bytes, bytes]:
+    return open_request(sealed, node_id=node, key_id=key_id or f"{node}-k1", private_key=NODES[node], now=now)
+
+
+def test_every_candidate_opens_the_same_body_with_its_own_secret() -> None:
+    sealed, secrets = seal()
+    opened = {n: open_as(sealed, n) for n in NODES}
+    assert {body for body, _ in opened.values()} == {BODY}
+    assert {n: s for n, (_, s) in opened.items()} == secrets
+    assert len(set(secrets.values())) == 3
+    assert b"CANARY" not in sealed.ciphertext and sealed.header.bucket == 1024
+
+
+# (what an attacker changes) → the node refuses before doing any work
+# fmt: off
+TAMPERING = [
+    ("model", lambda s: dataclasses.replace(s, header=dataclasses.replace(s.header, model="bigger-model"))),
+    ("max_tokens", lambda s: dataclasses.replace(s, header=dataclasses.replace(s.header, max_tokens=8000))),
+    ("stream", lambda s: dataclasses.replace(s, header=dataclasses.replace(s.header, stream=False))),
+    ("request id", lambda s: dataclasses.replace(s, header=dataclasses.replace(s.header, request_id="req2"))),
+    ("expiry", lambda s: dataclasses.replace(s, header=dataclasses.replace(s.header, expires_at=NOW + 10**6))),
+    ("wrap moved to another node", lambda s: dataclasses.replace(s, wraps={**s.wraps, "n2": s.wraps["n1"]})),
+    ("wrap missing", lambda s: dataclasses.replace(s, wraps={"n1": s.wraps["n1"]})),
+    ("nonce", lambda s: dataclasses.replace(s, nonce=bytes(12))),
+    ("body cut", lambda s: dataclasses.replace(s, ciphertext=s.ciphertext[:-1])),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(("what", "tamper"), TAMPERING, ids=[t[0] for t in TAMPERING])
+def test_tampering_is_refused_with_one_error(what: str, tamper: object) -> None:
+    sealed, _ = seal()
+    with pytest.raises(EnvelopeError) as info:
+        open_as(tamper(sealed))  # type: ignore[operator]
+    assert info.value.message == "the end-to-end envelope could not be opened"
+
+
+def test_the_key_id_is_bound() -> None:
+    sealed, _ = seal()
+    with pytest.raises(EnvelopeError):
+        open_as(sealed, key_id="n2-k2")  # a wrap for the node's previous key does not open with a new id
+
+
+@pytest.mark.parametrize("now", [NOW - 1, NOW + 61])
+def test_outside_its_time_window_it_is_refused(now: int) -> None:
+    sealed, _ = seal()
+    with pytest.raises(EnvelopeError):
+        open_as(sealed, now=now)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_any_flipped_byte_is_detected(data: st.DataObject) -> None:
+    sealed, _ = seal()
+    field = data.draw(st.sampled_from(["ciphertext", "wrap"]))
+    blob = bytearray(sealed.ciphertext if field == "ciphertext" else sealed.wraps["n2"])
+    i = data.draw(st.integers(0, len(blob) - 1))
+    blob[i] ^= data.draw(st.integers(1, 255))
+    if field == "ciphertext":
+        sealed = dataclasses.replace(sealed, ciphertext=bytes(blob))
+    else:
+        sealed = dataclasses.replace(sealed, wraps={**sealed.wraps, "n2": bytes(blob)})
+    with pytest.raises(EnvelopeError):
+        open_as(sealed)
+
+
+def test_limits_are_checked_before_work() -> None:
+    with pytest.raises(InvalidRequest):
+        seal(candidates=CANDIDATES * MAX_CANDIDATES)  # too many candidates
+    with pytest.raises(InvalidRequest):
+        seal(candidates=[])
+    with pytest.raises(InvalidRequest):
+        bucket_for(5 * 1024 * 1024)  # over the body limit
+    assert [bucket_for(n) for n in (0, 1000, 1005, 3000)] == [1024, 1024, 2048, 4096]
+
+
+def frames(n: int = 4) -> tuple[list[bytes], bytes]:
+    secret = bytes(range(32))
+    sealer = ResponseSealer(secret, "req1")
+    out = [sealer.seal(f"token {i}".encode(), final=i == n - 1) for i in range(n)]
+    return out, secret
+
+
+def read(sent: list[bytes], finals: list[bool], secret: bytes) -> list[bytes]:
+    opener = ResponseOpener(secret, "req1")
+    got = [opener.open(f, final=fin) for f, fin in zip(sent, finals, strict=True)]
+    opener.finish()
+    return got
+
+
+def test_a_response_opens_in_order_and_complete() -> None:
+    sent, secret = frames()
+    assert read(sent, [False, False, False, True], secret) == [b"token 0", b"token 1", b"token 2", b"token 3"]
+    assert {len(f) for f in sent} == {64 + 16}, "padded: every short frame has the same length"
+
+
+# (how the stream is damaged) → detected
+# fmt: off
+STREAMS = [
+    ("cut at a frame boundary", lambda f: (f[:2], [False, False])),
+    ("frames swapped", lambda f: ([f[1], f[0], f[2], f[3]], [False, False, False, True])),
+    ("frame duplicated", lambda f: ([f[0], f[0], f[1], f[2], f[3]], [False, False, False, False, True])),
+    ("early frame claimed final", lambda f: (f[:2], [False, True])),
+    ("trailing frame after the final", lambda f: ([*f, f[3]], [False, False, False, True, True])),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(("what", "damage"), STREAMS, ids=[s[0] for s in STREAMS])
+def test_a_damaged_stream_is_detected(what: str, damage: object) -> None:
+    sent, secret = frames()
+    frames_, finals = damage(sent)  # type: ignore[operator]
+    with pytest.raises(EnvelopeError):
+        read(frames_, finals, secret)
+
+
+def test_another_candidates_secret_does_not_open_the_answer() -> None:
+    sent, _ = frames()
+    with pytest.raises(EnvelopeError):
+        read(sent, [False, False, False, True], bytes(32))
+    opener = ResponseOpener(bytes(range(32)), "req2")  # the right secret, another request
+    with pytest.raises(EnvelopeError):
+        opener.open(sent[0], final=False)
