@@ -119,8 +119,15 @@ async def _beat(session: aiohttp.ClientSession, state: NodeState) -> str | None:
     if scheduler_url is None or key is None:
         return "not enrolled (run `hearth node enroll`)" if not trust.revoked else "revoked by the operator"
     path = "/v1/nodes/heartbeat"
-    body = json.dumps(status_doc(state)).encode()
-    headers = sign_request(trust.identity, "POST", path, body, audience=fingerprint(key))
+    status = status_doc(state)
+    identity, audience = trust.identity, fingerprint(key)
+
+    def encode_and_sign() -> tuple[bytes, dict[str, str]]:
+        # Serializing and signing take the CPU for a moment: off the loop, which may be relaying tokens.
+        body = json.dumps(status).encode()
+        return body, sign_request(identity, "POST", path, body, audience=audience)
+
+    body, headers = await asyncio.to_thread(encode_and_sign)
     headers["Content-Type"] = "application/json"
     try:
         async with session.post(
