@@ -7,6 +7,7 @@ uses every core, and batching would only add latency to the first token.
 
 from __future__ import annotations
 
+import inspect
 import secrets
 import threading
 from collections.abc import Iterator, Sequence
@@ -106,12 +107,23 @@ class TransformersBackend:
                 if step + 1 == params.max_new_tokens:
                     return
                 out = self._model(
-                    input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True
+                    input_ids=torch.tensor([[token]]), use_cache=True, **cache_kwargs(self._model, out)
                 )
 
     def close(self) -> None:
         self._model = None
         self._tokenizer = None
+
+
+def cache_kwargs(model: Any, out: Any) -> dict[str, Any]:
+    """The keyword that hands a forward pass's KV cache to the next one.
+
+    transformers 5.2x renamed `past_key_values` to `cache` (argument and output field); the node supports
+    both, since a volunteer's box may have either.
+    """
+    if "cache" in inspect.signature(model.forward).parameters:
+        return {"cache": out.cache}
+    return {"past_key_values": out.past_key_values}
 
 
 def _sample(logits: Any, params: SamplingParams, generator: Any) -> int:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from node.backends.transformers_backend import cache_kwargs
 from node.demo import DEMO_MODEL_ID, FORMAT_VERSION, MARKER, build_demo_model, is_complete
 
 torch = pytest.importorskip("torch")
@@ -129,12 +130,11 @@ def test_token_by_token_decode_with_kv_cache_matches_full_forward(model: Any, to
     n_prompt = ids.shape[1] - 4
     with torch.inference_mode():
         full = model(input_ids=ids).logits
-        out = model(input_ids=ids[:, :n_prompt], past_key_values=None, use_cache=True)
-        cache = out.past_key_values
+        out = model(input_ids=ids[:, :n_prompt], use_cache=True)
         for pos in range(n_prompt, ids.shape[1]):
-            out = model(input_ids=ids[:, pos : pos + 1], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(input_ids=ids[:, pos : pos + 1], use_cache=True, **cache_kwargs(model, out))
             torch.testing.assert_close(out.logits[0, -1], full[0, pos], atol=1e-5, rtol=1e-4)
+    (cache,) = cache_kwargs(model, out).values()
     assert cache.get_seq_length() == ids.shape[1]
 
 
