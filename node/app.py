@@ -4,7 +4,8 @@
     GET  /identity                this node's public keys, self-signed (for LAN discovery), no auth
     GET  /status                  models, their state and load                     (scheduler only)
     GET  /metrics                 Prometheus metrics                               (scheduler only)
-    POST /jobs                    run one OpenAI request; answered as frames       (scheduler only)
+    POST /jobs                    run one OpenAI request, plain or sealed; answered as frames
+                                                                                   (scheduler only)
     POST /models/{id}/load        load a model now, unloading idle ones if needed  (scheduler only)
     POST /models/{id}/unload      free a model's memory                           (scheduler only)
     POST /drain                   {"drain": bool}: finish running jobs, take none  (scheduler only)
@@ -14,7 +15,8 @@
 fresh and never seen before (protocol.identity); anything else gets 401 and changes nothing.
 
 Only the node sees prompt text: it validates the request, renders the chat template, fits the context,
-generates, and writes the client's bytes itself.
+generates, and writes the client's bytes itself. A sealed job (node.sealed) is opened here and its answer
+sealed here: the scheduler relays ciphertext.
 """
 
 from __future__ import annotations
@@ -33,14 +35,17 @@ from aiohttp import web
 
 from node.backends.base import SamplingParams
 from node.context import fit_messages, fit_prompt
+from node.keys import NodeKeys, ReplayMemory
 from node.metrics import NodeMetrics
 from node.openai_format import ResponseWriter
 from node.pool import BackendLoader, ModelPool, ModelSlot
 from node.runner import Job
+from node.sealed import SealedFrames, SealedJob, open_job
 from node.settings import ModelSettings, NodeSettings
 from node.templates import Message
 from node.trust import Enrollment, Trust
 from protocol import frames
+from protocol.envelope import SEALED_JOB
 from protocol.errors import (
     AuthenticationFailed,
     ContextLengthExceeded,
@@ -76,7 +81,10 @@ class NodeState:
     trust: Trust
     pool: ModelPool
     verifier: RequestVerifier
+    keys: NodeKeys
+    replay: ReplayMemory
     url: str | None = None
+    key_alarm: str | None = None  # the directory does not show this node's current key (see node.heartbeat)
     draining: bool = False
     reply_interval: float | None = None  # the heartbeat interval the scheduler asked for
     offered_key: bytes | None = None  # the scheduler key a certificate being handed over names
@@ -134,7 +142,7 @@ def _load_figures(app: web.Application) -> list[tuple[str, int, int]]:
 
 
 async def _node_ctx(app: web.Application) -> AsyncIterator[None]:
-    from node.heartbeat import advertise_ctx, heartbeat_loop, memory_pool
+    from node.heartbeat import advertise_ctx, check_directory, heartbeat_loop, memory_pool, rotate_keys
 
     settings = app[SETTINGS]
     trust = app.get(TRUST)
@@ -145,16 +153,27 @@ async def _node_ctx(app: web.Application) -> AsyncIterator[None]:
         settings = settings.model_copy(update={"node_id": trust.enrollment.node_id})
     total, gpus = await asyncio.to_thread(memory_pool, settings)
     pool = await asyncio.to_thread(ModelPool, settings, app[LOADER], total, gpus)
-    state = NodeState(settings, trust, pool, trust.verifier(settings.node_id))
+    data_dir = _data_dir(settings)
+    keys = await asyncio.to_thread(
+        NodeKeys, data_dir, trust.identity, settings.node_id, rotation_s=settings.key_rotation
+    )
+    replay = await asyncio.to_thread(ReplayMemory, data_dir / "e2e" / "replay.log")
+    state = NodeState(settings, trust, pool, trust.verifier(settings.node_id), keys, replay)
     pool.on_change = state.touch
     app[STATE] = state
     pool.start()
-    beat = asyncio.create_task(heartbeat_loop(state), name="hearth-heartbeat")
+    tasks = [
+        asyncio.create_task(heartbeat_loop(state), name="hearth-heartbeat"),
+        asyncio.create_task(rotate_keys(state), name="hearth-key-rotation"),
+        asyncio.create_task(check_directory(state), name="hearth-directory-check"),
+    ]
     async with advertise_ctx(state):
         yield
-    beat.cancel()
-    await asyncio.gather(beat, return_exceptions=True)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
     await pool.close()
+    replay.close()
 
 
 def _data_dir(settings: NodeSettings) -> Path:
@@ -289,14 +308,46 @@ async def certificate(request: web.Request) -> web.Response:
 class Prepared:
     prompt_ids: list[int]
     params: SamplingParams
+    resumed_tokens: int = 0  # of prompt_ids, the tail another node generated
 
 
-def _prepare(slot: ModelSlot, req: ChatCompletionRequest | CompletionRequest) -> Prepared:
-    """Render, tokenize and fit the prompt (CPU work: runs in a thread)."""
+class PlainFrames:
+    """Frames of an answer the scheduler may read (a plaintext request)."""
+
+    def data(self, payload: bytes, *, final: bool = False) -> bytes:
+        return frames.encode_data(payload) if payload else b""
+
+    def keepalive(self, payload: bytes) -> bytes:
+        return frames.encode(payload)  # even empty: the scheduler's read timer restarts
+
+    def meta(self, meta: dict[str, object]) -> bytes:
+        return frames.encode_json(meta, frames.META)
+
+    def end(self, data: bytes, meta: dict[str, object]) -> bytes:
+        return frames.encode_data(data) + frames.encode_json(meta, frames.META | frames.FINAL)
+
+
+class SealedOut(SealedFrames):
+    def end(self, data: bytes, meta: dict[str, object]) -> bytes:
+        # The signed META first: the sealed final frame is the stream's last.
+        return self.meta(meta) + self.data(data, final=True)
+
+
+Out = PlainFrames | SealedOut
+
+
+def _prepare(
+    slot: ModelSlot, req: ChatCompletionRequest | CompletionRequest, sent_text: str = ""
+) -> Prepared:
+    """Render, tokenize and fit the prompt (CPU work: runs in a thread). ``sent_text`` is what another
+    node already answered (blind failover): it goes on after the prompt, and counts against max_tokens."""
     assert slot.runner is not None and slot.template is not None
     backend = slot.runner.backend
     context = backend.context_length
     requested = req.requested_max_tokens
+    sent = backend.encode(sent_text, add_special_tokens=False) if sent_text else []
+    if requested is not None and sent:
+        requested = max(1, requested - len(sent))
     if requested is not None and requested >= context:
         raise ContextLengthExceeded(
             f"max_tokens is {requested} but the model's context is {context} tokens, prompt included",
@@ -332,6 +383,10 @@ def _prepare(slot: ModelSlot, req: ChatCompletionRequest | CompletionRequest) ->
         default = 16
     if not prompt_ids:
         raise InvalidRequest("the prompt is empty", param="prompt")
+    if sent:
+        prompt_ids = prompt_ids + sent
+        if len(prompt_ids) >= context:
+            raise ContextLengthExceeded("the answer so far fills the model's context")
     room = context - len(prompt_ids)
     max_new = min(requested if requested is not None else default, room)
     params = SamplingParams(
@@ -343,40 +398,47 @@ def _prepare(slot: ModelSlot, req: ChatCompletionRequest | CompletionRequest) ->
         frequency_penalty=req.frequency_penalty,
         ignore_eos=req.ignore_eos,
     )
-    return Prepared(prompt_ids, params)
+    return Prepared(prompt_ids, params, len(sent))
 
 
 async def submit_job(request: web.Request) -> web.StreamResponse:
     raw = await read_body(request)
     state = await _authorize(request, raw)
-    body = parse_json(raw)
     if state.draining:
         raise Unavailable(
             "this node is draining: it finishes running jobs and takes no new ones", retry_after=5
         )
-    if not isinstance(body, dict) or body.get("endpoint") not in ("chat", "completion"):
-        raise InvalidRequest("a job needs an endpoint ('chat' or 'completion') and a request")
-    endpoint: Endpoint = body["endpoint"]
-    request_id = str(body.get("request_id", ""))
-    if not _REQUEST_ID.match(request_id):
-        raise InvalidRequest("a job needs a request_id of 1-64 letters, digits, '-' or '_'")
-    req = parse_request(endpoint, body.get("request"))
+    node_id = state.settings.node_id
+    sealed: SealedJob | None = None
+    out: Out
+    if request.content_type == SEALED_JOB:
+        sealed = await asyncio.to_thread(open_job, raw, node_id=node_id, keys=state.keys, replay=state.replay)
+        endpoint, request_id, req = sealed.endpoint, sealed.request_id, sealed.request
+        out = SealedOut(sealed, node_id, state.trust.identity)
+    else:
+        endpoint, request_id, req = _plain_job(parse_json(raw))
+        out = PlainFrames()
     slot = state.pool.get(req.model)
     if slot.phase != "ready" or slot.runner is None:
         raise Unavailable(f"the model '{req.model}' is not loaded here ({slot.phase})", retry_after=5)
     slot.last_used = time.monotonic()
-    prepared = await asyncio.to_thread(_prepare, slot, req)
+    prepared = await asyncio.to_thread(_prepare, slot, req, sealed.sent_text if sealed else "")
     job = slot.runner.submit(prepared.prompt_ids, prepared.params, req.stop_sequences())
     writer = ResponseWriter(
-        endpoint, model=slot.id, request_id=request_id, stream=req.stream, include_usage=req.include_usage
-    )
+        endpoint, model=slot.id, request_id=request_id, stream=req.stream, include_usage=req.include_usage,
+        created=sealed.created if sealed else None,
+    )  # fmt: skip
     response = web.StreamResponse(headers={"Content-Type": frames.MEDIA_TYPE})
-    prompt_tokens = len(prepared.prompt_ids)
+    prompt_tokens = len(prepared.prompt_ids) - prepared.resumed_tokens
     produced, outcome = 0, "cancelled"
     started = time.monotonic()
+    flush = state.settings.e2e_flush_interval if sealed else 0.0
     try:
         await response.prepare(request)
-        outcome, produced = await _stream_job(response, job, writer, prompt_tokens)
+        outcome, produced = await _stream_job(
+            response, job, writer, out, prompt_tokens, prepared.resumed_tokens,
+            resumed=sealed is not None and sealed.start_seq > 0, flush=flush,
+        )  # fmt: skip
         await response.write_eof()
         slot.record_speed(produced, time.monotonic() - started)
     except ConnectionResetError:
@@ -394,12 +456,27 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
     return response
 
 
+def _plain_job(body: Any) -> tuple[Endpoint, str, ChatCompletionRequest | CompletionRequest]:
+    if not isinstance(body, dict) or body.get("endpoint") not in ("chat", "completion"):
+        raise InvalidRequest("a job needs an endpoint ('chat' or 'completion') and a request")
+    endpoint: Endpoint = body["endpoint"]
+    request_id = str(body.get("request_id", ""))
+    if not _REQUEST_ID.match(request_id):
+        raise InvalidRequest("a job needs a request_id of 1-64 letters, digits, '-' or '_'")
+    return endpoint, request_id, parse_request(endpoint, body.get("request"))
+
+
 async def _stream_job(
-    response: web.StreamResponse, job: Job, writer: ResponseWriter, prompt_tokens: int
-) -> tuple[str, int]:
-    """Write the job's frames until its end; return (finish reason, completion tokens)."""
+    response: web.StreamResponse, job: Job, writer: ResponseWriter, out: Out, prompt_tokens: int,
+    already: int = 0, *, resumed: bool = False, flush: float = 0.0,
+) -> tuple[str, int]:  # fmt: skip
+    """Write the job's frames until its end; return (finish reason, completion tokens).
+
+    ``already`` tokens of the answer came from a node this one replaces (``resumed``: the role event was
+    sent). ``flush`` > 0 holds frames at least that far apart, so a sealed stream's frame times say less
+    about its tokens (what was generated meanwhile goes out together in the next frame)."""
     loop = asyncio.get_running_loop()
-    pending = writer.start()
+    pending = b"" if resumed else writer.start()
     last_progress = loop.time()
     while True:
         try:
@@ -410,32 +487,30 @@ async def _stream_job(
         except TimeoutError:
             # Nothing to say yet (a long prefill, or a non-streaming answer still growing): tell the
             # scheduler, and any proxy on the way, that this node is alive.
-            await response.write(frames.encode(writer.keepalive()))
+            await response.write(out.keepalive(writer.keepalive()))
             continue
         last = deltas[-1]
+        completion = already + last.completion_tokens
         data = pending + b"".join(writer.delta(d.text) for d in deltas)
         pending = b""
         if last.finish_reason is None:
-            out = frames.encode_data(data) if data else b""
+            chunk = out.data(data)
             if loop.time() - last_progress >= PROGRESS_S:
                 # Running token counts, so a stream the client abandons is still accounted for.
                 last_progress = loop.time()
-                out += frames.encode_json(
-                    _usage_meta(None, prompt_tokens, last.completion_tokens), frames.META
-                )
-            if out:
-                await response.write(out)
+                chunk += out.meta(_usage_meta(None, prompt_tokens, completion))
+            if chunk:
+                await response.write(chunk)
+                if flush:
+                    await asyncio.sleep(flush)
             continue
         if last.finish_reason in ("error", "cancelled"):
             err = HearthError("the node failed while generating", code="generation_failed")
             body = {"status": err.status, **err.to_body()}
-            await response.write(
-                frames.encode_data(data) + frames.encode_json(body, frames.ERROR | frames.FINAL)
-            )
+            await response.write(out.data(data) + frames.encode_json(body, frames.ERROR | frames.FINAL))
             return last.finish_reason, last.completion_tokens
-        data += writer.finish(last.finish_reason, prompt_tokens, last.completion_tokens)
-        meta = _usage_meta(last.finish_reason, prompt_tokens, last.completion_tokens)
-        await response.write(frames.encode_data(data) + frames.encode_json(meta, frames.META | frames.FINAL))
+        data += writer.finish(last.finish_reason, prompt_tokens, completion)
+        await response.write(out.end(data, _usage_meta(last.finish_reason, prompt_tokens, completion)))
         return last.finish_reason, last.completion_tokens
 
 

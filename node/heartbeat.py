@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -78,6 +79,8 @@ def status_doc(state: NodeState) -> dict[str, Any]:
         "draining": state.draining,
         "yielding": False,
         "models": [slot.status() for slot in pool.slots.values()],
+        "key_statement": state.keys.current()[1],
+        "alarm": state.key_alarm,
     }
 
 
@@ -167,6 +170,68 @@ async def _beat(session: aiohttp.ClientSession, state: NodeState) -> str | None:
     if reason == "pending_approval":
         return "enrolled; waiting for the operator's approval"
     return f"refused the heartbeat (status {code}, {reason})"
+
+
+async def rotate_keys(state: NodeState) -> None:
+    """Make a new encryption key when the current one is due; the next heartbeat publishes it."""
+    interval = min(60.0, state.settings.key_rotation / 10)
+    while True:
+        if await asyncio.to_thread(state.keys.rotate_if_due):
+            state.touch()
+        await asyncio.sleep(interval)
+
+
+async def check_directory(state: NodeState) -> None:
+    """Now and then, check that the scheduler's directory shows this node's current key, as a proxy would
+    see it. If not (a scheduler swapping keys, or a log that lost a statement), raise the alarm: a log
+    line and a flag in the status the operator sees."""
+    async with aiohttp.ClientSession() as session:
+        while True:
+            await asyncio.sleep(state.settings.directory_check_interval)
+            problem = await _directory_problem(session, state)
+            if problem != state.key_alarm:
+                if problem is not None:
+                    log.error("ALARM: %s", problem)
+                else:
+                    log.info("the directory shows this node's current key again")
+                state.key_alarm = problem
+                state.touch()
+
+
+async def _directory_problem(session: aiohttp.ClientSession, state: NodeState) -> str | None:
+    from protocol.directory import MAX_DIRECTORY_BYTES, Directory
+
+    trust = state.trust
+    enrollment = trust.enrollment
+    authority = enrollment.authority_key if enrollment else state.settings.authority_key
+    scheduler_url = state.settings.scheduler_url or (enrollment.scheduler_url if enrollment else None)
+    if trust.certificate is None or authority is None or scheduler_url is None or trust.revoked:
+        return None  # not approved yet: there is nothing of ours to look for
+    try:
+        async with session.get(
+            scheduler_url.rstrip("/") + "/v1/directory", timeout=aiohttp.ClientTimeout(total=30)
+        ) as resp:
+            raw = await read_capped(resp, MAX_DIRECTORY_BYTES)
+            if resp.status != 200:
+                return f"the scheduler's directory answered {resp.status}"
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return state.key_alarm  # unreachable says nothing new about the directory
+
+    def verify() -> str | None:
+        try:
+            doc = json.loads(raw)
+            directory = Directory(authority)
+            directory.apply(doc["entries"])
+        except (ValueError, KeyError, TypeError, HearthError) as exc:
+            return f"the scheduler's directory does not verify ({exc})"
+        node = directory.nodes.get(state.settings.node_id)
+        mine, _ = state.keys.current()
+        shown = node.current_key(time.time()) if node is not None else None
+        if shown is None or shown.key_id != mine.key_id:
+            return "the scheduler's directory does not show this node's current encryption key"
+        return None
+
+    return await asyncio.to_thread(verify)
 
 
 def advert(state: NodeState) -> Advert:

@@ -36,6 +36,7 @@ class ResponseWriter:
         request_id: str,
         stream: bool,
         include_usage: bool,
+        created: int | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.stream = stream
@@ -47,7 +48,7 @@ class ResponseWriter:
             "object": ("chat.completion.chunk" if stream else "chat.completion")
             if chat
             else "text_completion",
-            "created": int(time.time()),
+            "created": int(time.time()) if created is None else created,
             "model": model,
         }
 

@@ -109,5 +109,27 @@ class NodeSettings(BaseModel):
     threads: int | None = Field(
         default=None, ge=1, description="CPU threads for generation; default: torch's."
     )
-    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="Largest job body accepted.")
+    max_body_bytes: int = Field(
+        default=8 * 1024 * 1024, ge=1024, description="Largest job body accepted (a sealed one included)."
+    )
+    key_rotation: float = Field(
+        default=86400.0,
+        ge=60,
+        le=3.5 * 86400,
+        description="Seconds between two end-to-end encryption keys; each key's statement is valid twice as "
+        "long, so proxies that fetched the directory a while ago still reach this node.",
+    )
+    e2e_flush_interval: float = Field(
+        default=0.02,
+        ge=0,
+        le=1,
+        description="Least seconds between two frames of a sealed stream: tokens generated meanwhile leave "
+        "together, so frame timing says less about the answer. 0 sends each burst at once.",
+    )
+    directory_check_interval: float = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds between two checks that the scheduler's directory shows this node's current "
+        "encryption key (an alarm is raised when it does not).",
+    )
     models: list[ModelSettings] = Field(default_factory=list, description="Models this node serves.")

@@ -1,5 +1,5 @@
-"""The end-to-end envelope (groundwork for the E2E issue): a request only its candidate nodes can open, and
-an answer only its sender can read, in order and complete.
+"""The end-to-end envelope: a request only its candidate nodes can open, and an answer only its sender can
+read, in order and complete. `docs/protocol.md` is the byte-level specification.
 
 Suite ``hearth-e2e-v1``: HPKE (RFC 9180) base mode, DHKEM(X25519, HKDF-SHA256) / HKDF-SHA256 /
 ChaCha20-Poly1305, from `cryptography`'s own ``hpke`` module; ChaCha20-Poly1305 and HKDF from `cryptography`
@@ -7,16 +7,22 @@ for the body and the response. Nothing here is hand-rolled beyond framing.
 
 Request
     A fresh content key seals the (padded) OpenAI body once, with the hash of the visible header as
-    associated data. For each candidate node the content key and a fresh per-candidate response secret are
-    HPKE-wrapped to that node's encryption key, with the suite, node id, key id and header hash in HPKE's
-    ``info``: a wrap moved to another node, another key, or another header does not open. The scheduler sees
-    only the header (model, max_tokens, stream, length bucket, request id, times).
+    associated data. For each candidate node the content key and a fresh response seed are HPKE-wrapped to
+    that node's encryption key, with the suite, node id, key id and header hash in HPKE's ``info``: a wrap
+    moved to another node, another key, or another header does not open. The scheduler sees only the
+    header (endpoint, model, max_tokens, stream, length bucket, request id, times).
 
 Response
-    From the response secret and the request id, HKDF gives a key and a nonce base; frame ``i`` is sealed
-    with nonce = base XOR i and associated data = (i, final flag), so a frame cut, reordered, duplicated or
-    falsely marked final fails to open, and one after the final frame is refused. Payloads are padded to
-    buckets so that lengths tell little about the tokens.
+    Each candidate's response secret is HKDF(seed, node id, request id): a frame sealed by one candidate
+    does not open as another's. HKDF gives a key and a nonce base; frame ``i`` is sealed with nonce =
+    base XOR i and associated data = (i, final flag), so a frame cut, reordered, duplicated or falsely
+    marked final fails to open, and one after the final frame is refused. Payloads are padded to buckets so
+    that lengths tell little about the tokens.
+
+Blind failover
+    Every candidate holds the seed, so a replacement candidate can open what the failed one streamed (the
+    scheduler hands it the ciphertext frames), continue the answer from there, and seal its own frames from
+    the next sequence number on. The candidates could read the request already, so this widens nothing.
 
 Every failure to open raises the same `EnvelopeError` with the same message, so an attacker learns nothing
 from which check failed. Sizes are checked before anything is allocated or decrypted.
@@ -27,8 +33,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, hpke, serialization
@@ -36,7 +45,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from protocol.errors import InvalidRequest
+from protocol.errors import InvalidRequest, ProtocolError
+from protocol.identity import Identity, b64d, b64e, verify_signature
 
 SUITE_ID = "hearth-e2e-v1"
 _SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.CHACHA20_POLY1305)
@@ -46,7 +56,11 @@ NONCE_BYTES = 12
 _WRAP_SECRET_BYTES = 2 * KEY_BYTES  # content key ‖ response secret
 WRAP_BYTES = KEY_BYTES + _WRAP_SECRET_BYTES + TAG_BYTES  # HPKE enc ‖ ciphertext
 
-MAX_CANDIDATES = 8
+MEDIA_TYPE = "application/x-hearth-envelope"  # proxy → scheduler: the envelope's JSON form
+SEALED_JOB = "application/x-hearth-sealed-job"  # scheduler → node: {"envelope", "resume"}
+MAX_CANDIDATES = 8  # what any node accepts; the proxy's own default is 4
+MAX_TTL_S = 600  # an envelope's time window; nodes remember request ids this long (plus the skew)
+MAX_SKEW_S = 30  # clocks of the user's machine and the node may disagree by this much
 MAX_BODY_BYTES = 4 * 1024 * 1024
 MIN_BUCKET = 1024
 MAX_FRAME_PAYLOAD = 256 * 1024
@@ -67,6 +81,7 @@ class EnvelopeError(InvalidRequest):
 class Header:
     """What the scheduler may see of a sealed request."""
 
+    endpoint: str  # "chat" or "completion"
     model: str
     max_tokens: int | None
     stream: bool
@@ -90,11 +105,17 @@ class Candidate:
 
 
 @dataclass(frozen=True, slots=True)
+class Wrap:
+    key_id: str
+    data: bytes  # HPKE enc ‖ ciphertext of (content key ‖ response seed)
+
+
+@dataclass(frozen=True, slots=True)
 class Sealed:
     header: Header
     nonce: bytes
     ciphertext: bytes
-    wraps: dict[str, bytes]  # node id → HPKE wrap for that node
+    wraps: dict[str, Wrap]  # node id → that node's wrap
 
 
 def bucket_for(length: int) -> int:
@@ -126,52 +147,151 @@ def _info(node_id: str, key_id: str, header_digest: bytes) -> bytes:
 
 
 def seal_request(
-    body: bytes, *, model: str, max_tokens: int | None, stream: bool, request_id: str, issued_at: int,
-    ttl_s: int, candidates: list[Candidate],
-) -> tuple[Sealed, dict[str, bytes]]:  # fmt: skip
-    """Seal ``body`` for ``candidates``; returns the envelope and each candidate's response secret."""
-    if not 1 <= len(candidates) <= MAX_CANDIDATES:
-        raise InvalidRequest(f"an envelope names 1 to {MAX_CANDIDATES} candidate nodes")
+    body: bytes, *, endpoint: str, model: str, max_tokens: int | None, stream: bool, request_id: str,
+    issued_at: int, ttl_s: int, candidates: list[Candidate],
+) -> tuple[Sealed, bytes]:  # fmt: skip
+    """Seal ``body`` for ``candidates``; returns the envelope and the response seed (the sender keeps it)."""
+    if not 1 <= len(candidates) <= MAX_CANDIDATES or len({c.node_id for c in candidates}) != len(candidates):
+        raise InvalidRequest(f"an envelope names 1 to {MAX_CANDIDATES} different candidate nodes")
+    if not 0 < ttl_s <= MAX_TTL_S:
+        raise InvalidRequest(f"an envelope lives 1 to {MAX_TTL_S} seconds")
     padded_size = bucket_for(len(body))
-    header = Header(model, max_tokens, stream, padded_size, request_id, issued_at, issued_at + ttl_s)
+    header = Header(
+        endpoint, model, max_tokens, stream, padded_size, request_id, issued_at, issued_at + ttl_s
+    )
+    check_header(header)
     digest = header.digest()
     content_key = ChaCha20Poly1305.generate_key()
+    seed = os.urandom(KEY_BYTES)
     nonce = os.urandom(NONCE_BYTES)
     ciphertext = ChaCha20Poly1305(content_key).encrypt(nonce, _pad(body, padded_size - TAG_BYTES), digest)
-    wraps: dict[str, bytes] = {}
-    secrets_: dict[str, bytes] = {}
-    for c in candidates:
-        secret = os.urandom(KEY_BYTES)
-        wraps[c.node_id] = _SUITE.encrypt(
-            content_key + secret, c.public_key, _info(c.node_id, c.key_id, digest)
+    wraps = {
+        c.node_id: Wrap(
+            c.key_id, _SUITE.encrypt(content_key + seed, c.public_key, _info(c.node_id, c.key_id, digest))
         )
-        secrets_[c.node_id] = secret
-    return Sealed(header, nonce, ciphertext, wraps), secrets_
+        for c in candidates
+    }
+    return Sealed(header, nonce, ciphertext, wraps), seed
 
 
 def open_request(
-    sealed: Sealed, *, node_id: str, key_id: str, private_key: X25519PrivateKey, now: int
+    sealed: Sealed, *, node_id: str, keys: Mapping[str, X25519PrivateKey], now: int, skew_s: int = MAX_SKEW_S
 ) -> tuple[bytes, bytes]:
-    """The body and this node's response secret; EnvelopeError for anything amiss, expiry included."""
+    """The body and the response seed, for the node ``node_id`` holding ``keys`` (key id → private key).
+
+    EnvelopeError for anything amiss: no wrap for this node, a key it does not hold, a damaged byte, or
+    a time window that does not contain ``now`` (give or take ``skew_s`` for clocks that disagree)."""
     header = sealed.header
     wrap = sealed.wraps.get(node_id)
+    key = keys.get(wrap.key_id) if wrap is not None else None
     if (
         wrap is None
-        or len(wrap) != WRAP_BYTES
+        or key is None
+        or len(wrap.data) != WRAP_BYTES
         or len(sealed.nonce) != NONCE_BYTES
         or len(sealed.ciphertext) != header.bucket
         or not MIN_BUCKET <= header.bucket <= MAX_BODY_BYTES
-        or not header.issued_at <= now <= header.expires_at
+        or not header.issued_at - skew_s <= now <= header.expires_at + skew_s
     ):
         raise EnvelopeError()
     digest = header.digest()
     try:
-        secrets_ = _SUITE.decrypt(wrap, private_key, _info(node_id, key_id, digest))
-        content_key, secret = secrets_[:KEY_BYTES], secrets_[KEY_BYTES:]
+        opened = _SUITE.decrypt(wrap.data, key, _info(node_id, wrap.key_id, digest))
+        content_key, seed = opened[:KEY_BYTES], opened[KEY_BYTES:]
         padded = ChaCha20Poly1305(content_key).decrypt(sealed.nonce, sealed.ciphertext, digest)
     except (InvalidTag, ValueError):
         raise EnvelopeError() from None
-    return _unpad(padded), secret
+    return _unpad(padded), seed
+
+
+def response_secret(seed: bytes, node_id: str, request_id: str) -> bytes:
+    """The secret that the candidate ``node_id`` seals its answer with."""
+    return HKDF(
+        algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None,
+        info=f"{SUITE_ID}/candidate/{node_id}/{request_id}".encode(),
+    ).derive(seed)  # fmt: skip
+
+
+# The wire form: JSON, binary fields in unpadded base64url (docs/protocol.md).
+
+_HEADER_FIELDS = {f for f in Header.__dataclass_fields__}
+_WRAP_FIELDS = {"node_id", "key_id", "wrap"}
+_ENVELOPE_FIELDS = {"suite", "header", "nonce", "ciphertext", "wraps"}
+_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+_NODE_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+_KEY_ID = re.compile(r"[0-9a-f]{20}")
+MAX_MODEL_CHARS = 256
+
+
+def check_header(header: Header) -> None:
+    """A header any node would accept the shape of: EnvelopeError otherwise."""
+    ok = (
+        header.endpoint in ("chat", "completion")
+        and isinstance(header.model, str)
+        and 0 < len(header.model) <= MAX_MODEL_CHARS
+        and (header.max_tokens is None or (type(header.max_tokens) is int and 0 < header.max_tokens < 2**31))
+        and type(header.stream) is bool
+        and type(header.bucket) is int
+        and MIN_BUCKET <= header.bucket <= MAX_BODY_BYTES
+        and header.bucket & (header.bucket - 1) == 0
+        and isinstance(header.request_id, str)
+        and _ID.fullmatch(header.request_id) is not None
+        and type(header.issued_at) is int
+        and type(header.expires_at) is int
+        and 0 <= header.issued_at < header.expires_at <= header.issued_at + MAX_TTL_S
+    )
+    if not ok:
+        raise EnvelopeError()
+
+
+def to_wire(sealed: Sealed) -> dict[str, Any]:
+    return {
+        "suite": SUITE_ID,
+        "header": asdict(sealed.header),
+        "nonce": b64e(sealed.nonce),
+        "ciphertext": b64e(sealed.ciphertext),
+        "wraps": [
+            {"node_id": node_id, "key_id": w.key_id, "wrap": b64e(w.data)}
+            for node_id, w in sealed.wraps.items()
+        ],
+    }
+
+
+def _b64(text: Any, length: int) -> bytes:
+    # the length is checked on the text before anything is decoded
+    if not isinstance(text, str) or len(text) != (4 * length + 2) // 3:
+        raise EnvelopeError()
+    try:
+        return b64d(text, length=length)
+    except ProtocolError:
+        raise EnvelopeError() from None
+
+
+def from_wire(doc: Any) -> Sealed:
+    """Parse an envelope's JSON form; EnvelopeError for any deviation (sizes checked before decoding)."""
+    if not isinstance(doc, dict) or set(doc) != _ENVELOPE_FIELDS or doc["suite"] != SUITE_ID:
+        raise EnvelopeError()
+    head, wraps = doc["header"], doc["wraps"]
+    if not isinstance(head, dict) or set(head) != _HEADER_FIELDS:
+        raise EnvelopeError()
+    header = Header(**head)
+    check_header(header)
+    if not isinstance(wraps, list) or not 1 <= len(wraps) <= MAX_CANDIDATES:
+        raise EnvelopeError()
+    parsed: dict[str, Wrap] = {}
+    for w in wraps:
+        if (
+            not isinstance(w, dict)
+            or set(w) != _WRAP_FIELDS
+            or not isinstance(w["node_id"], str)
+            or _NODE_ID.fullmatch(w["node_id"]) is None
+            or not isinstance(w["key_id"], str)
+            or _KEY_ID.fullmatch(w["key_id"]) is None
+            or w["node_id"] in parsed
+        ):
+            raise EnvelopeError()
+        parsed[w["node_id"]] = Wrap(w["key_id"], _b64(w["wrap"], WRAP_BYTES))
+    return Sealed(header, _b64(doc["nonce"], NONCE_BYTES), _b64(doc["ciphertext"], header.bucket), parsed)
 
 
 # Responses
@@ -202,11 +322,11 @@ def _response_bucket(length: int) -> int:
 
 
 class ResponseSealer:
-    """The node's side: seals frames in order."""
+    """The node's side: seals frames in order, from ``start`` on (a resumed answer goes on numbering)."""
 
-    def __init__(self, secret: bytes, request_id: str) -> None:
+    def __init__(self, secret: bytes, request_id: str, *, start: int = 0) -> None:
         self._aead, self._base = _response_keys(secret, request_id)
-        self._seq = 0
+        self._seq = start
         self._done = False
 
     def seal(self, payload: bytes, *, final: bool = False) -> bytes:
@@ -220,12 +340,25 @@ class ResponseSealer:
 
 
 class ResponseOpener:
-    """The client's side: opens frames in order; `finish()` tells a complete answer from a cut one."""
+    """The client's side: opens frames in order; `finish()` tells a complete answer from a cut one.
+
+    `switch` moves to another candidate's secret at the current sequence number (blind failover): the
+    numbering goes on, so the scheduler cannot drop, repeat or reorder frames across the switch either."""
 
     def __init__(self, secret: bytes, request_id: str) -> None:
+        self._request_id = request_id
         self._aead, self._base = _response_keys(secret, request_id)
         self._seq = 0
         self.finished = False
+
+    @property
+    def seq(self) -> int:
+        return self._seq
+
+    def switch(self, secret: bytes, *, at: int) -> None:
+        if self.finished or at != self._seq:
+            raise EnvelopeError()
+        self._aead, self._base = _response_keys(secret, self._request_id)
 
     def open(self, frame: bytes, *, final: bool) -> bytes:
         if self.finished or not TAG_BYTES + _LENGTH.size <= len(frame) <= MAX_FRAME_PAYLOAD + TAG_BYTES:
@@ -247,7 +380,42 @@ def public_key_bytes(key: X25519PublicKey) -> bytes:
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
+MAX_ENVELOPE_BYTES = (4 * MAX_BODY_BYTES + 2) // 3 + MAX_CANDIDATES * 256 + 4096  # its JSON form, at most
+
+
+# Usage the node reports to the scheduler about a sealed request: signed, since the scheduler bills by it
+# and the network between them is not trusted.
+
+_USAGE_TAG = b"hearth-usage-v1\n"
+MAX_META_BYTES = 4096
+
+
+def sign_meta(identity: Identity, meta: dict[str, Any]) -> bytes:
+    body = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+    return json.dumps({"meta": meta, "signature": b64e(identity.sign(_USAGE_TAG + body))}).encode()
+
+
+def verify_meta(payload: bytes, identity_key: str, request_id: str) -> dict[str, Any]:
+    """The META a node signed for ``request_id``; ProtocolError if it is malformed or not its signature."""
+    if len(payload) > MAX_META_BYTES:
+        raise ProtocolError("a META frame is over its size limit")
+    try:
+        doc = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        raise ProtocolError("a META frame is not JSON") from None
+    if not isinstance(doc, dict) or set(doc) != {"meta", "signature"} or not isinstance(doc["meta"], dict):
+        raise ProtocolError("a signed META frame is {meta, signature}")
+    meta = doc["meta"]
+    body = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+    if meta.get("request_id") != request_id or not verify_signature(
+        b64d(identity_key, length=KEY_BYTES), _USAGE_TAG + body, b64d(doc["signature"], length=64)
+    ):
+        raise ProtocolError("a META frame is not signed by the node for this request")
+    return meta
+
+
 __all__ = [
+    "MAX_ENVELOPE_BYTES",
     "SUITE_ID",
     "Candidate",
     "EnvelopeError",
@@ -255,8 +423,15 @@ __all__ = [
     "ResponseOpener",
     "ResponseSealer",
     "Sealed",
+    "Wrap",
     "bucket_for",
+    "check_header",
+    "from_wire",
     "open_request",
     "public_key_bytes",
+    "response_secret",
     "seal_request",
+    "sign_meta",
+    "to_wire",
+    "verify_meta",
 ]

@@ -8,6 +8,7 @@
     ├── NotFound                     404 invalid_request_error / not_found
     │   └── ModelNotFound            404 invalid_request_error / model_not_found
     ├── ConflictError                409 invalid_request_error / conflict
+    │   └── Reseal                   409 invalid_request_error / reseal (+ fresh candidates)
     ├── PayloadTooLarge              413 invalid_request_error / payload_too_large
     ├── Unprocessable                422 invalid_request_error
     ├── RateLimited                  429 rate_limit_error (+ Retry-After)
@@ -120,6 +121,21 @@ class ConflictError(HearthError):
     status = 409
     error_type = "invalid_request_error"
     default_code = "conflict"
+
+
+class Reseal(ConflictError):
+    """None of a sealed request's candidates can take it: seal again to ``candidates`` (docs/protocol.md)."""
+
+    default_code = "reseal"
+
+    def __init__(self, message: str, candidates: list[str]) -> None:
+        super().__init__(message)
+        self.candidates = candidates
+
+    def to_body(self) -> dict[str, Any]:
+        body = super().to_body()
+        body["error"]["candidates"] = self.candidates
+        return body
 
 
 class PayloadTooLarge(HearthError):

@@ -64,6 +64,10 @@ class NodeStatus(_Wire):
     draining: bool = False
     yielding: bool = False
     models: Annotated[list[ModelStatus], Field(max_length=MAX_MODELS)] = []
+    # The node's current encryption-key statement (protocol.directory), checked by the scheduler and
+    # appended to the directory when it is new.
+    key_statement: dict[str, Any] | None = None
+    alarm: Annotated[str, StringConstraints(max_length=200)] | None = None
 
 
 class HeartbeatReply(_Wire):

@@ -27,7 +27,8 @@ DATA = 0x00
 FINAL = 0x01
 META = 0x02
 ERROR = 0x04
-_KNOWN_FLAGS = FINAL | META | ERROR
+ROUTE = 0x08  # scheduler → proxy, sealed streams: {"node_id", "seq"}: the node whose frames follow
+_KNOWN_FLAGS = FINAL | META | ERROR | ROUTE
 
 MEDIA_TYPE = "application/x-hearth-frames"
 
@@ -43,7 +44,7 @@ class Frame:
 
     @property
     def kind(self) -> int:
-        return self.flags & (META | ERROR)
+        return self.flags & (META | ERROR | ROUTE)
 
     def json(self) -> Any:
         try:

@@ -158,6 +158,8 @@ async def _set_state(request: web.Request, state: str, allowed_from: tuple[str, 
     store = request.app[STORE]
     record = await store.run(lambda: store.store.set_node_state(node_id, state))  # type: ignore[arg-type]
     fed.remember(record)
+    if state == "revoked":
+        await fed.directory.revoked(node_id)  # proxies stop sealing to it at their next fetch
     request.app[ADMISSION].wake()
     return json_response(_record_doc(request, node_id))
 

@@ -1,6 +1,7 @@
 """The scheduler's application factory and its OpenAI-compatible API.
 
 GET  /v1/models              models the cluster serves
+GET  /v1/directory           the node directory: certificates and key statements (scheduler.directory)
 POST /v1/chat/completions    chat, streaming (SSE) or not
 POST /v1/completions         plain completions, streaming or not
 GET  /openapi.json           this API, described
@@ -19,31 +20,46 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from policies import Visible, check
-from protocol.errors import HearthError, PermissionDenied
+from protocol.envelope import MEDIA_TYPE as ENVELOPE
+from protocol.envelope import EnvelopeError, from_wire, verify_meta
+from protocol.errors import HearthError, PermissionDenied, Reseal
 from protocol.identity import load_or_create_identity
 from protocol.schemas import Endpoint, parse_request
 from protocol.web import error_middleware, json_response, log_unexpected, parse_json, read_body
 from scheduler import admin
 from scheduler.admission import Admission, exclude
+from scheduler.directory import DirectoryLog
+from scheduler.directory import serve as serve_directory
 from scheduler.federation import Federation
 from scheduler.metrics import Metrics
 from scheduler.openapi import openapi_document
-from scheduler.placement import PlacementRequest
+from scheduler.placement import Placement, PlacementRequest, place
 from scheduler.registry import Registry
-from scheduler.relay import Failover, Relay, RelayJob, Target
+from scheduler.relay import (
+    Failover,
+    MidStream,
+    Relay,
+    RelayJob,
+    SealedStream,
+    Target,
+    end_sealed,
+    relay_sealed,
+)
 from scheduler.settings import SchedulerSettings
 from scheduler.state import ADMISSION, FEDERATION, METRICS, RELAY, SETTINGS, STARTED, STORE, authenticate
-from scheduler.store import AsyncStore, UsageRecord
+from scheduler.store import AsyncStore, TokenRecord, UsageRecord
 
 log = logging.getLogger("hearth.scheduler")
 
@@ -52,6 +68,7 @@ USAGE_BATCH = 256
 # (about 4 bytes per token in English, and JSON framing only adds bytes). Placement uses it for cache
 # admission and scoring, never to refuse a request: the node counts exactly.
 BYTES_PER_TOKEN_GUESS = 4
+DEFAULT_CANDIDATES = 4  # fresh candidates a 409 offers for re-sealing
 
 
 def create_app(settings: SchedulerSettings) -> web.Application:
@@ -65,6 +82,7 @@ def create_app(settings: SchedulerSettings) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi)
     app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/directory", directory)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/enroll", enroll)
@@ -99,6 +117,7 @@ async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
             session=control_session,
             heartbeat_interval=settings.heartbeat_interval,
             authority_key=settings.authority_key,
+            directory=DirectoryLog(app[STORE]),
         )
         admission = Admission(
             registry,
@@ -224,6 +243,18 @@ async def list_models(request: web.Request) -> web.Response:
     return json_response({"object": "list", "data": [cards[k] for k in sorted(cards)]})
 
 
+async def directory(request: web.Request) -> web.Response:
+    """The node directory (public: keys, certificates and tiers, nothing about users)."""
+    federation = request.app[FEDERATION]
+    hints: dict[str, list[str]] = {}
+    for node in federation.registry.snapshot().nodes:
+        if node.healthy:
+            for model in node.models:
+                if model.phase != "failed":
+                    hints.setdefault(model.id, []).append(node.node_id)
+    return await serve_directory(request, federation.directory, request.app[SETTINGS].authority_key, hints)
+
+
 async def enroll(request: web.Request) -> web.Response:
     reply = await request.app[FEDERATION].enroll(parse_json(await read_body(request)))
     return json_response(reply.model_dump(), status=201)
@@ -244,6 +275,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+    if request.content_type == ENVELOPE:
+        return await _generate_sealed(request, endpoint)
     app = request.app
     try:
         user, preq, job = await _admit(request, endpoint)
@@ -286,15 +319,106 @@ async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamRespo
     raise AssertionError("unreachable")
 
 
-async def _admit(request: web.Request, endpoint: Endpoint) -> tuple[str, PlacementRequest, RelayJob]:
-    """Authenticate, validate and apply policy: everything before the request joins the queue."""
+async def _generate_sealed(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+    """A request the scheduler cannot read: placed among its candidates by its visible header, relayed as
+    frames, and continued on another candidate if its node fails mid-stream (blind failover)."""
+    app = request.app
+    try:
+        token, preq, job, doc = await _admit_sealed(request, endpoint)
+        federation, admission, relay = app[FEDERATION], app[ADMISSION], app[RELAY]
+        _reseal_if_hopeless(federation, preq)
+    except HearthError as exc:
+        app[METRICS].requests.labels(endpoint, f"refused_{exc.status}").inc()
+        raise
+    request_id = doc["header"]["request_id"]
+    stream = SealedStream()
+    failed: Failover | MidStream | None = None
+    for _ in range(app[SETTINGS].failover_attempts):
+        try:
+            ticket = await admission.acquire(token, preq)
+        except HearthError as exc:
+            app[METRICS].requests.labels(endpoint, f"refused_{exc.status}").inc()
+            if failed is None:
+                raise
+            break
+        usage = {"prompt_tokens": 0, "completion_tokens": 0}
+        node_id = ticket.node_id
+        try:
+            runtime = federation.registry.nodes.get(node_id)
+            record = federation.records.get(node_id)
+            if runtime is None or runtime.url is None or record is None:
+                raise Failover(HearthError("the chosen node left the cluster"))
+            identity_key = record.identity_key
+            body = json.dumps({"envelope": doc, "resume": stream.resume()}).encode()
+            target = Target(node_id, runtime.url, federation.signed_headers(node_id, "POST", "/jobs", body))
+
+            def verify(payload: bytes, key: str = identity_key) -> dict[str, Any]:
+                return verify_meta(payload, key, request_id)
+
+            with contextlib.suppress(ConnectionResetError):  # the client left while we were writing
+                await relay_sealed(relay, request, target, replace(job, body=body), usage, stream, verify)
+            return stream.out if stream.out is not None else web.Response(status=499)
+        except (Failover, MidStream) as exc:
+            log.info("node %s failed a sealed request; trying another candidate", node_id)
+            failed = exc
+            preq = exclude(preq, node_id)
+            if isinstance(exc, MidStream) and not stream.resumable:
+                break
+        finally:
+            admission.release(ticket, usage["prompt_tokens"], usage["completion_tokens"])
+    assert failed is not None
+    if stream.out is None:
+        raise failed.error
+    await end_sealed(relay, request, stream, failed.error)
+    return stream.out
+
+
+def _reseal_if_hopeless(federation: Federation, preq: PlacementRequest) -> None:
+    """409 with fresh candidates when none of the request's candidates could take it but other nodes
+    could (they went away, or never served the model); a busy candidate is waited for as usual."""
+    snapshot = federation.registry.snapshot()
+    result = place(preq, snapshot)
+    if isinstance(result, Placement) or result.kind == "busy":
+        return
+    fresh: list[str] = []
+    anywhere = replace(preq, candidates=None)
+    while len(fresh) < DEFAULT_CANDIDATES:
+        found = place(anywhere, snapshot)
+        if not isinstance(found, Placement):
+            break
+        if found.node_id in federation.directory.keys:
+            fresh.append(found.node_id)
+        anywhere = exclude(anywhere, found.node_id)
+    if fresh:
+        raise Reseal("none of the nodes this request was sealed to can take it now; seal it again", fresh)
+
+
+async def _admit_sealed(
+    request: web.Request, endpoint: Endpoint
+) -> tuple[str, PlacementRequest, RelayJob, dict[str, Any]]:
     token = await authenticate(request)
     started = time.time()
     raw = await read_body(request)
-    req = parse_request(endpoint, parse_json(raw))
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise EnvelopeError() from None
+    header = from_wire(doc).header
+    if header.endpoint != endpoint:
+        raise EnvelopeError()
     settings = request.app[SETTINGS]
-    max_tokens = req.requested_max_tokens
-    check(settings.policy, Visible(req.model, max_tokens, sealed=False))
+    check(settings.policy, Visible(header.model, header.max_tokens, sealed=True))
+    preq = PlacementRequest(
+        model=header.model, max_tokens=header.max_tokens, tiers=_tiers(settings, token),
+        prompt_tokens=header.bucket // BYTES_PER_TOKEN_GUESS,
+        candidates=frozenset(w["node_id"] for w in doc["wraps"]),
+    )  # fmt: skip
+    # The usage row gets an id of the scheduler's own: the envelope's request id is the client's choice.
+    job = RelayJob(secrets.token_hex(12), token.id, endpoint, header.model, True, b"", started)
+    return token.id, preq, job, doc
+
+
+def _tiers(settings: SchedulerSettings, token: TokenRecord) -> frozenset[str]:
     tiers = frozenset(settings.policy.tiers)
     if token.tiers is not None:
         tiers &= frozenset(token.tiers)
@@ -304,6 +428,19 @@ async def _admit(request: web.Request, endpoint: Endpoint) -> tuple[str, Placeme
                 "those tiers",
                 code="tier_not_allowed",
             )
+    return tiers
+
+
+async def _admit(request: web.Request, endpoint: Endpoint) -> tuple[str, PlacementRequest, RelayJob]:
+    """Authenticate, validate and apply policy: everything before the request joins the queue."""
+    token = await authenticate(request)
+    started = time.time()
+    raw = await read_body(request)
+    req = parse_request(endpoint, parse_json(raw))
+    settings = request.app[SETTINGS]
+    max_tokens = req.requested_max_tokens
+    check(settings.policy, Visible(req.model, max_tokens, sealed=False))
+    tiers = _tiers(settings, token)
     preq = PlacementRequest(
         model=req.model, max_tokens=max_tokens, prompt_tokens=len(raw) // BYTES_PER_TOKEN_GUESS, tiers=tiers
     )

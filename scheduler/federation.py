@@ -30,6 +30,7 @@ from protocol.identity import (
     verify_signature,
 )
 from protocol.web import parse_json, read_capped
+from scheduler.directory import DirectoryLog
 from scheduler.registry import Registry
 from scheduler.store import AsyncStore, NodeRecord
 
@@ -52,6 +53,7 @@ class Federation:
     session: aiohttp.ClientSession
     heartbeat_interval: float
     authority_key: str | None
+    directory: DirectoryLog
     records: dict[str, NodeRecord] = field(default_factory=dict)  # every known node, by node id
     pending_status: dict[str, NodeStatus] = field(default_factory=dict)  # last word from pending nodes
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -77,6 +79,7 @@ class Federation:
         records = await self.store.run(store.nodes)
         for record in records:
             self.remember(record)
+        await self.directory.load()
 
     def remember(self, record: NodeRecord) -> None:
         self.records[record.node_id] = record
@@ -145,6 +148,7 @@ class Federation:
             await self.store.run(lambda: store.set_node_url(record.node_id, status.url))
             self.records[record.node_id] = record = replace(record, url=status.url)
         self.registry.heartbeat(record.node_id, status)
+        await self.directory.heard(record, status.key_statement)
         return HeartbeatReply(
             certificate=record.certificate, drain=record.drain, interval=self.heartbeat_interval
         )

@@ -12,14 +12,16 @@ import asyncio
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from protocol import frames
+from protocol.envelope import SEALED_JOB
 from protocol.errors import HearthError, ProtocolError, Unavailable
+from protocol.identity import b64e
 from protocol.web import log_unexpected, read_capped
 from scheduler.store import UsageRecord
 
@@ -272,3 +274,159 @@ async def _node_error(resp: aiohttp.ClientResponse, retry_after: float) -> Heart
         except ValueError:
             err.retry_after = retry_after
     return err
+
+
+# Sealed requests: the scheduler relays frames it cannot read, and fails over blindly.
+
+MAX_RESUME_BYTES = 4 * 1024 * 1024  # ciphertext kept for a replacement node; past it, no blind failover
+
+
+@dataclass
+class SealedStream:
+    """One sealed request's answer as the proxy receives it, across every node that worked on it.
+
+    ``segments`` holds each node's DATA frames (ciphertext) so that a replacement can be handed what the
+    user already has; ``seq`` counts the frames relayed."""
+
+    out: web.StreamResponse | None = None
+    segments: list[tuple[str, list[bytes]]] = field(default_factory=list)
+    size: int = 0
+    finished: bool = False
+
+    @property
+    def seq(self) -> int:
+        return sum(len(frames_) for _, frames_ in self.segments)
+
+    def resume(self) -> list[dict[str, Any]] | None:
+        if not self.segments:
+            return None
+        return [{"node_id": n, "frames": [b64e(f) for f in fs]} for n, fs in self.segments if fs]
+
+    @property
+    def resumable(self) -> bool:
+        return self.size <= MAX_RESUME_BYTES
+
+
+class MidStream(Exception):
+    """The node failed after the proxy had received some of its frames: the stream may go on elsewhere."""
+
+    def __init__(self, error: HearthError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+async def relay_sealed(
+    relay: Relay,
+    request: web.Request,
+    target: Target,
+    job: RelayJob,
+    usage: dict[str, int],
+    stream: SealedStream,
+    verify_meta: Callable[[bytes], dict[str, Any]],
+) -> None:
+    """Relay one node's part of a sealed answer into ``stream``. Raises Failover when the node failed
+    before sending a DATA frame, MidStream when it failed after."""
+    node_id = target.node_id
+    status = "cancelled"
+    try:
+        try:
+            resp = await relay._session.post(
+                target.url.rstrip("/") + "/jobs", data=job.body,
+                headers={**target.headers, "Content-Type": SEALED_JOB}, timeout=relay._timeout,
+            )  # fmt: skip
+        except (aiohttp.ClientError, TimeoutError):
+            relay._on_node_failed(node_id)
+            status = "node_unreachable"
+            raise Failover(
+                Unavailable("the node could not be reached", retry_after=relay._retry_after)
+            ) from None
+        try:
+            if resp.status != 200:
+                status = f"refused_{resp.status}"
+                err = await _node_error(resp, relay._retry_after)
+                # A refusal to open (400 envelope_invalid) is final: another candidate would say the same
+                # only if the envelope is broken, and it must not learn which check failed.
+                if resp.status in _FAILOVER_STATUSES:
+                    raise Failover(err)
+                raise err
+            status = await _pump_sealed(relay, request, resp, usage, stream, node_id, verify_meta)
+        finally:
+            resp.close()
+    finally:
+        relay._on_done(
+            UsageRecord(
+                job.request_id, job.token_id, job.model, job.endpoint, node_id, status,
+                usage["prompt_tokens"], usage["completion_tokens"], job.started, time.time(),
+            )
+        )  # fmt: skip
+
+
+async def _pump_sealed(
+    relay: Relay,
+    request: web.Request,
+    resp: aiohttp.ClientResponse,
+    usage: dict[str, int],
+    stream: SealedStream,
+    node_id: str,
+    verify_meta: Callable[[bytes], dict[str, Any]],
+) -> str:
+    decoder = frames.FrameDecoder()
+    mine: list[bytes] | None = None
+    try:
+        async for chunk in resp.content.iter_any():
+            relay_now: list[bytes] = []
+            for frame in decoder.feed(chunk):
+                if frame.kind == frames.DATA:
+                    if mine is None:
+                        mine = []
+                        stream.segments.append((node_id, mine))
+                        route = {"node_id": node_id, "seq": stream.seq}
+                        relay_now.append(frames.encode_json(route, frames.ROUTE))
+                    mine.append(frame.payload)
+                    stream.size += len(frame.payload)
+                    relay_now.append(frames.encode(frame.payload, frame.flags))
+                elif frame.kind == frames.META:
+                    meta = verify_meta(frame.payload)
+                    usage.update(_usage(frames.Frame(frames.META, json.dumps(meta).encode())))
+                else:
+                    err = _error(frame) if frame.kind == frames.ERROR else ProtocolError("unexpected frame")
+                    if relay_now:
+                        await _send(relay, request, stream, b"".join(relay_now))
+                    raise _failed(mine, err)
+            if relay_now:
+                await _send(relay, request, stream, b"".join(relay_now))
+        decoder.close()
+    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError, ProtocolError):
+        relay._on_node_failed(node_id)
+        raise _failed(
+            mine, Unavailable("the node failed while answering; try again", code="node_failed",
+                              retry_after=relay._retry_after)
+        ) from None  # fmt: skip
+    stream.finished = True
+    return "ok"
+
+
+def _failed(mine: list[bytes] | None, err: HearthError) -> Exception:
+    if mine is None:
+        return Failover(err) if err.status in _FAILOVER_STATUSES else err
+    return MidStream(err)
+
+
+async def _send(relay: Relay, request: web.Request, stream: SealedStream, data: bytes) -> None:
+    if stream.out is None:
+        stream.out = web.StreamResponse(
+            headers={"Content-Type": frames.MEDIA_TYPE, "Cache-Control": "no-cache"}
+        )
+        await stream.out.prepare(request)
+    await relay._write(request, stream.out, data)
+
+
+async def end_sealed(relay: Relay, request: web.Request, stream: SealedStream, err: HearthError) -> None:
+    """End a sealed stream that no node can finish with an error frame (plaintext: it says nothing)."""
+    assert stream.out is not None
+    try:
+        await relay._write(request, stream.out, frames.encode_json({"status": err.status, **err.to_body()},
+                                                                   frames.ERROR | frames.FINAL))  # fmt: skip
+        await stream.out.write_eof()
+    except (_ClientStalled, ConnectionResetError):
+        pass

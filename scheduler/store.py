@@ -24,6 +24,7 @@ from typing import Any, Literal, TypeVar
 
 import sqlite_utils
 
+from protocol.directory import EMPTY, GENESIS, Head, Kind, entry_hash, make_entry
 from protocol.errors import ConfigError, ConflictError, NotFound
 
 TOKEN_PREFIX = "hth_"
@@ -171,6 +172,14 @@ class Store:
         audit = self.db.table("audit")
         if not audit.exists():
             audit.create({"id": int, "at": float, "action": str, "subject": str, "detail": str}, pk="id")
+        directory = self.db.table("directory")
+        if not directory.exists():
+            # The node directory's append-only log (protocol.directory): rows are never changed.
+            directory.create(
+                {"seq": int, "prev": str, "kind": str, "node_id": str, "doc": str, "at": int, "hash": str},
+                pk="seq",
+                not_null={"prev", "kind", "node_id", "doc", "at", "hash"},
+            )
 
     def close(self) -> None:
         self.db.close()
@@ -317,6 +326,32 @@ class Store:
 
     def set_node_url(self, node_id: str, url: str) -> None:
         self.db.table("nodes").update(node_id, {"url": url})
+
+    # the directory log
+
+    def append_directory(self, kind: Kind, node_id: str, doc: dict[str, Any], at: int) -> dict[str, Any]:
+        """Append one entry after the current head, in one transaction; returns the entry."""
+        with self.db.conn:
+            row = self.db.execute("select seq, hash from directory order by seq desc limit 1").fetchone()
+            seq, prev = (row[0] + 1, row[1]) if row else (0, GENESIS)
+            entry = make_entry(seq, prev, kind, doc, at)
+            self.db.execute(
+                "insert into directory (seq, prev, kind, node_id, doc, at, hash) "
+                "values (?, ?, ?, ?, ?, ?, ?)",
+                [seq, prev, kind, node_id, json.dumps(doc), at, entry_hash(entry)],
+            )
+        return entry
+
+    def directory_entries(self, since: int = 0, limit: int = 10_000) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "select seq, prev, kind, doc, at from directory where seq >= ? order by seq limit ?",
+            [since, limit],
+        ).fetchall()
+        return [make_entry(seq, prev, kind, json.loads(doc), at) for seq, prev, kind, doc, at in rows]
+
+    def directory_head(self) -> Head:
+        row = self.db.execute("select seq, hash from directory order by seq desc limit 1").fetchone()
+        return Head(row[0] + 1, row[1]) if row else EMPTY
 
     def audit(self, action: str, subject: str, detail: str = "") -> None:
         self.db.table("audit").insert(

@@ -84,6 +84,7 @@ class PlacementRequest:
     prompt_tokens: int = 0  # an estimate from the visible (padded) length; the node counts exactly
     tiers: frozenset[str] = frozenset({"club", "community"})  # tiers this request may reach
     exclude: frozenset[str] = frozenset()  # nodes already tried for this request (failover)
+    candidates: frozenset[str] | None = None  # a sealed request's candidate nodes; None: any node
 
 
 @dataclass(frozen=True, slots=True)

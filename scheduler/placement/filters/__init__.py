@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from scheduler.placement.filters.cache import cache_admission
+from scheduler.placement.filters.candidates import among_candidates
 from scheduler.placement.filters.context import context_fits
 from scheduler.placement.filters.drain import not_draining
 from scheduler.placement.filters.failover import not_tried_before
@@ -24,7 +25,7 @@ Filter = Callable[[PlacementRequest, NodeState, ModelState], Refusal | None]
 
 # Node-level rules first (they decide whether the node counts at all, even for the cold-load rule), then
 # the model's state, then capacity.
-NODE_FILTERS: tuple[Filter, ...] = (not_tried_before, healthy, not_draining, tier_allowed)
+NODE_FILTERS: tuple[Filter, ...] = (among_candidates, not_tried_before, healthy, not_draining, tier_allowed)
 MODEL_FILTERS: tuple[Filter, ...] = (
     model_not_failed,
     context_fits,

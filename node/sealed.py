@@ -1,0 +1,155 @@
+"""Sealed jobs: the node opens the envelope before doing anything else, and seals every byte of the answer.
+
+A sealed job is ``{"envelope": …, "resume": null | [{"node_id", "frames"}, …]}`` (docs/protocol.md). The node
+opens the envelope with one of its keys, refuses one it has opened before (across restarts too), parses the
+OpenAI request inside, and checks that the visible header told the truth about it (model, max_tokens,
+stream): the scheduler placed and billed the request by that header, so a mismatch is refused before any
+work. ``resume`` is blind failover: another candidate's frames, which this node opens (every candidate holds
+the response seed) to learn what the user has already received, and continues from there.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from node.keys import NodeKeys, ReplayMemory
+from protocol import frames
+from protocol.envelope import (
+    MAX_CANDIDATES,
+    MAX_FRAME_PAYLOAD,
+    EnvelopeError,
+    ResponseOpener,
+    ResponseSealer,
+    from_wire,
+    open_request,
+    response_secret,
+    sign_meta,
+)
+from protocol.errors import ProtocolError
+from protocol.identity import Identity, b64d, valid_node_id
+from protocol.schemas import ChatCompletionRequest, CompletionRequest, Endpoint, parse_request
+
+MAX_RESUME_FRAMES = 100_000
+_CHUNK = MAX_FRAME_PAYLOAD - 4 - 16  # room for the length prefix; a sealed frame adds the tag
+
+
+@dataclass(frozen=True)
+class SealedJob:
+    endpoint: Endpoint
+    request_id: str
+    request: ChatCompletionRequest | CompletionRequest
+    seed: bytes
+    start_seq: int  # frames the user has received already (from the candidate this one replaces)
+    sent_text: str  # what those frames said
+    created: int | None  # the "created" time the stream so far carried
+
+
+def open_job(raw: bytes, *, node_id: str, keys: NodeKeys, replay: ReplayMemory) -> SealedJob:
+    """Open a sealed job (blocking crypto and a replay-log write: call it in a thread)."""
+    try:
+        doc: Any = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise EnvelopeError() from None
+    if not isinstance(doc, dict) or set(doc) != {"envelope", "resume"}:
+        raise EnvelopeError()
+    sealed = from_wire(doc["envelope"])
+    header = sealed.header
+    now = time.time()
+    body, seed = open_request(sealed, node_id=node_id, keys=keys.private_keys(now), now=int(now))
+    replay.remember(header.digest().hex(), header.expires_at, now)
+    try:
+        parsed: Any = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise EnvelopeError() from None
+    req = parse_request(header.endpoint, parsed)  # type: ignore[arg-type]
+    if (
+        req.model != header.model
+        or req.requested_max_tokens != header.max_tokens
+        or req.stream != header.stream
+    ):
+        raise EnvelopeError()
+    start, text, created = 0, "", None
+    if doc["resume"] is not None:
+        start, text, created = _resume(doc["resume"], seed, header.request_id, header.endpoint)
+    return SealedJob(header.endpoint, header.request_id, req, seed, start, text, created)  # type: ignore[arg-type]
+
+
+def _resume(doc: Any, seed: bytes, request_id: str, endpoint: str) -> tuple[int, str, int | None]:
+    """Open what earlier candidates streamed: segments of frames, each sealed by the node named."""
+    if not isinstance(doc, list) or not 1 <= len(doc) <= MAX_CANDIDATES:
+        raise EnvelopeError()
+    opener: ResponseOpener | None = None
+    payload = bytearray()
+    count = 0
+    for segment in doc:
+        if not isinstance(segment, dict) or set(segment) != {"node_id", "frames"}:
+            raise EnvelopeError()
+        node_id, sent = segment["node_id"], segment["frames"]
+        if not isinstance(node_id, str) or not valid_node_id(node_id) or not isinstance(sent, list):
+            raise EnvelopeError()
+        count += len(sent)
+        if count > MAX_RESUME_FRAMES:
+            raise EnvelopeError()
+        secret = response_secret(seed, node_id, request_id)
+        if opener is None:
+            opener = ResponseOpener(secret, request_id)
+        else:
+            opener.switch(secret, at=opener.seq)
+        for frame in sent:
+            try:
+                payload += opener.open(b64d(frame), final=False)
+            except ProtocolError:
+                raise EnvelopeError() from None
+    return count, *_said(bytes(payload), endpoint)
+
+
+def _said(stream: bytes, endpoint: str) -> tuple[str, int | None]:
+    """The text (and the "created" time) of the SSE events a candidate streamed before it failed."""
+    text: list[str] = []
+    created = None
+    for event in stream.split(b"\n\n"):
+        if not event.startswith(b"data: {"):
+            continue  # keepalive comments, [DONE]
+        try:
+            chunk = json.loads(event[6:])
+            choice = chunk["choices"][0] if chunk["choices"] else None
+            created = created if created is not None else int(chunk["created"])
+        except (ValueError, KeyError, TypeError, IndexError):
+            raise EnvelopeError() from None
+        if choice is None:
+            continue
+        piece = choice.get("delta", {}).get("content") if endpoint == "chat" else choice.get("text")
+        if isinstance(piece, str):
+            text.append(piece)
+    return "".join(text), created
+
+
+class SealedFrames:
+    """Frames of a sealed answer: DATA sealed to the user, META signed for the scheduler."""
+
+    def __init__(self, job: SealedJob, node_id: str, identity: Identity) -> None:
+        secret = response_secret(job.seed, node_id, job.request_id)
+        self._sealer = ResponseSealer(secret, job.request_id, start=job.start_seq)
+        self._identity = identity
+        self._meta = {"request_id": job.request_id, "node_id": node_id}
+
+    def data(self, payload: bytes, *, final: bool = False) -> bytes:
+        if not payload and not final:
+            return b""
+        parts = [payload[i : i + _CHUNK] for i in range(0, len(payload), _CHUNK)] or [b""]
+        out = []
+        for i, part in enumerate(parts):
+            last = final and i == len(parts) - 1
+            out.append(
+                frames.encode(self._sealer.seal(part, final=last), frames.FINAL if last else frames.DATA)
+            )
+        return b"".join(out)
+
+    def keepalive(self, payload: bytes) -> bytes:
+        return frames.encode(self._sealer.seal(payload), frames.DATA)
+
+    def meta(self, meta: dict[str, object]) -> bytes:
+        return frames.encode(sign_meta(self._identity, {**meta, **self._meta}), frames.META)
