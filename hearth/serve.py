@@ -47,10 +47,15 @@ async def serve_scheduler(
 ) -> None:
     stop = stop or stop_on_signals()
     sched = settings.scheduler.model_copy(update={"data_dir": settings.data_dir})
+    if sched.policy.require_e2e is None:
+        # A federation's nodes are other people's machines across a network: sealed prompts only.
+        sched = sched.model_copy(update={"policy": sched.policy.model_copy(update={"require_e2e": True})})
     _make_dir(settings.data_dir)
     runner, url = await start_site(create_scheduler_app(sched), sched.host, sched.port)
     try:
         out(f"Hearth scheduler listening on {url}")
+        if sched.policy.require_e2e:
+            out("  end-to-end encryption is required: users send requests through `hearth proxy`")
         if sched.authority_key is None:
             out("  no authority key is set: nodes can enroll, but none can be approved until")
             out("  scheduler.authority_key holds the key printed by `hearth authority init`")

@@ -17,10 +17,11 @@ from protocol.federation import TIERS, Tier
 class Policy(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    allow_plaintext: bool = Field(
-        default=True,
-        description="Accept requests the scheduler can read. `hearth up` (one user, one machine) allows "
-        "them; a federation with remote nodes should require end-to-end encryption.",
+    require_e2e: bool | None = Field(
+        default=None,
+        description="Refuse requests the scheduler could read: every prompt must come sealed through "
+        "`hearth proxy`. Unset means the role's default: `hearth scheduler start` (a federation) requires "
+        "it, `hearth up` (one user on one machine) does not.",
     )
     max_tokens_cap: int = Field(default=8192, ge=1, description="Largest max_tokens any request may ask for.")
     tiers: list[Tier] = Field(
@@ -42,7 +43,7 @@ class Visible:
 
 def check(policy: Policy, request: Visible) -> None:
     """Raise the refusal the request earns, or return None when it may proceed."""
-    if not request.sealed and not policy.allow_plaintext:
+    if not request.sealed and policy.require_e2e:
         raise PermissionDenied(
             "this scheduler accepts only end-to-end encrypted requests; send them through `hearth proxy`",
             code="e2e_required",

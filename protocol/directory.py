@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from protocol.errors import ProtocolError
+from protocol.errors import PermissionDenied, ProtocolError
 from protocol.identity import (
     KEY_BYTES,
     SIGNATURE_BYTES,
@@ -214,7 +214,10 @@ class Directory:
         _time(entry["at"])
         kind, doc = entry["kind"], entry["doc"]
         if kind == "certificate":
-            cert = verify_certificate(doc, self.authority_key)
+            try:
+                cert = verify_certificate(doc, self.authority_key)
+            except PermissionDenied as exc:  # another authority's, or a bad signature
+                raise ProtocolError(exc.message) from None
             nodes[cert.node_id] = NodeEntry(cert)
         elif kind == "key":
             if not isinstance(doc, dict) or not isinstance(doc.get("statement"), dict):

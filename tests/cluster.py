@@ -126,6 +126,7 @@ class Cluster:
             f'authority_key = "{self.authority_key}"\n'
             "heartbeat_interval = 0.3\nnode_timeout = 2.0\nmax_queue_wait = 30.0\n"
             'zeroconf_interfaces = ["127.0.0.1"]\n'
+            "[scheduler.policy]\nrequire_e2e = false\n"  # these tests send plaintext on purpose
         )
         self.token = self.hearth(
             "tokens", "create", "--admin", "--data-dir", str(self.data_dir)

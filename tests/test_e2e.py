@@ -88,7 +88,7 @@ def e2e(
         node_tap = Tap(0)
         node_public = await node_tap.start()
         stack = await start_stack(
-            data, [demo_model], scheduler={"policy": {"allow_plaintext": False}},
+            data, [demo_model], scheduler={"policy": {"require_e2e": True}},
             node={"public_url": node_public, "e2e_flush_interval": 0.0},
         )  # fmt: skip
         node_tap.target_port = _port(stack.node_url)
