@@ -415,6 +415,8 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
         sealed = await asyncio.to_thread(open_job, raw, node_id=node_id, keys=state.keys, replay=state.replay)
         endpoint, request_id, req = sealed.endpoint, sealed.request_id, sealed.request
         out = SealedOut(sealed, node_id, state.trust.identity)
+        if sealed.start_seq:
+            log.info("resuming a sealed answer another node began (%d frames sent)", sealed.start_seq)
     else:
         endpoint, request_id, req = _plain_job(parse_json(raw))
         out = PlainFrames()

@@ -138,6 +138,24 @@ def openapi_document() -> dict[str, Any]:
             "/metrics": {
                 "get": {"summary": "Prometheus metrics.", "responses": {"200": {"description": "Metrics."}}}
             },
+            "/v1/directory": {
+                "get": {
+                    "summary": "The node directory: a hash-chained log of node certificates, key statements "
+                    "and revocations (docs/protocol.md).",
+                    "parameters": [
+                        {
+                            "name": "since",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "integer", "minimum": 0},
+                        },
+                    ],
+                    "responses": {
+                        "200": {"description": "Entries, head, authority key, placement hints."},
+                        **_errors(400),
+                    },
+                }
+            },
             "/v1/enroll": {
                 "post": {
                     "summary": "A node redeems a one-time enrollment code (then waits for approval).",

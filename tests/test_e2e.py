@@ -11,9 +11,13 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Iterator
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import httpx
@@ -21,9 +25,21 @@ import openai
 import pytest
 
 from hearth.proxy import SealedClient, serve, state_path
-from node.settings import ModelSettings
+from node.app import load_transformers, start_node
+from node.backends.base import SamplingParams
+from node.settings import ModelSettings, NodeSettings
+from node.trust import Trust
 from protocol.envelope import MEDIA_TYPE as ENVELOPE
-from tests.support import LoopThread, Stack, start_stack, stop_stack, wait_for
+from scheduler.state import FEDERATION
+from tests.support import (
+    LoopThread,
+    Stack,
+    WrappedBackend,
+    certify_node,
+    start_stack,
+    stop_stack,
+    wait_for,
+)
 
 CANARY = "zebra-canary-7f3a1c"
 
@@ -65,6 +81,27 @@ class Tap:
             await self.server.wait_closed()
 
 
+# Armed by a test: the next generation on any node dies after a few tokens (a node failing on purpose).
+DIE_MID_STREAM = threading.Event()
+TOKENS_BEFORE_DYING = 3
+
+
+class DiesWhenArmed(WrappedBackend):
+    def generate(
+        self, prompt_ids: Sequence[int], params: SamplingParams, cancelled: threading.Event
+    ) -> Iterator[int]:
+        doomed = DIE_MID_STREAM.is_set()
+        DIE_MID_STREAM.clear()
+        for i, token in enumerate(super().generate(prompt_ids, params, cancelled)):
+            if doomed and i == TOKENS_BEFORE_DYING:
+                raise RuntimeError("this node dies mid-stream on purpose")
+            yield token
+
+
+def flaky_loader(model: ModelSettings, settings: NodeSettings) -> Any:
+    return DiesWhenArmed(load_transformers(model, settings))
+
+
 @dataclass
 class E2E:
     stack: Stack
@@ -72,6 +109,7 @@ class E2E:
     scheduler_tap: Tap
     node_tap: Tap
     client: SealedClient
+    second: str = "second"
 
 
 def _port(url: str) -> int:
@@ -88,20 +126,31 @@ def e2e(
         node_tap = Tap(0)
         node_public = await node_tap.start()
         stack = await start_stack(
-            data, [demo_model], scheduler={"policy": {"require_e2e": True}},
+            data, [demo_model], scheduler={"policy": {"require_e2e": True}}, loader=flaky_loader,
             node={"public_url": node_public, "e2e_flush_interval": 0.0},
         )  # fmt: skip
         node_tap.target_port = _port(stack.node_url)
+        # A second node serving the same model, so a sealed request has two candidates.
+        second_dir = data / "second"
+        await certify_node(stack, second_dir, "second")
+        second = NodeSettings(
+            node_id="second", models=[demo_model], advertise=False, heartbeat_interval=0.2,
+            data_dir=second_dir, scheduler_url=stack.base_url, e2e_flush_interval=0.0,
+        )  # fmt: skip
+        trust = await asyncio.to_thread(Trust.open, second_dir)
+        runner, _, _ = await start_node(second, trust=trust, loader=flaky_loader)
+        stack.runners.append(runner)
         sched_tap = Tap(_port(stack.base_url))
         sched_public = await sched_tap.start()
         session = aiohttp.ClientSession()
         client = SealedClient(sched_public, stack.token, state_path(data / "user", sched_public), session)
 
-        async def has_key() -> bool:
+        async def has_keys() -> bool:
             directory = await client.refresh(force=True)
-            return stack.node_id in directory.usable(__import__("time").time())
+            healthy = set(client.hints.get("hearth-demo", []))
+            return {stack.node_id, "second"} <= set(directory.usable(time.time())) & healthy
 
-        await wait_for(has_key, within=30, interval=0.2)
+        await wait_for(has_keys, within=60, interval=0.2)
         runner, url = await serve(client, "127.0.0.1", 0)
         stack.runners.insert(0, runner)
         stack.tasks.append(asyncio.ensure_future(_close_later(session)))
@@ -171,22 +220,99 @@ def test_plaintext_is_refused_when_e2e_is_required(e2e: E2E) -> None:
     assert "hearth proxy" in r.json()["error"]["message"]
 
 
-def test_a_replayed_envelope_is_refused(e2e: E2E) -> None:
-    # Capture one envelope as the scheduler receives it, then send it again.
+def test_a_replayed_envelope_runs_at_most_once_per_candidate(e2e: E2E) -> None:
+    # Capture one envelope as the scheduler received it, then send it again, several times. Each node
+    # remembers what it opened, so the copy can run on a candidate that has not seen it (blind failover
+    # needs that) and never twice on one: the candidates bound how often an envelope can run.
     seen = bytes(e2e.scheduler_tap.seen)
     start = seen.rfind(b'{"suite": "hearth-e2e-v1"')
     assert start >= 0
     doc, _ = json.JSONDecoder().raw_decode(seen[start:].decode("latin-1"))
-    endpoint = "/chat/completions"
-    first = httpx.post(
-        e2e.stack.api + endpoint, content=json.dumps(doc),
-        headers={"Authorization": f"Bearer {e2e.stack.token}", "Content-Type": ENVELOPE}, timeout=30,
-    )  # fmt: skip
-    assert first.status_code == 400
-    assert first.json()["error"]["code"] == "envelope_invalid"
+    statuses = []
+    for _ in range(8):
+        r = httpx.post(
+            e2e.stack.api + "/chat/completions", content=json.dumps(doc),
+            headers={"Authorization": f"Bearer {e2e.stack.token}", "Content-Type": ENVELOPE}, timeout=30,
+        )  # fmt: skip
+        statuses.append(r.status_code)
+        if r.status_code != 200:
+            assert r.json()["error"]["code"] == "envelope_invalid"
+    # The original ran on one candidate; the copies may run once on the other, never more.
+    assert statuses.count(200) <= len(doc["wraps"]) - 1
+    assert statuses.count(400) >= len(statuses) - 1
 
 
 def test_the_proxy_pins_the_authority_and_the_head(e2e: E2E, tmp_path: Path) -> None:
     pinned = json.loads(e2e.client.state_path.read_text())
     assert pinned["authority_key"]
     assert pinned["head"]["seq"] >= 2  # the node's certificate and its key statement
+
+
+def _greedy(env: E2E, *, stream: bool) -> tuple[str, int]:
+    client = openai.OpenAI(base_url=env.proxy_url, api_key="unused-locally", max_retries=0)
+    messages = [{"role": "user", "content": f"Tell me a story about {CANARY}."}]
+    args: dict[str, Any] = {"model": "hearth-demo", "messages": messages, "max_tokens": 12, "temperature": 0,
+                            "extra_body": {"ignore_eos": True}}  # fmt: skip
+    if not stream:
+        r = client.chat.completions.create(**args)
+        assert r.usage is not None
+        return r.choices[0].message.content or "", r.usage.completion_tokens
+    chunks = list(client.chat.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+    roles = [c for c in chunks if c.choices and c.choices[0].delta.role == "assistant"]
+    assert len(roles) == 1, "one stream: the role event once"
+    assert len({c.id for c in chunks}) == 1, "one stream: one id"
+    usage = chunks[-1].usage
+    assert usage is not None
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), usage.completion_tokens
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streaming", "not streaming"])
+def test_a_node_dying_mid_stream_is_replaced_blindly(
+    e2e: E2E, stream: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    reference, _ = _greedy(e2e, stream=stream)
+    before = len(e2e.scheduler_tap.seen)
+    DIE_MID_STREAM.set()
+    text, completion_tokens = _greedy(e2e, stream=stream)
+    assert not DIE_MID_STREAM.is_set(), "a node ran the doomed job"
+    assert completion_tokens == 12
+    assert text == reference, "the replacement went on from where the first node stopped"
+    resumed = "resuming a sealed answer another node began" in caplog.text
+    # Streaming, the user had tokens already: the replacement resumed. Not streaming, the user had nothing
+    # (a non-streaming answer is one frame at the end), so the replacement simply started over.
+    assert resumed == stream
+    wire = bytes(e2e.scheduler_tap.seen[before:])
+    assert CANARY.encode() not in wire
+    with sqlite3.connect(e2e.stack.data_dir / "hearth.db") as db:
+        statuses = [r[0] for r in db.execute("select status from usage order by ended desc limit 1")]
+    assert statuses == ["ok"]
+
+
+def test_candidates_that_cannot_take_it_get_a_reseal(e2e: E2E, servers: LoopThread) -> None:
+    assert e2e.stack.scheduler_app is not None
+    registry = e2e.stack.scheduler_app[FEDERATION].registry
+    registry.set_drain(e2e.second, True)
+    try:
+        one = SealedClient(
+            e2e.client.scheduler_url,
+            e2e.client.token,
+            e2e.client.state_path,
+            e2e.client.session,
+            candidates=1,
+        )
+
+        async def ask() -> bytes:
+            await one.refresh(force=True)
+            one.hints = {"hearth-demo": [e2e.second]}  # a stale hint: the drained node only
+            one.fetched = time.monotonic()  # keep it: the proxy would re-read the directory otherwise
+            body = {"model": "hearth-demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+            _, payloads = await one.send("chat", json.dumps(body).encode())
+            return b"".join([p async for p in payloads])
+
+        before = len(e2e.scheduler_tap.seen)
+        answer = json.loads(servers.call(ask()))
+        assert answer["usage"]["completion_tokens"] == 2
+        assert b'"reseal"' in bytes(e2e.scheduler_tap.seen[before:])
+    finally:
+        registry.set_drain(e2e.second, False)

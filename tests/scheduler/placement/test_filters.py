@@ -6,6 +6,7 @@ import pytest
 
 from scheduler.placement import FILTERS, NodeState, PlacementRequest, Refusal
 from scheduler.placement.filters.cache import cache_admission
+from scheduler.placement.filters.candidates import among_candidates
 from scheduler.placement.filters.context import context_fits
 from scheduler.placement.filters.drain import not_draining
 from scheduler.placement.filters.failover import not_tried_before
@@ -19,6 +20,9 @@ from tests.scheduler.placement.factory import GIB, model, node, request
 # (filter, request, node, expected (kind, resource) or None)
 # fmt: off
 CASES = [
+    (among_candidates, request(), node(), None),  # a plaintext request may go anywhere
+    (among_candidates, request(candidates=frozenset({"n1", "n2"})), node(), None),  # sealed to this node too
+    (among_candidates, request(candidates=frozenset({"n2"})), node(), ("unavailable", "candidates")),  # not to it
     (not_tried_before, request(), node(), None),  # a fresh request may go anywhere
     (not_tried_before, request(exclude=frozenset({"n1"})), node(), ("unavailable", "failover")),  # failed here before
     (healthy, request(), node(), None),
@@ -65,7 +69,7 @@ def test_filter(
 
 
 def test_every_filter_is_in_the_pipeline_once() -> None:
-    assert len(set(FILTERS)) == len(FILTERS) == 9
+    assert len(set(FILTERS)) == len(FILTERS) == 10
 
 
 def test_refusals_carry_numbers_for_the_api_and_the_tui() -> None:
