@@ -155,6 +155,23 @@ def _admin_command(fn: Callable[..., Any]) -> Callable[..., Any]:
     return _scheduler_url(_token(one_line_errors(fn)))
 
 
+@node.command("list")
+@_admin_command
+def node_list(scheduler_url: str | None, token: str | None) -> None:
+    """Approved nodes: health, drain, models, their current encryption key and any alarm."""
+    rows = AdminClient(scheduler_url, token).get("/admin/nodes")["nodes"]
+    _echo_rows(
+        [
+            [
+                r["node_id"], r["tier"], "yes" if r["healthy"] else "no", "yes" if r["draining"] else "no",
+                ",".join(m["id"] for m in r["models"]) or "-", r.get("key_id") or "-", r.get("alarm") or "-",
+            ]
+            for r in rows
+        ],
+        ["NODE", "TIER", "HEALTHY", "DRAINING", "MODELS", "KEY", "ALARM"],
+    )  # fmt: skip
+
+
 @node.command("revoke")
 @click.argument("node_id")
 @_admin_command

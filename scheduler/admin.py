@@ -204,6 +204,11 @@ async def list_nodes(request: web.Request) -> web.Response:
                 "last_heartbeat_seconds": None
                 if runtime.status is None
                 else round(now - runtime.last_seen, 1),
+                # The node's own alarm: the directory does not show its current encryption key.
+                "alarm": runtime.status.alarm if runtime.status is not None else None,
+                "key_id": fed.directory.keys[state.node_id].key_id
+                if state.node_id in fed.directory.keys
+                else None,
                 "models": [
                     {"id": m.id, "phase": m.phase, "active": m.active, "context_length": m.context_length}
                     for m in state.models

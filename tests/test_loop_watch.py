@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 
@@ -64,4 +65,23 @@ def test_a_short_callback_kept_waiting_for_the_gil_is_not_blamed() -> None:
         assert held > 0.5, "the hog should have held the callback up"
         assert thread.slow.seen == []
     finally:
+        thread.close()
+
+
+def test_time_in_the_garbage_collector_is_not_blamed() -> None:
+    # A full collection lands in whichever callback allocates; with enough live objects it takes long.
+    thread = LoopThread()
+    hoard = [[i] for i in range(3_000_000)]  # many small containers for the collector to walk
+    try:
+
+        async def collect() -> float:
+            start = time.thread_time()
+            gc.collect()
+            return time.thread_time() - start
+
+        spent = thread.call(collect())
+        assert spent > SLOW_CALLBACK_CPU_S, "the collection should have taken a while"
+        assert thread.slow.seen == []
+    finally:
+        del hoard
         thread.close()
