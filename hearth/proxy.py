@@ -14,6 +14,7 @@ the kept head, a statement that does not verify: each is refused and the request
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
@@ -53,6 +54,7 @@ MAX_RESEALS = 2
 MAX_ERROR_BYTES = 64 * 1024
 MAX_ANSWER_BYTES = 64 * 1024 * 1024
 DIRECTORY_MAX_AGE_S = 30.0
+INLINE_SEAL_BYTES = 64 * 1024
 
 
 class TrustError(UpstreamFailed):
@@ -200,11 +202,13 @@ class SealedClient:
             directory = await self.refresh(force=attempt > 0)
             chosen = self.choose(directory, req.model, prefer)
             request_id = secrets.token_hex(12)
-            sealed, seed = await asyncio.to_thread(
+            sealing = functools.partial(
                 seal_request, body, endpoint=endpoint, model=req.model, max_tokens=req.requested_max_tokens,
                 stream=req.stream, request_id=request_id, issued_at=int(time.time()), ttl_s=ENVELOPE_TTL_S,
                 candidates=chosen,
             )  # fmt: skip
+            # A chat-sized body seals in ~0.2 ms per candidate, less than a thread hop; a big one in a thread.
+            sealed, seed = sealing() if len(body) <= INLINE_SEAL_BYTES else await asyncio.to_thread(sealing)
             wire = json.dumps(to_wire(sealed)).encode()
             path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
             resp = await self.session.post(
