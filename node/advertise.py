@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 
 from zeroconf import IPVersion, ServiceInfo
 from zeroconf.asyncio import AsyncZeroconf
 
 from protocol.advert import SERVICE_TYPE, Advert, encode_txt, service_name
+
+log = logging.getLogger("hearth.node.advertise")
 
 
 class Advertiser:
@@ -48,7 +51,9 @@ class Advertiser:
             addresses=[packed],
             port=advert.port,
             properties=encode_txt(advert),
-            server=f"{advert.node_id}.local.",
+            # Not "<node id>.local.": that may be the machine's own mDNS name, announced by its OS. The key
+            # fingerprint is this node's alone.
+            server=f"hearth-{advert.fingerprint}.local.",
         )
 
     async def start(self) -> None:
@@ -77,7 +82,12 @@ class Advertiser:
                 self._info = self._service_info(self._advert)
                 self._published = self._advert
                 self.publishes += 1
-                await (await self._zc.async_update_service(self._info))
+                try:
+                    await (await self._zc.async_update_service(self._info))
+                except Exception as exc:  # a network hiccup must not end the advert for good
+                    log.warning("zeroconf update failed (%s); trying again", type(exc).__name__)
+                    self._published = None
+                    self._wake.set()
             await asyncio.sleep(self._min_interval)
 
     async def close(self) -> None:

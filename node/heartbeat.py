@@ -260,6 +260,8 @@ async def advertise_ctx(state: NodeState) -> AsyncIterator[None]:
     if not settings.advertise:
         yield
         return
+    from zeroconf import NonUniqueNameException
+
     from node.advertise import Advertiser
     from protocol.advert import unknown_addresses
 
@@ -280,11 +282,21 @@ async def advertise_ctx(state: NodeState) -> AsyncIterator[None]:
             min_interval=settings.advert_interval,
         )
         holder.append(advertiser)
+        if host.startswith("127.") and settings.zeroconf_interfaces is None:
+            # Bound to loopback: no other machine could reach the address the advert would carry.
+            log.info("not advertised on the LAN: the node listens on %s only", host)
+            return
         try:
             await advertiser.start()
         except OSError as exc:  # no multicast-capable interface: the node serves, unadvertised
             log.warning(
                 "not advertised on the LAN: zeroconf could not start (%s)", exc.strerror or type(exc).__name__
+            )
+            return
+        except NonUniqueNameException:
+            log.warning(
+                "not advertised on the LAN: another record there already uses the name %s",
+                settings.node_id,
             )
             return
         while True:

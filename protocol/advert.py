@@ -26,8 +26,8 @@ from protocol.errors import ProtocolError
 
 SERVICE_TYPE = "_hearth._tcp.local."
 MAX_TXT_STRING = 255  # one TXT string holds "key=value" in at most 255 bytes
-_NODE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-_FINGERPRINT = re.compile(r"^[0-9a-f]{20}$")
+_NODE_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+_FINGERPRINT = re.compile(r"[0-9a-f]{20}")
 _TIERS = ("club", "community")
 _MAX_INT = 2**62
 
@@ -112,13 +112,13 @@ def _count(properties: Mapping[bytes, bytes | None], key: str) -> int:
 
 def decode_txt(properties: Mapping[bytes, bytes | None], *, host: str, port: int) -> Advert:
     node_id = _text(properties, "id")
-    if not _NODE_ID.match(node_id):
+    if not _NODE_ID.fullmatch(node_id):  # fullmatch: "$" would also pass a trailing newline
         raise ProtocolError("advert id is not a node id")
     tier = _text(properties, "tier")
     if tier not in _TIERS:
         raise ProtocolError("advert tier is unknown")
     fp = _text(properties, "fp")
-    if not _FINGERPRINT.match(fp):
+    if not _FINGERPRINT.fullmatch(fp):
         raise ProtocolError("advert fp is not a fingerprint")
     if not 0 < port < 65536:
         raise ProtocolError("advert port is out of range")

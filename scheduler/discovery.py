@@ -37,7 +37,9 @@ class Discovery:
         self._zc: AsyncZeroconf | None = None
         self._browser: AsyncServiceBrowser | None = None
         self._adverts: dict[str, Advert] = {}  # by service name
-        self._tasks: set[asyncio.Task[None]] = set()
+        # One resolve per name at a time: a newer event cancels the older resolve, so a slow, stale answer
+        # never overwrites a newer one, and a node removed meanwhile is not brought back.
+        self._resolving: dict[str, asyncio.Task[None]] = {}
         self._warned: set[str] = set()
 
     @property
@@ -55,16 +57,23 @@ class Discovery:
     def _handler(
         self, zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange
     ) -> None:
+        pending = self._resolving.pop(name, None)
+        if pending is not None:
+            pending.cancel()
         if state_change is ServiceStateChange.Removed:
             advert = self._adverts.pop(name, None)
             if advert is not None:
                 self._on_remove(advert.node_id)
             return
-        if len(self._adverts) >= MAX_NODES and name not in self._adverts:
+        if len(self._adverts) + len(self._resolving) >= MAX_NODES and name not in self._adverts:
             return
         task = asyncio.ensure_future(self._resolve(service_type, name))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._resolving[name] = task
+        task.add_done_callback(lambda done: self._resolved(name, done))
+
+    def _resolved(self, name: str, task: asyncio.Task[None]) -> None:
+        if self._resolving.get(name) is task:
+            del self._resolving[name]
 
     async def _resolve(self, service_type: str, name: str) -> None:
         assert self._zc is not None
@@ -88,8 +97,9 @@ class Discovery:
     async def close(self) -> None:
         if self._browser is not None:
             await self._browser.async_cancel()
-        for task in list(self._tasks):
+        tasks = list(self._resolving.values())
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._zc is not None:
             await self._zc.async_close()

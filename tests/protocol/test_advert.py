@@ -45,6 +45,8 @@ BAD = [
     {b"models": b"\xff\xfe"},  # not UTF-8
     {b"gpus": b"x" * 300},  # longer than a TXT string can be
     {b"models": b"a,\x07b"},  # control characters
+    {b"id": b"gpu-1\n"},  # a trailing newline ("$" alone would let it through)
+    {b"fp": b"00112233445566778899\n"},
 ]
 # fmt: on
 

@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from protocol.directory import (
     EMPTY,
@@ -144,3 +146,45 @@ def test_verify_key_statement_checks_the_id_is_the_keys_fingerprint() -> None:
     st["statement"]["key_id"] = "0" * 20
     with pytest.raises(ProtocolError):
         verify_key_statement(st, ident.public_b64)
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=6),
+    max_leaves=25,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_JSON, max_size=4))
+def test_the_log_parser_raises_only_the_protocol_error(entries: list[object]) -> None:
+    directory = Directory(AUTHORITY.public_b64)
+    try:
+        directory.apply(entries)
+    except ProtocolError:
+        assert directory.head == EMPTY, "a refused batch changes nothing"
+        return
+    assert entries == [], "only an empty batch applies"
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.data())
+def test_a_mutated_entry_is_refused(data: st.DataObject) -> None:
+    ident, cert = node("gpu-1")
+    entries = log(("certificate", cert), ("key", statement(ident, "gpu-1")))
+    honest = Directory(AUTHORITY.public_b64)
+    honest.apply(entries)
+    i = data.draw(st.integers(0, 1))
+    key = data.draw(st.sampled_from(["seq", "prev", "kind", "doc", "at"]))
+    value = data.draw(_JSON)
+    if entries[i][key] == value:
+        return
+    entries[i][key] = value
+    mutated = Directory(AUTHORITY.public_b64)
+    try:
+        mutated.apply(entries)
+    except ProtocolError:
+        return
+    # Only the last entry's time can change without breaking a link; the head then differs, so a client
+    # holding the served head (or a later entry linking to it) sees it.
+    assert (i, key) == (1, "at") and mutated.head != honest.head

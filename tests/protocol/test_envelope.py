@@ -254,3 +254,11 @@ def test_oversized_fields_are_refused_before_decoding() -> None:
     doc["header"]["bucket"] = 1 << 40
     with pytest.raises(EnvelopeError):
         from_wire(doc)
+
+
+def test_zero_length_and_oversized_frames_are_refused_before_any_work() -> None:
+    opener = ResponseOpener(bytes(32), "req1")
+    for frame in (b"", b"x" * 19, b"x" * (256 * 1024 + 17)):
+        with pytest.raises(EnvelopeError):
+            opener.open(frame, final=False)
+    assert opener.seq == 0, "nothing counted"
