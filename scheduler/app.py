@@ -55,7 +55,6 @@ from scheduler.relay import (
     SealedStream,
     Target,
     end_sealed,
-    relay_sealed,
 )
 from scheduler.settings import SchedulerSettings
 from scheduler.state import ADMISSION, FEDERATION, METRICS, RELAY, SETTINGS, STARTED, STORE, authenticate
@@ -356,7 +355,7 @@ async def _generate_sealed(request: web.Request, endpoint: Endpoint) -> web.Stre
                 return verify_meta(payload, key, request_id)
 
             with contextlib.suppress(ConnectionResetError):  # the client left while we were writing
-                await relay_sealed(relay, request, target, replace(job, body=body), usage, stream, verify)
+                await relay.run_sealed(request, target, replace(job, body=body), usage, stream, verify)
             return stream.out if stream.out is not None else web.Response(status=499)
         except (Failover, MidStream) as exc:
             log.info("node %s failed a sealed request; trying another candidate", node_id)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -25,6 +25,7 @@ from protocol.identity import b64e
 from protocol.web import log_unexpected, read_capped
 from scheduler.store import UsageRecord
 
+T = TypeVar("T")
 MAX_ERROR_BYTES = 64 * 1024
 MAX_BODY_BYTES = 64 * 1024 * 1024  # a non-streaming answer, collected before it is sent
 MAX_COUNT = 2**31 - 1
@@ -100,6 +101,36 @@ class Relay:
     ) -> web.StreamResponse:
         """Relay ``job`` to ``target``; ``usage`` receives the token counts. Raises Failover when the
         node failed before the client saw anything."""
+        return await self._exchange(
+            target, job, usage, "application/json",
+            lambda resp: self._pump(request, resp, job, usage, target.node_id),
+        )  # fmt: skip
+
+    async def run_sealed(
+        self,
+        request: web.Request,
+        target: Target,
+        job: RelayJob,
+        usage: dict[str, int],
+        stream: SealedStream,
+        verify_meta: Callable[[bytes], dict[str, Any]],
+    ) -> None:
+        """Relay one node's part of a sealed answer into ``stream``. Raises Failover when the node failed
+        before sending a DATA frame, MidStream when it failed after."""
+        await self._exchange(
+            target, job, usage, SEALED_JOB,
+            lambda resp: _pump_sealed(self, request, resp, usage, stream, target.node_id, verify_meta),
+        )  # fmt: skip
+
+    async def _exchange(
+        self,
+        target: Target,
+        job: RelayJob,
+        usage: dict[str, int],
+        content_type: str,
+        pump: Callable[[aiohttp.ClientResponse], Awaitable[tuple[T, str]]],
+    ) -> T:
+        """Send ``job`` to the node, hand its answer to ``pump``, and record usage however it ends."""
         node_id = target.node_id
         status = "cancelled"
         try:
@@ -107,7 +138,7 @@ class Relay:
                 resp = await self._session.post(
                     target.url.rstrip("/") + "/jobs",
                     data=job.body,
-                    headers={**target.headers, "Content-Type": "application/json"},
+                    headers={**target.headers, "Content-Type": content_type},
                     timeout=self._timeout,
                 )
             except (aiohttp.ClientError, TimeoutError):
@@ -122,11 +153,13 @@ class Relay:
                 if resp.status != 200:
                     status = f"refused_{resp.status}"
                     err = await _node_error(resp, self._retry_after)
+                    # A node's 400 (for a sealed job: the envelope does not open) is final: another node
+                    # would refuse the same request, and must not learn which check failed.
                     if resp.status in _FAILOVER_STATUSES:
                         raise Failover(err)
                     raise err
-                out, status = await self._pump(request, resp, job, usage, node_id)
-                return out
+                result, status = await pump(resp)
+                return result
             finally:
                 resp.close()
         finally:
@@ -315,52 +348,6 @@ class MidStream(Exception):
         self.error = error
 
 
-async def relay_sealed(
-    relay: Relay,
-    request: web.Request,
-    target: Target,
-    job: RelayJob,
-    usage: dict[str, int],
-    stream: SealedStream,
-    verify_meta: Callable[[bytes], dict[str, Any]],
-) -> None:
-    """Relay one node's part of a sealed answer into ``stream``. Raises Failover when the node failed
-    before sending a DATA frame, MidStream when it failed after."""
-    node_id = target.node_id
-    status = "cancelled"
-    try:
-        try:
-            resp = await relay._session.post(
-                target.url.rstrip("/") + "/jobs", data=job.body,
-                headers={**target.headers, "Content-Type": SEALED_JOB}, timeout=relay._timeout,
-            )  # fmt: skip
-        except (aiohttp.ClientError, TimeoutError):
-            relay._on_node_failed(node_id)
-            status = "node_unreachable"
-            raise Failover(
-                Unavailable("the node could not be reached", retry_after=relay._retry_after)
-            ) from None
-        try:
-            if resp.status != 200:
-                status = f"refused_{resp.status}"
-                err = await _node_error(resp, relay._retry_after)
-                # A refusal to open (400 envelope_invalid) is final: another candidate would say the same
-                # only if the envelope is broken, and it must not learn which check failed.
-                if resp.status in _FAILOVER_STATUSES:
-                    raise Failover(err)
-                raise err
-            status = await _pump_sealed(relay, request, resp, usage, stream, node_id, verify_meta)
-        finally:
-            resp.close()
-    finally:
-        relay._on_done(
-            UsageRecord(
-                job.request_id, job.token_id, job.model, job.endpoint, node_id, status,
-                usage["prompt_tokens"], usage["completion_tokens"], job.started, time.time(),
-            )
-        )  # fmt: skip
-
-
 async def _pump_sealed(
     relay: Relay,
     request: web.Request,
@@ -369,7 +356,7 @@ async def _pump_sealed(
     stream: SealedStream,
     node_id: str,
     verify_meta: Callable[[bytes], dict[str, Any]],
-) -> str:
+) -> tuple[None, str]:
     decoder = frames.FrameDecoder()
     mine: list[bytes] | None = None
     try:
@@ -403,7 +390,7 @@ async def _pump_sealed(
                               retry_after=relay._retry_after)
         ) from None  # fmt: skip
     stream.finished = True
-    return "ok"
+    return None, "ok"
 
 
 def _failed(mine: list[bytes] | None, err: HearthError) -> Exception:

@@ -8,13 +8,22 @@ Per frame: sealing and opening one token-sized frame (~40 bytes of SSE, padded t
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from collections.abc import Callable
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from protocol.envelope import Candidate, ResponseOpener, ResponseSealer, open_request, seal_request
+from protocol.envelope import (
+    Candidate,
+    ResponseOpener,
+    ResponseSealer,
+    from_wire,
+    open_request,
+    seal_request,
+    to_wire,
+)
 
 BODY = b'{"model": "m", "messages": [{"role": "user", "content": "' + b"x" * 2000 + b'"}]}'
 FRAME = b'data: {"choices":[{"delta":{"content":" word"}}]}\n\n'
@@ -35,18 +44,21 @@ def timed(fn: Callable[[], object], n: int) -> tuple[float, float]:
 
 def main() -> None:
     keys = [X25519PrivateKey.generate() for _ in range(4)]
-    candidates = [Candidate(f"n{i}", "k1", k.public_key()) for i, k in enumerate(keys)]
+    kid = "0123456789abcdef0123"
+    candidates = [Candidate(f"n{i}", kid, k.public_key()) for i, k in enumerate(keys)]
 
     def seal(k: int) -> Callable[[], object]:
-        return lambda: seal_request(BODY, model="m", max_tokens=256, stream=True, request_id="r",
+        return lambda: seal_request(BODY, endpoint="chat", model="m", max_tokens=256, stream=True, request_id="r",
                                     issued_at=int(time.time()), ttl_s=60, candidates=candidates[:k])  # fmt: skip
 
     sealed, _ = seal(4)()
     now = int(time.time())
+    wire = json.dumps(to_wire(sealed))
     rows = [
         ("seal a 2 KiB request, 1 candidate", timed(seal(1), 2000)),
         ("seal a 2 KiB request, 4 candidates", timed(seal(4), 2000)),
-        ("open it (one node)", timed(lambda: open_request(sealed, node_id="n0", key_id="k1", private_key=keys[0], now=now), 2000)),
+        ("open it (one node)", timed(lambda: open_request(sealed, node_id="n0", keys={kid: keys[0]}, now=now), 2000)),
+        ("its wire form, parsed (the scheduler)", timed(lambda: from_wire(json.loads(wire)), 2000)),
     ]  # fmt: skip
     sealer = ResponseSealer(bytes(32), "r")
     frames = [sealer.seal(FRAME) for _ in range(20_000)]
