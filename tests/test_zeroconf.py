@@ -105,4 +105,3 @@ async def test_a_scheduler_without_multicast_still_serves(
         assert "LAN discovery is off" in caplog.text
     finally:
         await runner.cleanup()
-
