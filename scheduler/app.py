@@ -325,7 +325,6 @@ async def _generate_sealed(request: web.Request, endpoint: Endpoint) -> web.Stre
     try:
         token, preq, job, doc = await _admit_sealed(request, endpoint)
         federation, admission, relay = app[FEDERATION], app[ADMISSION], app[RELAY]
-        _reseal_if_hopeless(federation, preq)
     except HearthError as exc:
         app[METRICS].requests.labels(endpoint, f"refused_{exc.status}").inc()
         raise
@@ -334,10 +333,16 @@ async def _generate_sealed(request: web.Request, endpoint: Endpoint) -> web.Stre
     failed: Failover | MidStream | None = None
     for _ in range(app[SETTINGS].failover_attempts):
         try:
-            ticket = await admission.acquire(token, preq)
+            try:
+                ticket = await admission.acquire(token, preq)
+            except HearthError:
+                if stream.out is None:
+                    # Refused before the client got anything: if other nodes could take it, say so (409).
+                    _reseal_if_others_can(federation, preq)
+                raise
         except HearthError as exc:
             app[METRICS].requests.labels(endpoint, f"refused_{exc.status}").inc()
-            if failed is None:
+            if failed is None or isinstance(exc, Reseal):
                 raise
             break
         usage = {"prompt_tokens": 0, "completion_tokens": 0}
@@ -372,15 +377,13 @@ async def _generate_sealed(request: web.Request, endpoint: Endpoint) -> web.Stre
     return stream.out
 
 
-def _reseal_if_hopeless(federation: Federation, preq: PlacementRequest) -> None:
-    """409 with fresh candidates when none of the request's candidates could take it but other nodes
-    could (they went away, or never served the model); a busy candidate is waited for as usual."""
+def _reseal_if_others_can(federation: Federation, preq: PlacementRequest) -> None:
+    """None of the request's candidates could take it (they went away, never served the model, or
+    failed it): 409 with fresh candidates when other nodes could. Admission has already waited for busy
+    ones as usual."""
     snapshot = federation.registry.snapshot()
-    result = place(preq, snapshot)
-    if isinstance(result, Placement) or result.kind == "busy":
-        return
     fresh: list[str] = []
-    anywhere = replace(preq, candidates=None)
+    anywhere = replace(preq, candidates=None, exclude=frozenset(preq.candidates or ()) | preq.exclude)
     while len(fresh) < DEFAULT_CANDIDATES:
         found = place(anywhere, snapshot)
         if not isinstance(found, Placement):

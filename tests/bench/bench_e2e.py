@@ -41,7 +41,13 @@ from tests.bench.bench_relay import (
     source_revision,
 )
 
-MODEL = "bench-00"
+SLOTS = 10  # model slots on the node: one generation thread each, so each worker has its own
+
+
+def _body(worker: int, pace: float, tokens: int) -> bytes:
+    prompt = f"delay_ms={pace}" if pace else "go"
+    return json.dumps({"model": f"bench-{worker % SLOTS:02d}", "messages": [{"role": "user", "content": prompt}],
+                       "max_tokens": tokens, "stream": True}).encode()  # fmt: skip
 
 
 async def _plain(session: aiohttp.ClientSession, url: str, token: str, body: bytes) -> tuple[float, int]:
@@ -76,16 +82,16 @@ async def _block(fn: Any, concurrency: int, total: int, sched: psutil.Process) -
     tokens = 0
     queue = list(range(total))
 
-    async def worker() -> None:
+    async def worker(w: int) -> None:
         nonlocal tokens
         while queue:
             queue.pop()
-            first, n = await fn()
+            first, n = await fn(w)
             ttft.append(first)
             tokens += n
 
     cpu0, t0 = _cpu(sched), time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
     wall, cpu = time.perf_counter() - t0, _cpu(sched) - cpu0
     return {"ttft": ttft, "tokens": tokens, "wall": wall, "cpu": cpu}
 
@@ -119,11 +125,11 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
         node_proc = None
         try:
             node_proc, _ = await _spawn(
-                ["--role", "node", "--slots", "1", "--data-dir", tmp, "--node-url", sched_url], env
+                ["--role", "node", "--slots", str(SLOTS), "--data-dir", tmp, "--node-url", sched_url], env
             )
             sched = psutil.Process(sched_proc.pid)
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-                await _wait_ready(session, sched_url, token, 1)
+                await _wait_ready(session, sched_url, token, SLOTS)
                 client = SealedClient(sched_url, token, Path(tmp) / "pin.json", session)
                 deadline = time.monotonic() + 30
                 while not (await client.refresh(force=True)).usable(time.time()):
@@ -138,24 +144,15 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
                     ("10 burst", 10, 0.0, 100 if quick else 400),
                 ]:
                     print(f"  {label} streams, {pace:g} ms/token…", file=sys.stderr, flush=True)
-                    prompt = f"delay_ms={pace}" if pace else "go"
-                    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": prompt}],
-                                       "max_tokens": opts.tokens, "stream": True}).encode()  # fmt: skip
                     plain, sealed = [], []
                     for _ in range(2):
-                        plain.append(
-                            await _block(
-                                lambda body=body: _plain(session, sched_url, token, body),
-                                concurrency,
-                                total // 2,
-                                sched,
-                            )
-                        )
-                        sealed.append(
-                            await _block(
-                                lambda body=body: _sealed(client, body), concurrency, total // 2, sched
-                            )
-                        )
+                        plain.append(await _block(
+                            lambda w, p=pace: _plain(session, sched_url, token, _body(w, p, opts.tokens)),
+                            concurrency, total // 2, sched,
+                        ))  # fmt: skip
+                        sealed.append(await _block(
+                            lambda w, p=pace: _sealed(client, _body(w, p, opts.tokens)), concurrency, total // 2, sched
+                        ))  # fmt: skip
                     levels.append({"label": label, "plain": _summary(plain), "sealed": _summary(sealed)})
                 results["levels"] = levels
         finally:
