@@ -11,7 +11,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -369,3 +372,67 @@ def test_a_node_raises_an_alarm_when_the_directory_does_not_show_its_key(
     # Both nodes check often in this module's stack (see the fixture): no alarm while all is well.
     nodes = e2e.stack.scheduler_app[FEDERATION].registry.nodes
     assert all(n.status is not None and n.status.alarm is None for n in nodes.values())
+
+
+def _hearth_cli() -> list[str]:
+    script = Path(sys.executable).with_name("hearth")
+    return [str(script)] if script.exists() else [sys.executable, "-c", "from hearth.cli import main; main()"]
+
+
+def test_the_hearth_proxy_command_serves_the_openai_client(e2e: E2E, tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [*_hearth_cli(), "proxy", "--scheduler", e2e.client.scheduler_url, "--token", e2e.stack.token,
+         "--port", "0", "--candidates", "2", "--data-dir", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        lines = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline().decode()
+            lines.append(line)
+            if "point any OpenAI client at" in line:
+                break
+        banner = "".join(lines)
+        assert "federation authority" in banner, banner
+        url = banner.split("point any OpenAI client at ", 1)[1].split()[0]
+        client = openai.OpenAI(base_url=url, api_key="anything", max_retries=0)
+        chunks = list(
+            client.chat.completions.create(
+                model="hearth-demo", messages=[{"role": "user", "content": CANARY}], max_tokens=4,
+                stream=True, extra_body={"ignore_eos": True},
+            )
+        )  # fmt: skip
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert [m.id for m in client.models.list().data] == ["hearth-demo"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def test_hearth_chat_talks_through_the_same_sealing(e2e: E2E, tmp_path: Path) -> None:
+    done = subprocess.run(
+        [*_hearth_cli(), "chat", "--scheduler", e2e.client.scheduler_url, "--token", e2e.stack.token,
+         "--max-tokens", "4", "--data-dir", str(tmp_path)],
+        input=b"Say something about " + CANARY.encode() + b"\n\n", capture_output=True, timeout=120,
+    )  # fmt: skip
+    out = done.stdout.decode()
+    assert done.returncode == 0, done.stderr.decode()
+    assert out.startswith("hearth chat: hearth-demo, sealed end to end")
+    answer = out.split("> ", 2)[1].strip()
+    assert answer, out
+
+
+def test_the_proxy_without_a_token_says_so_in_one_line(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "HEARTH_TOKEN"}
+    done = subprocess.run(
+        [*_hearth_cli(), "proxy", "--scheduler", "http://127.0.0.1:9", "--data-dir", str(tmp_path)],
+        capture_output=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.decode().strip().splitlines() == [
+        "hearth: error: this needs your API token: pass --token or set HEARTH_TOKEN"
+    ]
