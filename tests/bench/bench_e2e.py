@@ -77,7 +77,9 @@ async def _sealed(client: Any, body: bytes) -> tuple[float, int]:
     return first, tokens
 
 
-async def _block(fn: Any, concurrency: int, total: int, sched: psutil.Process) -> dict[str, Any]:
+async def _block(
+    fn: Any, concurrency: int, total: int, sched: psutil.Process, gap: float = 0.0
+) -> dict[str, Any]:
     ttft: list[float] = []
     tokens = 0
     queue = list(range(total))
@@ -89,6 +91,8 @@ async def _block(fn: Any, concurrency: int, total: int, sched: psutil.Process) -
             first, n = await fn(w)
             ttft.append(first)
             tokens += n
+            if gap:
+                await asyncio.sleep(gap)
 
     cpu0, t0 = _cpu(sched), time.perf_counter()
     await asyncio.gather(*(worker(w) for w in range(concurrency)))
@@ -138,20 +142,24 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
                     await asyncio.sleep(0.3)
                 levels = []
                 quick = opts.quick
-                for label, concurrency, pace, total in [
-                    ("1", 1, 5.0, 40 if quick else 150),
-                    ("10", 10, 5.0, 100 if quick else 300),
-                    ("10 burst", 10, 0.0, 100 if quick else 400),
+                # (label, streams, ms per token, requests, pause after each request): "1 spaced" is a user
+                # chatting (a pause between requests), the others are closed loops (the next request
+                # starts as the last one ends, so each also pays for its predecessor's wind-down).
+                for label, concurrency, pace, total, gap in [
+                    ("1 spaced", 1, 5.0, 40 if quick else 150, 0.05),
+                    ("1", 1, 5.0, 40 if quick else 150, 0.0),
+                    ("10", 10, 5.0, 100 if quick else 300, 0.0),
+                    ("10 burst", 10, 0.0, 100 if quick else 400, 0.0),
                 ]:
                     print(f"  {label} streams, {pace:g} ms/token…", file=sys.stderr, flush=True)
                     plain, sealed = [], []
                     for _ in range(2):
                         plain.append(await _block(
                             lambda w, p=pace: _plain(session, sched_url, token, _body(w, p, opts.tokens)),
-                            concurrency, total // 2, sched,
+                            concurrency, total // 2, sched, gap,
                         ))  # fmt: skip
                         sealed.append(await _block(
-                            lambda w, p=pace: _sealed(client, _body(w, p, opts.tokens)), concurrency, total // 2, sched
+                            lambda w, p=pace: _sealed(client, _body(w, p, opts.tokens)), concurrency, total // 2, sched, gap
                         ))  # fmt: skip
                     levels.append({"label": label, "plain": _summary(plain), "sealed": _summary(sealed)})
                 results["levels"] = levels
