@@ -319,16 +319,23 @@ class SealedStream:
     """One sealed request's answer as the proxy receives it, across every node that worked on it.
 
     ``segments`` holds each node's DATA frames (ciphertext) so that a replacement can be handed what the
-    user already has; ``seq`` counts the frames relayed."""
+    user already has, up to MAX_RESUME_BYTES (past that they are dropped: no blind failover for this
+    answer); ``seq`` counts the frames relayed."""
 
     out: web.StreamResponse | None = None
     segments: list[tuple[str, list[bytes]]] = field(default_factory=list)
     size: int = 0
+    seq: int = 0
     finished: bool = False
 
-    @property
-    def seq(self) -> int:
-        return sum(len(frames_) for _, frames_ in self.segments)
+    def relayed(self, frames_: list[bytes], payload: bytes) -> None:
+        self.seq += 1
+        self.size += len(payload)
+        if self.size <= MAX_RESUME_BYTES:
+            frames_.append(payload)
+        elif self.size - len(payload) <= MAX_RESUME_BYTES:
+            for _, kept in self.segments:
+                kept.clear()  # too long to resume: keep no copy of it
 
     def resume(self) -> list[dict[str, Any]] | None:
         if not self.segments:
@@ -369,8 +376,7 @@ async def _pump_sealed(
                         stream.segments.append((node_id, mine))
                         route = {"node_id": node_id, "seq": stream.seq}
                         relay_now.append(frames.encode_json(route, frames.ROUTE))
-                    mine.append(frame.payload)
-                    stream.size += len(frame.payload)
+                    stream.relayed(mine, frame.payload)
                     relay_now.append(frames.encode(frame.payload, frame.flags))
                 elif frame.kind == frames.META:
                     meta = verify_meta(frame.payload)
