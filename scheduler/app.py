@@ -353,7 +353,8 @@ async def _generate_sealed(request: web.Request, endpoint: Endpoint) -> web.Stre
             if runtime is None or runtime.url is None or record is None:
                 raise Failover(HearthError("the chosen node left the cluster"))
             identity_key = record.identity_key
-            body = json.dumps({"envelope": doc, "resume": stream.resume()}).encode()
+            # The envelope was just parsed as JSON: it is spliced in as received, not serialized again.
+            body = b'{"envelope":%s,"resume":%s}' % (job.body, json.dumps(stream.resume()).encode())
             target = Target(node_id, runtime.url, federation.signed_headers(node_id, "POST", "/jobs", body))
 
             def verify(payload: bytes, key: str = identity_key) -> dict[str, Any]:
@@ -416,7 +417,7 @@ async def _admit_sealed(
         candidates=frozenset(w["node_id"] for w in doc["wraps"]),
     )  # fmt: skip
     # The usage row gets an id of the scheduler's own: the envelope's request id is the client's choice.
-    job = RelayJob(secrets.token_hex(12), token.id, endpoint, header.model, True, b"", started)
+    job = RelayJob(secrets.token_hex(12), token.id, endpoint, header.model, True, raw, started)
     return token.id, preq, job, doc
 
 

@@ -270,7 +270,10 @@ class Relay:
 
 
 def _usage(frame: frames.Frame) -> dict[str, int]:
-    meta: Any = frame.json()
+    return _counts(frame.json())
+
+
+def _counts(meta: Any) -> dict[str, int]:
     if not isinstance(meta, dict):
         raise ProtocolError("a node's META frame is not an object")
     counts = {k: meta.get(k) for k in ("prompt_tokens", "completion_tokens")}
@@ -379,8 +382,7 @@ async def _pump_sealed(
                     stream.relayed(mine, frame.payload)
                     relay_now.append(frames.encode(frame.payload, frame.flags))
                 elif frame.kind == frames.META:
-                    meta = verify_meta(frame.payload)
-                    usage.update(_usage(frames.Frame(frames.META, json.dumps(meta).encode())))
+                    usage.update(_counts(verify_meta(frame.payload)))
                 else:
                     err = _error(frame) if frame.kind == frames.ERROR else ProtocolError("unexpected frame")
                     if relay_now:
