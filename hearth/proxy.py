@@ -79,7 +79,7 @@ class SealedClient:
     fetched: float = 0.0
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
-    def _headers(self) -> dict[str, str]:
+    def auth_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"}
 
     async def refresh(self, *, force: bool = False) -> Directory:
@@ -149,7 +149,7 @@ class SealedClient:
     async def _get_directory(self, since: int) -> dict[str, Any]:
         try:
             async with self.session.get(
-                f"{self.scheduler_url}/v1/directory?since={since}", headers=self._headers(),
+                f"{self.scheduler_url}/v1/directory?since={since}", headers=self.auth_headers(),
                 timeout=aiohttp.ClientTimeout(total=30),
             ) as resp:  # fmt: skip
                 raw = await read_capped(resp, MAX_DIRECTORY_BYTES)
@@ -211,11 +211,14 @@ class SealedClient:
             sealed, seed = sealing() if len(body) <= INLINE_SEAL_BYTES else await asyncio.to_thread(sealing)
             wire = json.dumps(to_wire(sealed)).encode()
             path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
-            resp = await self.session.post(
-                self.scheduler_url + path, data=wire,
-                headers={**self._headers(), "Content-Type": ENVELOPE},
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=600),
-            )  # fmt: skip
+            try:
+                resp = await self.session.post(
+                    self.scheduler_url + path, data=wire,
+                    headers={**self.auth_headers(), "Content-Type": ENVELOPE},
+                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=600),
+                )  # fmt: skip
+            except (aiohttp.ClientError, TimeoutError):
+                raise UpstreamFailed("the scheduler could not be reached") from None
             if resp.status == 409:
                 err = await _error_of(resp)
                 fresh = err.get("candidates") if isinstance(err, dict) else None
@@ -325,9 +328,15 @@ async def _completion(request: web.Request) -> web.StreamResponse:
 
 async def _models(request: web.Request) -> web.Response:
     client = request.app[CLIENT]
-    async with client.session.get(client.scheduler_url + "/v1/models", headers=client._headers()) as resp:
-        raw = await read_capped(resp, MAX_DIRECTORY_BYTES)
-        return web.Response(status=resp.status, body=raw, content_type="application/json")
+    try:
+        async with client.session.get(
+            client.scheduler_url + "/v1/models", headers=client.auth_headers(),
+            timeout=aiohttp.ClientTimeout(total=30),
+        ) as resp:  # fmt: skip
+            raw = await read_capped(resp, MAX_DIRECTORY_BYTES)
+            return web.Response(status=resp.status, body=raw, content_type="application/json")
+    except (aiohttp.ClientError, TimeoutError):
+        raise UpstreamFailed("the scheduler could not be reached") from None
 
 
 async def _relay(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:

@@ -140,9 +140,15 @@ def _prompt() -> str:
 
 
 async def _first_model(client: SealedClient) -> str:
-    async with client.session.get(client.scheduler_url + "/v1/models", headers=client._headers()) as resp:
-        doc = await resp.json()
-    models = [m.get("id") for m in doc.get("data", [])] if isinstance(doc, dict) else []
+    try:
+        async with client.session.get(
+            client.scheduler_url + "/v1/models", headers=client.auth_headers()
+        ) as resp:
+            doc = await resp.json()
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        raise ConfigError("the scheduler did not list its models; pass --model") from None
+    data = doc.get("data") if isinstance(doc, dict) else None
+    models = [m.get("id") for m in data if isinstance(m, dict)] if isinstance(data, list) else []
     if not models:
         raise ConfigError("the cluster serves no model right now; pass --model")
     return str(models[0])
@@ -154,7 +160,10 @@ async def _print_stream(payloads: Any) -> str:
         for event in payload.split(b"\n\n"):
             if not event.startswith(b"data: {"):
                 continue
-            chunk = json.loads(event[6:])
+            try:
+                chunk = json.loads(event[6:])
+            except ValueError:
+                continue  # not an event this chat can show
             for choice in chunk.get("choices", []):
                 piece = choice.get("delta", {}).get("content")
                 if piece:

@@ -131,3 +131,13 @@ def test_expired_key_statements_leave_nothing_to_seal_to(
     scheduler.doc = directory(Identity.generate(), key_end=NOW - 1)
     with pytest.raises(HearthError, match="no node this proxy trusts"):
         refresh(servers, url, tmp_path / "pin.json")
+
+
+def test_a_scheduler_that_is_gone_gets_a_clear_error(servers: LoopThread, tmp_path: Path) -> None:
+    async def go() -> None:
+        async with aiohttp.ClientSession() as session:
+            client = SealedClient("http://127.0.0.1:9", "t", tmp_path / "pin.json", session)
+            await client.send("chat", b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}')
+
+    with pytest.raises(HearthError, match="could not be reached"):
+        servers.call(go())
