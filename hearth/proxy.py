@@ -91,33 +91,20 @@ class SealedClient:
             ):
                 return self.directory
             pinned = await asyncio.to_thread(self._read_state)
-            directory = self.directory
-            since = directory.head.seq if directory is not None else 0
+            # A copy: a directory refused half-way leaves the last verified one as it was.
+            directory = self.directory.copy() if self.directory is not None else None
             while True:
-                doc = await self._get_directory(since)
-                authority = doc.get("authority_key")
-                if not isinstance(authority, str):
-                    raise TrustError("the scheduler's directory names no federation authority")
-                expected = pinned.get("authority_key")
-                if expected is None:
-                    try:
-                        fp = fingerprint(b64d(authority, length=KEY_BYTES))
-                    except ProtocolError:
-                        raise TrustError("the directory's authority key is malformed") from None
-                    if self.authority is not None and fp != self.authority:
-                        raise TrustError(
-                            f"the directory is signed by authority {fp}, not {self.authority} as expected"
-                        )
-                    log.info("pinned the federation authority %s (compare it with the club's)", fp)
-                    pinned = {"authority_key": authority}
-                elif authority != expected:
-                    raise TrustError("the directory is signed by another authority than the one pinned")
+                doc = await self._get_directory(directory.head.seq if directory is not None else 0)
                 if directory is None:
-                    directory = Directory(authority)
-                self._apply(directory, doc, pinned)
-                if not doc.get("more"):
-                    break
-                since = directory.head.seq
+                    directory = Directory(self._authority(doc, pinned))
+                elif doc.get("authority_key") != directory.authority_key:
+                    raise TrustError("the directory is signed by another authority than the one pinned")
+                try:
+                    kept = Head.parse(pinned["head"]) if "head" in pinned else None
+                    if not directory.apply_page(doc, kept):
+                        break
+                except ProtocolError as exc:
+                    raise TrustError(f"refusing the scheduler's directory: {exc.message}") from None
             hints = doc.get("placement")
             self.hints = hints if isinstance(hints, dict) else {}
             pinned = {"authority_key": directory.authority_key, "head": directory.head.to_json()}
@@ -125,26 +112,24 @@ class SealedClient:
             self.directory, self.fetched = directory, time.monotonic()
             return directory
 
-    def _apply(self, directory: Directory, doc: dict[str, Any], pinned: dict[str, Any]) -> None:
-        entries = doc.get("entries")
-        if not isinstance(entries, list):
-            raise TrustError("the scheduler's directory is malformed")
+    def _authority(self, doc: dict[str, Any], pinned: dict[str, Any]) -> str:
+        """The authority key to verify against: the pinned one, or (first use) the served one."""
+        authority = doc.get("authority_key")
+        if not isinstance(authority, str):
+            raise TrustError("the scheduler's directory names no federation authority")
+        expected = pinned.get("authority_key")
+        if expected is not None:
+            if authority != expected:
+                raise TrustError("the directory is signed by another authority than the one pinned")
+            return authority
         try:
-            kept = Head.parse(pinned["head"]) if "head" in pinned else None
-            if kept is not None and directory.head.seq < kept.seq:
-                # Replay up to the head seen before: the same history must lead to the same hash.
-                cut = kept.seq - directory.head.seq
-                directory.apply(entries[:cut])
-                if directory.head != kept:
-                    raise ProtocolError(
-                        "the directory's history is not a continuation of the one seen before"
-                    )
-                entries = entries[cut:]
-            directory.apply(entries)
-            if not doc.get("more") and Head.parse(doc.get("head")) != directory.head:
-                raise ProtocolError("the directory's head does not match its entries")
-        except ProtocolError as exc:
-            raise TrustError(f"refusing the scheduler's directory: {exc.message}") from None
+            fp = fingerprint(b64d(authority, length=KEY_BYTES))
+        except ProtocolError:
+            raise TrustError("the directory's authority key is malformed") from None
+        if self.authority is not None and fp != self.authority:
+            raise TrustError(f"the directory is signed by authority {fp}, not {self.authority} as expected")
+        log.info("pinned the federation authority %s (compare it with the club's)", fp)
+        return authority
 
     async def _get_directory(self, since: int) -> dict[str, Any]:
         try:

@@ -46,6 +46,7 @@ from node.settings import ModelSettings, NodeSettings
 from node.templates import Message
 from node.trust import Enrollment, Trust
 from protocol import frames
+from protocol.directory import Directory
 from protocol.envelope import SEALED_JOB
 from protocol.errors import (
     AuthenticationFailed,
@@ -87,6 +88,7 @@ class NodeState:
     replay: ReplayMemory
     url: str | None = None
     key_alarm: str | None = None  # the directory does not show this node's current key (see node.heartbeat)
+    directory: Directory | None = None  # the scheduler's directory as this node last verified it
     draining: bool = False
     reply_interval: float | None = None  # the heartbeat interval the scheduler asked for
     offered_key: bytes | None = None  # the scheduler key a certificate being handed over names

@@ -207,31 +207,32 @@ async def _directory_problem(session: aiohttp.ClientSession, state: NodeState) -
     scheduler_url = state.settings.scheduler_url or (enrollment.scheduler_url if enrollment else None)
     if trust.certificate is None or authority is None or scheduler_url is None or trust.revoked:
         return None  # not approved yet: there is nothing of ours to look for
+    # The node keeps the log it verified and fetches only what is new, as a proxy does.
+    seen = state.directory
+    directory = seen.copy() if seen is not None and seen.authority_key == authority else Directory(authority)
     try:
-        async with session.get(
-            scheduler_url.rstrip("/") + "/v1/directory", timeout=aiohttp.ClientTimeout(total=30)
-        ) as resp:
-            raw = await read_capped(resp, MAX_DIRECTORY_BYTES)
-            if resp.status != 200:
-                return f"the scheduler's directory answered {resp.status}"
-    except (aiohttp.ClientError, TimeoutError, ValueError):
+        while True:
+            url = f"{scheduler_url.rstrip('/')}/v1/directory?since={directory.head.seq}"
+            async with session.get(url, timeout=aiohttp.ClientTimeout(total=30)) as resp:
+                raw = await read_capped(resp, MAX_DIRECTORY_BYTES)
+                if resp.status != 200:
+                    return f"the scheduler's directory answered {resp.status}"
+            doc = await asyncio.to_thread(json.loads, raw)
+            if doc.get("authority_key") != authority:
+                return "the scheduler's directory names another federation authority"
+            if not await asyncio.to_thread(directory.apply_page, doc):
+                break
+    except (aiohttp.ClientError, TimeoutError):
         return state.key_alarm  # unreachable says nothing new about the directory
-
-    def verify() -> str | None:
-        try:
-            doc = json.loads(raw)
-            directory = Directory(authority)
-            directory.apply(doc["entries"])
-        except (ValueError, KeyError, TypeError, HearthError) as exc:
-            return f"the scheduler's directory does not verify ({exc})"
-        node = directory.nodes.get(state.settings.node_id)
-        mine, _ = state.keys.current()
-        shown = node.current_key(time.time()) if node is not None else None
-        if shown is None or shown.key_id != mine.key_id:
-            return "the scheduler's directory does not show this node's current encryption key"
-        return None
-
-    return await asyncio.to_thread(verify)
+    except (ValueError, AttributeError, HearthError) as exc:
+        return f"the scheduler's directory does not verify ({exc})"
+    state.directory = directory
+    node = directory.nodes.get(state.settings.node_id)
+    mine, _ = state.keys.current()
+    shown = node.current_key(time.time()) if node is not None else None
+    if shown is None or shown.key_id != mine.key_id:
+        return "the scheduler's directory does not show this node's current encryption key"
+    return None
 
 
 def advert(state: NodeState) -> Advert:

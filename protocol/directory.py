@@ -236,6 +236,37 @@ class Directory:
             raise ProtocolError("unknown directory entry kind")
         return Head(head.seq + 1, entry_hash(entry))
 
+    def copy(self) -> Directory:
+        other = Directory(self.authority_key)
+        other.head = self.head
+        other.nodes = {k: NodeEntry(v.certificate, list(v.keys), v.revoked) for k, v in self.nodes.items()}
+        return other
+
+    def apply_page(self, doc: Any, kept: Head | None = None) -> bool:
+        """Apply one answer of ``GET /v1/directory?since=<self.head.seq>``; return whether more follow.
+
+        ``kept`` is a head this client verified before: the history must lead through it. The served head
+        must match the entries once the last page is in. ProtocolError for anything amiss (the view may
+        then hold part of the page: work on a copy)."""
+        if not isinstance(doc, dict) or not isinstance(doc.get("entries"), list):
+            raise ProtocolError("the directory is malformed")
+        entries: list[Any] = doc["entries"]
+        more = doc.get("more") is True
+        if kept is not None and self.head.seq < kept.seq:
+            cut = kept.seq - self.head.seq
+            self.apply(entries[:cut])
+            if self.head.seq < kept.seq:
+                if not more:
+                    raise ProtocolError("the directory is shorter than the history seen before")
+                return True
+            if self.head != kept:
+                raise ProtocolError("the directory's history is not a continuation of the one seen before")
+            entries = entries[cut:]
+        self.apply(entries)
+        if not more and Head.parse(doc.get("head")) != self.head:
+            raise ProtocolError("the directory's head does not match its entries")
+        return more
+
     def usable(self, now: float) -> dict[str, tuple[Certificate, KeyStatement]]:
         """Nodes a request may be sealed to at ``now``: certified, not revoked, with a valid key."""
         out: dict[str, tuple[Certificate, KeyStatement]] = {}
