@@ -14,6 +14,7 @@ from protocol.directory import (
     EMPTY,
     GENESIS,
     Directory,
+    Head,
     entry_hash,
     make_entry,
     make_key_statement,
@@ -188,3 +189,38 @@ def test_a_mutated_entry_is_refused(data: st.DataObject) -> None:
     # Only the last entry's time can change without breaking a link; the head then differs, so a client
     # holding the served head (or a later entry linking to it) sees it.
     assert (i, key) == (1, "at") and mutated.head != honest.head
+
+
+def _page(entries: list[dict[str, Any]], since: int, size: int, total_head: Head) -> dict[str, Any]:
+    page = entries[since : since + size]
+    return {"entries": page, "more": since + len(page) < len(entries), "head": total_head.to_json()}
+
+
+def test_pages_apply_in_turn_and_must_lead_through_the_kept_head() -> None:
+    ident, cert = node("gpu-1")
+    entries = log(
+        ("certificate", cert), *[("key", statement(ident, "gpu-1", NOW + i, NOW + 3600)) for i in range(5)]
+    )
+    full = Directory(AUTHORITY.public_b64)
+    full.apply(entries)
+    kept = Head(3, entry_hash(entries[2]))
+    d = Directory(AUTHORITY.public_b64)
+    while d.apply_page(_page(entries, d.head.seq, 2, full.head), kept):
+        pass
+    assert d.head == full.head
+    # A served history that does not pass through the kept head, or ends before it, is refused.
+    with pytest.raises(ProtocolError, match="continuation"):
+        Directory(AUTHORITY.public_b64).apply_page(_page(entries, 0, 10, full.head), Head(3, "0" * 64))
+    with pytest.raises(ProtocolError, match="shorter"):
+        Directory(AUTHORITY.public_b64).apply_page(_page(entries[:2], 0, 10, full.head), kept)
+    with pytest.raises(ProtocolError, match="head"):
+        Directory(AUTHORITY.public_b64).apply_page(_page(entries, 0, 10, EMPTY))
+
+
+def test_a_copy_is_independent() -> None:
+    _, cert = node("gpu-1")
+    d = Directory(AUTHORITY.public_b64)
+    d.apply(log(("certificate", cert)))
+    other = d.copy()
+    other.nodes["gpu-1"].revoked = True
+    assert not d.nodes["gpu-1"].revoked
