@@ -446,7 +446,7 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
         await response.prepare(request)
         outcome, produced = await _stream_job(
             response, job, writer, out, prompt_tokens, prepared.resumed_tokens,
-            resumed=sealed is not None and sealed.start_seq > 0, flush=flush,
+            resumed=sealed is not None and sealed.began, flush=flush,
         )  # fmt: skip
         await response.write_eof()
         slot.record_speed(produced, time.monotonic() - started)

