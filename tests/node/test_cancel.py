@@ -85,7 +85,7 @@ def test_disconnect_mid_stream_frees_the_backend(stack: Stack) -> None:
     r = httpx.post(
         stack.api + "/chat/completions", json={**LONG, "stream": False, "max_tokens": 4}, headers=headers
     )
-    assert r.status_code == 200
+    assert r.status_code == 200, r.text
 
 
 def test_abandoned_non_streaming_requests_free_the_backend(stack: Stack) -> None:
