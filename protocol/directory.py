@@ -19,7 +19,6 @@ Everything here is pure: no I/O, no clock (times are passed in).
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from protocol.identity import (
     Identity,
     b64d,
     b64e,
+    canonical,
     fingerprint,
     valid_node_id,
     verify_certificate,
@@ -50,10 +50,6 @@ _KEY_ID_RE = re.compile(r"[0-9a-f]{20}")
 _MAX_TIME = 2**53
 Kind = Literal["certificate", "key", "revoke"]
 KINDS: tuple[Kind, ...] = ("certificate", "key", "revoke")
-
-
-def canonical(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
 
 def _time(value: Any) -> int:

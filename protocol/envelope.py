@@ -46,7 +46,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from protocol.errors import InvalidRequest, ProtocolError
-from protocol.identity import Identity, b64d, b64e, verify_signature
+from protocol.identity import Identity, b64d, b64e, canonical, verify_signature
 
 SUITE_ID = "hearth-e2e-v1"
 _SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.CHACHA20_POLY1305)
@@ -99,7 +99,7 @@ class Header:
         }  # fmt: skip
 
     def canonical(self) -> bytes:
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+        return canonical(self.to_dict())
 
     def digest(self) -> bytes:
         return hashlib.sha256(SUITE_ID.encode() + b"\n" + self.canonical()).digest()
@@ -399,8 +399,7 @@ MAX_META_BYTES = 4096
 
 
 def sign_meta(identity: Identity, meta: dict[str, Any]) -> bytes:
-    body = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
-    return json.dumps({"meta": meta, "signature": b64e(identity.sign(_USAGE_TAG + body))}).encode()
+    return json.dumps({"meta": meta, "signature": b64e(identity.sign(_USAGE_TAG + canonical(meta)))}).encode()
 
 
 def verify_meta(payload: bytes, identity_key: str, request_id: str) -> dict[str, Any]:
@@ -414,7 +413,7 @@ def verify_meta(payload: bytes, identity_key: str, request_id: str) -> dict[str,
     if not isinstance(doc, dict) or set(doc) != {"meta", "signature"} or not isinstance(doc["meta"], dict):
         raise ProtocolError("a signed META frame is {meta, signature}")
     meta = doc["meta"]
-    body = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+    body = canonical(meta)
     if meta.get("request_id") != request_id or not verify_signature(
         b64d(identity_key, length=KEY_BYTES), _USAGE_TAG + body, b64d(doc["signature"], length=64)
     ):

@@ -296,7 +296,8 @@ _TEXT_FIELDS = ("node_id", "tier", "serial", *_KEY_FIELDS)
 _CERT_KEYS = frozenset({"v", "issued_at", *_TEXT_FIELDS})
 
 
-def _canonical(obj: Any) -> bytes:
+def canonical(obj: Any) -> bytes:
+    """The one JSON spelling every Hearth signature and hash covers: sorted keys, no spaces, ASCII."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
 
@@ -347,7 +348,7 @@ def issue_certificate(
         "authority_key": authority.public_b64,
     }
     _parse_certificate(body)  # never sign what no verifier would accept
-    return {"certificate": body, "signature": b64e(authority.sign(_CERT_TAG + _canonical(body)))}
+    return {"certificate": body, "signature": b64e(authority.sign(_CERT_TAG + canonical(body)))}
 
 
 def verify_certificate(doc: Any, authority_key: str) -> Certificate:
@@ -363,7 +364,7 @@ def verify_certificate(doc: Any, authority_key: str) -> Certificate:
     if cert.authority_key != authority_key:
         raise PermissionDenied("the certificate was issued by another authority")
     # checked against the pinned key (equal to the certificate's, so already known to be well formed)
-    if not verify_signature(b64d(authority_key, length=KEY_BYTES), _CERT_TAG + _canonical(body), sig):
+    if not verify_signature(b64d(authority_key, length=KEY_BYTES), _CERT_TAG + canonical(body), sig):
         raise PermissionDenied("the certificate's signature does not verify")
     return cert
 
