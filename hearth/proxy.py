@@ -28,7 +28,6 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from protocol import frames
 from protocol.directory import MAX_DIRECTORY_BYTES, Directory, Head
@@ -170,12 +169,7 @@ class SealedClient:
             raise HearthError(
                 f"no node this proxy trusts serves '{model}' now; try again shortly", code="no_candidates"
             )
-        out = []
-        for node_id in chosen:
-            key = usable[node_id][1]
-            public = X25519PublicKey.from_public_bytes(b64d(key.public_key, length=KEY_BYTES))
-            out.append(Candidate(node_id, key.key_id, public))
-        return out
+        return [usable[node_id][1].candidate() for node_id in chosen]
 
     async def send(self, endpoint: Endpoint, body: bytes) -> tuple[bool, AsyncIterator[bytes]]:
         """Seal ``body`` and send it; (stream?, the answer's plaintext payloads as they open)."""

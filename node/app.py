@@ -4,7 +4,7 @@
     GET  /identity                this node's public keys, self-signed (for LAN discovery), no auth
     GET  /status                  models, their state and load                     (scheduler only)
     GET  /metrics                 Prometheus metrics                               (scheduler only)
-    POST /jobs                    run one OpenAI request, plain or sealed; answered as frames
+    POST /jobs                    run one OpenAI request, sealed (plain over loopback only); answered as frames
                                                                                    (scheduler only)
     POST /models/{id}/load        load a model now, unloading idle ones if needed  (scheduler only)
     POST /models/{id}/unload      free a model's memory                           (scheduler only)
@@ -58,7 +58,7 @@ from protocol.errors import (
 )
 from protocol.identity import RequestVerifier, b64d, b64e, fingerprint, verify_certificate
 from protocol.schemas import ChatCompletionRequest, CompletionRequest, Endpoint, parse_request
-from protocol.web import error_middleware, json_response, parse_json, read_body
+from protocol.web import error_middleware, is_loopback, json_response, parse_json, read_body
 
 log = logging.getLogger("hearth.node")
 
@@ -425,6 +425,13 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
         if sealed.start_seq:
             log.info("resuming a sealed answer another node began (%d frames sent)", sealed.start_seq)
     else:
+        if not is_loopback(request.remote):
+            # Prompts cross a network only sealed: a scheduler that can read a request seals it toward
+            # its node itself (scheduler.seal_toward_nodes).
+            raise PermissionDenied(
+                "this node takes plaintext jobs over loopback only; from elsewhere they must be sealed",
+                code="plaintext_refused",
+            )
         endpoint, request_id, req = _plain_job(parse_json(raw))
         out = PlainFrames()
     slot = state.pool.get(req.model)

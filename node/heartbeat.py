@@ -24,7 +24,7 @@ import aiohttp
 from protocol.errors import HearthError
 from protocol.federation import HeartbeatReply, parse
 from protocol.identity import fingerprint, sign_request
-from protocol.web import read_capped
+from protocol.web import is_loopback, read_capped
 
 if TYPE_CHECKING:
     from hardware.probe import NodeProbe
@@ -283,7 +283,7 @@ async def advertise_ctx(state: NodeState) -> AsyncIterator[None]:
             min_interval=settings.advert_interval,
         )
         holder.append(advertiser)
-        if host.startswith("127.") and settings.zeroconf_interfaces is None:
+        if is_loopback(host) and settings.zeroconf_interfaces is None:
             # Bound to loopback: no other machine could reach the address the advert would carry.
             log.info("not advertised on the LAN: the node listens on %s only", host)
             return

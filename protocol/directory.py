@@ -24,6 +24,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+
+from protocol.envelope import Candidate
 from protocol.errors import PermissionDenied, ProtocolError
 from protocol.identity import (
     KEY_BYTES,
@@ -71,6 +74,11 @@ class KeyStatement:
 
     def valid_at(self, now: float) -> bool:
         return self.not_before <= now <= self.not_after
+
+    def candidate(self) -> Candidate:
+        """This key as a candidate to seal an envelope to."""
+        public = X25519PublicKey.from_public_bytes(b64d(self.public_key, length=KEY_BYTES))
+        return Candidate(self.node_id, self.key_id, public)
 
 
 def key_id(public_raw: bytes) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import threading
@@ -33,6 +34,21 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 T = TypeVar("T")
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether ``host`` (an address, or a URL's host name) names this machine's loopback interface."""
+    if not host:
+        return False
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # ::ffff:127.0.0.1, as a dual-stack socket reports an IPv4 peer
+    return address.is_loopback
 
 
 def in_daemon_thread(fn: Callable[[], T], name: str) -> asyncio.Future[T]:

@@ -27,6 +27,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -34,10 +35,17 @@ from aiohttp import web
 from policies import Visible, check
 from protocol.envelope import MEDIA_TYPE as ENVELOPE
 from protocol.envelope import EnvelopeError, from_wire, verify_meta
-from protocol.errors import HearthError, PermissionDenied, Reseal
+from protocol.errors import HearthError, PermissionDenied, Reseal, Unavailable
 from protocol.identity import load_or_create_identity
 from protocol.schemas import Endpoint, parse_request
-from protocol.web import error_middleware, json_response, log_unexpected, parse_json, read_body
+from protocol.web import (
+    error_middleware,
+    is_loopback,
+    json_response,
+    log_unexpected,
+    parse_json,
+    read_body,
+)
 from scheduler import admin
 from scheduler.admission import Admission, exclude
 from scheduler.directory import DirectoryLog
@@ -54,7 +62,9 @@ from scheduler.relay import (
     RelayJob,
     SealedStream,
     Target,
+    Unsealer,
     end_sealed,
+    seal_toward,
 )
 from scheduler.settings import SchedulerSettings
 from scheduler.state import ADMISSION, FEDERATION, METRICS, RELAY, SETTINGS, STARTED, STORE, authenticate
@@ -68,6 +78,7 @@ USAGE_BATCH = 256
 # admission and scoring, never to refuse a request: the node counts exactly.
 BYTES_PER_TOKEN_GUESS = 4
 DEFAULT_CANDIDATES = 4  # fresh candidates a 409 offers for re-sealing
+RETRY_NO_KEY_S = 30.0  # a node's key statement comes with its next heartbeat, or it needs its operator
 
 
 def create_app(settings: SchedulerSettings) -> web.Application:
@@ -278,12 +289,13 @@ async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamRespo
         return await _generate_sealed(request, endpoint)
     app = request.app
     try:
-        user, preq, job = await _admit(request, endpoint)
+        user, preq, job, raw = await _admit(request, endpoint)
     except HearthError as exc:
         app[METRICS].requests.labels(endpoint, f"refused_{exc.status}").inc()
         raise
     federation, admission = app[FEDERATION], app[ADMISSION]
     attempts = app[SETTINGS].failover_attempts
+    seal_always = app[SETTINGS].seal_toward_nodes == "always"
     failed: Failover | None = None
     for attempt in range(attempts):
         try:
@@ -299,13 +311,16 @@ async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamRespo
         try:
             if runtime is None or runtime.url is None:
                 raise Failover(HearthError("the chosen node left the cluster"))
+            sent, unsealer = job, None
+            if seal_always or not is_loopback(urlsplit(runtime.url).hostname):
+                sent, unsealer = _seal_toward(federation, ticket.node_id, job, raw, preq.max_tokens)
             target = Target(
                 ticket.node_id,
                 runtime.url,
-                federation.signed_headers(ticket.node_id, "POST", "/jobs", job.body),
+                federation.signed_headers(ticket.node_id, "POST", "/jobs", sent.body),
             )
             with contextlib.suppress(ConnectionResetError):  # the client left while we were writing
-                return await app[RELAY].run(request, target, job, usage)
+                return await app[RELAY].run(request, target, sent, usage, unsealer)
             return web.Response(status=499)
         except Failover as exc:
             log.info("node %s failed before the first token; trying another", ticket.node_id)
@@ -316,6 +331,23 @@ async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamRespo
         finally:
             admission.release(ticket, usage["prompt_tokens"], usage["completion_tokens"])
     raise AssertionError("unreachable")
+
+
+def _seal_toward(
+    federation: Federation, node_id: str, job: RelayJob, raw: bytes, max_tokens: int | None
+) -> tuple[RelayJob, Unsealer]:
+    """Seal a plaintext request toward its node with the node's key from the directory."""
+    key = federation.directory.keys.get(node_id)
+    record = federation.records.get(node_id)
+    if key is None or record is None or not key.valid_at(time.time()):
+        log.warning("node %s has no current encryption key in the directory: plaintext skips it", node_id)
+        raise Failover(
+            Unavailable(
+                "the node serving this model has no current encryption key; the operator must check it",
+                retry_after=RETRY_NO_KEY_S,
+            )
+        )
+    return seal_toward(job, raw, max_tokens, key, record.identity_key)
 
 
 async def _generate_sealed(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
@@ -434,8 +466,9 @@ def _tiers(settings: SchedulerSettings, token: TokenRecord) -> frozenset[str]:
     return tiers
 
 
-async def _admit(request: web.Request, endpoint: Endpoint) -> tuple[str, PlacementRequest, RelayJob]:
-    """Authenticate, validate and apply policy: everything before the request joins the queue."""
+async def _admit(request: web.Request, endpoint: Endpoint) -> tuple[str, PlacementRequest, RelayJob, bytes]:
+    """Authenticate, validate and apply policy: everything before the request joins the queue. Returns
+    the job for a node that may read it, and the OpenAI request itself (to seal toward a node)."""
     token = await authenticate(request)
     started = time.time()
     raw = await read_body(request)
@@ -450,4 +483,4 @@ async def _admit(request: web.Request, endpoint: Endpoint) -> tuple[str, Placeme
     request_id = secrets.token_hex(12)
     # The body was just parsed as JSON, so it can be spliced in as is instead of serialized again.
     job = b'{"endpoint":"%s","request_id":"%s","request":%s}' % (endpoint.encode(), request_id.encode(), raw)
-    return token.id, preq, RelayJob(request_id, token.id, endpoint, req.model, req.stream, job, started)
+    return token.id, preq, RelayJob(request_id, token.id, endpoint, req.model, req.stream, job, started), raw

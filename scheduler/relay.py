@@ -12,14 +12,23 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import web
 
 from protocol import frames
-from protocol.envelope import SEALED_JOB
+from protocol.directory import KeyStatement
+from protocol.envelope import (
+    SEALED_JOB,
+    EnvelopeError,
+    ResponseOpener,
+    response_secret,
+    seal_request,
+    to_wire,
+    verify_meta,
+)
 from protocol.errors import HearthError, ProtocolError, Unavailable
 from protocol.identity import b64e
 from protocol.web import log_unexpected, read_capped
@@ -69,6 +78,46 @@ class Failover(Exception):
         self.error = error
 
 
+SEALED_TTL_S = 60  # an envelope the scheduler seals is sent at once; nodes remember it this long (+ skew)
+
+
+class Unsealer:
+    """A plaintext request that the scheduler sealed toward its node (so that the network between them
+    reads nothing): the scheduler keeps the response seed, opens the node's frames as `hearth proxy`
+    would, and checks the node's signed usage."""
+
+    def __init__(self, seed: bytes, node_id: str, request_id: str, identity_key: str) -> None:
+        self._opener = ResponseOpener(response_secret(seed, node_id, request_id), request_id)
+        self._identity_key = identity_key
+        self._request_id = request_id
+
+    def data(self, frame: frames.Frame) -> bytes:
+        try:
+            return self._opener.open(frame.payload, final=frame.final)
+        except EnvelopeError:
+            raise ProtocolError("a node's sealed frame does not open") from None
+
+    def usage(self, payload: bytes) -> dict[str, int]:
+        return _counts(verify_meta(payload, self._identity_key, self._request_id))
+
+    def finish(self) -> None:
+        if not self._opener.finished:
+            raise ProtocolError("a node's sealed answer ended before its final frame")
+
+
+def seal_toward(
+    job: RelayJob, request: bytes, max_tokens: int | None, key: KeyStatement, identity_key: str
+) -> tuple[RelayJob, Unsealer]:
+    """``job`` with its OpenAI ``request`` sealed to the node's current ``key``, and what opens the answer."""
+    sealed, seed = seal_request(
+        request, endpoint=job.endpoint, model=job.model, max_tokens=max_tokens, stream=job.stream,
+        request_id=job.request_id, issued_at=int(time.time()), ttl_s=SEALED_TTL_S,
+        candidates=[key.candidate()],
+    )  # fmt: skip
+    body = json.dumps({"envelope": to_wire(sealed), "resume": None}, separators=(",", ":")).encode()
+    return replace(job, body=body), Unsealer(seed, key.node_id, job.request_id, identity_key)
+
+
 # Refusals that say nothing about the request itself, only about that node: another node may take it.
 _FAILOVER_STATUSES = frozenset({401, 403, 404, 408, 429, 500, 502, 503, 504})
 
@@ -97,13 +146,19 @@ class Relay:
         self._on_first_frame = on_first_frame
 
     async def run(
-        self, request: web.Request, target: Target, job: RelayJob, usage: dict[str, int]
+        self,
+        request: web.Request,
+        target: Target,
+        job: RelayJob,
+        usage: dict[str, int],
+        unsealer: Unsealer | None = None,
     ) -> web.StreamResponse:
-        """Relay ``job`` to ``target``; ``usage`` receives the token counts. Raises Failover when the
-        node failed before the client saw anything."""
+        """Relay ``job`` to ``target``; ``usage`` receives the token counts. With an ``unsealer`` the job
+        is sealed (seal_toward) and so is the answer. Raises Failover when the node failed before the
+        client saw anything."""
         return await self._exchange(
-            target, job, usage, "application/json",
-            lambda resp: self._pump(request, resp, job, usage, target.node_id),
+            target, job, usage, "application/json" if unsealer is None else SEALED_JOB,
+            lambda resp: self._pump(request, resp, job, usage, target.node_id, unsealer),
         )  # fmt: skip
 
     async def run_sealed(
@@ -177,6 +232,7 @@ class Relay:
         job: RelayJob,
         usage: dict[str, int],
         node_id: str,
+        unsealer: Unsealer | None,
     ) -> tuple[web.StreamResponse, str]:
         decoder = frames.FrameDecoder()
         out: web.StreamResponse | None = None
@@ -191,15 +247,16 @@ class Relay:
                 relay_now: list[bytes] = []
                 for frame in decoder.feed(chunk):
                     if frame.kind == frames.DATA:
+                        payload = frame.payload if unsealer is None else unsealer.data(frame)
                         if not job.stream:
-                            size += len(frame.payload)
+                            size += len(payload)
                             if size > MAX_BODY_BYTES:
                                 raise ProtocolError("the node's answer is over the size limit")
-                            collected.append(frame.payload)
+                            collected.append(payload)
                         else:
-                            relay_now.append(frame.payload)
+                            relay_now.append(payload)
                     elif frame.kind == frames.META:
-                        usage.update(_usage(frame))
+                        usage.update(_usage(frame) if unsealer is None else unsealer.usage(frame.payload))
                     else:
                         err = _error(frame)
                         if out is None:
@@ -215,6 +272,8 @@ class Relay:
                         await out.prepare(request)
                     await self._write(request, out, b"".join(relay_now))
             decoder.close()
+            if unsealer is not None:
+                unsealer.finish()
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError, ProtocolError):
             self._on_node_failed(node_id)
             err = Unavailable(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -54,6 +55,11 @@ class SchedulerSettings(BaseModel):
     )
     stream_idle_timeout: float = Field(
         default=120.0, gt=0, description="A node stream that sends nothing for this long is ended as failed."
+    )
+    seal_toward_nodes: Literal["remote", "always"] = Field(
+        default="remote",
+        description="Plaintext requests (where the policy allows them) go on to their node sealed by the "
+        "scheduler: `remote` for every node it reaches over a network, `always` for loopback nodes too.",
     )
     retry_after: float = Field(default=5.0, gt=0, description="Retry-After seconds sent with 503 answers.")
     policy: Policy = Field(default_factory=Policy, description="Request policy (see policies).")

@@ -8,6 +8,7 @@ for too long (see ``SLOW_CALLBACK_CPU_S``); tests fail if any did (nothing may b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import threading
 import time
@@ -206,6 +207,51 @@ async def start_stack(
     stack.runners.append(node_runner)
     await wait_for(lambda: _ready(stack, [m.model_id for m in models]), within=60)
     return stack
+
+
+@dataclass
+class Tap:
+    """A TCP forwarder that keeps every byte it forwards, both ways (to see what crosses a hop)."""
+
+    target_port: int
+    host: str = "127.0.0.1"  # where the tap listens and its target is
+    own: bytearray = field(default_factory=bytearray)
+    server: asyncio.Server | None = None
+    others: list[Tap] = field(default_factory=list)
+
+    @property
+    def seen(self) -> bytearray:
+        return self.own + b"".join(other.seen for other in self.others)
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._handle, self.host, 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return f"http://{self.host}:{port}"
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(self.host, self.target_port)
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    self.own += data
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                dst.close()
+                with contextlib.suppress(ConnectionError):
+                    await dst.wait_closed()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+    async def close(self) -> None:
+        for other in self.others:
+            await other.close()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
 
 
 class WrappedBackend:

@@ -8,7 +8,6 @@ logs, while the answers still arrive intact (streaming and not).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -18,7 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ from scheduler.state import FEDERATION
 from tests.support import (
     LoopThread,
     Stack,
+    Tap,
     WrappedBackend,
     certify_node,
     start_stack,
@@ -45,50 +45,6 @@ from tests.support import (
 )
 
 CANARY = "zebra-canary-7f3a1c"
-
-
-@dataclass
-class Tap:
-    """A TCP forwarder on 127.0.0.1 that keeps every byte it forwards, both ways."""
-
-    target_port: int
-    own: bytearray = field(default_factory=bytearray)
-    server: asyncio.Server | None = None
-    others: list[Tap] = field(default_factory=list)
-
-    @property
-    def seen(self) -> bytearray:
-        return self.own + b"".join(other.seen for other in self.others)
-
-    async def start(self) -> str:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        port = self.server.sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}"
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-
-        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
-                while data := await src.read(65536):
-                    self.own += data
-                    dst.write(data)
-                    await dst.drain()
-            except (ConnectionError, asyncio.CancelledError):
-                pass
-            finally:
-                dst.close()
-                with contextlib.suppress(ConnectionError):
-                    await dst.wait_closed()
-
-        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
-
-    async def close(self) -> None:
-        for other in self.others:
-            await other.close()
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
 
 
 # Armed by a test: the next generation on any node dies after a few tokens (a node failing on purpose).

@@ -1,0 +1,188 @@
+"""Plaintext requests (where the policy allows them) still cross the network sealed: the scheduler seals each
+one toward its node itself, opens the node's sealed answer, and hands the client plain OpenAI responses.
+
+The node here listens on the machine's LAN address, as a volunteer's node does, behind a recording tap: the
+canary in the prompt must not appear in anything that crosses that hop, and the node must refuse a
+plaintext job that arrives from anywhere but loopback.
+"""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import psutil  # type: ignore[import-untyped]
+import pytest
+
+from node.settings import ModelSettings
+from protocol.envelope import SEALED_JOB
+from protocol.web import is_loopback
+from scheduler.state import FEDERATION
+from tests.support import LoopThread, Stack, Tap, start_stack, stop_stack, wait_for
+
+CANARY = "okapi-canary-51e9d0"
+
+
+def lan_address() -> str | None:
+    """An IPv4 address of this machine other than loopback (where other machines would reach a node)."""
+    for addresses in psutil.net_if_addrs().values():
+        for a in addresses:
+            if a.family == socket.AF_INET and not a.address.startswith("127."):
+                return str(a.address)
+    return None
+
+
+LAN = lan_address()
+
+
+@dataclass
+class Remote:
+    stack: Stack
+    tap: Tap
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1].split("/")[0])
+
+
+@pytest.fixture(scope="module")
+def remote(
+    servers: LoopThread, demo_model: ModelSettings, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Remote]:
+    if LAN is None:
+        pytest.skip("this machine has no network address but loopback")
+    data = tmp_path_factory.mktemp("remote")
+
+    async def start() -> Remote:
+        tap = Tap(0, host=LAN)
+        public = await tap.start()
+        stack = await start_stack(
+            data, [demo_model], scheduler={"policy": {"require_e2e": False}},
+            node={"host": LAN, "public_url": public, "e2e_flush_interval": 0.0},
+        )  # fmt: skip
+        tap.target_port = _port(stack.node_url)
+        return Remote(stack, tap)
+
+    env = servers.call(start())
+    yield env
+    servers.call(stop_stack(env.stack))
+    servers.call(env.tap.close())
+
+
+def _client(stack: Stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack.api, api_key=stack.token, max_retries=0)
+
+
+def _chat(stack: Stack, *, stream: bool) -> tuple[str, str, int]:
+    """(text, response id, completion tokens) of a greedy chat with the canary in its prompt."""
+    messages = [{"role": "user", "content": f"Say {CANARY} and nothing else."}]
+    args = {"model": "hearth-demo", "messages": messages, "max_tokens": 8, "temperature": 0,
+            "extra_body": {"ignore_eos": True}}  # fmt: skip
+    if not stream:
+        r = _client(stack).chat.completions.create(**args)  # type: ignore[call-overload]
+        assert r.usage is not None
+        return r.choices[0].message.content or "", r.id, r.usage.completion_tokens
+    chunks = list(
+        _client(stack).chat.completions.create(stream=True, stream_options={"include_usage": True}, **args)  # type: ignore[call-overload]
+    )
+    assert chunks[-1].usage is not None
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    return text, chunks[0].id, chunks[-1].usage.completion_tokens
+
+
+def test_a_plaintext_request_crosses_the_network_sealed(remote: Remote, servers: LoopThread) -> None:
+    stack = remote.stack
+    text, _, tokens = _chat(stack, stream=False)
+    streamed, response_id, streamed_tokens = _chat(stack, stream=True)
+    # The user gets their answer as from any node: the same greedy text both ways, counted.
+    assert text and streamed == text
+    assert tokens == streamed_tokens == 8
+    # Nothing the node received or sent on the network hop can be read.
+    seen = bytes(remote.tap.seen)
+    assert SEALED_JOB.encode() in seen
+    assert CANARY.encode() not in seen
+    assert text.encode() not in seen
+    # The usage row has the counts the node reported.
+    job_id = response_id.removeprefix("chatcmpl-")
+
+    async def recorded() -> bool:
+        with sqlite3.connect(stack.data_dir / "hearth.db") as db:
+            return db.execute("select 1 from usage where request_id = ?", [job_id]).fetchone() is not None
+
+    servers.call(wait_for(recorded, within=10))
+    with sqlite3.connect(stack.data_dir / "hearth.db") as db:
+        row = db.execute(
+            "select status, completion_tokens from usage where request_id = ?", [job_id]
+        ).fetchone()
+    assert row == ("ok", 8)
+    for path in stack.data_dir.rglob("*"):
+        if path.is_file():
+            assert CANARY.encode() not in path.read_bytes(), path
+
+
+def test_the_node_refuses_plaintext_from_the_network(remote: Remote) -> None:
+    stack = remote.stack
+    body = b'{"endpoint":"chat","request_id":"r1","request":{"model":"hearth-demo","messages":[]}}'
+    r = httpx.post(
+        stack.node_url + "/jobs", content=body, headers=stack.node_headers("POST", "/jobs", body), timeout=10
+    )
+    assert r.status_code == 403
+    assert r.json()["error"]["code"] == "plaintext_refused"
+
+
+def test_a_node_without_a_key_in_the_directory_gets_no_plaintext(remote: Remote, servers: LoopThread) -> None:
+    stack = remote.stack
+    assert stack.scheduler_app is not None
+    directory = stack.scheduler_app[FEDERATION].directory
+    kept = directory.keys.pop(stack.node_id)
+    try:
+        with pytest.raises(openai.APIStatusError) as info:
+            _client(stack).chat.completions.create(
+                model="hearth-demo", messages=[{"role": "user", "content": CANARY}], max_tokens=2
+            )
+        assert info.value.status_code == 503
+        assert "encryption key" in info.value.message
+        assert CANARY.encode() not in bytes(remote.tap.seen)
+    finally:
+        directory.keys.setdefault(stack.node_id, kept)
+
+
+def test_always_seals_toward_loopback_nodes_too(
+    servers: LoopThread, demo_model: ModelSettings, tmp_path: Path
+) -> None:
+    async def start() -> tuple[Stack, Tap]:
+        tap = Tap(0)
+        public = await tap.start()
+        stack = await start_stack(
+            tmp_path, [demo_model], scheduler={"policy": {"require_e2e": False}, "seal_toward_nodes": "always"},
+            node={"public_url": public, "e2e_flush_interval": 0.0},
+        )  # fmt: skip
+        tap.target_port = _port(stack.node_url)
+        return stack, tap
+
+    stack, tap = servers.call(start())
+    try:
+        text, _, tokens = _chat(stack, stream=True)
+        assert text and tokens == 8
+        assert SEALED_JOB.encode() in bytes(tap.seen)
+        assert CANARY.encode() not in bytes(tap.seen)
+    finally:
+        servers.call(stop_stack(stack))
+        servers.call(tap.close())
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True), ("127.8.9.10", True), ("::1", True), ("[::1]", True), ("localhost", True),
+        ("::ffff:127.0.0.1", True), ("192.0.2.2", False), ("::ffff:192.0.2.2", False), ("fd00::2", False),
+        ("gpu-box.lan", False), ("localhost.example.org", False), ("", False), (None, False),
+    ],
+)  # fmt: skip
+def test_what_counts_as_loopback(host: str | None, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
