@@ -4,7 +4,7 @@
     GET  /identity                this node's public keys, self-signed (for LAN discovery), no auth
     GET  /status                  models, their state and load                     (scheduler only)
     GET  /metrics                 Prometheus metrics                               (scheduler only)
-    POST /jobs                    run one OpenAI request, sealed (plain over loopback only); answered as frames
+    POST /jobs                    run one OpenAI request (plaintext over loopback only); answered as frames
                                                                                    (scheduler only)
     POST /models/{id}/load        load a model now, unloading idle ones if needed  (scheduler only)
     POST /models/{id}/unload      free a model's memory                           (scheduler only)
@@ -40,6 +40,7 @@ from node.keys import NodeKeys, ReplayMemory
 from node.metrics import NodeMetrics
 from node.openai_format import ResponseWriter
 from node.pool import BackendLoader, ModelPool, ModelSlot
+from node.receipts import Receipts
 from node.runner import Job
 from node.sealed import SealedFrames, SealedJob, open_job
 from node.settings import ModelSettings, NodeSettings
@@ -95,6 +96,7 @@ class NodeState:
     listening: asyncio.Event = field(default_factory=asyncio.Event)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     advert_changed: asyncio.Event = field(default_factory=asyncio.Event)
+    receipts: Receipts = field(default_factory=Receipts)  # jobs run, for the next heartbeats
 
     def __post_init__(self) -> None:
         # A certificate handed over at approval must come signed by the scheduler it names (and only once).
@@ -420,8 +422,8 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
         # A big one (up to 4 MiB of ciphertext) goes to a thread.
         opening = functools.partial(open_job, raw, node_id=node_id, keys=state.keys, replay=state.replay)
         sealed = opening() if len(raw) <= INLINE_OPEN_BYTES else await asyncio.to_thread(opening)
-        endpoint, request_id, req = sealed.endpoint, sealed.request_id, sealed.request
-        out = SealedOut(sealed, node_id, state.trust.identity)
+        endpoint, request_id, req, job_id = sealed.endpoint, sealed.request_id, sealed.request, sealed.job_id
+        out = SealedOut(sealed, node_id)
         if sealed.start_seq:
             log.info("resuming a sealed answer another node began (%d frames sent)", sealed.start_seq)
     else:
@@ -432,7 +434,7 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
                 "this node takes plaintext jobs over loopback only; from elsewhere they must be sealed",
                 code="plaintext_refused",
             )
-        endpoint, request_id, req = _plain_job(parse_json(raw))
+        endpoint, request_id, req, job_id = _plain_job(parse_json(raw))
         out = PlainFrames()
     slot = state.pool.get(req.model)
     if slot.phase != "ready" or slot.runner is None:
@@ -446,21 +448,25 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
     )  # fmt: skip
     response = web.StreamResponse(headers={"Content-Type": frames.MEDIA_TYPE})
     prompt_tokens = len(prepared.prompt_ids) - prepared.resumed_tokens
-    produced, outcome = 0, "cancelled"
+    outcome = "cancelled"
+    tally = Tally(prepared.resumed_tokens)
     started = time.monotonic()
     flush = state.settings.e2e_flush_interval if sealed else 0.0
     try:
         await response.prepare(request)
-        outcome, produced = await _stream_job(
-            response, job, writer, out, prompt_tokens, prepared.resumed_tokens,
+        outcome = await _stream_job(
+            response, job, writer, out, prompt_tokens, tally,
             resumed=sealed is not None and sealed.began, flush=flush,
         )  # fmt: skip
         await response.write_eof()
-        slot.record_speed(produced, time.monotonic() - started)
+        slot.record_speed(tally.produced, time.monotonic() - started)
     except ConnectionResetError:
         pass  # the scheduler went away (its client left): the job is cancelled below
     finally:
         job.cancel()
+        # What this job cost, as the node counted it: signed in its next heartbeat (node.receipts).
+        state.receipts.add(job_id, prompt_tokens, tally.completion)
+        produced = tally.produced
         slot.last_used = time.monotonic()
         # The scheduler counts its own jobs, so a job's end needs no heartbeat of its own; the LAN advert
         # (load, free memory) is refreshed, rate-limited.
@@ -472,25 +478,37 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def _plain_job(body: Any) -> tuple[Endpoint, str, ChatCompletionRequest | CompletionRequest]:
+def _plain_job(body: Any) -> tuple[Endpoint, str, ChatCompletionRequest | CompletionRequest, str]:
     if not isinstance(body, dict) or body.get("endpoint") not in ("chat", "completion"):
         raise InvalidRequest("a job needs an endpoint ('chat' or 'completion') and a request")
     endpoint: Endpoint = body["endpoint"]
-    request_id = str(body.get("request_id", ""))
-    if not _REQUEST_ID.match(request_id):
-        raise InvalidRequest("a job needs a request_id of 1-64 letters, digits, '-' or '_'")
-    return endpoint, request_id, parse_request(endpoint, body.get("request"))
+    request_id, job_id = str(body.get("request_id", "")), str(body.get("job_id", ""))
+    if not _REQUEST_ID.match(request_id) or not _REQUEST_ID.match(job_id):
+        raise InvalidRequest("a job needs a request_id and a job_id of 1-64 letters, digits, '-' or '_'")
+    return endpoint, request_id, parse_request(endpoint, body.get("request")), job_id
+
+
+@dataclass
+class Tally:
+    """A job's completion tokens so far: ``already`` from a node this one replaces, ``produced`` here."""
+
+    already: int = 0
+    produced: int = 0
+
+    @property
+    def completion(self) -> int:
+        return self.already + self.produced
 
 
 async def _stream_job(
     response: web.StreamResponse, job: Job, writer: ResponseWriter, out: Out, prompt_tokens: int,
-    already: int = 0, *, resumed: bool = False, flush: float = 0.0,
-) -> tuple[str, int]:  # fmt: skip
-    """Write the job's frames until its end; return (finish reason, completion tokens).
+    tally: Tally, *, resumed: bool = False, flush: float = 0.0,
+) -> str:  # fmt: skip
+    """Write the job's frames until its end, counting in ``tally``; return the finish reason.
 
-    ``already`` tokens of the answer came from a node this one replaces (``resumed``: the role event was
-    sent). ``flush`` > 0 holds frames at least that far apart, so a sealed stream's frame times say less
-    about its tokens (what was generated meanwhile goes out together in the next frame)."""
+    ``resumed``: this node replaces one that sent the stream's first event already. ``flush`` > 0 holds
+    frames at least that far apart, so a sealed stream's frame times say less about its tokens (what was
+    generated meanwhile goes out together in the next frame)."""
     loop = asyncio.get_running_loop()
     pending = b"" if resumed else writer.start()
     last_progress = loop.time()
@@ -506,7 +524,8 @@ async def _stream_job(
             await response.write(out.keepalive(writer.keepalive()))
             continue
         last = deltas[-1]
-        completion = already + last.completion_tokens
+        tally.produced = last.completion_tokens
+        completion = tally.completion
         data = pending + b"".join(writer.delta(d.text) for d in deltas)
         pending = b""
         if last.finish_reason is None:
@@ -524,10 +543,10 @@ async def _stream_job(
             err = HearthError("the node failed while generating", code="generation_failed")
             body = {"status": err.status, **err.to_body()}
             await response.write(out.data(data) + frames.encode_json(body, frames.ERROR | frames.FINAL))
-            return last.finish_reason, last.completion_tokens
+            return last.finish_reason
         data += writer.finish(last.finish_reason, prompt_tokens, completion)
         await response.write(out.end(data, _usage_meta(last.finish_reason, prompt_tokens, completion)))
-        return last.finish_reason, last.completion_tokens
+        return last.finish_reason
 
 
 def _usage_meta(finish_reason: str | None, prompt_tokens: int, completion_tokens: int) -> dict[str, object]:

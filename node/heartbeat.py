@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from protocol.errors import HearthError
-from protocol.federation import HeartbeatReply, parse
+from protocol.federation import MAX_RECEIPTS, HeartbeatReply, parse
 from protocol.identity import fingerprint, sign_request
 from protocol.web import is_loopback, read_capped
 
@@ -123,6 +123,7 @@ async def _beat(session: aiohttp.ClientSession, state: NodeState) -> str | None:
         return "not enrolled (run `hearth node enroll`)" if not trust.revoked else "revoked by the operator"
     path = "/v1/nodes/heartbeat"
     status = status_doc(state)
+    mark, status["usage"] = state.receipts.batch()
     identity, audience = trust.identity, fingerprint(key)
 
     def encode_and_sign() -> tuple[bytes, dict[str, str]]:
@@ -144,6 +145,9 @@ async def _beat(session: aiohttp.ClientSession, state: NodeState) -> str | None:
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
         return f"unreachable ({type(exc).__name__}); retrying"
     if code == 200:
+        state.receipts.sent(mark)
+        if len(state.receipts) >= MAX_RECEIPTS:
+            state.changed.set()  # more receipts than one heartbeat carries: the next one goes soon
         try:
             reply: HeartbeatReply = parse(HeartbeatReply, doc)
         except HearthError:

@@ -1,16 +1,18 @@
 """Sealed jobs: the node opens the envelope before doing anything else, and seals every byte of the answer.
 
-A sealed job is ``{"envelope": …, "resume": null | [{"node_id", "frames"}, …]}`` (docs/protocol.md). The node
-opens the envelope with one of its keys, refuses one it has opened before (across restarts too), parses the
-OpenAI request inside, and checks that the visible header told the truth about it (model, max_tokens,
-stream): the scheduler placed and billed the request by that header, so a mismatch is refused before any
-work. ``resume`` is blind failover: another candidate's frames, which this node opens (every candidate holds
-the response seed) to learn what the user has already received, and continues from there.
+A sealed job is ``{"envelope": …, "resume": null | [{"node_id", "frames"}, …], "job_id": …}``
+(docs/protocol.md; the job id is the scheduler's, for usage receipts). The node opens the envelope with one
+of its keys, refuses one it has opened before (across restarts too), parses the OpenAI request inside, and
+checks that the visible header told the truth about it (model, max_tokens, stream): the scheduler placed
+and billed the request by that header, so a mismatch is refused before any work. ``resume`` is blind
+failover: another candidate's frames, which this node opens (every candidate holds the response seed) to
+learn what the user has already received, and continues from there.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -26,13 +28,13 @@ from protocol.envelope import (
     from_wire,
     open_request,
     response_secret,
-    sign_meta,
 )
 from protocol.errors import ProtocolError
-from protocol.identity import Identity, b64d, valid_node_id
+from protocol.identity import b64d, valid_node_id
 from protocol.schemas import ChatCompletionRequest, CompletionRequest, Endpoint, parse_request
 
 MAX_RESUME_FRAMES = 100_000
+_JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _CHUNK = MAX_FRAME_PAYLOAD - 4 - 16  # room for the length prefix; a sealed frame adds the tag
 
 
@@ -45,6 +47,7 @@ class SealedJob:
     start_seq: int  # frames the user has received already (from the candidate this one replaces)
     sent_text: str  # what those frames said
     created: int | None  # the "created" time the stream so far carried
+    job_id: str  # the scheduler's id of this job (usage receipts)
 
     @property
     def began(self) -> bool:
@@ -58,7 +61,12 @@ def open_job(raw: bytes, *, node_id: str, keys: NodeKeys, replay: ReplayMemory) 
         doc: Any = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise EnvelopeError() from None
-    if not isinstance(doc, dict) or set(doc) != {"envelope", "resume"}:
+    if (
+        not isinstance(doc, dict)
+        or set(doc) != {"envelope", "resume", "job_id"}
+        or not isinstance(doc["job_id"], str)
+        or _JOB_ID.fullmatch(doc["job_id"]) is None
+    ):
         raise EnvelopeError()
     sealed = from_wire(doc["envelope"])
     header = sealed.header
@@ -79,7 +87,7 @@ def open_job(raw: bytes, *, node_id: str, keys: NodeKeys, replay: ReplayMemory) 
     start, text, created = 0, "", None
     if doc["resume"] is not None:
         start, text, created = _resume(doc["resume"], seed, header.request_id, header.endpoint)
-    return SealedJob(header.endpoint, header.request_id, req, seed, start, text, created)  # type: ignore[arg-type]
+    return SealedJob(header.endpoint, header.request_id, req, seed, start, text, created, doc["job_id"])  # type: ignore[arg-type]
 
 
 def _resume(doc: Any, seed: bytes, request_id: str, endpoint: str) -> tuple[int, str, int | None]:
@@ -133,13 +141,11 @@ def _said(stream: bytes, endpoint: str) -> tuple[str, int | None]:
 
 
 class SealedFrames:
-    """Frames of a sealed answer: DATA sealed to the user, META signed for the scheduler."""
+    """Frames of a sealed answer: DATA sealed to the user, META (token counts) for the scheduler."""
 
-    def __init__(self, job: SealedJob, node_id: str, identity: Identity) -> None:
+    def __init__(self, job: SealedJob, node_id: str) -> None:
         secret = response_secret(job.seed, node_id, job.request_id)
         self._sealer = ResponseSealer(secret, job.request_id, start=job.start_seq)
-        self._identity = identity
-        self._meta = {"request_id": job.request_id, "node_id": node_id}
 
     def data(self, payload: bytes, *, final: bool = False) -> bytes:
         if not payload and not final:
@@ -157,4 +163,5 @@ class SealedFrames:
         return frames.encode(self._sealer.seal(payload), frames.DATA)
 
     def meta(self, meta: dict[str, object]) -> bytes:
-        return frames.encode(sign_meta(self._identity, {**meta, **self._meta}), frames.META)
+        # Counts for the moment; the node's account of record is its signed heartbeat (node.receipts).
+        return frames.encode_json(meta, frames.META)

@@ -31,7 +31,6 @@ from which check failed. Sizes are checked before anything is allocated or decry
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import struct
@@ -46,7 +45,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from protocol.errors import InvalidRequest, ProtocolError
-from protocol.identity import Identity, b64d, b64e, canonical, verify_signature
+from protocol.identity import b64d, b64e, canonical
 
 SUITE_ID = "hearth-e2e-v1"
 _SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.CHACHA20_POLY1305)
@@ -391,36 +390,6 @@ def public_key_bytes(key: X25519PublicKey) -> bytes:
 MAX_ENVELOPE_BYTES = (4 * MAX_BODY_BYTES + 2) // 3 + MAX_CANDIDATES * 256 + 4096  # its JSON form, at most
 
 
-# Usage the node reports to the scheduler about a sealed request: signed, since the scheduler bills by it
-# and the network between them is not trusted.
-
-_USAGE_TAG = b"hearth-usage-v1\n"
-MAX_META_BYTES = 4096
-
-
-def sign_meta(identity: Identity, meta: dict[str, Any]) -> bytes:
-    return json.dumps({"meta": meta, "signature": b64e(identity.sign(_USAGE_TAG + canonical(meta)))}).encode()
-
-
-def verify_meta(payload: bytes, identity_key: str, request_id: str) -> dict[str, Any]:
-    """The META a node signed for ``request_id``; ProtocolError if it is malformed or not its signature."""
-    if len(payload) > MAX_META_BYTES:
-        raise ProtocolError("a META frame is over its size limit")
-    try:
-        doc = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
-        raise ProtocolError("a META frame is not JSON") from None
-    if not isinstance(doc, dict) or set(doc) != {"meta", "signature"} or not isinstance(doc["meta"], dict):
-        raise ProtocolError("a signed META frame is {meta, signature}")
-    meta = doc["meta"]
-    body = canonical(meta)
-    if meta.get("request_id") != request_id or not verify_signature(
-        b64d(identity_key, length=KEY_BYTES), _USAGE_TAG + body, b64d(doc["signature"], length=64)
-    ):
-        raise ProtocolError("a META frame is not signed by the node for this request")
-    return meta
-
-
 __all__ = [
     "MAX_ENVELOPE_BYTES",
     "SUITE_ID",
@@ -438,7 +407,5 @@ __all__ = [
     "public_key_bytes",
     "response_secret",
     "seal_request",
-    "sign_meta",
     "to_wire",
-    "verify_meta",
 ]

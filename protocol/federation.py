@@ -4,8 +4,10 @@
     POST /v1/nodes/heartbeat   node → scheduler, signed with the node's identity key (protocol.identity)
 
 A heartbeat carries what placement needs and nothing a user typed: memory, loaded models, cache, queue and
-measured speed. Nodes are run by volunteers and are not trusted to send sane numbers, so every field is
-bounded here and a document that breaks a bound is refused as a whole.
+measured speed, and the usage receipts of the jobs the node ran since its last heartbeat (its signature on
+the heartbeat makes them the node's signed account of the tokens it served). Nodes are run by volunteers
+and are not trusted to send sane numbers, so every field is bounded here and a document that breaks a
+bound is refused as a whole.
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ Count = Annotated[int, Field(ge=0, le=2**31 - 1)]
 Bytes = Annotated[int, Field(ge=0, le=2**60)]
 Url = Annotated[str, StringConstraints(pattern=r"^https?://[^\s/]+(/[^\s]*)?$", max_length=512)]
 
+JobId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
 MAX_MODELS = 256
+MAX_RECEIPTS = 1024  # per heartbeat; a node with more sends the rest with its next ones
 MAX_DOC_BYTES = 256 * 1024
 
 
@@ -53,6 +58,14 @@ class ModelStatus(_Wire):
     template: Annotated[str, StringConstraints(max_length=64)] | None = None
 
 
+class UsageReceipt(_Wire):
+    """One job the node ran (the scheduler's job id) and the token counts it streamed for it."""
+
+    job_id: JobId
+    prompt_tokens: Count
+    completion_tokens: Count
+
+
 class NodeStatus(_Wire):
     node_id: NodeId
     version: Annotated[str, StringConstraints(max_length=64)]
@@ -68,6 +81,7 @@ class NodeStatus(_Wire):
     # appended to the directory when it is new.
     key_statement: dict[str, Any] | None = None
     alarm: Annotated[str, StringConstraints(max_length=200)] | None = None
+    usage: Annotated[list[UsageReceipt], Field(max_length=MAX_RECEIPTS)] = []
 
 
 class HeartbeatReply(_Wire):

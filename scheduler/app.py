@@ -34,7 +34,7 @@ from aiohttp import web
 
 from policies import Visible, check
 from protocol.envelope import MEDIA_TYPE as ENVELOPE
-from protocol.envelope import EnvelopeError, from_wire, verify_meta
+from protocol.envelope import EnvelopeError, from_wire
 from protocol.errors import HearthError, PermissionDenied, Reseal, Unavailable
 from protocol.identity import load_or_create_identity
 from protocol.schemas import Endpoint, parse_request
@@ -51,6 +51,7 @@ from scheduler.admission import Admission, exclude
 from scheduler.directory import DirectoryLog
 from scheduler.directory import serve as serve_directory
 from scheduler.federation import Federation
+from scheduler.ledger import Correction, Ledger
 from scheduler.metrics import Metrics
 from scheduler.openapi import openapi_document
 from scheduler.placement import Placement, PlacementRequest, place
@@ -79,6 +80,8 @@ USAGE_BATCH = 256
 BYTES_PER_TOKEN_GUESS = 4
 DEFAULT_CANDIDATES = 4  # fresh candidates a 409 offers for re-sealing
 RETRY_NO_KEY_S = 30.0  # a node's key statement comes with its next heartbeat, or it needs its operator
+RECEIPT_HEARTBEATS = 5  # a job's usage receipt is due within this many heartbeat intervals …
+RECEIPT_GRACE_S = 10.0  # … plus this (a busy node, a slow network)
 
 
 def create_app(settings: SchedulerSettings) -> web.Application:
@@ -111,7 +114,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    usage: asyncio.Queue[UsageRecord] = asyncio.Queue()
+    usage: asyncio.Queue[UsageRecord | Correction] = asyncio.Queue()
     identity = await asyncio.to_thread(load_or_create_identity, settings.key_path)
     # Relays get their own unlimited pool: a pool shared with control calls (aiohttp's default caps it
     # at 100) would make a busy node look dead. Concurrency is bounded by admission, not by sockets.
@@ -120,6 +123,13 @@ async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
         aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=16)) as control_session,
     ):
         registry = Registry(node_timeout=settings.node_timeout, load_timeout=settings.load_timeout)
+        # A node's receipts ride on its heartbeats, the next one after a job ends, or a few later when it
+        # ran many jobs at once.
+        ledger = Ledger(
+            usage.put_nowait,
+            confirm_within=RECEIPT_HEARTBEATS * settings.heartbeat_interval + RECEIPT_GRACE_S,
+            on_outcome=lambda outcome: app[METRICS].receipts.labels(outcome).inc(),
+        )
         federation = Federation(
             identity=identity,
             store=app[STORE],
@@ -128,6 +138,7 @@ async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
             heartbeat_interval=settings.heartbeat_interval,
             authority_key=settings.authority_key,
             directory=DirectoryLog(app[STORE]),
+            on_receipts=ledger.receipts,
         )
         admission = Admission(
             registry,
@@ -144,13 +155,13 @@ async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
             session,
             idle_timeout=settings.stream_idle_timeout,
             retry_after=settings.retry_after,
-            on_done=usage.put_nowait,
+            on_done=ledger.recorded,
             on_node_failed=registry.mark_failed,
             on_first_frame=app[METRICS].ttfb.observe,
         )
         tasks = [
             asyncio.create_task(_write_usage(app, usage), name="hearth-usage"),
-            asyncio.create_task(_watch_health(app), name="hearth-health"),
+            asyncio.create_task(_watch_health(app, ledger), name="hearth-health"),
         ]
         discovery = await _start_discovery(settings, federation)
         yield
@@ -184,16 +195,18 @@ async def _start_discovery(settings: SchedulerSettings, federation: Federation) 
     return discovery
 
 
-async def _watch_health(app: web.Application) -> None:
+async def _watch_health(app: web.Application, ledger: Ledger) -> None:
     """A node that stops sending heartbeats turns unhealthy by the clock alone: look now and then, so
-    requests waiting for it learn of it (and so they fail over or give up without waiting for a change)."""
+    requests waiting for it learn of it (and so they fail over or give up without waiting for a change).
+    Jobs whose node never confirmed their usage are counted on the same beat."""
     interval = min(1.0, app[SETTINGS].node_timeout / 4)
     while True:
         await asyncio.sleep(interval)
         app[ADMISSION].wake()
+        ledger.sweep()
 
 
-async def _write_usage(app: web.Application, usage: asyncio.Queue[UsageRecord]) -> None:
+async def _write_usage(app: web.Application, usage: asyncio.Queue[UsageRecord | Correction]) -> None:
     """One writer for usage rows, in batches, so a request never waits on the database."""
     while True:
         batch = [await usage.get()]
@@ -202,7 +215,7 @@ async def _write_usage(app: web.Application, usage: asyncio.Queue[UsageRecord]) 
         await _store_usage(app, batch)
 
 
-async def _flush_usage(app: web.Application, usage: asyncio.Queue[UsageRecord]) -> None:
+async def _flush_usage(app: web.Application, usage: asyncio.Queue[UsageRecord | Correction]) -> None:
     batch = []
     while not usage.empty():
         batch.append(usage.get_nowait())
@@ -210,14 +223,22 @@ async def _flush_usage(app: web.Application, usage: asyncio.Queue[UsageRecord]) 
         await _store_usage(app, batch)
 
 
-async def _store_usage(app: web.Application, batch: list[UsageRecord]) -> None:
+async def _store_usage(app: web.Application, batch: list[UsageRecord | Correction]) -> None:
     metrics = app[METRICS]
+    rows = []
     try:
-        for record in batch:
-            metrics.requests.labels(record.endpoint, record.status).inc()
-            metrics.tokens.labels("prompt").inc(record.prompt_tokens)
-            metrics.tokens.labels("completion").inc(record.completion_tokens)
-        await app[STORE].record_usage(batch)
+        for item in batch:
+            if isinstance(item, Correction):
+                # Counters only grow: a correction downward stays in the row, not in the metric.
+                metrics.tokens.labels("prompt").inc(max(0, item.prompt_delta))
+                metrics.tokens.labels("completion").inc(max(0, item.completion_delta))
+                rows.append(item.record)
+                continue
+            metrics.requests.labels(item.endpoint, item.status).inc()
+            metrics.tokens.labels("prompt").inc(item.prompt_tokens)
+            metrics.tokens.labels("completion").inc(item.completion_tokens)
+            rows.append(item)
+        await app[STORE].record_usage(rows)
     except Exception as exc:  # accounting must never take the API down
         log_unexpected("recording usage", exc)
 
@@ -311,7 +332,7 @@ async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamRespo
         try:
             if runtime is None or runtime.url is None:
                 raise Failover(HearthError("the chosen node left the cluster"))
-            sent, unsealer = job, None
+            sent, unsealer = job.attempt(), None
             if seal_always or not is_loopback(urlsplit(runtime.url).hostname):
                 sent, unsealer = _seal_toward(federation, ticket.node_id, job, raw, preq.max_tokens)
             target = Target(
@@ -338,8 +359,7 @@ def _seal_toward(
 ) -> tuple[RelayJob, Unsealer]:
     """Seal a plaintext request toward its node with the node's key from the directory."""
     key = federation.directory.keys.get(node_id)
-    record = federation.records.get(node_id)
-    if key is None or record is None or not key.valid_at(time.time()):
+    if key is None or not key.valid_at(time.time()):
         log.warning("node %s has no current encryption key in the directory: plaintext skips it", node_id)
         raise Failover(
             Unavailable(
@@ -347,7 +367,7 @@ def _seal_toward(
                 retry_after=RETRY_NO_KEY_S,
             )
         )
-    return seal_toward(job, raw, max_tokens, key, record.identity_key)
+    return seal_toward(job, raw, max_tokens, key)
 
 
 async def _generate_sealed(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
@@ -355,12 +375,11 @@ async def _generate_sealed(request: web.Request, endpoint: Endpoint) -> web.Stre
     frames, and continued on another candidate if its node fails mid-stream (blind failover)."""
     app = request.app
     try:
-        token, preq, job, doc = await _admit_sealed(request, endpoint)
+        token, preq, job = await _admit_sealed(request, endpoint)
         federation, admission, relay = app[FEDERATION], app[ADMISSION], app[RELAY]
     except HearthError as exc:
         app[METRICS].requests.labels(endpoint, f"refused_{exc.status}").inc()
         raise
-    request_id = doc["header"]["request_id"]
     stream = SealedStream()
     failed: Failover | MidStream | None = None
     for _ in range(app[SETTINGS].failover_attempts):
@@ -381,19 +400,15 @@ async def _generate_sealed(request: web.Request, endpoint: Endpoint) -> web.Stre
         node_id = ticket.node_id
         try:
             runtime = federation.registry.nodes.get(node_id)
-            record = federation.records.get(node_id)
-            if runtime is None or runtime.url is None or record is None:
+            if runtime is None or runtime.url is None:
                 raise Failover(HearthError("the chosen node left the cluster"))
-            identity_key = record.identity_key
             # The envelope was just parsed as JSON: it is spliced in as received, not serialized again.
-            body = b'{"envelope":%s,"resume":%s}' % (job.body, json.dumps(stream.resume()).encode())
-            target = Target(node_id, runtime.url, federation.signed_headers(node_id, "POST", "/jobs", body))
-
-            def verify(payload: bytes, key: str = identity_key) -> dict[str, Any]:
-                return verify_meta(payload, key, request_id)
-
+            resume = json.dumps(stream.resume()).encode()
+            sent = job.attempt(b'{"envelope":%s,"resume":%s}' % (job.body, resume))
+            headers = federation.signed_headers(node_id, "POST", "/jobs", sent.body)
+            target = Target(node_id, runtime.url, headers)
             with contextlib.suppress(ConnectionResetError):  # the client left while we were writing
-                await relay.run_sealed(request, target, replace(job, body=body), usage, stream, verify)
+                await relay.run_sealed(request, target, sent, usage, stream)
             return stream.out if stream.out is not None else web.Response(status=499)
         except (Failover, MidStream) as exc:
             log.info("node %s failed a sealed request; trying another candidate", node_id)
@@ -428,9 +443,7 @@ def _reseal_if_others_can(federation: Federation, preq: PlacementRequest) -> Non
         raise Reseal("none of the nodes this request was sealed to can take it now; seal it again", fresh)
 
 
-async def _admit_sealed(
-    request: web.Request, endpoint: Endpoint
-) -> tuple[str, PlacementRequest, RelayJob, dict[str, Any]]:
+async def _admit_sealed(request: web.Request, endpoint: Endpoint) -> tuple[str, PlacementRequest, RelayJob]:
     token = await authenticate(request)
     started = time.time()
     raw = await read_body(request)
@@ -450,7 +463,7 @@ async def _admit_sealed(
     )  # fmt: skip
     # The usage row gets an id of the scheduler's own: the envelope's request id is the client's choice.
     job = RelayJob(secrets.token_hex(12), token.id, endpoint, header.model, True, raw, started)
-    return token.id, preq, job, doc
+    return token.id, preq, job
 
 
 def _tiers(settings: SchedulerSettings, token: TokenRecord) -> frozenset[str]:

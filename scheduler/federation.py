@@ -14,13 +14,22 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
 from protocol.errors import AuthenticationFailed, ConflictError, PermissionDenied, ProtocolError
-from protocol.federation import EnrollReply, EnrollRequest, HeartbeatReply, NodeStatus, parse, proof_message
+from protocol.federation import (
+    EnrollReply,
+    EnrollRequest,
+    HeartbeatReply,
+    NodeStatus,
+    UsageReceipt,
+    parse,
+    proof_message,
+)
 from protocol.identity import (
     Identity,
     RequestVerifier,
@@ -54,6 +63,7 @@ class Federation:
     heartbeat_interval: float
     authority_key: str | None
     directory: DirectoryLog
+    on_receipts: Callable[[str, list[UsageReceipt]], None] = lambda node_id, receipts: None
     records: dict[str, NodeRecord] = field(default_factory=dict)  # every known node, by node id
     pending_status: dict[str, NodeStatus] = field(default_factory=dict)  # last word from pending nodes
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -148,6 +158,7 @@ class Federation:
             await self.store.run(lambda: store.set_node_url(record.node_id, status.url))
             self.records[record.node_id] = record = replace(record, url=status.url)
         self.registry.heartbeat(record.node_id, status)
+        self.on_receipts(record.node_id, status.usage)  # signed, like the whole heartbeat
         await self.directory.heard(record, status.key_statement)
         return HeartbeatReply(
             certificate=record.certificate, drain=record.drain, interval=self.heartbeat_interval

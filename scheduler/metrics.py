@@ -20,6 +20,13 @@ class Metrics:
             ["kind"],
             registry=self.registry,
         )
+        self.receipts = Counter(
+            "hearth_usage_receipts",
+            "Jobs by what their node's signed usage receipt said: confirmed (the counts the relay saw), "
+            "corrected, or unconfirmed (none came in time).",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.ttfb = Histogram(
             "hearth_time_to_first_byte_seconds",
             "Time from request to the node's first frame.",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -27,7 +28,6 @@ from protocol.envelope import (
     response_secret,
     seal_request,
     to_wire,
-    verify_meta,
 )
 from protocol.errors import HearthError, ProtocolError, Unavailable
 from protocol.identity import b64e
@@ -54,8 +54,15 @@ class RelayJob:
     endpoint: str
     model: str
     stream: bool
-    body: bytes
+    body: bytes  # a JSON object, without its job id
     started: float
+    job_id: str = ""  # one attempt's id, for the node's usage receipt (scheduler.ledger)
+
+    def attempt(self, body: bytes | None = None) -> RelayJob:
+        """This job for one node: a fresh job id, spliced into the body sent (``body``, else this one's)."""
+        job_id = secrets.token_hex(8)
+        sent = body if body is not None else self.body
+        return replace(self, job_id=job_id, body=b'{"job_id":"%s",%s' % (job_id.encode(), sent[1:]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,13 +90,11 @@ SEALED_TTL_S = 60  # an envelope the scheduler seals is sent at once; nodes reme
 
 class Unsealer:
     """A plaintext request that the scheduler sealed toward its node (so that the network between them
-    reads nothing): the scheduler keeps the response seed, opens the node's frames as `hearth proxy`
-    would, and checks the node's signed usage."""
+    reads nothing): the scheduler keeps the response seed and opens the node's frames as `hearth proxy`
+    would."""
 
-    def __init__(self, seed: bytes, node_id: str, request_id: str, identity_key: str) -> None:
+    def __init__(self, seed: bytes, node_id: str, request_id: str) -> None:
         self._opener = ResponseOpener(response_secret(seed, node_id, request_id), request_id)
-        self._identity_key = identity_key
-        self._request_id = request_id
 
     def data(self, frame: frames.Frame) -> bytes:
         try:
@@ -97,25 +102,23 @@ class Unsealer:
         except EnvelopeError:
             raise ProtocolError("a node's sealed frame does not open") from None
 
-    def usage(self, payload: bytes) -> dict[str, int]:
-        return _counts(verify_meta(payload, self._identity_key, self._request_id))
-
     def finish(self) -> None:
         if not self._opener.finished:
             raise ProtocolError("a node's sealed answer ended before its final frame")
 
 
 def seal_toward(
-    job: RelayJob, request: bytes, max_tokens: int | None, key: KeyStatement, identity_key: str
+    job: RelayJob, request: bytes, max_tokens: int | None, key: KeyStatement
 ) -> tuple[RelayJob, Unsealer]:
-    """``job`` with its OpenAI ``request`` sealed to the node's current ``key``, and what opens the answer."""
+    """One attempt of ``job`` with its OpenAI ``request`` sealed to the node's current ``key``, and what
+    opens the answer."""
     sealed, seed = seal_request(
         request, endpoint=job.endpoint, model=job.model, max_tokens=max_tokens, stream=job.stream,
         request_id=job.request_id, issued_at=int(time.time()), ttl_s=SEALED_TTL_S,
         candidates=[key.candidate()],
     )  # fmt: skip
     body = json.dumps({"envelope": to_wire(sealed), "resume": None}, separators=(",", ":")).encode()
-    return replace(job, body=body), Unsealer(seed, key.node_id, job.request_id, identity_key)
+    return job.attempt(body), Unsealer(seed, key.node_id, job.request_id)
 
 
 # Refusals that say nothing about the request itself, only about that node: another node may take it.
@@ -133,7 +136,7 @@ class Relay:
         *,
         idle_timeout: float,
         retry_after: float,
-        on_done: Callable[[UsageRecord], None],
+        on_done: Callable[[str, UsageRecord], None],
         on_node_failed: Callable[[str], None],
         on_first_frame: Callable[[float], None] = lambda seconds: None,
     ) -> None:
@@ -168,13 +171,12 @@ class Relay:
         job: RelayJob,
         usage: dict[str, int],
         stream: SealedStream,
-        verify_meta: Callable[[bytes], dict[str, Any]],
     ) -> None:
         """Relay one node's part of a sealed answer into ``stream``. Raises Failover when the node failed
         before sending a DATA frame, MidStream when it failed after."""
         await self._exchange(
             target, job, usage, SEALED_JOB,
-            lambda resp: _pump_sealed(self, request, resp, usage, stream, target.node_id, verify_meta),
+            lambda resp: _pump_sealed(self, request, resp, usage, stream, target.node_id),
         )  # fmt: skip
 
     async def _exchange(
@@ -219,6 +221,7 @@ class Relay:
                 resp.close()
         finally:
             self._on_done(
+                job.job_id,
                 UsageRecord(
                     job.request_id, job.token_id, job.model, job.endpoint, node_id, status,
                     usage["prompt_tokens"], usage["completion_tokens"], job.started, time.time(),
@@ -256,7 +259,7 @@ class Relay:
                         else:
                             relay_now.append(payload)
                     elif frame.kind == frames.META:
-                        usage.update(_usage(frame) if unsealer is None else unsealer.usage(frame.payload))
+                        usage.update(_usage(frame))
                     else:
                         err = _error(frame)
                         if out is None:
@@ -329,10 +332,8 @@ class Relay:
 
 
 def _usage(frame: frames.Frame) -> dict[str, int]:
-    return _counts(frame.json())
-
-
-def _counts(meta: Any) -> dict[str, int]:
+    """A META frame's token counts (for the moment: the node's signed receipt follows, scheduler.ledger)."""
+    meta = frame.json()
     if not isinstance(meta, dict):
         raise ProtocolError("a node's META frame is not an object")
     counts = {k: meta.get(k) for k in ("prompt_tokens", "completion_tokens")}
@@ -424,7 +425,6 @@ async def _pump_sealed(
     usage: dict[str, int],
     stream: SealedStream,
     node_id: str,
-    verify_meta: Callable[[bytes], dict[str, Any]],
 ) -> tuple[None, str]:
     decoder = frames.FrameDecoder()
     mine: list[bytes] | None = None
@@ -441,7 +441,7 @@ async def _pump_sealed(
                     stream.relayed(mine, frame.payload)
                     relay_now.append(frames.encode(frame.payload, frame.flags))
                 elif frame.kind == frames.META:
-                    usage.update(_counts(verify_meta(frame.payload)))
+                    usage.update(_usage(frame))
                 else:
                     err = _error(frame) if frame.kind == frames.ERROR else ProtocolError("unexpected frame")
                     if relay_now:

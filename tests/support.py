@@ -218,6 +218,8 @@ class Tap:
     own: bytearray = field(default_factory=bytearray)
     server: asyncio.Server | None = None
     others: list[Tap] = field(default_factory=list)
+    # What the target answers may be changed on its way (someone on the network tampering with it).
+    rewrite: Callable[[bytes], bytes] | None = None
 
     @property
     def seen(self) -> bytearray:
@@ -231,11 +233,12 @@ class Tap:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection(self.host, self.target_port)
 
-        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, answers: bool = False) -> None:
             try:
                 while data := await src.read(65536):
                     self.own += data
-                    dst.write(data)
+                    rewrite = self.rewrite if answers else None
+                    dst.write(rewrite(data) if rewrite is not None else data)
                     await dst.drain()
             except (ConnectionError, asyncio.CancelledError):
                 pass
@@ -244,7 +247,7 @@ class Tap:
                 with contextlib.suppress(ConnectionError):
                     await dst.wait_closed()
 
-        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer, answers=True))
 
     async def close(self) -> None:
         for other in self.others:

@@ -175,7 +175,7 @@ async def _one_stream(
     from protocol import frames
 
     if target.direct:
-        data = json.dumps({"endpoint": "chat", "request_id": rid, "request": body}).encode()
+        data = json.dumps({"endpoint": "chat", "request_id": rid, "job_id": rid, "request": body}).encode()
     else:
         data = json.dumps(body).encode()
     sse = bytearray()

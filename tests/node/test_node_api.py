@@ -12,7 +12,7 @@ from protocol import frames
 from tests.support import Stack
 
 CHAT = {"model": "hearth-demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
-JOB = {"endpoint": "chat", "request_id": "abc123", "request": CHAT}
+JOB = {"endpoint": "chat", "request_id": "abc123", "job_id": "job1", "request": CHAT}
 
 
 @pytest.mark.parametrize(
@@ -42,6 +42,8 @@ def test_healthz_is_open(stack: Stack) -> None:
     [
         ({**JOB, "endpoint": "embeddings"}, 400),  # unknown endpoint
         ({**JOB, "request_id": "../../etc"}, 400),  # request ids are plain tokens
+        ({**JOB, "job_id": "a b"}, 400),  # and so are job ids (usage receipts name them)
+        ({k: v for k, v in JOB.items() if k != "job_id"}, 400),  # which every job has
         ({**JOB, "request": {**CHAT, "model": "other"}}, 404),  # a model this node does not serve
         ({**JOB, "request": {**CHAT, "messages": []}}, 400),  # the node validates the request itself
     ],

@@ -39,7 +39,7 @@ def _job(keys: NodeKeys, body: dict[str, Any], resume: Any = None, **header: Any
         json.dumps(body).encode(), request_id=f"r{time.monotonic_ns()}", issued_at=now, ttl_s=60,
         candidates=[Candidate("gpu-1", kid, key.public_key())], **args,
     )  # fmt: skip
-    return json.dumps({"envelope": to_wire(sealed), "resume": resume}).encode(), seed
+    return json.dumps({"envelope": to_wire(sealed), "resume": resume, "job_id": "j1"}).encode(), seed
 
 
 def test_a_fresh_job_opens(node: tuple[NodeKeys, ReplayMemory]) -> None:
