@@ -416,14 +416,13 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
         )
     node_id = state.settings.node_id
     sealed: SealedJob | None = None
-    out: Out
+    out: Out | None = None  # a sealed job's is made once the response has started (below)
     if request.content_type == SEALED_JOB:
         # Opening a chat-sized envelope takes ~0.2 ms: a thread hop would cost as much, and more under load.
         # A big one (up to 4 MiB of ciphertext) goes to a thread.
         opening = functools.partial(open_job, raw, node_id=node_id, keys=state.keys, replay=state.replay)
         sealed = opening() if len(raw) <= INLINE_OPEN_BYTES else await asyncio.to_thread(opening)
         endpoint, request_id, req, job_id = sealed.endpoint, sealed.request_id, sealed.request, sealed.job_id
-        out = SealedOut(sealed, node_id)
         if sealed.start_seq:
             log.info("resuming a sealed answer another node began (%d frames sent)", sealed.start_seq)
     else:
@@ -454,6 +453,10 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
     flush = state.settings.e2e_flush_interval if sealed else 0.0
     try:
         await response.prepare(request)
+        if sealed is not None:
+            # Deriving the response keys here overlaps with the first token's generation.
+            out = SealedOut(sealed, node_id)
+        assert out is not None
         outcome = await _stream_job(
             response, job, writer, out, prompt_tokens, tally,
             resumed=sealed is not None and sealed.began, flush=flush,

@@ -120,6 +120,9 @@ class NodeKeys:
             }
 
 
+COMPACT_SLACK = 8192  # lines of expired entries the replay log may carry before it is rewritten
+
+
 class ReplayMemory:
     """Envelopes this node has opened, until their windows close; kept on disk across restarts."""
 
@@ -136,10 +139,17 @@ class ReplayMemory:
             parts = line.split(" ")
             if len(parts) == 2 and parts[0].isdigit() and int(parts[0]) + MAX_SKEW_S >= now:
                 self._seen[parts[1]] = int(parts[0])
-        # Rewrite without what has expired, then append from here on.
+        self._fd = -1
+        self._compact()
+
+    def _compact(self) -> None:
+        """Rewrite the file without what has expired, then append from there on."""
+        if self._fd >= 0:
+            os.close(self._fd)
         text = "".join(f"{exp} {digest}\n" for digest, exp in self._seen.items())
-        write_private(path, text.encode(), replace=True)
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        write_private(self._path, text.encode(), replace=True)
+        self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND)
+        self._lines = len(self._seen)
 
     def remember(self, digest: str, expires_at: int, now: float) -> None:
         """Raise EnvelopeError when ``digest`` was seen before; otherwise record it (blocking: a write)."""
@@ -150,6 +160,9 @@ class ReplayMemory:
                 self._seen = {d: e for d, e in self._seen.items() if e + MAX_SKEW_S >= now}
             self._seen[digest] = expires_at
             os.write(self._fd, f"{expires_at} {digest}\n".encode()[:MAX_REPLAY_LINE])
+            self._lines += 1
+            if self._lines > 2 * len(self._seen) + COMPACT_SLACK:
+                self._compact()  # a node that runs for months must not grow the file for ever
 
     def close(self) -> None:
         os.close(self._fd)

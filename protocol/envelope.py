@@ -30,6 +30,7 @@ from which check failed. Sizes are checked before anything is allocated or decry
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -101,7 +102,13 @@ class Header:
         return canonical(self.to_dict())
 
     def digest(self) -> bytes:
-        return hashlib.sha256(SUITE_ID.encode() + b"\n" + self.canonical()).digest()
+        return _digest(self)
+
+
+@functools.lru_cache(maxsize=256)
+def _digest(header: Header) -> bytes:
+    # Each side needs it more than once per request (info, aad, the node's replay memory): computed once.
+    return hashlib.sha256(SUITE_ID.encode() + b"\n" + header.canonical()).digest()
 
 
 @dataclass(frozen=True, slots=True)

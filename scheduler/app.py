@@ -416,6 +416,11 @@ async def _generate_sealed(request: web.Request, endpoint: Endpoint) -> web.Stre
             preq = exclude(preq, node_id)
             if isinstance(exc, MidStream) and not stream.resumable:
                 break
+        except HearthError as exc:  # a final refusal from the node
+            if stream.out is None:
+                raise
+            await end_sealed(relay, request, stream, exc)  # the client has the route already
+            return stream.out
         finally:
             admission.release(ticket, usage["prompt_tokens"], usage["completion_tokens"])
     assert failed is not None

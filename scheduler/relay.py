@@ -401,9 +401,8 @@ class SealedStream:
                 kept.clear()  # too long to resume: keep no copy of it
 
     def resume(self) -> list[dict[str, Any]] | None:
-        if not self.segments:
-            return None
-        return [{"node_id": n, "frames": [b64e(f) for f in fs]} for n, fs in self.segments if fs]
+        done = [{"node_id": n, "frames": [b64e(f) for f in fs]} for n, fs in self.segments if fs]
+        return done or None
 
     @property
     def resumable(self) -> bool:
@@ -427,17 +426,18 @@ async def _pump_sealed(
     node_id: str,
 ) -> tuple[None, str]:
     decoder = frames.FrameDecoder()
-    mine: list[bytes] | None = None
+    mine: list[bytes] = []
+    stream.segments.append((node_id, mine))
+    start = stream.seq
     try:
+        # The node took the job: the client learns now whose frames follow, and derives that candidate's
+        # keys while the node computes the first token instead of after it.
+        route = {"node_id": node_id, "seq": stream.seq}
+        await _send(relay, request, stream, frames.encode_json(route, frames.ROUTE))
         async for chunk in resp.content.iter_any():
             relay_now: list[bytes] = []
             for frame in decoder.feed(chunk):
                 if frame.kind == frames.DATA:
-                    if mine is None:
-                        mine = []
-                        stream.segments.append((node_id, mine))
-                        route = {"node_id": node_id, "seq": stream.seq}
-                        relay_now.append(frames.encode_json(route, frames.ROUTE))
                     stream.relayed(mine, frame.payload)
                     relay_now.append(frames.encode(frame.payload, frame.flags))
                 elif frame.kind == frames.META:
@@ -446,22 +446,23 @@ async def _pump_sealed(
                     err = _error(frame) if frame.kind == frames.ERROR else ProtocolError("unexpected frame")
                     if relay_now:
                         await _send(relay, request, stream, b"".join(relay_now))
-                    raise _failed(mine, err)
+                    raise _failed(stream.seq > start, err)
             if relay_now:
                 await _send(relay, request, stream, b"".join(relay_now))
         decoder.close()
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError, ProtocolError):
         relay._on_node_failed(node_id)
         raise _failed(
-            mine, Unavailable("the node failed while answering; try again", code="node_failed",
+            stream.seq > start, Unavailable("the node failed while answering; try again", code="node_failed",
                               retry_after=relay._retry_after)
         ) from None  # fmt: skip
     stream.finished = True
     return None, "ok"
 
 
-def _failed(mine: list[bytes] | None, err: HearthError) -> Exception:
-    if mine is None:
+def _failed(sent: bool, err: HearthError) -> Exception:
+    """Failover when the node sent the client nothing yet (or a final refusal), MidStream when it had."""
+    if not sent:
         return Failover(err) if err.status in _FAILOVER_STATUSES else err
     return MidStream(err)
 

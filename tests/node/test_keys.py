@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from node.keys import GRACE_S, NodeKeys, ReplayMemory
+from node.keys import COMPACT_SLACK, GRACE_S, NodeKeys, ReplayMemory
 from protocol.directory import verify_key_statement
 from protocol.envelope import EnvelopeError
 from protocol.identity import Identity
@@ -65,3 +65,17 @@ def test_replay_memory_forgets_what_has_expired(tmp_path: Path) -> None:
     memory.close()
     ReplayMemory(path).close()
     assert "c" * 64 not in path.read_text()
+
+
+def test_a_long_running_nodes_replay_log_stays_bounded(tmp_path: Path) -> None:
+    path = tmp_path / "replay.log"
+    memory = ReplayMemory(path)
+    now = time.time()
+    for i in range(30_000):  # months of requests, their windows long closed
+        memory.remember(f"{i:064x}", int(now) - 3600, now)
+    memory.remember("f" * 64, int(now) + 60, now)  # one still open
+    lines = path.read_text().splitlines()
+    assert len(lines) < 2 * 4096 + COMPACT_SLACK + 10
+    with pytest.raises(EnvelopeError):
+        memory.remember("f" * 64, int(now) + 60, now)
+    memory.close()
