@@ -387,8 +387,10 @@ async def _generate_sealed(request: web.Request, endpoint: Endpoint) -> web.Stre
             try:
                 ticket = await admission.acquire(token, preq)
             except HearthError:
-                if stream.out is None:
+                unopened = failed is not None and failed.error.code == EnvelopeError.default_code
+                if stream.out is None and not unopened:
                     # Refused before the client got anything: if other nodes could take it, say so (409).
+                    # Not when candidates could not open it: every failure to open answers alike.
                     _reseal_if_others_can(federation, preq)
                 raise
         except HearthError as exc:

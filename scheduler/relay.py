@@ -210,9 +210,12 @@ class Relay:
                 if resp.status != 200:
                     status = f"refused_{resp.status}"
                     err = await _node_error(resp, self._retry_after)
-                    # A node's 400 (for a sealed job: the envelope does not open) is final: another node
-                    # would refuse the same request, and must not learn which check failed.
-                    if resp.status in _FAILOVER_STATUSES:
+                    # A node's 400 is final (another node would refuse the same request), except an
+                    # envelope this node cannot open: it may have lost its key, or opened this one before
+                    # (a replay), and another candidate may open it. Neither learns which check failed.
+                    if resp.status in _FAILOVER_STATUSES or (
+                        content_type == SEALED_JOB and err.code == EnvelopeError.default_code
+                    ):
                         raise Failover(err)
                     raise err
                 result, status = await pump(resp)

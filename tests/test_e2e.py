@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -25,6 +26,7 @@ import aiohttp
 import httpx
 import openai
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from hearth.proxy import SealedClient, serve, state_path
 from node.app import load_transformers, start_node
@@ -32,6 +34,7 @@ from node.backends.base import SamplingParams
 from node.settings import ModelSettings, NodeSettings
 from node.trust import Trust
 from protocol.envelope import MEDIA_TYPE as ENVELOPE
+from protocol.envelope import Candidate, seal_request, to_wire
 from scheduler.state import FEDERATION
 from tests.support import (
     LoopThread,
@@ -330,6 +333,43 @@ def test_every_failure_to_open_looks_the_same(e2e: E2E) -> None:
     assert len(answers) == 1
     status, text = answers.pop()
     assert status == 400 and json.loads(text)["error"]["code"] == "envelope_invalid"
+
+
+def test_a_candidate_that_cannot_open_the_envelope_passes_it_to_another(
+    e2e: E2E, servers: LoopThread
+) -> None:
+    # The wrap for one node is sealed to a key that node does not hold (as if it had lost its keys): when
+    # the scheduler tries that node first, it refuses, and the other candidate answers instead.
+    async def candidates() -> list[Candidate]:
+        directory = await e2e.client.refresh()
+        return e2e.client.choose(directory, "hearth-demo", prefer=[e2e.stack.node_id, e2e.second])
+
+    good = servers.call(candidates())
+    lost = next(c for c in good if c.node_id == e2e.second)
+    stranger = X25519PrivateKey.generate().public_key()
+    chosen = [c if c is not lost else Candidate(lost.node_id, lost.key_id, stranger) for c in good]
+    body = json.dumps({"model": "hearth-demo", "messages": [{"role": "user", "content": CANARY}],
+                       "max_tokens": 2, "stream": True}).encode()  # fmt: skip
+    refused_before = _node_refusals(e2e)
+    for i in range(40):
+        sealed, _ = seal_request(
+            body, endpoint="chat", model="hearth-demo", max_tokens=2, stream=True, request_id=f"lost-{i}",
+            issued_at=int(time.time()), ttl_s=60, candidates=chosen,
+        )  # fmt: skip
+        r = httpx.post(
+            e2e.stack.api + "/chat/completions", content=json.dumps(to_wire(sealed)),
+            headers={"Authorization": f"Bearer {e2e.stack.token}", "Content-Type": ENVELOPE}, timeout=30,
+        )  # fmt: skip
+        assert r.status_code == 200, r.text
+        if _node_refusals(e2e) > refused_before:
+            break  # the node without the key was tried first at least once, and the answer still came
+    assert _node_refusals(e2e) > refused_before
+
+
+def _node_refusals(env: E2E) -> float:
+    text = httpx.get(env.stack.base_url + "/metrics").text
+    found = re.search(r'^hearth_requests_total\{endpoint="chat",status="refused_400"\} (\S+)$', text, re.M)
+    return float(found.group(1)) if found else 0.0
 
 
 def test_a_node_raises_an_alarm_when_the_directory_does_not_show_its_key(
