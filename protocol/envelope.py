@@ -271,18 +271,23 @@ def to_wire(sealed: Sealed) -> dict[str, Any]:
     }
 
 
-def _b64(text: Any, length: int) -> bytes:
+def _b64_text(text: Any, length: int) -> str:
     # the length is checked on the text before anything is decoded
     if not isinstance(text, str) or len(text) != (4 * length + 2) // 3:
         raise EnvelopeError()
+    return text
+
+
+def _b64(text: Any, length: int) -> bytes:
     try:
-        return b64d(text, length=length)
+        return b64d(_b64_text(text, length), length=length)
     except ProtocolError:
         raise EnvelopeError() from None
 
 
-def from_wire(doc: Any) -> Sealed:
-    """Parse an envelope's JSON form; EnvelopeError for any deviation (sizes checked before decoding)."""
+def peek(doc: Any) -> tuple[Header, list[str]]:
+    """The header and candidate node ids of an envelope's JSON form, every shape and length checked, nothing
+    decoded: what the scheduler needs (the node that opens it decodes, and refuses, the rest)."""
     if not isinstance(doc, dict) or set(doc) != _ENVELOPE_FIELDS or doc["suite"] != SUITE_ID:
         raise EnvelopeError()
     head, wraps = doc["header"], doc["wraps"]
@@ -292,7 +297,7 @@ def from_wire(doc: Any) -> Sealed:
     check_header(header)
     if not isinstance(wraps, list) or not 1 <= len(wraps) <= MAX_CANDIDATES:
         raise EnvelopeError()
-    parsed: dict[str, Wrap] = {}
+    nodes: list[str] = []
     for w in wraps:
         if (
             not isinstance(w, dict)
@@ -301,11 +306,21 @@ def from_wire(doc: Any) -> Sealed:
             or _NODE_ID.fullmatch(w["node_id"]) is None
             or not isinstance(w["key_id"], str)
             or _KEY_ID.fullmatch(w["key_id"]) is None
-            or w["node_id"] in parsed
+            or w["node_id"] in nodes
         ):
             raise EnvelopeError()
-        parsed[w["node_id"]] = Wrap(w["key_id"], _b64(w["wrap"], WRAP_BYTES))
-    return Sealed(header, _b64(doc["nonce"], NONCE_BYTES), _b64(doc["ciphertext"], header.bucket), parsed)
+        _b64_text(w["wrap"], WRAP_BYTES)
+        nodes.append(w["node_id"])
+    _b64_text(doc["nonce"], NONCE_BYTES)
+    _b64_text(doc["ciphertext"], header.bucket)
+    return header, nodes
+
+
+def from_wire(doc: Any) -> Sealed:
+    """Parse an envelope's JSON form; EnvelopeError for any deviation (sizes checked before decoding)."""
+    header, _ = peek(doc)
+    wraps = {w["node_id"]: Wrap(w["key_id"], _b64(w["wrap"], WRAP_BYTES)) for w in doc["wraps"]}
+    return Sealed(header, _b64(doc["nonce"], NONCE_BYTES), _b64(doc["ciphertext"], header.bucket), wraps)
 
 
 # Responses
@@ -411,6 +426,7 @@ __all__ = [
     "check_header",
     "from_wire",
     "open_request",
+    "peek",
     "public_key_bytes",
     "response_secret",
     "seal_request",

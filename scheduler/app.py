@@ -34,7 +34,7 @@ from aiohttp import web
 
 from policies import Visible, check
 from protocol.envelope import MEDIA_TYPE as ENVELOPE
-from protocol.envelope import EnvelopeError, from_wire
+from protocol.envelope import EnvelopeError, peek
 from protocol.errors import HearthError, PermissionDenied, Reseal, Unavailable
 from protocol.identity import load_or_create_identity
 from protocol.schemas import Endpoint, parse_request
@@ -458,7 +458,7 @@ async def _admit_sealed(request: web.Request, endpoint: Endpoint) -> tuple[str, 
         doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise EnvelopeError() from None
-    header = from_wire(doc).header
+    header, candidates = peek(doc)  # the node decodes the rest, and refuses it alike
     if header.endpoint != endpoint:
         raise EnvelopeError()
     settings = request.app[SETTINGS]
@@ -466,7 +466,7 @@ async def _admit_sealed(request: web.Request, endpoint: Endpoint) -> tuple[str, 
     preq = PlacementRequest(
         model=header.model, max_tokens=header.max_tokens, tiers=_tiers(settings, token),
         prompt_tokens=header.bucket // BYTES_PER_TOKEN_GUESS,
-        candidates=frozenset(w["node_id"] for w in doc["wraps"]),
+        candidates=frozenset(candidates),
     )  # fmt: skip
     # The usage row gets an id of the scheduler's own: the envelope's request id is the client's choice.
     job = RelayJob(secrets.token_hex(12), token.id, endpoint, header.model, True, raw, started)
