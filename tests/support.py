@@ -209,6 +209,10 @@ async def start_stack(
     return stack
 
 
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1].split("/")[0])
+
+
 @dataclass
 class Tap:
     """A TCP forwarder that keeps every byte it forwards, both ways (to see what crosses a hop)."""
@@ -224,6 +228,10 @@ class Tap:
     @property
     def seen(self) -> bytearray:
         return self.own + b"".join(other.seen for other in self.others)
+
+    def aim(self, url: str) -> None:
+        """Forward to the server at ``url`` (known once it has started, behind the tap's own address)."""
+        self.target_port = port_of(url)
 
     async def start(self) -> str:
         self.server = await asyncio.start_server(self._handle, self.host, 0)

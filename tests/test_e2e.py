@@ -42,6 +42,7 @@ from tests.support import (
     Tap,
     WrappedBackend,
     certify_node,
+    port_of,
     start_stack,
     stop_stack,
     wait_for,
@@ -81,10 +82,6 @@ class E2E:
     second: str = "second"
 
 
-def _port(url: str) -> int:
-    return int(url.rsplit(":", 1)[1].split("/")[0])
-
-
 @pytest.fixture(scope="module")
 def e2e(
     servers: LoopThread, demo_model: ModelSettings, tmp_path_factory: pytest.TempPathFactory
@@ -98,7 +95,7 @@ def e2e(
             data, [demo_model], scheduler={"policy": {"require_e2e": True}}, loader=flaky_loader,
             node={"public_url": node_public, "e2e_flush_interval": 0.0},
         )  # fmt: skip
-        node_tap.target_port = _port(stack.node_url)
+        node_tap.aim(stack.node_url)
         # A second node serving the same model, so a sealed request has two candidates.
         second_dir = data / "second"
         await certify_node(stack, second_dir, "second")
@@ -110,10 +107,10 @@ def e2e(
         )  # fmt: skip
         trust = await asyncio.to_thread(Trust.open, second_dir)
         runner, second_url, _ = await start_node(second, trust=trust, loader=flaky_loader)
-        second_tap.target_port = _port(second_url)
+        second_tap.aim(second_url)
         node_tap.others.append(second_tap)  # one tap object reports both nodes' traffic
         stack.runners.append(runner)
-        sched_tap = Tap(_port(stack.base_url))
+        sched_tap = Tap(port_of(stack.base_url))
         sched_public = await sched_tap.start()
         session = aiohttp.ClientSession()
         client = SealedClient(sched_public, stack.token, state_path(data / "user", sched_public), session)

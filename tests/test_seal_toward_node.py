@@ -46,10 +46,6 @@ class Remote:
     tap: Tap
 
 
-def _port(url: str) -> int:
-    return int(url.rsplit(":", 1)[1].split("/")[0])
-
-
 @pytest.fixture(scope="module")
 def remote(
     servers: LoopThread, demo_model: ModelSettings, tmp_path_factory: pytest.TempPathFactory
@@ -65,7 +61,7 @@ def remote(
             data, [demo_model], scheduler={"policy": {"require_e2e": False}},
             node={"host": LAN, "public_url": public, "e2e_flush_interval": 0.0},
         )  # fmt: skip
-        tap.target_port = _port(stack.node_url)
+        tap.aim(stack.node_url)
         return Remote(stack, tap)
 
     env = servers.call(start())
@@ -162,7 +158,7 @@ def test_always_seals_toward_loopback_nodes_too(
             tmp_path, [demo_model], scheduler={"policy": {"require_e2e": False}, "seal_toward_nodes": "always"},
             node={"public_url": public, "e2e_flush_interval": 0.0},
         )  # fmt: skip
-        tap.target_port = _port(stack.node_url)
+        tap.aim(stack.node_url)
         return stack, tap
 
     stack, tap = servers.call(start())

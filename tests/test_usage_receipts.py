@@ -37,7 +37,7 @@ def tapped(
         stack = await start_stack(
             tmp_path_factory.mktemp("receipts"), [demo_model], node={"public_url": public}
         )
-        tap.target_port = int(stack.node_url.rsplit(":", 1)[1])
+        tap.aim(stack.node_url)
         return Tapped(stack, tap)
 
     env = servers.call(start())

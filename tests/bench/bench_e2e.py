@@ -5,7 +5,7 @@ The same streaming chat requests go through the scheduler's ``/v1/chat/completio
 frame, and the client opens them), at 1 and 10 concurrent streams paced by a scripted backend
 (tests/bench/scripted.py), plus an unpaced burst that keeps the scheduler busy. Scheduler and node are
 separate processes (the children of tests/bench/bench_relay.py), so their CPU time is their own. Plain and
-sealed blocks alternate so drift hits both alike.
+sealed blocks alternate (ROUNDS times) so drift hits both alike.
 
     .venv/bin/python -m tests.bench.bench_e2e            # about 2 minutes on 2 cores
     .venv/bin/python -m tests.bench.bench_e2e --quick    # a smoke run
@@ -42,6 +42,9 @@ from tests.bench.bench_relay import (
 )
 
 SLOTS = 10  # model slots on the node: one generation thread each, so each worker has its own
+# Plain and sealed blocks alternate this many times per level, so that drift (and the 10 ms resolution of
+# a process's CPU time) weighs on both alike.
+ROUNDS = 4
 
 
 def _body(worker: int, pace: float, tokens: int) -> bytes:
@@ -149,17 +152,18 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
                     ("1 spaced", 1, 5.0, 40 if quick else 150, 0.05),
                     ("1", 1, 5.0, 40 if quick else 150, 0.0),
                     ("10", 10, 5.0, 100 if quick else 300, 0.0),
-                    ("10 burst", 10, 0.0, 100 if quick else 400, 0.0),
+                    ("10 burst", 10, 0.0, 100 if quick else 800, 0.0),
                 ]:
                     print(f"  {label} streams, {pace:g} ms/token…", file=sys.stderr, flush=True)
                     plain, sealed = [], []
-                    for _ in range(2):
+                    for _ in range(ROUNDS):
                         plain.append(await _block(
                             lambda w, p=pace: _plain(session, sched_url, token, _body(w, p, opts.tokens)),
-                            concurrency, total // 2, sched, gap,
+                            concurrency, total // ROUNDS, sched, gap,
                         ))  # fmt: skip
                         sealed.append(await _block(
-                            lambda w, p=pace: _sealed(client, _body(w, p, opts.tokens)), concurrency, total // 2, sched, gap
+                            lambda w, p=pace: _sealed(client, _body(w, p, opts.tokens)), concurrency,
+                            total // ROUNDS, sched, gap,
                         ))  # fmt: skip
                     levels.append({"label": label, "plain": _summary(plain), "sealed": _summary(sealed)})
                 results["levels"] = levels
