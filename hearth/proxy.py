@@ -190,6 +190,10 @@ class SealedClient:
             sealed, seed = sealing() if len(body) <= INLINE_SEAL_BYTES else await asyncio.to_thread(sealing)
             wire = json.dumps(to_wire(sealed)).encode()
             path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
+            # Each candidate's response keys, derived while the request is on its way (the loop runs this
+            # once the request is written), not after the answer's first frame has arrived.
+            openers: dict[str, ResponseOpener] = {}
+            asyncio.get_running_loop().call_soon(_derive, openers, seed, request_id, chosen)
             try:
                 resp = await self.session.post(
                     self.scheduler_url + path, data=wire,
@@ -207,14 +211,23 @@ class SealedClient:
             if resp.status != 200:
                 body_ = await _error_body(resp)
                 raise HearthError.from_body(resp.status, body_)
-            names = {c.node_id for c in chosen}
-            return req.stream, _open_stream(resp, seed, request_id, names)
+            return req.stream, _open_stream(resp, seed, request_id, openers)
         raise HearthError("the scheduler kept asking to re-seal; try again", code="reseal_loop")
 
 
+def _derive(
+    openers: dict[str, ResponseOpener], seed: bytes, request_id: str, chosen: list[Candidate]
+) -> None:
+    for c in chosen:
+        openers.setdefault(
+            c.node_id, ResponseOpener(response_secret(seed, c.node_id, request_id), request_id)
+        )
+
+
 async def _open_stream(
-    resp: aiohttp.ClientResponse, seed: bytes, request_id: str, candidates: set[str]
+    resp: aiohttp.ClientResponse, seed: bytes, request_id: str, openers: dict[str, ResponseOpener]
 ) -> AsyncIterator[bytes]:
+    candidates = set(openers)
     decoder = frames.FrameDecoder(max_payload=1024 * 1024)
     opener: ResponseOpener | None = None
     try:
@@ -226,13 +239,12 @@ async def _open_stream(
                     seq = route.get("seq") if isinstance(route, dict) else None
                     if node_id not in candidates or type(seq) is not int:
                         raise ProtocolError("the scheduler routed the answer to a node it was not sealed to")
-                    secret = response_secret(seed, node_id, request_id)
                     if opener is None:
                         if seq != 0:
                             raise ProtocolError("the answer does not start at its beginning")
-                        opener = ResponseOpener(secret, request_id)
+                        opener = openers[node_id]
                     else:
-                        opener.switch(secret, at=seq)
+                        opener.switch(response_secret(seed, node_id, request_id), at=seq)
                 elif frame.kind == frames.ERROR:
                     err = frame.json()
                     raise HearthError.from_body(

@@ -416,7 +416,7 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
         )
     node_id = state.settings.node_id
     sealed: SealedJob | None = None
-    out: Out | None = None  # a sealed job's is made once the response has started (below)
+    out: Out | None = None  # a sealed job's is made below, while its prompt is prepared
     if request.content_type == SEALED_JOB:
         # Opening a chat-sized envelope takes ~0.2 ms: a thread hop would cost as much, and more under load.
         # A big one (up to 4 MiB of ciphertext) goes to a thread.
@@ -439,7 +439,13 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
     if slot.phase != "ready" or slot.runner is None:
         raise Unavailable(f"the model '{req.model}' is not loaded here ({slot.phase})", retry_after=5)
     slot.last_used = time.monotonic()
-    prepared = await asyncio.to_thread(_prepare, slot, req, sealed.sent_text if sealed else "")
+    preparing = asyncio.get_running_loop().run_in_executor(
+        None, functools.partial(_prepare, slot, req, sealed.sent_text if sealed else "")
+    )
+    if sealed is not None:
+        out = SealedOut(sealed, node_id)  # its key derivation overlaps with the prompt's tokenizing
+    prepared = await preparing
+    assert out is not None
     job = slot.runner.submit(prepared.prompt_ids, prepared.params, req.stop_sequences())
     writer = ResponseWriter(
         endpoint, model=slot.id, request_id=request_id, stream=req.stream, include_usage=req.include_usage,
@@ -453,10 +459,6 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
     flush = state.settings.e2e_flush_interval if sealed else 0.0
     try:
         await response.prepare(request)
-        if sealed is not None:
-            # Deriving the response keys here overlaps with the first token's generation.
-            out = SealedOut(sealed, node_id)
-        assert out is not None
         outcome = await _stream_job(
             response, job, writer, out, prompt_tokens, tally,
             resumed=sealed is not None and sealed.began, flush=flush,
