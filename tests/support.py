@@ -265,6 +265,37 @@ class Tap:
             await self.server.wait_closed()
 
 
+@dataclass
+class Tapped:
+    """A stack and the tap between its scheduler and its node."""
+
+    stack: Stack
+    tap: Tap
+
+
+async def start_tapped_stack(
+    data_dir: Path,
+    models: list[ModelSettings],
+    *,
+    host: str = "127.0.0.1",
+    scheduler: dict[str, Any] | None = None,
+    node: dict[str, Any] | None = None,
+) -> Tapped:
+    """A stack whose scheduler reaches its node through a Tap (the node listening on ``host``)."""
+    tap = Tap(0, host=host)
+    public = await tap.start()
+    node = {**(node or {}), "public_url": public, **({"host": host} if host != "127.0.0.1" else {})}
+    stack = await start_stack(data_dir, models, scheduler=scheduler, node=node)
+    tap.aim(stack.node_url)
+    return Tapped(stack, tap)
+
+
+async def stop_tapped_stack(env: Tapped) -> None:
+    env.tap.rewrite = None
+    await stop_stack(env.stack)
+    await env.tap.close()
+
+
 class WrappedBackend:
     """A real backend with one behaviour changed, for tests that need a node to misbehave on purpose."""
 

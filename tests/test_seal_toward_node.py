@@ -11,7 +11,6 @@ from __future__ import annotations
 import socket
 import sqlite3
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -23,7 +22,7 @@ from node.settings import ModelSettings
 from protocol.envelope import SEALED_JOB
 from protocol.web import is_loopback
 from scheduler.state import FEDERATION
-from tests.support import LoopThread, Stack, Tap, start_stack, stop_stack, wait_for
+from tests.support import LoopThread, Stack, Tapped, start_tapped_stack, stop_tapped_stack, wait_for
 
 CANARY = "okapi-canary-51e9d0"
 
@@ -40,34 +39,22 @@ def lan_address() -> str | None:
 LAN = lan_address()
 
 
-@dataclass
-class Remote:
-    stack: Stack
-    tap: Tap
-
-
 @pytest.fixture(scope="module")
 def remote(
     servers: LoopThread, demo_model: ModelSettings, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Remote]:
+) -> Iterator[Tapped]:
     if LAN is None:
         pytest.skip("this machine has no network address but loopback")
     data = tmp_path_factory.mktemp("remote")
 
-    async def start() -> Remote:
-        tap = Tap(0, host=LAN)
-        public = await tap.start()
-        stack = await start_stack(
-            data, [demo_model], scheduler={"policy": {"require_e2e": False}},
-            node={"host": LAN, "public_url": public, "e2e_flush_interval": 0.0},
-        )  # fmt: skip
-        tap.aim(stack.node_url)
-        return Remote(stack, tap)
-
-    env = servers.call(start())
+    env = servers.call(
+        start_tapped_stack(
+            data, [demo_model], host=LAN, scheduler={"policy": {"require_e2e": False}},
+            node={"e2e_flush_interval": 0.0},
+        )
+    )  # fmt: skip
     yield env
-    servers.call(stop_stack(env.stack))
-    servers.call(env.tap.close())
+    servers.call(stop_tapped_stack(env))
 
 
 def _client(stack: Stack) -> openai.OpenAI:
@@ -91,7 +78,7 @@ def _chat(stack: Stack, *, stream: bool) -> tuple[str, str, int]:
     return text, chunks[0].id, chunks[-1].usage.completion_tokens
 
 
-def test_a_plaintext_request_crosses_the_network_sealed(remote: Remote, servers: LoopThread) -> None:
+def test_a_plaintext_request_crosses_the_network_sealed(remote: Tapped, servers: LoopThread) -> None:
     stack = remote.stack
     text, _, tokens = _chat(stack, stream=False)
     streamed, response_id, streamed_tokens = _chat(stack, stream=True)
@@ -121,7 +108,7 @@ def test_a_plaintext_request_crosses_the_network_sealed(remote: Remote, servers:
             assert CANARY.encode() not in path.read_bytes(), path
 
 
-def test_the_node_refuses_plaintext_from_the_network(remote: Remote) -> None:
+def test_the_node_refuses_plaintext_from_the_network(remote: Tapped) -> None:
     stack = remote.stack
     body = b'{"endpoint":"chat","request_id":"r1","request":{"model":"hearth-demo","messages":[]}}'
     r = httpx.post(
@@ -131,7 +118,7 @@ def test_the_node_refuses_plaintext_from_the_network(remote: Remote) -> None:
     assert r.json()["error"]["code"] == "plaintext_refused"
 
 
-def test_a_node_without_a_key_in_the_directory_gets_no_plaintext(remote: Remote, servers: LoopThread) -> None:
+def test_a_node_without_a_key_in_the_directory_gets_no_plaintext(remote: Tapped, servers: LoopThread) -> None:
     stack = remote.stack
     assert stack.scheduler_app is not None
     directory = stack.scheduler_app[FEDERATION].directory
@@ -151,25 +138,19 @@ def test_a_node_without_a_key_in_the_directory_gets_no_plaintext(remote: Remote,
 def test_always_seals_toward_loopback_nodes_too(
     servers: LoopThread, demo_model: ModelSettings, tmp_path: Path
 ) -> None:
-    async def start() -> tuple[Stack, Tap]:
-        tap = Tap(0)
-        public = await tap.start()
-        stack = await start_stack(
+    env = servers.call(
+        start_tapped_stack(
             tmp_path, [demo_model], scheduler={"policy": {"require_e2e": False}, "seal_toward_nodes": "always"},
-            node={"public_url": public, "e2e_flush_interval": 0.0},
-        )  # fmt: skip
-        tap.aim(stack.node_url)
-        return stack, tap
-
-    stack, tap = servers.call(start())
+            node={"e2e_flush_interval": 0.0},
+        )
+    )  # fmt: skip
     try:
-        text, _, tokens = _chat(stack, stream=True)
+        text, _, tokens = _chat(env.stack, stream=True)
         assert text and tokens == 8
-        assert SEALED_JOB.encode() in bytes(tap.seen)
-        assert CANARY.encode() not in bytes(tap.seen)
+        assert SEALED_JOB.encode() in bytes(env.tap.seen)
+        assert CANARY.encode() not in bytes(env.tap.seen)
     finally:
-        servers.call(stop_stack(stack))
-        servers.call(tap.close())
+        servers.call(stop_tapped_stack(env))
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,6 @@ import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -18,33 +17,16 @@ import openai
 import pytest
 
 from node.settings import ModelSettings
-from tests.support import LoopThread, Stack, Tap, start_stack, stop_stack
-
-
-@dataclass
-class Tapped:
-    stack: Stack
-    tap: Tap
+from tests.support import LoopThread, Stack, Tapped, start_tapped_stack, stop_tapped_stack
 
 
 @pytest.fixture(scope="module")
 def tapped(
     servers: LoopThread, demo_model: ModelSettings, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Tapped]:
-    async def start() -> Tapped:
-        tap = Tap(0)
-        public = await tap.start()
-        stack = await start_stack(
-            tmp_path_factory.mktemp("receipts"), [demo_model], node={"public_url": public}
-        )
-        tap.aim(stack.node_url)
-        return Tapped(stack, tap)
-
-    env = servers.call(start())
+    env = servers.call(start_tapped_stack(tmp_path_factory.mktemp("receipts"), [demo_model]))
     yield env
-    env.tap.rewrite = None
-    servers.call(stop_stack(env.stack))
-    servers.call(env.tap.close())
+    servers.call(stop_tapped_stack(env))
 
 
 def _receipts(stack: Stack) -> dict[str, float]:
