@@ -9,7 +9,6 @@ and a broken node ends the client's stream with an error event rather than with 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import secrets
 import time
@@ -379,7 +378,6 @@ async def _node_error(resp: aiohttp.ClientResponse, retry_after: float) -> Heart
 # Sealed requests: the scheduler relays frames it cannot read, and fails over blindly.
 
 MAX_RESUME_BYTES = 4 * 1024 * 1024  # ciphertext kept for a replacement node; past it, no blind failover
-EARLY_ROUTE_S = 0.002  # a first frame slower than this gets its ROUTE sent ahead (see _Route)
 
 
 @dataclass
@@ -434,14 +432,16 @@ async def _pump_sealed(
     mine: list[bytes] = []
     stream.segments.append((node_id, mine))
     start = stream.seq
-    route = _Route(
-        relay, request, stream, frames.encode_json({"node_id": node_id, "seq": start}, frames.ROUTE)
-    )
+    # Whose frames follow, sent with the first of them (the client has every candidate's keys ready).
+    route: bytes | None = frames.encode_json({"node_id": node_id, "seq": start}, frames.ROUTE)
     try:
         async for chunk in resp.content.iter_any():
             relay_now: list[bytes] = []
             for frame in decoder.feed(chunk):
                 if frame.kind == frames.DATA:
+                    if route is not None:
+                        relay_now.append(route)
+                        route = None
                     stream.relayed(mine, frame.payload)
                     relay_now.append(frames.encode(frame.payload, frame.flags))
                 elif frame.kind == frames.META:
@@ -449,10 +449,10 @@ async def _pump_sealed(
                 else:
                     err = _error(frame) if frame.kind == frames.ERROR else ProtocolError("unexpected frame")
                     if relay_now:
-                        await _send(relay, request, stream, await route.take() + b"".join(relay_now))
+                        await _send(relay, request, stream, b"".join(relay_now))
                     raise _failed(stream.seq > start, err)
             if relay_now:
-                await _send(relay, request, stream, await route.take() + b"".join(relay_now))
+                await _send(relay, request, stream, b"".join(relay_now))
         decoder.close()
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError, ProtocolError):
         relay._on_node_failed(node_id)
@@ -460,43 +460,8 @@ async def _pump_sealed(
             stream.seq > start, Unavailable("the node failed while answering; try again", code="node_failed",
                               retry_after=relay._retry_after)
         ) from None  # fmt: skip
-    finally:
-        await route.close()
     stream.finished = True
     return None, "ok"
-
-
-class _Route:
-    """The ROUTE frame before a node's part of a sealed answer. It goes with the node's first frame, in one
-    write, when that comes quickly; when the first token takes longer (a prefill), it goes alone after
-    EARLY_ROUTE_S, so that the client derives that candidate's keys meanwhile instead of after it."""
-
-    def __init__(self, relay: Relay, request: web.Request, stream: SealedStream, frame: bytes) -> None:
-        self._frame: bytes | None = frame
-        self._sending: asyncio.Future[None] | None = None
-        self._timer = asyncio.get_running_loop().call_later(
-            EARLY_ROUTE_S, lambda: self._early(relay, request, stream)
-        )
-
-    def _early(self, relay: Relay, request: web.Request, stream: SealedStream) -> None:
-        frame, self._frame = self._frame, None
-        if frame is not None:
-            self._sending = asyncio.ensure_future(_send(relay, request, stream, frame))
-
-    async def take(self) -> bytes:
-        """What must precede the next write: the ROUTE frame, unless it went out already."""
-        self._timer.cancel()
-        if self._sending is not None:
-            sending, self._sending = self._sending, None
-            await sending
-        frame, self._frame = self._frame, None
-        return frame or b""
-
-    async def close(self) -> None:
-        self._timer.cancel()
-        if self._sending is not None:
-            with contextlib.suppress(Exception):  # the client left: the caller finds out on its own
-                await self._sending
 
 
 def _failed(sent: bool, err: HearthError) -> Exception:

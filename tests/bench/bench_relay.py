@@ -249,6 +249,17 @@ async def _closed_loop(
 
 
 def _cpu(proc: psutil.Process) -> float:
+    """CPU seconds the process has run: from the scheduler's nanosecond counters of each of its threads
+    (/proc/PID/task/*/schedstat) where Linux has them, since the tick-based user + system time moves in
+    10 ms steps, a few percent of a benchmark block; else user + system."""
+    total, found = 0, False
+    with contextlib.suppress(OSError):
+        for task in os.scandir(f"/proc/{proc.pid}/task"):
+            with contextlib.suppress(OSError, ValueError, IndexError), open(f"{task.path}/schedstat") as f:
+                total += int(f.read().split()[0])
+                found = True
+    if found:
+        return total / 1e9
     t = proc.cpu_times()
     return float(t.user + t.system)
 
