@@ -211,7 +211,8 @@ class SealedClient:
             if resp.status != 200:
                 body_ = await _error_body(resp)
                 raise HearthError.from_body(resp.status, body_)
-            return req.stream, _open_stream(resp, seed, request_id, openers)
+            names = {c.node_id for c in chosen}
+            return req.stream, _open_stream(resp, seed, request_id, names, openers)
         raise HearthError("the scheduler kept asking to re-seal; try again", code="reseal_loop")
 
 
@@ -225,9 +226,12 @@ def _derive(
 
 
 async def _open_stream(
-    resp: aiohttp.ClientResponse, seed: bytes, request_id: str, openers: dict[str, ResponseOpener]
+    resp: aiohttp.ClientResponse,
+    seed: bytes,
+    request_id: str,
+    candidates: set[str],
+    openers: dict[str, ResponseOpener],
 ) -> AsyncIterator[bytes]:
-    candidates = set(openers)
     decoder = frames.FrameDecoder(max_payload=1024 * 1024)
     opener: ResponseOpener | None = None
     try:
@@ -242,7 +246,9 @@ async def _open_stream(
                     if opener is None:
                         if seq != 0:
                             raise ProtocolError("the answer does not start at its beginning")
-                        opener = openers[node_id]
+                        opener = openers.get(node_id) or ResponseOpener(
+                            response_secret(seed, node_id, request_id), request_id
+                        )
                     else:
                         opener.switch(response_secret(seed, node_id, request_id), at=seq)
                 elif frame.kind == frames.ERROR:

@@ -335,7 +335,7 @@ class PlainFrames:
 
 class SealedOut(SealedFrames):
     def end(self, data: bytes, meta: dict[str, object]) -> bytes:
-        # The signed META first: the sealed final frame is the stream's last.
+        # The META (token counts) first: the sealed final frame is the stream's last.
         return self.meta(meta) + self.data(data, final=True)
 
 

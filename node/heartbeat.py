@@ -145,13 +145,13 @@ async def _beat(session: aiohttp.ClientSession, state: NodeState) -> str | None:
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
         return f"unreachable ({type(exc).__name__}); retrying"
     if code == 200:
-        state.receipts.sent(mark)
-        if len(state.receipts) >= MAX_RECEIPTS:
-            state.changed.set()  # more receipts than one heartbeat carries: the next one goes soon
         try:
             reply: HeartbeatReply = parse(HeartbeatReply, doc)
         except HearthError:
             return "sent a malformed reply"
+        state.receipts.sent(mark)  # only once the answer shows the scheduler took the heartbeat
+        if len(state.receipts) >= MAX_RECEIPTS:
+            state.changed.set()  # more receipts than one heartbeat carries: the next one goes soon
         state.reply_interval = reply.interval
         if reply.drain != state.draining:
             state.draining = reply.drain

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from protocol.directory import KeyStatement, key_id, make_key_statement, verify_key_statement
 from protocol.envelope import MAX_SKEW_S, MAX_TTL_S, EnvelopeError, public_key_bytes
-from protocol.errors import ProtocolError
+from protocol.errors import ConfigError, ProtocolError
 from protocol.identity import Identity, load_or_create_encryption_key, write_private
 
 log = logging.getLogger("hearth.node.keys")
@@ -143,12 +143,14 @@ class ReplayMemory:
         self._compact()
 
     def _compact(self) -> None:
-        """Rewrite the file without what has expired, then append from there on."""
-        if self._fd >= 0:
-            os.close(self._fd)
+        """Rewrite the file without what has expired (atomically), then append to the new one. A rewrite
+        that fails leaves the old file, and its descriptor, in use."""
         text = "".join(f"{exp} {digest}\n" for digest, exp in self._seen.items())
         write_private(self._path, text.encode(), replace=True)
-        self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND)
+        fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        old, self._fd = self._fd, fd
+        if old >= 0:
+            os.close(old)
         self._lines = len(self._seen)
 
     def remember(self, digest: str, expires_at: int, now: float) -> None:
@@ -162,7 +164,13 @@ class ReplayMemory:
             os.write(self._fd, f"{expires_at} {digest}\n".encode()[:MAX_REPLAY_LINE])
             self._lines += 1
             if self._lines > 2 * len(self._seen) + COMPACT_SLACK:
-                self._compact()  # a node that runs for months must not grow the file for ever
+                # A node that runs for months must not grow the file for ever; if the disk refuses the
+                # rewrite, appending goes on (every entry is on disk already) and it is tried again later.
+                try:
+                    self._compact()
+                except ConfigError as exc:
+                    self._lines = len(self._seen)
+                    log.warning("the replay log could not be compacted: %s", exc.message)
 
     def close(self) -> None:
         os.close(self._fd)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import secrets
@@ -79,6 +80,7 @@ USAGE_BATCH = 256
 # admission and scoring, never to refuse a request: the node counts exactly.
 BYTES_PER_TOKEN_GUESS = 4
 DEFAULT_CANDIDATES = 4  # fresh candidates a 409 offers for re-sealing
+INLINE_SEAL_BYTES = 64 * 1024
 RETRY_NO_KEY_S = 30.0  # a node's key statement comes with its next heartbeat, or it needs its operator
 RECEIPT_HEARTBEATS = 5  # a job's usage receipt is due within this many heartbeat intervals …
 RECEIPT_GRACE_S = 10.0  # … plus this (a busy node, a slow network)
@@ -158,6 +160,7 @@ async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
             on_done=ledger.recorded,
             on_node_failed=registry.mark_failed,
             on_first_frame=app[METRICS].ttfb.observe,
+            on_dispatch=ledger.dispatched,
         )
         tasks = [
             asyncio.create_task(_write_usage(app, usage), name="hearth-usage"),
@@ -334,7 +337,13 @@ async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamRespo
                 raise Failover(HearthError("the chosen node left the cluster"))
             sent, unsealer = job.attempt(), None
             if seal_always or not is_loopback(urlsplit(runtime.url).hostname):
-                sent, unsealer = _seal_toward(federation, ticket.node_id, job, raw, preq.max_tokens)
+                sealing = functools.partial(
+                    _seal_toward, federation, ticket.node_id, job, raw, preq.max_tokens
+                )
+                # A chat-sized body seals in a fraction of a millisecond; a large one in a thread.
+                sent, unsealer = (
+                    sealing() if len(raw) <= INLINE_SEAL_BYTES else await asyncio.to_thread(sealing)
+                )
             target = Target(
                 ticket.node_id,
                 runtime.url,
@@ -345,6 +354,15 @@ async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamRespo
             return web.Response(status=499)
         except Failover as exc:
             log.info("node %s failed before the first token; trying another", ticket.node_id)
+            if exc.error.code == EnvelopeError.default_code:
+                # What the scheduler sealed did not open there (the node's keys or clock): not the client's
+                # doing, whose request was plaintext.
+                exc = Failover(
+                    Unavailable(
+                        "the node could not open what the scheduler sealed to it; the operator must check "
+                        "its keys and clock", code="node_failed", retry_after=app[SETTINGS].retry_after,
+                    )
+                )  # fmt: skip
             if attempt == attempts - 1:
                 raise exc.error from None
             failed = exc
@@ -382,15 +400,14 @@ async def _generate_sealed(request: web.Request, endpoint: Endpoint) -> web.Stre
         raise
     stream = SealedStream()
     failed: Failover | MidStream | None = None
+    unopened = False  # a candidate could not open it: no 409 then (every failure to open answers alike)
     for _ in range(app[SETTINGS].failover_attempts):
         try:
             try:
                 ticket = await admission.acquire(token, preq)
             except HearthError:
-                unopened = failed is not None and failed.error.code == EnvelopeError.default_code
                 if stream.out is None and not unopened:
                     # Refused before the client got anything: if other nodes could take it, say so (409).
-                    # Not when candidates could not open it: every failure to open answers alike.
                     _reseal_if_others_can(federation, preq)
                 raise
         except HearthError as exc:
@@ -415,6 +432,7 @@ async def _generate_sealed(request: web.Request, endpoint: Endpoint) -> web.Stre
         except (Failover, MidStream) as exc:
             log.info("node %s failed a sealed request; trying another candidate", node_id)
             failed = exc
+            unopened = unopened or exc.error.code == EnvelopeError.default_code
             preq = exclude(preq, node_id)
             if isinstance(exc, MidStream) and not stream.resumable:
                 break

@@ -66,19 +66,28 @@ class Ledger:
         self._limit = limit
         self._waiting: dict[tuple[str, str], _Waiting] = {}  # insertion order = deadline order
         self._latest: dict[str, tuple[str, str]] = {}  # request id → its last attempt's job
-        self._early: dict[tuple[str, str], tuple[int, int, float]] = {}  # receipts ahead of their job's end
+        self._running: set[tuple[str, str]] = set()  # jobs sent to a node that have not ended here yet
+        self._early: dict[tuple[str, str], tuple[int, int]] = {}  # receipts that overtook their job
 
     @property
     def waiting(self) -> int:
         return len(self._waiting)
 
+    def dispatched(self, node_id: str, job_id: str) -> None:
+        """A job is on its way to a node: a receipt for it may come from now on."""
+        self._running.add((node_id, job_id))
+
     def recorded(self, job_id: str, record: UsageRecord) -> None:
         """A job ended (the relay's count): write its row now, and wait for the node's receipt."""
         self._write(record)
         job = (record.node_id, job_id)
+        self._running.discard(job)
         earlier = self._latest.pop(record.request_id, None)
         if earlier is not None:
             self._waiting.pop(earlier, None)  # an attempt this one replaced: its row is gone
+        if record.status.startswith("refused_") or record.status == "node_unreachable":
+            self._early.pop(job, None)
+            return  # the node ran nothing: no receipt is due
         early = self._early.pop(job, None)
         if early is not None:
             self._settle(record, early[0], early[1])
@@ -90,15 +99,13 @@ class Ledger:
 
     def receipts(self, node_id: str, receipts: Iterable[UsageReceipt]) -> None:
         """A node's signed heartbeat listed these jobs."""
-        now = self._clock()
         for receipt in receipts:
             job = (node_id, receipt.job_id)
             waiting = self._waiting.pop(job, None)
             if waiting is None:
-                # The heartbeat overtook the end of the job's stream (or the job is not one of ours).
-                if len(self._early) < self._limit:
-                    self._early[job] = (receipt.prompt_tokens, receipt.completion_tokens, now)
-                continue
+                if job in self._running:  # the heartbeat overtook the end of the job's stream
+                    self._early[job] = (receipt.prompt_tokens, receipt.completion_tokens)
+                continue  # not a job of this node's that waits: nothing to settle
             if self._latest.get(waiting.record.request_id) == job:
                 del self._latest[waiting.record.request_id]
             self._settle(waiting.record, receipt.prompt_tokens, receipt.completion_tokens)
@@ -111,9 +118,6 @@ class Ledger:
             if first.deadline > now:
                 break
             self._expire(first)
-        stale = [job for job, (_, _, at) in self._early.items() if at + self._confirm_within < now]
-        for job in stale:
-            del self._early[job]
 
     def _expire(self, waiting: _Waiting) -> None:
         del self._waiting[waiting.job]

@@ -139,6 +139,7 @@ class Relay:
         on_done: Callable[[str, UsageRecord], None],
         on_node_failed: Callable[[str], None],
         on_first_frame: Callable[[float], None] = lambda seconds: None,
+        on_dispatch: Callable[[str, str], None] = lambda node_id, job_id: None,
     ) -> None:
         self._session = session
         self._timeout = aiohttp.ClientTimeout(total=None, connect=5.0, sock_read=idle_timeout)
@@ -147,6 +148,7 @@ class Relay:
         self._on_done = on_done
         self._on_node_failed = on_node_failed
         self._on_first_frame = on_first_frame
+        self._on_dispatch = on_dispatch
 
     async def run(
         self,
@@ -190,6 +192,7 @@ class Relay:
         """Send ``job`` to the node, hand its answer to ``pump``, and record usage however it ends."""
         node_id = target.node_id
         status = "cancelled"
+        self._on_dispatch(node_id, job.job_id)
         try:
             try:
                 resp = await self._session.post(

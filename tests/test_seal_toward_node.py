@@ -8,6 +8,7 @@ plaintext job that arrives from anywhere but loopback.
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import sqlite3
 from collections.abc import Iterator
@@ -17,9 +18,11 @@ import httpx
 import openai
 import psutil  # type: ignore[import-untyped]
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from node.settings import ModelSettings
-from protocol.envelope import SEALED_JOB
+from protocol.envelope import SEALED_JOB, public_key_bytes
+from protocol.identity import b64e
 from protocol.web import is_loopback
 from scheduler.state import FEDERATION
 from tests.support import LoopThread, Stack, Tapped, start_tapped_stack, stop_tapped_stack, wait_for
@@ -133,6 +136,26 @@ def test_a_node_without_a_key_in_the_directory_gets_no_plaintext(remote: Tapped,
         assert CANARY.encode() not in bytes(remote.tap.seen)
     finally:
         directory.keys.setdefault(stack.node_id, kept)
+
+
+def test_a_node_that_cannot_open_what_the_scheduler_sealed_is_the_operators_problem(remote: Tapped) -> None:
+    # The directory shows a key the node does not hold (as if it had lost its keys): the plaintext client
+    # sent no envelope, so it gets 503 node_failed, not a 400 that would blame its request.
+    stack = remote.stack
+    assert stack.scheduler_app is not None
+    directory = stack.scheduler_app[FEDERATION].directory
+    kept = directory.keys[stack.node_id]
+    stranger = public_key_bytes(X25519PrivateKey.generate().public_key())
+    directory.keys[stack.node_id] = dataclasses.replace(kept, public_key=b64e(stranger))
+    try:
+        with pytest.raises(openai.APIStatusError) as info:
+            _client(stack).chat.completions.create(
+                model="hearth-demo", messages=[{"role": "user", "content": CANARY}], max_tokens=2
+            )
+        assert info.value.status_code == 503
+        assert info.value.code == "node_failed" and "keys and clock" in info.value.message
+    finally:
+        directory.keys[stack.node_id] = kept
 
 
 def test_always_seals_toward_loopback_nodes_too(

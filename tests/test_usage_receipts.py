@@ -104,6 +104,7 @@ def test_counts_changed_on_the_way_are_corrected_to_what_the_node_signed(
 
 def test_an_abandoned_stream_is_billed_for_what_the_node_made(tapped: Tapped) -> None:
     stack = tapped.stack
+    corrected = _receipts(stack).get("corrected", 0)
     with httpx.stream(
         "POST", stack.api + "/chat/completions", headers={"Authorization": f"Bearer {stack.token}"},
         json={"model": "hearth-demo", "messages": [{"role": "user", "content": "go on"}], "max_tokens": 200,
@@ -126,3 +127,5 @@ def test_an_abandoned_stream_is_billed_for_what_the_node_made(tapped: Tapped) ->
         return row is not None and row[0] == "cancelled" and row[1] >= 3
 
     _until(billed)
+    # The stream's last count (about once a second) was older than the node's: the receipt corrected it.
+    _until(lambda: _receipts(stack).get("corrected", 0) > corrected)

@@ -96,6 +96,7 @@ def test_no_receipt_in_time_counts_as_unconfirmed(book: Book, caplog: pytest.Log
 
 def test_a_receipt_that_overtakes_the_stream_still_settles_it(book: Book) -> None:
     ledger, written, outcomes, _ = book
+    ledger.dispatched("n1", "j1")
     ledger.receipts("n1", [_receipt("j1", completion=6)])
     ledger.recorded("j1", _record(completion=5))
     assert written[-1] == Correction(_record(completion=6), 0, 1) and outcomes == ["corrected"]
@@ -145,3 +146,21 @@ def test_a_node_that_cannot_reach_its_scheduler_drops_the_oldest() -> None:
     for i in range(5):
         receipts.add(f"j{i}", 1, 1)
     assert receipts.dropped == 2 and [r["job_id"] for r in receipts.batch()[1]] == ["j2", "j3", "j4"]
+
+
+def test_receipts_for_jobs_not_running_there_are_ignored(book: Book) -> None:
+    ledger, written, outcomes, _ = book
+    ledger.dispatched("n1", "j1")
+    ledger.receipts("n2", [_receipt("j1", completion=900)])  # another node's word on n1's job
+    ledger.receipts("n1", [_receipt(f"made-up-{i}") for i in range(1000)])  # jobs nobody sent it
+    ledger.recorded("j1", _record(completion=5))
+    assert written == [_record(completion=5)] and outcomes == [] and ledger.waiting == 1
+
+
+def test_a_job_the_node_refused_or_never_got_waits_for_no_receipt(book: Book) -> None:
+    ledger, written, outcomes, clock = book
+    ledger.recorded("j1", _record(status="refused_503", prompt=0, completion=0))
+    ledger.recorded("j2", _record(request_id="r2", status="node_unreachable", prompt=0, completion=0))
+    clock.now = 100
+    ledger.sweep()
+    assert ledger.waiting == 0 and outcomes == [] and len(written) == 2
