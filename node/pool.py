@@ -72,14 +72,16 @@ class ModelSlot:
 
     def status(self) -> dict[str, object]:
         runner = self.runner
+        cache = runner.backend.cache() if runner else None
         return {
             "id": self.id,
             "phase": self.phase,
             "context_length": runner.backend.context_length if runner else self.context_length,
             "footprint_bytes": self.footprint_bytes,
-            # The reference backend runs one sequence at a time with a cache the size of its context.
-            "cache_tokens": runner.backend.context_length if runner else 0,
-            "max_sequences": 1,
+            "cache_tokens": cache.total_tokens if cache else 0,
+            "cache_free_tokens": cache.free_tokens if cache else None,
+            "page_tokens": cache.page_tokens if cache else 1,
+            "max_sequences": cache.max_sequences if cache else 1,
             "default_max_tokens": self.settings.default_max_tokens,
             "active": runner.active if runner else 0,
             "queued": runner.queued if runner else 0,

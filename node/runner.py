@@ -1,14 +1,16 @@
-"""The job runner: one generation thread per loaded model, fed from a bounded queue.
+"""The job runner: one generation thread per loaded model, running every admitted job at once.
 
-The backend's loop never runs on the event loop. The thread turns token ids into text deltas (incremental
-decoding, stop sequences) and hands them to the loop with ``call_soon_threadsafe``; a request handler reads
-them from its job's asyncio queue. Cancelling a job (the client went away) sets an event the backend checks
-before every step, so the backend is free again within one decoding step.
+The backend's loop never runs on the event loop. The thread admits waiting jobs while the backend's cache
+has room (first come, first served), advances every running one by a step, turns token ids into text deltas
+(incremental decoding, stop sequences) and hands them to the loop with ``call_soon_threadsafe``; a request
+handler reads them from its job's asyncio queue. A job whose client went away is cancelled before the next
+step, which frees its cache pages at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import queue
 import threading
@@ -16,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from node.backends.base import Backend, SamplingParams
+from node.backends.base import Backend, BatchBackend, CacheScope, NeverFits, SamplingParams, Sequential
 from node.textstream import IncrementalDecoder, StopMatcher
 from protocol.errors import Unavailable
 from protocol.web import log_unexpected
@@ -42,10 +44,12 @@ class Job:
         params: SamplingParams,
         stops: Sequence[str],
         loop: asyncio.AbstractEventLoop,
+        scope: CacheScope | None = None,
     ) -> None:
         self.prompt_ids = list(prompt_ids)
         self.params = params
         self.stops = tuple(stops)
+        self.scope = scope or CacheScope.private()
         self.cancelled = threading.Event()
         self._loop = loop
         self._events: asyncio.Queue[Delta] = asyncio.Queue()
@@ -68,15 +72,30 @@ class Job:
         return deltas
 
 
+@dataclass(slots=True)
+class _Running:
+    job: Job
+    decoder: IncrementalDecoder
+    stopper: StopMatcher
+    produced: int = 0
+
+
+def as_batch(backend: Backend | BatchBackend) -> BatchBackend:
+    return backend if isinstance(backend, BatchBackend) else Sequential(backend)
+
+
 class JobRunner:
-    def __init__(self, backend: Backend, *, max_queued: int = 64, name: str = "model") -> None:
-        self.backend = backend
+    def __init__(self, backend: Backend | BatchBackend, *, max_queued: int = 64, name: str = "model") -> None:
+        self.backend = as_batch(backend)
         self._max_queued = max_queued
-        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._inbox: queue.Queue[Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._work, name=f"hearth-gen-{name}", daemon=True)
-        self._current: Job | None = None
+        self._waiting: collections.deque[Job] = collections.deque()  # taken from the inbox, not admitted
+        self._running: dict[int, _Running] = {}
         self._queued = 0
+        self._active = 0
         self._lock = threading.Lock()
+        self._stopping = False
         self.started = 0
         self.skipped = 0
 
@@ -86,77 +105,152 @@ class JobRunner:
 
     @property
     def active(self) -> int:
-        return 1 if self._current is not None else 0
+        return self._active
 
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Cancel everything and join the thread (blocking: call it off the loop)."""
+    def cancel_all(self) -> None:
+        """Cancel every job, running or waiting (the node yields its GPU to the owner)."""
         with self._lock:
-            if self._current is not None:
-                self._current.cancel()
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
+            for run in self._running.values():
+                run.job.cancel()
+            for job in self._waiting:
+                job.cancel()
+        for job in list(self._inbox.queue):
             if job is not None:
                 job.cancel()
-        self._queue.put(None)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Cancel everything and join the thread (blocking: call it off the loop)."""
+        self.cancel_all()
+        self._inbox.put(None)
         if self._thread.is_alive():
             self._thread.join(timeout)
         self.backend.close()
 
-    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, stops: Sequence[str]) -> Job:
+    def submit(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        stops: Sequence[str],
+        scope: CacheScope | None = None,
+    ) -> Job:
         with self._lock:
             if self._queued >= self._max_queued:
                 raise Unavailable("this node's queue is full; try again shortly", retry_after=2)
             self._queued += 1
-        job = Job(prompt_ids, params, stops, asyncio.get_running_loop())
-        self._queue.put(job)
+        job = Job(prompt_ids, params, stops, asyncio.get_running_loop(), scope)
+        self._inbox.put(job)
         return job
 
     def _work(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            with self._lock:
-                self._queued -= 1
-                self._current = job
-            try:
-                if job.cancelled.is_set():
-                    self.skipped += 1  # its client left while it waited: it never touches the model
-                    job.post(Delta("", 0, "cancelled"))
-                else:
-                    self.started += 1
-                    self._run(job)
-            except Exception as exc:
-                log_unexpected("generation", exc)
-                job.post(Delta("", 0, "error"))
-            finally:
-                with self._lock:
-                    self._current = None
+        while not self._stopping:
+            self._take(block=not self._running and not self._waiting)
+            if self._stopping:
+                break
+            self._admit()
+            self._reap()
+            if self._running:
+                self._step()
+        for seq in list(self._running):
+            self._end(seq, "cancelled")
+        for job in self._waiting:
+            job.post(Delta("", 0, "cancelled"))
 
-    def _run(self, job: Job) -> None:
-        decoder = IncrementalDecoder(self.backend.decode)
-        stopper = StopMatcher(job.stops)
-        produced = 0
-        finish: FinishReason = "stop"
-        for token in self.backend.generate(job.prompt_ids, job.params, job.cancelled):
-            produced += 1
-            text, stopped = stopper.push(decoder.push(token))
-            if stopped:
-                job.post(Delta(text, produced, "stop"))
-                return
-            if text:
-                job.post(Delta(text, produced))
-        if job.cancelled.is_set():
-            job.post(Delta("", produced, "cancelled"))
+    def _take(self, *, block: bool) -> None:
+        try:
+            job = self._inbox.get(block=block)
+            while True:
+                if job is None:
+                    self._stopping = True
+                    return
+                self._waiting.append(job)
+                job = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _admit(self) -> None:
+        """Start waiting jobs in order while the backend has room (a job that must wait holds the rest
+        back, so a long prompt is not passed over for ever by short ones)."""
+        while self._waiting:
+            job = self._waiting[0]
+            if job.cancelled.is_set():
+                self._dequeue()
+                self.skipped += 1  # its client left while it waited: it never touches the model
+                job.post(Delta("", 0, "cancelled"))
+                continue
+            failed = False
+            try:
+                seq = self.backend.admit(job.prompt_ids, job.params, job.scope)
+            except NeverFits as exc:  # the node sizes each job to the context first: a sizing bug
+                log.error("a job can never fit this model's cache: %s", exc)
+                seq, failed = None, True
+            except Exception as exc:
+                log_unexpected("starting a job", exc)
+                seq, failed = None, True
+            if seq is None and not failed and self._running:
+                return  # it waits for running jobs to end
+            self._dequeue()
+            if seq is None:  # it failed, or an idle cache has no room for it: it would wait for ever
+                job.post(Delta("", 0, "error"))
+                continue
+            run = _Running(job, IncrementalDecoder(self.backend.decode), StopMatcher(job.stops))
+            with self._lock:
+                self._running[seq] = run
+                self._active = len(self._running)
+            self.started += 1
+
+    def _dequeue(self) -> None:
+        self._waiting.popleft()
+        with self._lock:
+            self._queued -= 1
+
+    def _reap(self) -> None:
+        for seq, run in list(self._running.items()):
+            if run.job.cancelled.is_set():
+                self._end(seq, "cancelled")
+
+    def _step(self) -> None:
+        try:
+            steps = self.backend.step()
+        except Exception as exc:
+            log_unexpected("generation", exc)
+            for seq in list(self._running):
+                self._end(seq, "error")
             return
-        if produced >= job.params.max_new_tokens:
-            finish = "length"
-        text, stopped = stopper.push(decoder.flush())
-        tail = text if stopped else text + stopper.flush()
-        job.post(Delta(tail, produced, "stop" if stopped else finish))
+        for step in steps:
+            run = self._running.get(step.seq)
+            if run is None:
+                continue
+            parts: list[str] = []
+            for token in step.tokens:
+                run.produced += 1
+                text, stopped = run.stopper.push(run.decoder.push(token))
+                parts.append(text)
+                if stopped:
+                    self._end(step.seq, "stop", "".join(parts))
+                    break
+            else:
+                if step.finish is not None:
+                    text, stopped = run.stopper.push(run.decoder.flush())
+                    parts.append(text if stopped else text + run.stopper.flush())
+                    self._forget(step.seq)
+                    run.job.post(Delta("".join(parts), run.produced, "stop" if stopped else step.finish))
+                elif any(parts):
+                    run.job.post(Delta("".join(parts), run.produced))
+
+    def _end(self, seq: int, reason: FinishReason, text: str = "") -> None:
+        """End a sequence the backend is still running (cancelled, stopped by a stop string, failed)."""
+        run = self._forget(seq)
+        try:
+            self.backend.cancel(seq)
+        except Exception as exc:
+            log_unexpected("cancelling a job", exc)
+        run.job.post(Delta(text, run.produced, reason))
+
+    def _forget(self, seq: int) -> _Running:
+        with self._lock:
+            run = self._running.pop(seq)
+            self._active = len(self._running)
+        return run

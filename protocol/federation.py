@@ -46,6 +46,8 @@ class ModelStatus(_Wire):
     context_length: Count | None = None
     footprint_bytes: Bytes = 0
     cache_tokens: Count = 0
+    cache_free_tokens: Count | None = None  # not reserved by running jobs, as of this heartbeat
+    page_tokens: Annotated[int, Field(ge=1, le=65536)] = 1  # the cache is reserved in pages of this many
     max_sequences: Annotated[int, Field(ge=1, le=4096)] = 1
     default_max_tokens: Annotated[int, Field(ge=1, le=2**31 - 1)] = 1024
     active: Count = 0
@@ -76,6 +78,7 @@ class NodeStatus(_Wire):
     memory_free_bytes: Bytes
     draining: bool = False
     yielding: bool = False
+    yield_reason: Annotated[str, StringConstraints(max_length=300)] | None = None  # why, for the operator
     models: Annotated[list[ModelStatus], Field(max_length=MAX_MODELS)] = []
     # The node's current encryption-key statement (protocol.directory), checked by the scheduler and
     # appended to the directory when it is new.

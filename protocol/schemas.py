@@ -28,6 +28,8 @@ from protocol.errors import InvalidRequest
 MAX_MESSAGES = 2048
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_LENGTH = 256
+MAX_STOP_TOKEN_IDS = 16
+MAX_TOP_K = 1000
 MAX_MODEL_ID_LENGTH = 256
 
 
@@ -97,6 +99,25 @@ class _Sampling(_Request):
     )
     temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="0 means greedy decoding.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(
+        default=0, ge=-1, le=MAX_TOP_K,
+        description="Hearth extension (as in vLLM): sample only among the k most likely tokens; 0 or -1 is "
+        "off.",
+    )  # fmt: skip
+    min_p: float = Field(
+        default=0.0, ge=0.0, le=1.0,
+        description="Hearth extension (as in vLLM): drop tokens less likely than min_p times the most likely "
+        "one; 0 is off.",
+    )  # fmt: skip
+    repetition_penalty: float = Field(
+        default=1.0, gt=0.0, le=2.0,
+        description="Hearth extension (as in vLLM): above 1, tokens already in the prompt or the answer "
+        "become less likely; 1 is off.",
+    )  # fmt: skip
+    stop_token_ids: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] | None = Field(
+        default=None, max_length=MAX_STOP_TOKEN_IDS,
+        description="Hearth extension (as in vLLM): token ids that end the answer like an end-of-text token.",
+    )  # fmt: skip
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1, description="Makes sampling repeatable.")
     stop: StopField = None
     # Any, not a dict type: a malformed dict would make pydantic name the client's keys in the error.
@@ -114,7 +135,16 @@ class _Sampling(_Request):
     user: str | None = Field(default=None, max_length=256)
 
     @field_validator(
-        "temperature", "top_p", "presence_penalty", "frequency_penalty", "stream", "n", mode="before"
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+        "stream",
+        "n",
+        mode="before",
     )
     @classmethod
     def _null_means_default(cls, value: Any, info: ValidationInfo) -> Any:

@@ -201,6 +201,7 @@ async def list_nodes(request: web.Request) -> web.Response:
                 "healthy": state.healthy,
                 "draining": state.draining,
                 "yielding": state.yielding,
+                "yield_reason": state.yield_reason,
                 "last_heartbeat_seconds": None
                 if runtime.status is None
                 else round(now - runtime.last_seen, 1),

@@ -84,8 +84,11 @@ class TransformersBackend:
 
         generator = torch.Generator()
         generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
-        penalize = params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+        stop_ids = set() if params.ignore_eos else self._eos_ids | set(params.stop_token_ids)
+        # Token counts of the answer (presence/frequency penalties), and which tokens appeared anywhere,
+        # prompt included (the repetition penalty, as transformers and exllamav2 apply it).
         counts: Any = None
+        seen: Any = None
         with torch.inference_mode():
             # Logits for the last position only: all of them would be prompt × vocabulary floats (GBs).
             out = self._model(input_ids=torch.tensor([list(prompt_ids)]), use_cache=True, logits_to_keep=1)
@@ -93,17 +96,27 @@ class TransformersBackend:
                 if cancelled.is_set():
                     return
                 logits = out.logits[0, -1].float()
-                if penalize:
+                if params.presence_penalty or params.frequency_penalty:
                     if counts is None:
                         counts = torch.zeros_like(logits)
                     logits = logits - params.frequency_penalty * counts
                     logits = logits - params.presence_penalty * (counts > 0).float()
+                if params.repetition_penalty != 1.0:
+                    if seen is None:
+                        seen = torch.zeros_like(logits, dtype=torch.bool)
+                        seen[torch.tensor(list(prompt_ids))] = True
+                    penalized = torch.where(
+                        logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty
+                    )
+                    logits = torch.where(seen, penalized, logits)
                 token = _sample(logits, params, generator)
-                if token in self._eos_ids and not params.ignore_eos:
+                if token in stop_ids:
                     return
                 yield token
-                if penalize:
+                if counts is not None:
                     counts[token] += 1
+                if seen is not None:
+                    seen[token] = True
                 if step + 1 == params.max_new_tokens:
                     return
                 out = self._model(
@@ -127,17 +140,25 @@ def cache_kwargs(model: Any, out: Any) -> dict[str, Any]:
 
 
 def _sample(logits: Any, params: SamplingParams, generator: Any) -> int:
+    """Greedy at temperature 0; else temperature, then top_k, min_p and top_p cut the candidates (the
+    order exllamav2's sampler applies them in), and one is drawn."""
     import torch
 
     if params.temperature == 0.0:
         return int(torch.argmax(logits).item())
     probs = torch.softmax(logits / params.temperature, dim=-1)
+    if params.top_k <= 0 and params.min_p <= 0.0 and params.top_p >= 1.0:
+        return int(torch.multinomial(probs, 1, generator=generator).item())
+    sorted_probs, order = torch.sort(probs, descending=True)
+    keep = torch.ones_like(sorted_probs, dtype=torch.bool)
+    if params.top_k > 0:
+        keep[params.top_k :] = False
+    if params.min_p > 0.0:
+        keep &= sorted_probs >= params.min_p * sorted_probs[0]
     if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        cumulative = torch.cumsum(sorted_probs, dim=-1)
-        # Keep the smallest set whose mass reaches top_p (always at least the most likely token).
-        keep = cumulative - sorted_probs < params.top_p
-        sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
-        choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
-        return int(order[choice].item())
-    return int(torch.multinomial(probs, 1, generator=generator).item())
+        # The smallest set whose mass reaches top_p (the most likely token always stays).
+        keep &= torch.cumsum(sorted_probs, dim=-1) - sorted_probs < params.top_p
+    keep[0] = True
+    sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
+    choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
+    return int(order[choice].item())

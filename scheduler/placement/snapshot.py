@@ -32,6 +32,7 @@ class ModelState:
     context_length: int | None  # tokens, prompt included; None until known
     footprint_bytes: int  # memory the model holds once loaded: weights + cache + reserve
     cache_tokens: int = 0  # KV-cache tokens for all sequences together (0 while not loaded)
+    page_tokens: int = 1  # the backend reserves cache in pages of this many tokens (exllamav2: 256)
     max_sequences: int = 1  # sequences the backend runs at once
     default_max_tokens: int = 1024  # what the node generates when a request sets no max_tokens
     active: int = 0  # jobs the scheduler has in flight there, plus any the node reports on its own
@@ -57,6 +58,7 @@ class NodeState:
     healthy: bool
     draining: bool = False
     yielding: bool = False
+    yield_reason: str | None = None  # the node's words: what its owner is doing
     memory_total_bytes: int = 0  # VRAM of its GPUs, or a CPU node's declared memory budget
     memory_free_bytes: int = 0  # of which not held by loaded models or other processes
     models: tuple[ModelState, ...] = ()

@@ -1,5 +1,5 @@
 """Cache admission, by the backend's own rule: exllamav2's dynamic generator reserves cache pages for the
-prompt plus max_new_tokens when it admits a job, so a job starts only when that many tokens are free, and
+prompt plus max_new_tokens (in pages of 256 tokens) when it admits a job, so a job starts only when that many tokens are free, and
 never on a node whose whole cache is smaller. Sequences are capped by the backend's batch size."""
 
 from __future__ import annotations
@@ -8,10 +8,15 @@ from scheduler.placement.snapshot import ModelState, NodeState, PlacementRequest
 
 
 def tokens_needed(request: PlacementRequest, model: ModelState) -> int:
+    """Cache tokens the backend reserves for the request: prompt + max_tokens (at most the context),
+    in whole pages."""
     new = request.max_tokens if request.max_tokens is not None else model.default_max_tokens
     need = request.prompt_tokens + new
     context = model.context_length
-    return need if context is None or need < context else context
+    if context is not None and need > context:
+        need = context
+    page = model.page_tokens
+    return -(-need // page) * page
 
 
 def cache_admission(request: PlacementRequest, node: NodeState, model: ModelState) -> Refusal | None:

@@ -9,5 +9,6 @@ def not_draining(request: PlacementRequest, node: NodeState, model: ModelState) 
     if node.draining:
         return Refusal("unavailable", "drain", f"{node.node_id} is draining", node.node_id)
     if node.yielding:
-        return Refusal("unavailable", "drain", f"{node.node_id} is yielding to its owner", node.node_id)
+        why = f" ({node.yield_reason})" if node.yield_reason else ""
+        return Refusal("unavailable", "drain", f"{node.node_id} is yielding to its owner{why}", node.node_id)
     return None

@@ -1,0 +1,69 @@
+"""The backend contract (tests/node/backend_contract.py) on the transformers reference backend, alone and
+with three sequences taking turns, and the job runner driving it: what the exllamav2 backend passes on a GPU
+(tests/gpu/test_exllamav2.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from node.backends.base import BatchBackend, SamplingParams, Sequential
+from node.backends.transformers_backend import TransformersBackend
+from node.runner import Delta, JobRunner
+from tests.node.backend_contract import CONTRACT, PROMPT
+
+
+@pytest.fixture(scope="module")
+def reference(demo_model_dir: Path) -> Iterator[TransformersBackend]:
+    backend = TransformersBackend.load(demo_model_dir)
+    yield backend
+    backend.close()
+
+
+@pytest.mark.parametrize("sequences", [1, 3])
+@pytest.mark.parametrize("check", CONTRACT, ids=lambda c: c.__name__)
+def test_the_reference_backend_meets_the_contract(
+    reference: TransformersBackend, sequences: int, check: Callable[[BatchBackend], None]
+) -> None:
+    check(Sequential(reference, max_sequences=sequences))
+
+
+async def _collect(
+    runner: JobRunner, prompt: list[int], params: SamplingParams, stops: list[str]
+) -> list[Delta]:
+    job = runner.submit(prompt, params, stops)
+    deltas: list[Delta] = []
+    while not deltas or deltas[-1].finish_reason is None:
+        deltas += await job.next_deltas()
+    return deltas
+
+
+async def test_the_runner_runs_jobs_side_by_side_and_ends_each_on_its_own_terms(
+    reference: TransformersBackend,
+) -> None:
+    runner = JobRunner(Sequential(reference, max_sequences=3), name="contract")
+    runner.start()
+    try:
+        prompt = reference.encode(PROMPT, add_special_tokens=True)
+        greedy = SamplingParams(max_new_tokens=24, temperature=0.0, ignore_eos=True)
+        free = await _collect(runner, prompt, greedy, [])
+        text = "".join(d.text for d in free)
+        assert free[-1].finish_reason == "length" and free[-1].completion_tokens == 24
+        stop = text[len(text) // 2 :][:3]
+        assert stop.strip(), "the random model wrote whitespace only"
+        # Three at once: a stop string cuts one, a short limit another, the third runs out its tokens.
+        stopped, short, full = await asyncio.gather(
+            _collect(runner, prompt, greedy, [stop]),
+            _collect(runner, prompt, SamplingParams(max_new_tokens=5, temperature=0.0, ignore_eos=True), []),
+            _collect(runner, prompt, greedy, []),
+        )
+        assert "".join(d.text for d in stopped) == text[: text.index(stop)]
+        assert stopped[-1].finish_reason == "stop"
+        assert short[-1].finish_reason == "length" and short[-1].completion_tokens == 5
+        assert "".join(d.text for d in full) == text, "a job's answer does not depend on its neighbours"
+        assert runner.started == 4 and runner.active == 0 and runner.queued == 0
+    finally:
+        await asyncio.to_thread(runner.stop)
