@@ -34,6 +34,7 @@ from typing import Any
 
 from aiohttp import web
 
+from node.backends import load_backend
 from node.backends.base import SamplingParams
 from node.context import fit_messages, fit_prompt
 from node.keys import NodeKeys, ReplayMemory
@@ -71,6 +72,7 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 def load_transformers(model: ModelSettings, settings: NodeSettings) -> Any:
+    """The reference backend, whatever the node's settings say (tests wrap it)."""
     from node.backends.transformers_backend import TransformersBackend
 
     assert model.path is not None, "the pool gives loaders a local path"
@@ -119,7 +121,7 @@ TRUST = web.AppKey("trust", Trust)
 
 
 def create_app(
-    settings: NodeSettings, *, trust: Trust | None = None, loader: BackendLoader = load_transformers
+    settings: NodeSettings, *, trust: Trust | None = None, loader: BackendLoader = load_backend
 ) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
@@ -189,7 +191,7 @@ def _data_dir(settings: NodeSettings) -> Path:
 
 
 async def start_node(
-    settings: NodeSettings, *, trust: Trust | None = None, loader: BackendLoader = load_transformers
+    settings: NodeSettings, *, trust: Trust | None = None, loader: BackendLoader = load_backend
 ) -> tuple[web.AppRunner, str, web.Application]:
     """Serve a node; its heartbeats and adverts start once its address is known."""
     from protocol.web import start_site

@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from hardware.estimator import footprint, weight_bytes
+from hardware.estimator import DEFAULT_RESERVE_BYTES, footprint, kv_bytes_per_token, weight_bytes
 from hardware.model_spec import ModelConfigError, ModelSpec
-from node.backends.base import Backend
+from node.backends import BackendName, resolve
+from node.backends.base import Backend, BatchBackend
+from node.backends.exllamav2_backend import CACHE_BITS, PAGE_TOKENS
 from node.fetch import download, fetch_config
 from node.runner import JobRunner
 from node.settings import ModelSettings, NodeSettings
@@ -31,7 +33,7 @@ from protocol.web import in_daemon_thread, log_unexpected
 log = logging.getLogger("hearth.node.pool")
 
 Phase = Literal["available", "loading", "ready", "failed"]
-BackendLoader = Callable[[ModelSettings, NodeSettings], Backend]
+BackendLoader = Callable[[ModelSettings, NodeSettings], Backend | BatchBackend]
 
 # The transformers backend holds fp32 weights and an fp32 cache on the CPU; Python, torch and the
 # tokenizer need a little beyond that.
@@ -94,9 +96,15 @@ class ModelSlot:
         }
 
 
-def estimate(model: ModelSettings, hf_cache: Path) -> tuple[int, int | None, float]:
+def estimate(
+    model: ModelSettings, hf_cache: Path, backend: BackendName = "transformers"
+) -> tuple[int, int | None, float]:
     """(footprint bytes, context length, load seconds) from the model's config.json, before loading it.
-    Blocking (a Hugging Face model's config may be fetched)."""
+    Blocking (a Hugging Face model's config may be fetched).
+
+    transformers (CPU): fp32 weights and an fp32 cache for one full context. exllamav2 (GPU): the weights as
+    the checkpoint holds them (an EXL2 model's files are its VRAM), its cache of ``cache_tokens`` at the
+    configured precision, and a reserve for activations."""
     if model.path is None:
         config = fetch_config(str(model.huggingface), hf_cache)
         size = None
@@ -116,9 +124,14 @@ def estimate(model: ModelSettings, hf_cache: Path) -> tuple[int, int | None, flo
         return 2 * size + CPU_RESERVE_BYTES, None, size / (DISK_GB_PER_S * 1e9)
     if size is None:  # not downloaded yet: the bf16 checkpoint it will be
         size = weight_bytes(spec, 16)
+    load_s = size / (DISK_GB_PER_S * 1e9)
     context = spec.max_context
+    if backend == "exllamav2":
+        tokens = -(-(model.cache_tokens or context) // PAGE_TOKENS) * PAGE_TOKENS
+        cache = tokens * kv_bytes_per_token(spec, CACHE_BITS[model.cache_quant])
+        return size + cache + DEFAULT_RESERVE_BYTES, min(context, tokens), load_s
     fp = footprint(spec, CPU_WEIGHT_BITS, context, CPU_CACHE_BITS, CPU_RESERVE_BYTES)
-    return fp.total_bytes, context, size / (DISK_GB_PER_S * 1e9)
+    return fp.total_bytes, context, load_s
 
 
 class ModelPool:
@@ -132,9 +145,10 @@ class ModelPool:
         self.slots: dict[str, ModelSlot] = {}
         self.on_change: Callable[[], None] = lambda: None
         self.hf_cache = (settings.data_dir or Path(".")) / "hf"
+        self.backend = resolve(settings)
         for model in settings.models:
             try:
-                fp, context, load_s = estimate(model, self.hf_cache)
+                fp, context, load_s = estimate(model, self.hf_cache, self.backend)
             except ConfigError as exc:
                 if model.path is not None:
                     raise

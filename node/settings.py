@@ -39,6 +39,25 @@ class ModelSettings(BaseModel):
         default=1024, ge=1, description="Generated-token limit for chat requests that set no max_tokens."
     )
     max_queued: int = Field(default=64, ge=1, description="Requests waiting for this model before 503.")
+    max_sequences: int | None = Field(
+        default=None,
+        ge=1,
+        le=256,
+        description="Sequences generated at once (continuous batching). Default: 32 on exllamav2 (fewer when "
+        "the cache holds fewer 256-token pages), 1 on transformers, where sequences take turns.",
+    )
+    cache_tokens: int | None = Field(
+        default=None,
+        ge=256,
+        le=1 << 24,
+        description="exllamav2: KV-cache tokens shared by all of this model's sequences, rounded up to a "
+        "multiple of 256; a sequence is never longer. Default: the model's context length.",
+    )
+    cache_quant: Literal["fp16", "q8", "q6", "q4"] = Field(
+        default="fp16",
+        description="exllamav2: how the KV cache is stored; q8/q6/q4 hold 2×/2.7×/4× the tokens in the same "
+        "VRAM at a small cost in quality.",
+    )
     preload: bool = Field(
         default=True,
         description="Load the model when the node starts; when false it is loaded on the scheduler's demand "
@@ -105,6 +124,11 @@ class NodeSettings(BaseModel):
     )
     advert_interval: float = Field(
         default=5.0, gt=0, description="Least seconds between two zeroconf updates of this node's record."
+    )
+    backend: Literal["auto", "exllamav2", "transformers"] = Field(
+        default="auto",
+        description="What runs the models: exllamav2 on NVIDIA GPUs, transformers on the CPU. `auto` picks "
+        "exllamav2 when it is installed and torch sees a CUDA GPU.",
     )
     threads: int | None = Field(
         default=None, ge=1, description="CPU threads for generation; default: torch's."

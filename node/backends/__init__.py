@@ -1,0 +1,52 @@
+"""Generation backends (see base.py for the contract) and the choice between them."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Literal
+
+from node.settings import ModelSettings, NodeSettings
+
+log = logging.getLogger("hearth.node")
+
+BackendName = Literal["exllamav2", "transformers"]
+
+
+@functools.cache
+def _gpu_backend_missing() -> str | None:
+    from node.backends.exllamav2_backend import available
+
+    return available()
+
+
+def resolve(settings: NodeSettings) -> BackendName:
+    """The backend this node loads models with: the configured one, or for `auto` exllamav2 where it can
+    run (blocking the first time: importing exllamav2 builds its extension)."""
+    if settings.backend != "auto":
+        return settings.backend
+    missing = _gpu_backend_missing()
+    if missing is None:
+        return "exllamav2"
+    log.info("models run on transformers (exllamav2 cannot run here: %s)", missing)
+    return "transformers"
+
+
+def load_backend(model: ModelSettings, settings: NodeSettings) -> Any:
+    """Load one model with the node's backend (blocking: the pool calls it in a thread)."""
+    assert model.path is not None, "the pool gives loaders a local path"
+    if resolve(settings) == "exllamav2":
+        from node.backends.exllamav2_backend import ExLlamaV2Backend
+
+        return ExLlamaV2Backend.load(
+            model.path,
+            cache_tokens=model.cache_tokens,
+            cache_quant=model.cache_quant,
+            max_sequences=model.max_sequences,
+        )
+    from node.backends.base import Sequential
+    from node.backends.transformers_backend import TransformersBackend
+
+    return Sequential(
+        TransformersBackend.load(model.path, threads=settings.threads), max_sequences=model.max_sequences or 1
+    )

@@ -1,6 +1,7 @@
-"""Cache admission, by the backend's own rule: exllamav2's dynamic generator reserves cache pages for the
-prompt plus max_new_tokens (in pages of 256 tokens) when it admits a job, so a job starts only when that many tokens are free, and
-never on a node whose whole cache is smaller. Sequences are capped by the backend's batch size."""
+"""Cache admission, by the backend's own rule: exllamav2's dynamic generator reserves cache pages (256
+tokens each) for the prompt plus max_new_tokens when it admits a job, so a job starts only when that many
+tokens are free, and never on a node whose whole cache is smaller. Sequences are capped by the backend's
+batch size."""
 
 from __future__ import annotations
 

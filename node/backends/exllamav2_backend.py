@@ -1,0 +1,369 @@
+"""The production backend: exllamav2's dynamic generator on NVIDIA GPUs (paged cache, continuous batching).
+
+The node's job runner calls ``admit``, ``step`` and ``cancel`` from the model's own generation thread, so
+the generator's ``iterate()`` never runs on the event loop (exllamav2's own async wrapper would run it
+there). Everything here follows the library's documented API (``ExLlamaV2DynamicGenerator``,
+``ExLlamaV2DynamicJob``) and its source for the one rule the node must mirror:
+
+- **Admission.** The generator starts a job only when the cache has free pages (256 tokens each) for its
+  prompt plus ``max_new_tokens``, reserved up front; a job that can never fit fails an assertion. ``admit``
+  applies that rule before handing a job over (counting pages already promised to jobs that start at the
+  next iteration), so a job that must wait stays in the node's queue, where the runner can see and cancel
+  it, and one that never fits is refused.
+- **Cancellation.** ``generator.cancel(job)`` frees the job's pages at once; the runner calls it before the
+  next iteration after a client leaves.
+- **Prefix-cache isolation.** The generator reuses cached pages whose hash matches: a hash chained over the
+  page's tokens and the pages before it, starting from nothing. Shared between users, a hit would tell the
+  second user, by timing, that someone sent the same prompt (cf. vLLM CVE-2025-46570). Each job here
+  carries a ``CacheScope``, and the chain starts from the scope's key instead, so only jobs of one scope
+  (one user's conversation turns) ever share pages. The library has no option for this: its module-level
+  hash function is wrapped once to read the job's scope from the generation thread (set around the two job
+  methods that hash pages).
+- **Paged attention needs flash-attn ≥ 2.5.7.** Without it the generator runs unpaged: one sequence at a
+  time, no prefix cache. The node logs that and reports ``max_sequences`` 1, so placement knows.
+
+Models: EXL2-quantized or unquantized Hugging Face layout, split over the box's GPUs when one is not enough
+(``load_autosplit``). Imported only when a model is loaded: the node, the scheduler and CPU boxes import this
+module without torch or exllamav2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from node.backends.base import CacheScope, CacheState, NeverFits, SamplingParams, Step
+from protocol.errors import ConfigError
+
+log = logging.getLogger("hearth.node.exllamav2")
+
+CacheQuant = Literal["fp16", "q8", "q6", "q4"]
+CACHE_CLASSES: dict[str, str] = {
+    "fp16": "ExLlamaV2Cache",
+    "q8": "ExLlamaV2Cache_Q8",
+    "q6": "ExLlamaV2Cache_Q6",
+    "q4": "ExLlamaV2Cache_Q4",
+}
+CACHE_BITS: dict[str, int] = {"fp16": 16, "q8": 8, "q6": 6, "q4": 4}
+PAGE_TOKENS = 256  # exllamav2.generator.dynamic.PAGED_PAGE_SIZE
+DEFAULT_MAX_SEQUENCES = 32
+CHUNK_TOKENS = 2048  # prompt tokens per forward pass: a long prompt interrupts running streams this long
+
+
+def available() -> str | None:
+    """Why the exllamav2 backend cannot run here (None when it can): the package, torch, a CUDA GPU."""
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible to torch"
+    try:
+        import exllamav2  # noqa: F401
+    except ImportError:
+        return "exllamav2 is not installed (pip install 'hearth-llm[node-gpu]')"
+    except Exception as exc:  # its extension is built on first import, with the machine's nvcc
+        return f"exllamav2 failed to import: {type(exc).__name__}: {exc}"
+    return None
+
+
+_scope = threading.local()
+_patched = False
+
+
+def _install_scoped_hash() -> None:
+    """Start every page-hash chain from the current job's scope key (see the module's docstring)."""
+    global _patched
+    if _patched:
+        return
+    from exllamav2.generator import dynamic
+
+    plain: Callable[[Any, bytes | None], bytes] = dynamic._tensor_hash_checksum
+
+    def scoped(tensor: Any, prev_hash: bytes | None) -> bytes:
+        if prev_hash is None:
+            prev_hash = getattr(_scope, "key", None)
+        return plain(tensor, prev_hash)
+
+    dynamic._tensor_hash_checksum = scoped
+    _patched = True
+
+
+def _scoped_job_class() -> type:
+    from exllamav2.generator import ExLlamaV2DynamicJob
+
+    class ScopedJob(ExLlamaV2DynamicJob):  # type: ignore[misc]
+        """A job whose cached pages only jobs of the same scope can reuse."""
+
+        def __init__(self, *args: Any, scope: bytes, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.hearth_scope = scope
+
+        def prepare_for_queue(self, generator: Any, serial_number: int) -> Any:
+            _scope.key = self.hearth_scope
+            try:
+                return super().prepare_for_queue(generator, serial_number)
+            finally:
+                _scope.key = None
+
+        def receive_sample(self, *args: Any, **kwargs: Any) -> Any:
+            _scope.key = self.hearth_scope
+            try:
+                return super().receive_sample(*args, **kwargs)
+            finally:
+                _scope.key = None
+
+    return ScopedJob
+
+
+class ExLlamaV2Backend:
+    def __init__(
+        self,
+        *,
+        model: Any,
+        cache: Any,
+        tokenizer: Any,
+        generator: Any,
+        context_length: int,
+        chat_template: str | None,
+        eos_ids: frozenset[int],
+        paged: bool,
+    ) -> None:
+        self._model = model
+        self._cache = cache
+        self._tokenizer = tokenizer
+        self._generator = generator
+        self._context_length = context_length
+        self._chat_template = chat_template
+        self._eos_ids = eos_ids
+        self._paged = paged
+        self._job_class = _scoped_job_class()
+        self._jobs: dict[int, Any] = {}  # seq → ExLlamaV2DynamicJob
+        self._promised_pages = 0  # of jobs enqueued since the last iteration (they start at the next)
+        self._next = 0
+
+    @classmethod
+    def load(
+        cls,
+        path: Path,
+        *,
+        cache_tokens: int | None = None,
+        cache_quant: CacheQuant = "fp16",
+        max_sequences: int | None = None,
+    ) -> ExLlamaV2Backend:
+        """Load a model directory onto the GPUs (blocking: call it off the event loop)."""
+        why = available()
+        if why is not None:
+            raise ConfigError(f"the exllamav2 backend cannot run here: {why}")
+        import exllamav2
+        from exllamav2 import ExLlamaV2, ExLlamaV2Config, ExLlamaV2Tokenizer
+        from exllamav2.attn import has_flash_attn_with_paged
+        from exllamav2.generator import ExLlamaV2DynamicGenerator
+
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{path} is not a model directory (no config.json)")
+        _install_scoped_hash()
+        try:
+            config = ExLlamaV2Config(str(path))
+            config.arch_compat_overrides(quiet=True)
+        except (OSError, ValueError, KeyError, AssertionError) as exc:
+            raise ConfigError(
+                f"exllamav2 cannot read the model in {path}: {type(exc).__name__}: {exc}"
+            ) from None
+        paged = bool(has_flash_attn_with_paged)
+        tokens = _round_up(cache_tokens or config.max_seq_len, PAGE_TOKENS)
+        # One sequence never outgrows the cache (nor, unpaged, the cache's single page).
+        context = min(config.max_seq_len, tokens)
+        config.max_seq_len = context
+        config.max_input_len = min(CHUNK_TOKENS, context)
+        config.max_attention_size = config.max_input_len**2
+        if paged:
+            batch = max(1, min(max_sequences or DEFAULT_MAX_SEQUENCES, tokens // PAGE_TOKENS, 256))
+        else:
+            log.warning(
+                "flash-attn 2.5.7 or later is not installed: exllamav2 runs unpaged, one sequence at a time "
+                "and without a prefix cache (install flash-attn for continuous batching)"
+            )
+            batch = 1
+        cache_class = getattr(exllamav2, CACHE_CLASSES[cache_quant])
+        model = ExLlamaV2(config)
+        cache = cache_class(model, max_seq_len=tokens, lazy=True)
+        model.load_autosplit(cache, progress=False)  # over every visible GPU, as it fills them
+        tokenizer = ExLlamaV2Tokenizer(config)
+        chunk = _round_down(config.max_input_len, PAGE_TOKENS) if paged else None
+        generator = ExLlamaV2DynamicGenerator(
+            model=model, cache=cache, tokenizer=tokenizer, max_batch_size=batch, max_chunk_size=chunk,
+            paged=paged,
+        )  # fmt: skip
+        eos = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
+        eos |= _generation_eos(path)
+        log.info(
+            "loaded %s: context %d, cache %d tokens (%s), %d sequences at once%s",
+            path.name, context, tokens, cache_quant, batch, "" if paged else " (unpaged)",
+        )  # fmt: skip
+        return cls(
+            model=model, cache=cache, tokenizer=tokenizer, generator=generator, context_length=context,
+            chat_template=_chat_template(path), eos_ids=frozenset(eos), paged=paged,
+        )  # fmt: skip
+
+    # Text
+
+    @property
+    def context_length(self) -> int:
+        return self._context_length
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._chat_template
+
+    @property
+    def bos_token(self) -> str:
+        return str(self._tokenizer.bos_token or "")
+
+    @property
+    def eos_token(self) -> str:
+        return str(self._tokenizer.eos_token or "")
+
+    def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        # Chat templates write special tokens as text (<|im_start|>): they must encode as themselves.
+        ids = self._tokenizer.encode(text, add_bos=add_special_tokens, encode_special_tokens=True)
+        return [int(i) for i in ids[0].tolist()]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        import torch
+
+        return str(
+            self._tokenizer.decode(torch.tensor(list(ids), dtype=torch.long), decode_special_tokens=False)
+        )
+
+    # Batching
+
+    def cache(self) -> CacheState:
+        generator = self._generator
+        page = generator.page_size
+        free_pages = max(0, len(generator.unreferenced_pages) - self._promised_pages)
+        return CacheState(generator.max_pages * page, free_pages * page, page, generator.max_batch_size)
+
+    def admit(self, prompt_ids: Sequence[int], params: SamplingParams, scope: CacheScope) -> int | None:
+        generator = self._generator
+        page = generator.page_size
+        pages = -(-(len(prompt_ids) + params.max_new_tokens) // page)
+        if pages > generator.max_pages or len(prompt_ids) + params.max_new_tokens > self._context_length:
+            need = len(prompt_ids) + params.max_new_tokens
+            raise NeverFits(f"{need} tokens; the cache holds {generator.max_total_tokens}")
+        # The generator's own rule (iterate_start_jobs), minus what jobs enqueued since the last iteration
+        # will take; pages this job could share with cached ones are not counted as a saving.
+        if (
+            len(self._jobs) >= generator.max_batch_size
+            or pages > len(generator.unreferenced_pages) - self._promised_pages
+        ):
+            return None
+        import torch
+
+        stop: list[int] = [] if params.ignore_eos else sorted(self._eos_ids | set(params.stop_token_ids))
+        job = self._job_class(
+            input_ids=torch.tensor([list(prompt_ids)], dtype=torch.long),
+            max_new_tokens=params.max_new_tokens,
+            gen_settings=_sampler_settings(params),
+            seed=params.seed,
+            stop_conditions=stop,
+            identifier=self._next,
+            scope=scope.key,
+        )
+        seq, self._next = self._next, self._next + 1
+        generator.enqueue(job)
+        self._jobs[seq] = job
+        self._promised_pages += pages
+        return seq
+
+    def step(self) -> list[Step]:
+        results = self._generator.iterate()
+        self._promised_pages = 0
+        steps: dict[int, Step] = {}
+        for r in results:
+            if r.get("stage") != "streaming":
+                continue
+            seq = int(r["identifier"])
+            step = steps.setdefault(seq, Step(seq))
+            ids = r.get("token_ids")
+            if ids is not None:
+                step.tokens += [int(t) for t in ids[0].tolist()]
+            if r.get("eos"):
+                step.finish = "length" if r.get("eos_reason") == "max_new_tokens" else "stop"
+                self._jobs.pop(seq, None)
+        return list(steps.values())
+
+    def cancel(self, seq: int) -> None:
+        job = self._jobs.pop(seq, None)
+        if job is not None:
+            self._generator.cancel(job)
+
+    def close(self) -> None:
+        import torch
+
+        for seq in list(self._jobs):
+            self.cancel(seq)
+        if self._model is not None:
+            self._model.unload()
+        self._model = self._cache = self._generator = None
+        torch.cuda.empty_cache()
+
+
+def _sampler_settings(params: SamplingParams) -> Any:
+    """Our parameters in exllamav2's sampler, every one set (its defaults are not OpenAI's: top_k 50,
+    top_p 0.8, a repetition penalty of 1.025)."""
+    from exllamav2.generator import ExLlamaV2Sampler
+
+    if params.temperature == 0.0:
+        return ExLlamaV2Sampler.Settings.greedy(
+            token_frequency_penalty=params.frequency_penalty, token_presence_penalty=params.presence_penalty,
+            token_repetition_penalty=params.repetition_penalty,
+        )  # fmt: skip
+    return ExLlamaV2Sampler.Settings(
+        temperature=params.temperature,
+        top_k=params.top_k,
+        top_p=params.top_p if params.top_p < 1.0 else 0.0,  # exllamav2: 0 is off
+        min_p=params.min_p,
+        token_repetition_penalty=params.repetition_penalty,
+        token_frequency_penalty=params.frequency_penalty,
+        token_presence_penalty=params.presence_penalty,
+    )
+
+
+def _chat_template(path: Path) -> str | None:
+    """The model's own template from tokenizer_config.json (exllamav2's tokenizer does not expose it)."""
+    try:
+        doc = json.loads((path / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    template = doc.get("chat_template") if isinstance(doc, dict) else None
+    if isinstance(template, list):  # named templates: the default one
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
+
+
+def _generation_eos(path: Path) -> set[int]:
+    """End-of-turn tokens a model lists in generation_config.json beside the tokenizer's one."""
+    try:
+        doc = json.loads((path / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        return set()
+    eos = doc.get("eos_token_id") if isinstance(doc, dict) else None
+    if isinstance(eos, int):
+        return {eos}
+    if isinstance(eos, list):
+        return {int(e) for e in eos if isinstance(e, int)}
+    return set()
+
+
+def _round_up(value: int, step: int) -> int:
+    return -(-value // step) * step
+
+
+def _round_down(value: int, step: int) -> int:
+    return max(step, value // step * step)
