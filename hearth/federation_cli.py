@@ -191,6 +191,24 @@ def node_drain(node_id: str, undo: bool, scheduler_url: str | None, token: str |
     click.echo(f"{node_id} {'takes work again' if undo else 'is draining: no new work'}")
 
 
+@node.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print the node's status document as JSON.")
+@data_dir_option
+@config_option
+@one_line_errors
+def node_status(as_json: bool, data_dir: Path | None, config: Path | None) -> None:
+    """What the node on this machine is doing, and why (serving, draining, yielding to its owner)."""
+    import json
+
+    from hearth.node_status import fetch_local_status, render_status
+    from hearth.serve import node_settings
+
+    settings = node_settings(settings_for(config, data_dir))
+    assert settings.data_dir is not None
+    doc = fetch_local_status(settings.data_dir)
+    click.echo(json.dumps(doc, indent=2) if as_json else render_status(doc))
+
+
 # authority
 
 

@@ -4,6 +4,7 @@
     GET  /identity                this node's public keys, self-signed (for LAN discovery), no auth
     GET  /status                  models, their state and load                     (scheduler only)
     GET  /metrics                 Prometheus metrics                               (scheduler only)
+    GET  /local/status            what the node is doing and why, for `hearth node status`   (loopback only)
     POST /jobs                    run one OpenAI request (plaintext over loopback only); answered as frames
                                                                                    (scheduler only)
     POST /models/{id}/load        load a model now, unloading idle ones if needed  (scheduler only)
@@ -22,24 +23,29 @@ sealed here: the scheduler relays ciphertext.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
+import os
 import re
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
+from hardware.probe import NodeProbe
+from hardware.probe import probe as probe_gpus
 from node.backends import load_backend
 from node.backends.base import SamplingParams
 from node.context import fit_messages, fit_prompt
 from node.keys import NodeKeys, ReplayMemory
 from node.metrics import NodeMetrics
 from node.openai_format import ResponseWriter
+from node.owner import OwnerFirst
 from node.pool import BackendLoader, ModelPool, ModelSlot
 from node.receipts import Receipts
 from node.runner import Job
@@ -58,7 +64,7 @@ from protocol.errors import (
     PermissionDenied,
     Unavailable,
 )
-from protocol.identity import RequestVerifier, b64d, b64e, fingerprint, verify_certificate
+from protocol.identity import RequestVerifier, b64d, b64e, fingerprint, verify_certificate, write_private
 from protocol.schemas import ChatCompletionRequest, CompletionRequest, Endpoint, parse_request
 from protocol.web import error_middleware, is_loopback, json_response, parse_json, read_body
 
@@ -99,6 +105,7 @@ class NodeState:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     advert_changed: asyncio.Event = field(default_factory=asyncio.Event)
     receipts: Receipts = field(default_factory=Receipts)  # jobs run, for the next heartbeats
+    owner: OwnerFirst | None = None  # owner-first yielding (node.owner)
 
     def __post_init__(self) -> None:
         # A certificate handed over at approval must come signed by the scheduler it names (and only once).
@@ -112,20 +119,36 @@ class NodeState:
         self.changed.set()
         self.advert_changed.set()
 
+    def refuse_if_yielding(self) -> None:
+        owner = self.owner
+        if owner is not None and owner.yielding:
+            raise Unavailable(
+                f"this node is yielding to its owner ({owner.reason}); it takes no new work until then",
+                code="node_yielding",
+                retry_after=max(5, int(owner.settings.resume_after)),
+            )
+
 
 SETTINGS = web.AppKey("settings", NodeSettings)
 STATE = web.AppKey("state", NodeState)
 METRICS = web.AppKey("metrics", NodeMetrics)
 LOADER: web.AppKey[BackendLoader] = web.AppKey("loader")
+PROBE: web.AppKey[Callable[[], NodeProbe]] = web.AppKey("probe")
 TRUST = web.AppKey("trust", Trust)
 
 
 def create_app(
-    settings: NodeSettings, *, trust: Trust | None = None, loader: BackendLoader = load_backend
+    settings: NodeSettings,
+    *,
+    trust: Trust | None = None,
+    loader: BackendLoader = load_backend,
+    probe: Callable[[], NodeProbe] = probe_gpus,
 ) -> web.Application:
+    """``probe`` reads the GPUs for owner-first yielding (tests hand in recorded probes)."""
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[LOADER] = loader
+    app[PROBE] = probe
     if trust is not None:
         app[TRUST] = trust
     app[METRICS] = NodeMetrics(lambda: _load_figures(app))
@@ -134,6 +157,7 @@ def create_app(
     app.router.add_get("/identity", identity)
     app.router.add_get("/status", status)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/local/status", local_status)
     app.router.add_post("/jobs", submit_job)
     app.router.add_post("/models/{model_id}/load", load_model)
     app.router.add_post("/models/{model_id}/unload", unload_model)
@@ -169,14 +193,23 @@ async def _node_ctx(app: web.Application) -> AsyncIterator[None]:
     state = NodeState(settings, trust, pool, trust.verifier(settings.node_id), keys, replay)
     pool.on_change = state.touch
     app[STATE] = state
-    pool.start()
+    tier = trust.enrollment.tier if trust.enrollment else settings.tier
+    state.owner = OwnerFirst(settings.owner_first, tier=tier, own_pids={os.getpid()}, probe=app[PROBE])
+    await state.owner.check(state)  # a node started while its owner needs the machine loads nothing yet
+    if state.owner.yielding:
+        state.owner.hold_at_start([s.id for s in pool.slots.values() if s.settings.preload])
+    else:
+        pool.start()
     tasks = [
         asyncio.create_task(heartbeat_loop(state), name="hearth-heartbeat"),
+        asyncio.create_task(state.owner.run(state), name="hearth-owner-first"),
         asyncio.create_task(rotate_keys(state), name="hearth-key-rotation"),
         asyncio.create_task(check_directory(state), name="hearth-directory-check"),
     ]
     async with advertise_ctx(state):
         yield
+    with contextlib.suppress(OSError):
+        _run_file(settings).unlink()
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -190,17 +223,28 @@ def _data_dir(settings: NodeSettings) -> Path:
     return settings.data_dir
 
 
+def _run_file(settings: NodeSettings) -> Path:
+    return _data_dir(settings) / "run.json"
+
+
 async def start_node(
-    settings: NodeSettings, *, trust: Trust | None = None, loader: BackendLoader = load_backend
+    settings: NodeSettings,
+    *,
+    trust: Trust | None = None,
+    loader: BackendLoader = load_backend,
+    probe: Callable[[], NodeProbe] = probe_gpus,
 ) -> tuple[web.AppRunner, str, web.Application]:
     """Serve a node; its heartbeats and adverts start once its address is known."""
     from protocol.web import start_site
 
-    app = create_app(settings, trust=trust, loader=loader)
+    app = create_app(settings, trust=trust, loader=loader, probe=probe)
     runner, url = await start_site(app, settings.host, settings.port)
     state = app[STATE]
     state.url = settings.public_url or url
     state.listening.set()
+    # Where `hearth node status` on this box finds the running node.
+    run = {"url": url, "pid": os.getpid(), "node_id": state.settings.node_id}
+    await asyncio.to_thread(write_private, _run_file(state.settings), json.dumps(run).encode(), replace=True)
     return runner, url, app
 
 
@@ -244,6 +288,23 @@ async def status(request: web.Request) -> web.Response:
     return json_response(status_doc(state))
 
 
+async def local_status(request: web.Request) -> web.Response:
+    """The node's status for its own box: what `hearth node status` prints. Loopback only, no key needed
+    (it holds nothing a local user could not read from the node's log)."""
+    from node.heartbeat import status_doc
+
+    if not is_loopback(request.remote):
+        raise PermissionDenied("this status is for the node's own machine (loopback) only")
+    state = request.app[STATE]
+    doc = status_doc(state)
+    doc.pop("key_statement", None)
+    doc.pop("usage", None)
+    doc["backend"] = state.pool.backend
+    doc["enrolled_with"] = state.trust.enrollment.scheduler_url if state.trust.enrollment else None
+    doc["owner_first"] = state.owner.doc() if state.owner else None
+    return json_response(doc)
+
+
 async def _object(request: web.Request) -> tuple[NodeState, dict[str, Any]]:
     raw = await read_body(request)
     state = await _authorize(request, raw)
@@ -255,6 +316,7 @@ async def _object(request: web.Request) -> tuple[NodeState, dict[str, Any]]:
 
 async def load_model(request: web.Request) -> web.Response:
     state, body = await _object(request)
+    state.refuse_if_yielding()
     evict = body.get("evict", [])
     if not isinstance(evict, list) or not all(isinstance(e, str) for e in evict):
         raise InvalidRequest("evict must be a list of model ids", param="evict")
@@ -416,6 +478,7 @@ def _prepare(
 async def submit_job(request: web.Request) -> web.StreamResponse:
     raw = await read_body(request)
     state = await _authorize(request, raw)
+    state.refuse_if_yielding()
     if state.draining:
         raise Unavailable(
             "this node is draining: it finishes running jobs and takes no new ones", retry_after=5

@@ -170,6 +170,12 @@ class ModelPool:
     def load(self) -> int:
         return sum(s.runner.active + s.runner.queued for s in self.slots.values() if s.runner)
 
+    def cancel_all(self) -> None:
+        """Cancel every job on every model (the node yields to its owner)."""
+        for slot in self.slots.values():
+            if slot.runner is not None:
+                slot.runner.cancel_all()
+
     def get(self, model_id: str) -> ModelSlot:
         slot = self.slots.get(model_id)
         if slot is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class ModelSettings(BaseModel):
@@ -75,6 +75,81 @@ class ModelSettings(BaseModel):
         if self.id:
             return self.id
         return self.path.name if self.path is not None else str(self.huggingface)
+
+
+DESKTOP_PROCESSES = [
+    "Xorg", "Xwayland", "gnome-shell", "kwin_x11", "kwin_wayland", "plasmashell", "mutter", "sway",
+    "Hyprland", "cinnamon", "xfwm4", "picom", "compiz",
+]  # fmt: skip
+
+
+class OwnerFirstSettings(BaseModel):
+    """When a volunteer's machine goes back to its owner (node.owner)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool | None = Field(
+        default=None,
+        description="Yield the machine to its owner when they need it. Unset: on for a community (volunteer) "
+        "node, off for a club server.",
+    )
+    hours: list[str] = Field(
+        default_factory=list,
+        max_length=32,
+        description='When the node may serve, in this machine\'s local time, e.g. ["Mon-Fri 19:00-08:00", '
+        '"Sat-Sun 00:00-24:00"] (a window that ends before it starts runs past midnight); outside them it '
+        "yields. Empty: any time.",
+    )
+    owner_processes: bool = Field(
+        default=True,
+        description="Yield while a GPU process that is not Hearth's (a game, a render, the owner's own "
+        "training) uses at least `process_min_bytes` of VRAM, as NVML reports it.",
+    )
+    process_min_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=0,
+        description="Smaller GPU processes (a browser's, a video player's) do not make the node yield.",
+    )
+    ignore_processes: list[str] = Field(
+        default_factory=lambda: list(DESKTOP_PROCESSES),
+        description="Program names whose GPU use never makes the node yield: the desktop itself.",
+    )
+    vram_ceiling: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Yield when the VRAM other processes use, plus what Hearth's models hold, would pass "
+        "this fraction of the GPUs' memory (e.g. 0.9). Unset: no ceiling.",
+    )
+    drain_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        description="How long running answers may go on once the node yields; then they are cancelled.",
+    )
+    release_after: float = Field(
+        default=10.0,
+        ge=0,
+        description="Seconds of yielding, with nothing running, after which the models are unloaded and "
+        "their memory goes back to the owner.",
+    )
+    resume_after: float = Field(
+        default=60.0,
+        ge=0,
+        description="How long every reason to yield must have been gone before the node serves again "
+        "(reloading what it unloaded).",
+    )
+    check_interval: float = Field(
+        default=5.0, gt=0, le=3600, description="Seconds between two looks at the clock and the GPUs."
+    )
+
+    @field_validator("hours")
+    @classmethod
+    def _windows(cls, value: list[str]) -> list[str]:
+        from node.owner import parse_window
+
+        for text in value:
+            parse_window(text)  # ValueError with what is wrong
+        return value
 
 
 class NodeSettings(BaseModel):
@@ -155,5 +230,9 @@ class NodeSettings(BaseModel):
         gt=0,
         description="Seconds between two checks that the scheduler's directory shows this node's current "
         "encryption key (an alarm is raised when it does not).",
+    )
+    owner_first: OwnerFirstSettings = Field(
+        default_factory=OwnerFirstSettings,
+        description="Owner first: when this machine stops serving so its owner can use it.",
     )
     models: list[ModelSettings] = Field(default_factory=list, description="Models this node serves.")

@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
+from hardware.probe import NodeProbe
+from hardware.probe import probe as probe_gpus
 from hearth.up import certify_local_node
 from node.app import load_transformers, start_node
 from node.backends.base import Backend, SamplingParams
@@ -194,7 +196,11 @@ async def start_stack(
     loader: BackendLoader = load_transformers,
     scheduler: dict[str, Any] | None = None,
     node: dict[str, Any] | None = None,
+    probe: Callable[[], NodeProbe] = probe_gpus,
+    wait_ready: bool = True,
 ) -> Stack:
+    """A scheduler and one node, in this process, ready to answer unless ``wait_ready`` is false.
+    ``probe``: what the node reads of its GPUs (NVML, or recorded fixtures for owner-first tests)."""
     node_settings = NodeSettings(
         models=models, advertise=False, heartbeat_interval=0.2, data_dir=data_dir / "node", **(node or {})
     )
@@ -203,9 +209,10 @@ async def start_stack(
     stack = await start_scheduler(data_dir, **(scheduler or {}))
     stack.node_id = node_settings.node_id
     node_settings = node_settings.model_copy(update={"scheduler_url": stack.base_url})
-    node_runner, stack.node_url, _ = await start_node(node_settings, trust=trust, loader=loader)
+    node_runner, stack.node_url, _ = await start_node(node_settings, trust=trust, loader=loader, probe=probe)
     stack.runners.append(node_runner)
-    await wait_for(lambda: _ready(stack, [m.model_id for m in models]), within=60)
+    if wait_ready:
+        await wait_for(lambda: _ready(stack, [m.model_id for m in models]), within=60)
     return stack
 
 
