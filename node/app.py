@@ -40,7 +40,7 @@ from aiohttp import web
 from hardware.probe import NodeProbe
 from hardware.probe import probe as probe_gpus
 from node.backends import load_backend
-from node.backends.base import SamplingParams
+from node.backends.base import CacheScope, SamplingParams
 from node.context import fit_messages, fit_prompt
 from node.keys import NodeKeys, ReplayMemory
 from node.metrics import NodeMetrics
@@ -75,6 +75,7 @@ KEEPALIVE_S = 10.0
 PROGRESS_S = 1.0
 INLINE_OPEN_BYTES = 64 * 1024
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_CACHE_SCOPE = re.compile(r"^[0-9a-f]{32}$")
 
 
 def load_transformers(model: ModelSettings, settings: NodeSettings) -> Any:
@@ -485,6 +486,9 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
         )
     node_id = state.settings.node_id
     sealed: SealedJob | None = None
+    # Sealed jobs share cached prompt pages with no other job: whoever relays them cannot vouch for who sent
+    # them, and a scheduler naming two users alike could time one's prompt through the other's.
+    scope: CacheScope | None = None
     out: Out | None = None  # a sealed job's is made below, while its prompt is prepared
     if request.content_type == SEALED_JOB:
         # Opening a chat-sized envelope takes ~0.2 ms: a thread hop would cost as much, and more under load.
@@ -502,7 +506,7 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
                 "this node takes plaintext jobs over loopback only; from elsewhere they must be sealed",
                 code="plaintext_refused",
             )
-        endpoint, request_id, req, job_id = _plain_job(parse_json(raw))
+        endpoint, request_id, req, job_id, scope = _plain_job(parse_json(raw))
         out = PlainFrames()
     slot = state.pool.get(req.model)
     if slot.phase != "ready" or slot.runner is None:
@@ -515,7 +519,7 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
         out = SealedOut(sealed, node_id)  # its key derivation overlaps with the prompt's tokenizing
     prepared = await preparing
     assert out is not None
-    job = slot.runner.submit(prepared.prompt_ids, prepared.params, req.stop_sequences())
+    job = slot.runner.submit(prepared.prompt_ids, prepared.params, req.stop_sequences(), scope)
     writer = ResponseWriter(
         endpoint, model=slot.id, request_id=request_id, stream=req.stream, include_usage=req.include_usage,
         created=sealed.created if sealed else None,
@@ -552,14 +556,21 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def _plain_job(body: Any) -> tuple[Endpoint, str, ChatCompletionRequest | CompletionRequest, str]:
+def _plain_job(
+    body: Any,
+) -> tuple[Endpoint, str, ChatCompletionRequest | CompletionRequest, str, CacheScope | None]:
     if not isinstance(body, dict) or body.get("endpoint") not in ("chat", "completion"):
         raise InvalidRequest("a job needs an endpoint ('chat' or 'completion') and a request")
     endpoint: Endpoint = body["endpoint"]
     request_id, job_id = str(body.get("request_id", "")), str(body.get("job_id", ""))
     if not _REQUEST_ID.match(request_id) or not _REQUEST_ID.match(job_id):
         raise InvalidRequest("a job needs a request_id and a job_id of 1-64 letters, digits, '-' or '_'")
-    return endpoint, request_id, parse_request(endpoint, body.get("request")), job_id
+    scope = body.get("cache_scope")
+    if scope is not None and (not isinstance(scope, str) or not _CACHE_SCOPE.match(scope)):
+        raise InvalidRequest("cache_scope must be 32 hexadecimal digits")
+    # The user's scope as the scheduler names it (it reads these requests anyway); none: shared with no one.
+    cache = CacheScope(b"user:" + scope.encode()) if scope else None
+    return endpoint, request_id, parse_request(endpoint, body.get("request")), job_id, cache
 
 
 @dataclass

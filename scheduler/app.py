@@ -21,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
+import hmac
 import json
 import logging
 import secrets
@@ -69,7 +71,17 @@ from scheduler.relay import (
     seal_toward,
 )
 from scheduler.settings import SchedulerSettings
-from scheduler.state import ADMISSION, FEDERATION, METRICS, RELAY, SETTINGS, STARTED, STORE, authenticate
+from scheduler.state import (
+    ADMISSION,
+    FEDERATION,
+    METRICS,
+    RELAY,
+    SCOPE_KEY,
+    SETTINGS,
+    STARTED,
+    STORE,
+    authenticate,
+)
 from scheduler.store import AsyncStore, TokenRecord, UsageRecord
 
 log = logging.getLogger("hearth.scheduler")
@@ -91,6 +103,7 @@ def create_app(settings: SchedulerSettings) -> web.Application:
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[STARTED] = int(time.time())
+    app[SCOPE_KEY] = secrets.token_bytes(32)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_cluster_ctx)
     app.router.add_get("/healthz", healthz)
@@ -335,7 +348,8 @@ async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamRespo
         try:
             if runtime is None or runtime.url is None:
                 raise Failover(HearthError("the chosen node left the cluster"))
-            sent, unsealer = job.attempt(), None
+            # A node reading the request may let this user's earlier prompts speed it up, never another's.
+            sent, unsealer = job.attempt(cache_scope=_cache_scope(app, ticket.node_id, user)), None
             if seal_always or not is_loopback(urlsplit(runtime.url).hostname):
                 sealing = functools.partial(
                     _seal_toward, federation, ticket.node_id, job, raw, preq.max_tokens
@@ -489,6 +503,13 @@ async def _admit_sealed(request: web.Request, endpoint: Endpoint) -> tuple[str, 
     # The usage row gets an id of the scheduler's own: the envelope's request id is the client's choice.
     job = RelayJob(secrets.token_hex(12), token.id, endpoint, header.model, True, raw, started)
     return token.id, preq, job
+
+
+def _cache_scope(app: web.Application, node_id: str, token_id: str) -> str:
+    """A user's prefix-cache scope on one node: the same for all of that user's plaintext requests there,
+    different per node, so no node learns a user id it could match with another's."""
+    mac = hmac.new(app[SCOPE_KEY], f"{node_id}\0{token_id}".encode(), hashlib.sha256)
+    return mac.hexdigest()[:32]
 
 
 def _tiers(settings: SchedulerSettings, token: TokenRecord) -> frozenset[str]:

@@ -58,11 +58,15 @@ class RelayJob:
     started: float
     job_id: str = ""  # one attempt's id, for the node's usage receipt (scheduler.ledger)
 
-    def attempt(self, body: bytes | None = None) -> RelayJob:
-        """This job for one node: a fresh job id, spliced into the body sent (``body``, else this one's)."""
+    def attempt(self, body: bytes | None = None, *, cache_scope: str | None = None) -> RelayJob:
+        """This job for one node: a fresh job id, spliced into the body sent (``body``, else this one's),
+        and for a plaintext job the user's prefix-cache scope on that node (node.runner)."""
         job_id = secrets.token_hex(8)
         sent = body if body is not None else self.body
-        return replace(self, job_id=job_id, body=b'{"job_id":"%s",%s' % (job_id.encode(), sent[1:]))
+        head = b'{"job_id":"%s",' % job_id.encode()
+        if cache_scope is not None:
+            head += b'"cache_scope":"%s",' % cache_scope.encode()
+        return replace(self, job_id=job_id, body=head + sent[1:])
 
 
 @dataclass(frozen=True, slots=True)

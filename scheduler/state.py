@@ -19,6 +19,8 @@ ADMISSION = web.AppKey("admission", Admission)
 RELAY = web.AppKey("relay", Relay)
 METRICS = web.AppKey("metrics", Metrics)
 STARTED = web.AppKey("started", int)
+# Keys each user's per-node prefix-cache scope (scheduler.app._cache_scope); new at every start.
+SCOPE_KEY = web.AppKey("scope_key", bytes)
 
 
 async def authenticate(request: web.Request) -> TokenRecord:
