@@ -12,7 +12,8 @@ from protocol.errors import ConfigError
 
 def demo_model(data_dir: Path) -> ModelSettings:
     path = build_demo_model(data_dir / "models" / DEMO_MODEL_ID)
-    return ModelSettings(path=path, id=DEMO_MODEL_ID)
+    # A toy of a few MB with 16-dimensional heads: the CPU reference backend runs it, even on a GPU box.
+    return ModelSettings(path=path, id=DEMO_MODEL_ID, backend="transformers")
 
 
 def resolve_model(spec: str, data_dir: Path) -> ModelSettings:

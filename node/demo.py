@@ -80,7 +80,7 @@ def build_demo_model(target: Path, *, seed: int = 0) -> Path:
     _sweep_stale_staging(target)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}{_STAGING_INFIX}", dir=target.parent))
     try:
-        vocab_size = _write_tokenizer(staging)
+        vocab_size = write_tokenizer(staging)
         _write_model(staging, vocab_size=vocab_size, seed=seed)
         (staging / MARKER).write_text(FORMAT_VERSION + "\n", encoding="utf-8")
         _install(staging, target)
@@ -148,7 +148,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _write_tokenizer(out: Path) -> int:
+def write_tokenizer(out: Path) -> int:
     """Train a byte-level BPE on the shipped corpus, write the tokenizer files, return the vocab size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 

@@ -145,10 +145,12 @@ class ModelPool:
         self.slots: dict[str, ModelSlot] = {}
         self.on_change: Callable[[], None] = lambda: None
         self.hf_cache = (settings.data_dir or Path(".")) / "hf"
-        self.backend = resolve(settings)
+        backends: set[str] = set()
         for model in settings.models:
+            backend = resolve(settings, model)
+            backends.add(backend)
             try:
-                fp, context, load_s = estimate(model, self.hf_cache, self.backend)
+                fp, context, load_s = estimate(model, self.hf_cache, backend)
             except ConfigError as exc:
                 if model.path is not None:
                     raise
@@ -157,6 +159,7 @@ class ModelPool:
                 self.slots[model.model_id] = ModelSlot(model, 0, None, 0.0, phase="failed")
                 continue
             self.slots[model.model_id] = ModelSlot(model, fp, context, load_s)
+        self.backend = ", ".join(sorted(backends)) or settings.backend  # what runs the models, in words
 
     @property
     def used_bytes(self) -> int:

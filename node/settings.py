@@ -39,6 +39,11 @@ class ModelSettings(BaseModel):
         default=1024, ge=1, description="Generated-token limit for chat requests that set no max_tokens."
     )
     max_queued: int = Field(default=64, ge=1, description="Requests waiting for this model before 503.")
+    backend: Literal["exllamav2", "transformers"] | None = Field(
+        default=None,
+        description="Run this model on this backend instead of the node's (`node.backend`): e.g. a small "
+        "model on the CPU beside GPU models.",
+    )
     max_sequences: int | None = Field(
         default=None,
         ge=1,

@@ -50,6 +50,7 @@ class NodeSpec:
     tier: str
     budget_bytes: int | None  # None: the node reads its GPUs' free VRAM
     models: list[tuple[Path, str, bool]]  # (directory, id, preload)
+    backend: str = "auto"
 
 
 @dataclass
@@ -171,6 +172,7 @@ class Cluster:
             "advert_interval = 0.3",
             'zeroconf_interfaces = ["127.0.0.1"]',
         ]
+        lines.append(f'backend = "{spec.backend}"')
         if spec.budget_bytes is not None:
             lines.append(f"memory_budget_bytes = {spec.budget_bytes}")
         if authority_key:

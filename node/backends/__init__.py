@@ -20,9 +20,11 @@ def _gpu_backend_missing() -> str | None:
     return available()
 
 
-def resolve(settings: NodeSettings) -> BackendName:
-    """The backend this node loads models with: the configured one, or for `auto` exllamav2 where it can
-    run (blocking the first time: importing exllamav2 builds its extension)."""
+def resolve(settings: NodeSettings, model: ModelSettings | None = None) -> BackendName:
+    """The backend a model loads with: its own, the node's, or for `auto` exllamav2 where it can run
+    (blocking the first time: importing exllamav2 builds its extension)."""
+    if model is not None and model.backend is not None:
+        return model.backend
     if settings.backend != "auto":
         return settings.backend
     missing = _gpu_backend_missing()
@@ -35,7 +37,7 @@ def resolve(settings: NodeSettings) -> BackendName:
 def load_backend(model: ModelSettings, settings: NodeSettings) -> Any:
     """Load one model with the node's backend (blocking: the pool calls it in a thread)."""
     assert model.path is not None, "the pool gives loaders a local path"
-    if resolve(settings) == "exllamav2":
+    if resolve(settings, model) == "exllamav2":
         from node.backends.exllamav2_backend import ExLlamaV2Backend
 
         return ExLlamaV2Backend.load(

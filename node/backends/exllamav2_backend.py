@@ -293,6 +293,12 @@ class ExLlamaV2Backend:
             if ids is not None:
                 step.tokens += [int(t) for t in ids[0].tolist()]
             if r.get("eos"):
+                if r.get("eos_reason") == "stop_token":
+                    # Tokens held back (an incomplete UTF-8 character) are not emitted with a stop token's
+                    # end: they come under "held", the stop token last (not part of the answer).
+                    held = (r.get("held") or {}).get("token_ids")
+                    if held is not None:
+                        step.tokens += [int(t) for t in held[0].tolist()[:-1]]
                 step.finish = "length" if r.get("eos_reason") == "max_new_tokens" else "stop"
                 self._jobs.pop(seq, None)
         return list(steps.values())

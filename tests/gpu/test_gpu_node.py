@@ -38,7 +38,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 def test_a_gpu_node_reports_its_vram_and_serves(cluster: Cluster) -> None:
     demo = build_demo_model(cluster.base / "models" / DEMO_MODEL_ID)
-    spec = NodeSpec("gpu-node", "club", None, [(demo, DEMO_MODEL_ID, True)])  # no budget: NVML decides
+    # The demo model's tiny shapes are not exllamav2's: the reference backend serves it here.
+    spec = NodeSpec("gpu-node", "club", None, [(demo, DEMO_MODEL_ID, True)], backend="transformers")
     cluster.enroll(spec)
     cluster.start_node(spec)
     cluster.approve("gpu-node")
@@ -54,3 +55,32 @@ def test_a_gpu_node_reports_its_vram_and_serves(cluster: Cluster) -> None:
     assert doc["memory_free_bytes"] < doc["memory_total_bytes"]  # the loaded demo model is accounted for
     r = chat(cluster.url, cluster.token, DEMO_MODEL_ID)
     assert r.status_code == 200, r.text
+
+
+def test_an_exllamav2_node_serves_the_openai_client_with_batching(cluster: Cluster) -> None:
+    from openai import OpenAI
+
+    from node.backends.exllamav2_backend import available
+    from tests.gpu.gpu_model import build_gpu_model
+
+    if available() is not None:
+        pytest.skip(f"exllamav2 cannot run: {available()}")
+    model = build_gpu_model(cluster.base / "models" / "llama-3.2-1b", "llama-3.2-1b")
+    spec = NodeSpec("exl2-node", "club", None, [(model, "llama-1b", True)], backend="exllamav2")
+    cluster.enroll(spec)
+    cluster.start_node(spec)
+    cluster.approve("exl2-node")
+    cluster.wait(
+        lambda: cluster.model_phase("exl2-node", "llama-1b") == "ready", "the exllamav2 node is ready", 300
+    )
+    doc = cluster.node_doc("exl2-node")
+    assert doc is not None
+    (status,) = [m for m in doc["models"] if m["id"] == "llama-1b"]
+    print("the exllamav2 model as the scheduler sees it:", status)
+    client = OpenAI(base_url=cluster.url + "/v1", api_key=cluster.token)
+    stream = client.chat.completions.create(
+        model="llama-1b", messages=[{"role": "user", "content": "hello"}], max_tokens=40, stream=True,
+        extra_body={"ignore_eos": True, "top_k": 40, "min_p": 0.05, "repetition_penalty": 1.1},
+    )  # fmt: skip
+    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert "".join(pieces), "the stream carried text"

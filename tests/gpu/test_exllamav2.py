@@ -1,0 +1,91 @@
+"""The exllamav2 backend on a GPU: the backend contract (the same checks the CPU reference passes), prefix
+cache isolation between users, continuous batching, cancellation, and a real node serving through it.
+Run with `bash tests/gpu/run.sh`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from node.backends.base import BatchBackend, CacheScope, SamplingParams
+from node.backends.exllamav2_backend import available
+from tests.gpu.gpu_model import build_gpu_model
+from tests.node.backend_contract import CONTRACT, drive, drive_all
+
+missing = available()
+pytestmark = pytest.mark.skipif(missing is not None, reason=f"exllamav2 cannot run: {missing}")
+
+CACHE_TOKENS = 16 * 1024
+
+
+@pytest.fixture(scope="session")
+def gpu_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_gpu_model(tmp_path_factory.getbasetemp() / "llama-3.2-1b", "llama-3.2-1b")
+
+
+@pytest.fixture(scope="module")
+def backend(gpu_model: Path) -> Iterator[BatchBackend]:
+    from node.backends.exllamav2_backend import ExLlamaV2Backend
+
+    loaded = ExLlamaV2Backend.load(gpu_model, cache_tokens=CACHE_TOKENS, max_sequences=8)
+    yield loaded
+    loaded.close()
+
+
+@pytest.mark.parametrize("check", CONTRACT, ids=lambda c: c.__name__)
+def test_exllamav2_meets_the_backend_contract(
+    backend: BatchBackend, check: Callable[[BatchBackend], None]
+) -> None:
+    check(backend)
+
+
+def test_the_cache_is_reported_in_pages(backend: BatchBackend) -> None:
+    cache = backend.cache()
+    assert (cache.total_tokens, cache.page_tokens) == (CACHE_TOKENS, 256)
+    assert cache.max_sequences == 8, "flash-attn is missing: exllamav2 runs unpaged, one sequence at a time"
+
+
+def _long_prompt(backend: BatchBackend) -> list[int]:
+    ids = backend.encode(
+        "Shared preamble that two different users might both send. " * 60, add_special_tokens=True
+    )
+    assert len(ids) > 2 * 256, "the prompt must fill whole cache pages"
+    return ids
+
+
+def _cached_pages(backend: BatchBackend, prompt: list[int], scope: CacheScope) -> int:
+    seq = backend.admit(prompt, SamplingParams(max_new_tokens=2, temperature=0.0, ignore_eos=True), scope)
+    assert seq is not None
+    job = backend._jobs[seq]  # type: ignore[attr-defined]
+    drive(backend, seq)
+    return int(job.cached_pages)
+
+
+def test_one_users_cached_prompt_never_speeds_up_anothers(backend: BatchBackend) -> None:
+    prompt = _long_prompt(backend)
+    alice, bob = CacheScope(b"user:alice"), CacheScope(b"user:bob")
+    assert _cached_pages(backend, prompt, alice) == 0, "a fresh cache has nothing to reuse"
+    assert _cached_pages(backend, prompt, alice) >= 2, "the same user's next turn reuses the prompt's pages"
+    assert _cached_pages(backend, prompt, bob) == 0, "another user's identical prompt is computed in full"
+    assert _cached_pages(backend, prompt, CacheScope.private()) == 0
+
+
+def test_jobs_run_batched_and_a_cancelled_one_frees_its_pages_at_once(backend: BatchBackend) -> None:
+    total = backend.cache().total_tokens
+    prompt = backend.encode("Tell me a story.", add_special_tokens=True)
+    params = SamplingParams(max_new_tokens=200, temperature=0.8, ignore_eos=True)
+    seqs = [backend.admit(prompt, params, CacheScope.private()) for _ in range(4)]
+    assert None not in seqs
+    together = 0
+    for _ in range(20):
+        together = max(together, sum(1 for s in backend.step() if s.tokens))
+    assert together == 4, "the four jobs produce tokens in the same iteration"
+    victim, *rest = seqs
+    assert victim is not None
+    backend.cancel(victim)
+    assert all(s.seq != victim for s in backend.step())
+    ends = drive_all(backend, [s for s in rest if s is not None])
+    assert all(len(tokens) == 200 and finish == "length" for tokens, finish in ends.values())
+    assert backend.cache().free_tokens == total
