@@ -158,18 +158,25 @@ def _admin_command(fn: Callable[..., Any]) -> Callable[..., Any]:
 @node.command("list")
 @_admin_command
 def node_list(scheduler_url: str | None, token: str | None) -> None:
-    """Approved nodes: health, drain, models, their current encryption key and any alarm."""
+    """Approved nodes: health, drain, owner first, models, their current encryption key and any alarm."""
     rows = AdminClient(scheduler_url, token).get("/admin/nodes")["nodes"]
     _echo_rows(
         [
             [
                 r["node_id"], r["tier"], "yes" if r["healthy"] else "no", "yes" if r["draining"] else "no",
-                ",".join(m["id"] for m in r["models"]) or "-", r.get("key_id") or "-", r.get("alarm") or "-",
+                _yielding(r), ",".join(m["id"] for m in r["models"]) or "-", r.get("key_id") or "-",
+                r.get("alarm") or "-",
             ]
             for r in rows
         ],
-        ["NODE", "TIER", "HEALTHY", "DRAINING", "MODELS", "KEY", "ALARM"],
+        ["NODE", "TIER", "HEALTHY", "DRAINING", "YIELDING", "MODELS", "KEY", "ALARM"],
     )  # fmt: skip
+
+
+def _yielding(row: dict[str, Any]) -> str:
+    if not row.get("yielding"):
+        return "no"
+    return f"yes: {row['yield_reason']}" if row.get("yield_reason") else "yes"
 
 
 @node.command("revoke")

@@ -203,6 +203,10 @@ def test_a_volunteer_node_yields_to_its_owner_and_comes_back(
         assert "yielding to its owner" in status.output and "models unloaded" in status.output
         assert f"because the owner's python3 (pid {OWNER_PID}) uses 6.0 GiB on GPU 0" in status.output
         assert "reloaded when it serves again: hearth-demo" in status.output
+        # The operator sees it too, with the reason.
+        listed = cli.invoke(main, ["node", "list", "--scheduler", stack.base_url, "--token", stack.token])
+        assert listed.exit_code == 0, listed.output
+        assert f"yes: the owner's python3 (pid {OWNER_PID}) uses 6.0 GiB on GPU 0" in listed.output
 
         gpus.now = QUIET  # the owner is done
         servers.call(wait_for(_yielding(stack, False), within=10))
