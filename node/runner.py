@@ -159,6 +159,8 @@ class JobRunner:
             job.post(Delta("", 0, "cancelled"))
 
     def _take(self, *, block: bool) -> None:
+        if not block and self._inbox.empty():
+            return  # the usual case between two steps: no exception to raise and catch
         try:
             job = self._inbox.get(block=block)
             while True:
