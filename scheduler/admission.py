@@ -28,6 +28,7 @@ from protocol.errors import (
 )
 from scheduler.fairness import VirtualTokenCounter
 from scheduler.placement import ClusterSnapshot, Placement, PlacementRequest, Refusal, place
+from scheduler.placement.filters.cache import tokens_needed
 from scheduler.registry import Registry, Ticket
 
 log = logging.getLogger("hearth.scheduler.admission")
@@ -117,7 +118,7 @@ class Admission:
         # Dispatch charged the reservation; refund the difference now that the real counts are known.
         self._fair.charge(
             ticket.user,
-            prompt_tokens - (ticket.reserved - ticket.max_new),
+            prompt_tokens - ticket.prompt,
             completion_tokens - ticket.max_new,
         )
         self.wake()
@@ -170,8 +171,11 @@ class Admission:
         if model is not None and model.context_length:
             max_new = min(max_new, model.context_length)
             reserved = min(reserved, model.context_length)
-        self._fair.charge(user, reserved - max_new, max_new)
-        return self._registry.begin(decision.node_id, request.model, reserved, max_new, user=user)
+        prompt = reserved - max_new
+        self._fair.charge(user, prompt, max_new)
+        # The node's cache holds whole pages for it (exllamav2: 256 tokens each), as placement counted.
+        cache = tokens_needed(request, model) if model is not None else reserved
+        return self._registry.begin(decision.node_id, request.model, cache, max_new, user=user, prompt=prompt)
 
 
 def _placed(future: asyncio.Future[Ticket]) -> bool:

@@ -35,9 +35,10 @@ class Ticket:
 
     node_id: str
     model: str
-    reserved: int
+    reserved: int  # cache tokens held on the node (whole pages)
     max_new: int
     user: str = ""
+    prompt: int = 0  # prompt tokens charged to the user when it began (refunded against the real count)
 
 
 @dataclass
@@ -158,13 +159,15 @@ class Registry:
 
     # work in flight
 
-    def begin(self, node_id: str, model: str, reserved: int, max_new: int, *, user: str = "") -> Ticket:
+    def begin(
+        self, node_id: str, model: str, reserved: int, max_new: int, *, user: str = "", prompt: int = 0
+    ) -> Ticket:
         entry = self.nodes[node_id].inflight.setdefault(model, _Inflight())
         entry.active += 1
         entry.reserved += reserved
         entry.outstanding += max_new
         self._touch(node_id, model)
-        return Ticket(node_id, model, reserved, max_new, user)
+        return Ticket(node_id, model, reserved, max_new, user, prompt)
 
     def end(self, ticket: Ticket) -> None:
         runtime = self.nodes.get(ticket.node_id)

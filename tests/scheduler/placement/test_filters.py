@@ -48,6 +48,8 @@ CASES = [
     (cache_admission, request(), node("n1", model(reserved_tokens=16384 - 300)), ("busy", "cache")),  # 356 needed, 300 free
     (cache_admission, request(), node("n1", model(reserved_tokens=16384 - 356)), None),  # exactly enough
     (cache_admission, request(max_tokens=None), node("n1", model(reserved_tokens=16384 - 600)), ("busy", "cache")),  # default max_tokens counts
+    (cache_admission, request(), node("n1", model(page_tokens=256, reserved_tokens=16384 - 511)), ("busy", "cache")),  # 356 is two 256-token pages
+    (cache_admission, request(), node("n1", model(page_tokens=256, reserved_tokens=16384 - 512)), None),  # exactly two pages free
     (cache_admission, request(), node("n1", model(phase="available")), None),  # cold: memory's business
 ]
 # fmt: on
