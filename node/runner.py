@@ -57,12 +57,13 @@ class Job:
     def cancel(self) -> None:
         self.cancelled.set()
 
-    def post(self, delta: Delta) -> None:
-        """Called from the generation thread."""
-        try:
-            self._loop.call_soon_threadsafe(self._events.put_nowait, delta)
-        except RuntimeError:  # the loop is closed: the node is shutting down
-            self.cancelled.set()
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def deliver(self, delta: Delta) -> None:
+        """On the event loop: a delta for the handler reading this job."""
+        self._events.put_nowait(delta)
 
     async def next_deltas(self) -> list[Delta]:
         """Wait for at least one delta, then take every one already waiting (one write for a burst)."""
@@ -70,6 +71,11 @@ class Job:
         while not self._events.empty():
             deltas.append(self._events.get_nowait())
         return deltas
+
+
+def _deliver(out: list[tuple[Job, Delta]]) -> None:
+    for job, delta in out:
+        job.deliver(delta)
 
 
 @dataclass(slots=True)
@@ -96,6 +102,7 @@ class JobRunner:
         self._active = 0
         self._lock = threading.Lock()
         self._stopping = False
+        self._outbox: list[tuple[Job, Delta]] = []  # deltas of this iteration, handed over together
         self.started = 0
         self.skipped = 0
 
@@ -153,10 +160,27 @@ class JobRunner:
             self._reap()
             if self._running:
                 self._step()
+            self._flush()
         for seq in list(self._running):
             self._end(seq, "cancelled")
         for job in self._waiting:
-            job.post(Delta("", 0, "cancelled"))
+            self._post(job, Delta("", 0, "cancelled"))
+        self._flush()
+
+    def _post(self, job: Job, delta: Delta) -> None:
+        self._outbox.append((job, delta))
+
+    def _flush(self) -> None:
+        """Hand this iteration's deltas to the event loop in one wake-up (not one per job)."""
+        if not self._outbox:
+            return
+        out, self._outbox = self._outbox, []
+        loop = out[0][0].loop
+        try:
+            loop.call_soon_threadsafe(_deliver, out)
+        except RuntimeError:  # the loop is closed: the node is shutting down
+            for job, _ in out:
+                job.cancel()
 
     def _take(self, *, block: bool) -> None:
         if not block and self._inbox.empty():
@@ -180,7 +204,7 @@ class JobRunner:
             if job.cancelled.is_set():
                 self._dequeue()
                 self.skipped += 1  # its client left while it waited: it never touches the model
-                job.post(Delta("", 0, "cancelled"))
+                self._post(job, Delta("", 0, "cancelled"))
                 continue
             failed = False
             try:
@@ -195,7 +219,7 @@ class JobRunner:
                 return  # it waits for running jobs to end
             self._dequeue()
             if seq is None:  # it failed, or an idle cache has no room for it: it would wait for ever
-                job.post(Delta("", 0, "error"))
+                self._post(job, Delta("", 0, "error"))
                 continue
             run = _Running(job, IncrementalDecoder(self.backend.decode), StopMatcher(job.stops))
             with self._lock:
@@ -238,9 +262,11 @@ class JobRunner:
                     text, stopped = run.stopper.push(run.decoder.flush())
                     parts.append(text if stopped else text + run.stopper.flush())
                     self._forget(step.seq)
-                    run.job.post(Delta("".join(parts), run.produced, "stop" if stopped else step.finish))
+                    self._post(
+                        run.job, Delta("".join(parts), run.produced, "stop" if stopped else step.finish)
+                    )
                 elif any(parts):
-                    run.job.post(Delta("".join(parts), run.produced))
+                    self._post(run.job, Delta("".join(parts), run.produced))
 
     def _end(self, seq: int, reason: FinishReason, text: str = "") -> None:
         """End a sequence the backend is still running (cancelled, stopped by a stop string, failed)."""
@@ -249,7 +275,7 @@ class JobRunner:
             self.backend.cancel(seq)
         except Exception as exc:
             log_unexpected("cancelling a job", exc)
-        run.job.post(Delta(text, run.produced, reason))
+        self._post(run.job, Delta(text, run.produced, reason))
 
     def _forget(self, seq: int) -> _Running:
         with self._lock:
