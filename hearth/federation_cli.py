@@ -97,18 +97,24 @@ def node() -> None:
 @click.option("--host", default=None, help="Address the node listens on (default 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Port (default: a free one).")
 @click.option("--memory-budget", default=None, help="CPU node: memory its models may use, e.g. 8GiB.")
+@click.option(
+    "--backend", type=click.Choice(["auto", "exllamav2", "transformers"]), default=None,
+    help="What runs the models (default: node.backend, auto).",
+)  # fmt: skip
 @data_dir_option
 @config_option
 @one_line_errors
 def node_start(
     model_paths: tuple[str, ...], demo: bool, host: str | None, port: int | None, memory_budget: str | None,
-    data_dir: Path | None, config: Path | None,
+    backend: str | None, data_dir: Path | None, config: Path | None,
 ) -> None:  # fmt: skip
     """Serve models to the scheduler this node enrolled with."""
     from hearth.models import demo_model, resolve_model
     from hearth.serve import serve_node
 
-    overrides: dict[str, Any] = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+    overrides: dict[str, Any] = {
+        k: v for k, v in (("host", host), ("port", port), ("backend", backend)) if v is not None
+    }
     if memory_budget is not None:
         overrides["memory_budget_bytes"] = _size(memory_budget)
     settings = settings_for(config, data_dir, **({"node": overrides} if overrides else {}))

@@ -7,6 +7,7 @@ import logging
 from typing import Any, Literal
 
 from node.settings import ModelSettings, NodeSettings
+from protocol.errors import ConfigError
 
 log = logging.getLogger("hearth.node")
 
@@ -23,10 +24,15 @@ def _gpu_backend_missing() -> str | None:
 def resolve(settings: NodeSettings, model: ModelSettings | None = None) -> BackendName:
     """The backend a model loads with: its own, the node's, or for `auto` exllamav2 where it can run
     (blocking the first time: importing exllamav2 builds its extension)."""
-    if model is not None and model.backend is not None:
-        return model.backend
-    if settings.backend != "auto":
-        return settings.backend
+    chosen = model.backend if model is not None and model.backend is not None else settings.backend
+    if chosen == "exllamav2":
+        missing = _gpu_backend_missing()
+        if missing is not None:
+            raise ConfigError(
+                f'the exllamav2 backend cannot run here: {missing} (or choose backend = "transformers")'
+            )
+    if chosen != "auto":
+        return chosen
     missing = _gpu_backend_missing()
     if missing is None:
         return "exllamav2"
