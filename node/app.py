@@ -48,7 +48,7 @@ from node.openai_format import ResponseWriter
 from node.owner import OwnerFirst
 from node.pool import BackendLoader, ModelPool, ModelSlot
 from node.receipts import Receipts
-from node.runner import Job
+from node.runner import Job, JobRunner
 from node.sealed import SealedFrames, SealedJob, open_job
 from node.settings import ModelSettings, NodeSettings
 from node.templates import Message
@@ -408,12 +408,13 @@ Out = PlainFrames | SealedOut
 
 
 def _prepare(
-    slot: ModelSlot, req: ChatCompletionRequest | CompletionRequest, sent_text: str = ""
+    slot: ModelSlot, runner: JobRunner, req: ChatCompletionRequest | CompletionRequest, sent_text: str = ""
 ) -> Prepared:
     """Render, tokenize and fit the prompt (CPU work: runs in a thread). ``sent_text`` is what another
-    node already answered (blind failover): it goes on after the prompt, and counts against max_tokens."""
-    assert slot.runner is not None and slot.template is not None
-    backend = slot.runner.backend
+    node already answered (blind failover): it goes on after the prompt, and counts against max_tokens.
+    ``runner`` is the slot's as the job arrived (the model may be unloaded meanwhile)."""
+    assert slot.template is not None
+    backend = runner.backend
     context = backend.context_length
     requested = req.requested_max_tokens
     sent = backend.encode(sent_text, add_special_tokens=False) if sent_text else []
@@ -509,17 +510,18 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
         endpoint, request_id, req, job_id, scope = _plain_job(parse_json(raw))
         out = PlainFrames()
     slot = state.pool.get(req.model)
-    if slot.phase != "ready" or slot.runner is None:
+    runner = slot.runner
+    if slot.phase != "ready" or runner is None:
         raise Unavailable(f"the model '{req.model}' is not loaded here ({slot.phase})", retry_after=5)
     slot.last_used = time.monotonic()
     preparing = asyncio.get_running_loop().run_in_executor(
-        None, functools.partial(_prepare, slot, req, sealed.sent_text if sealed else "")
+        None, functools.partial(_prepare, slot, runner, req, sealed.sent_text if sealed else "")
     )
     if sealed is not None:
         out = SealedOut(sealed, node_id)  # its key derivation overlaps with the prompt's tokenizing
     prepared = await preparing
     assert out is not None
-    job = slot.runner.submit(prepared.prompt_ids, prepared.params, req.stop_sequences(), scope)
+    job = runner.submit(prepared.prompt_ids, prepared.params, req.stop_sequences(), scope)
     writer = ResponseWriter(
         endpoint, model=slot.id, request_id=request_id, stream=req.stream, include_usage=req.include_usage,
         created=sealed.created if sealed else None,

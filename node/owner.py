@@ -25,7 +25,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import PurePath
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from node.settings import OwnerFirstSettings
 
@@ -111,23 +111,40 @@ def _program(name: str) -> str:
     return PurePath(name.split(" ")[0]).name or name
 
 
+class Reason(NamedTuple):
+    """Why the node yields: ``kind`` (its words for the club, PUBLIC) and ``detail`` for the owner alone."""
+
+    kind: Literal["hours", "owner_process", "vram_ceiling"]
+    detail: str
+
+
+# What the scheduler and the operator are told: that the owner needs the machine, not what they run on it.
+PUBLIC = {
+    "hours": "outside the hours its owner lends it",
+    "owner_process": "its owner is using the GPU",
+    "vram_ceiling": "its owner needs the GPU's memory",
+}
+
+
 def assess(
     settings: OwnerFirstSettings,
     now: datetime,
     found: NodeProbe | None,
     *,
     own_pids: Collection[int],
-    hearth_bytes: int,
-) -> tuple[str, ...]:
-    """Why the node must yield now, in words for the operator and the owner; empty when it may serve.
+    resident_bytes: int,
+    planned_bytes: int,
+) -> tuple[Reason, ...]:
+    """Why the node must yield now; empty when it may serve.
 
     ``found`` is the GPUs as NVML sees them (None on a box without them: only the hours apply);
-    ``own_pids`` the node's own processes; ``hearth_bytes`` what its models hold, or will hold once
-    reloaded (so the ceiling does not flip back and forth as they are unloaded and reloaded)."""
-    reasons: list[str] = []
+    ``own_pids`` the node's own processes; ``resident_bytes`` what its models hold now, ``planned_bytes``
+    what they hold once those it unloaded for the owner are back (the ceiling counts that, so it does not
+    flip back and forth as they are unloaded and reloaded)."""
+    reasons: list[Reason] = []
     windows = [parse_window(h) for h in settings.hours]
     if windows and not any(w.covers(now) for w in windows):
-        reasons.append(f"outside its hours ({', '.join(settings.hours)})")
+        reasons.append(Reason("hours", f"outside its hours ({', '.join(settings.hours)})"))
     if found is None or not found.gpus:
         return tuple(reasons)
     if settings.owner_processes:
@@ -142,16 +159,20 @@ def assess(
                 if proc.used_bytes is not None and proc.used_bytes < settings.process_min_bytes:
                     continue
                 use = f"uses {_gib(proc.used_bytes)} on" if proc.used_bytes is not None else "is using"
-                reasons.append(f"the owner's {program} (pid {proc.pid}) {use} GPU {gpu.index}")
+                detail = f"the owner's {program} (pid {proc.pid}) {use} GPU {gpu.index}"
+                reasons.append(Reason("owner_process", detail))
     if settings.vram_ceiling is not None:
         total = sum(g.vram_total_bytes for g in found.gpus)
+        # Hearth's own use: as NVML attributes it to this process, or (a node in a container, whose pid
+        # NVML does not show) what its resident models are estimated to hold.
         own = sum(p.used_bytes or 0 for g in found.gpus for p in g.processes if p.pid in own_pids)
-        others = max(0, sum(g.vram_used_bytes for g in found.gpus) - own)
-        if others + hearth_bytes > settings.vram_ceiling * total:
-            reasons.append(
+        others = max(0, sum(g.vram_used_bytes for g in found.gpus) - max(own, resident_bytes))
+        if others + planned_bytes > settings.vram_ceiling * total:
+            detail = (
                 f"other processes use {_gib(others)} of {_gib(total)} VRAM: with Hearth's "
-                f"{_gib(hearth_bytes)} that is over the {settings.vram_ceiling:.0%} ceiling"
+                f"{_gib(planned_bytes)} that is over the {settings.vram_ceiling:.0%} ceiling"
             )
+            reasons.append(Reason("vram_ceiling", detail))
     return tuple(reasons)
 
 
@@ -175,7 +196,7 @@ class OwnerFirst:
         self._clock = clock
         self._now = now
         self.phase: Phase = "serving"
-        self.reasons: tuple[str, ...] = ()
+        self.reasons: tuple[Reason, ...] = ()
         self.since: datetime | None = None  # when the node began to yield
         self.released: list[str] = []  # models unloaded for the owner, reloaded on return
         self._yielded_at = 0.0
@@ -188,9 +209,11 @@ class OwnerFirst:
 
     @property
     def reason(self) -> str | None:
+        """Why, as the club is told it (the kinds of reasons, not the owner's programs)."""
         if not self.yielding:
             return None
-        text = "; ".join(self.reasons) or "coming back: waiting for the owner's use to stay away"
+        kinds = dict.fromkeys(PUBLIC[r.kind] for r in self.reasons)
+        text = "; ".join(kinds) or "coming back once its owner's use has stayed away"
         return text if len(text) <= MAX_REASON else text[: MAX_REASON - 1] + "…"
 
     def _needs_probe(self) -> bool:
@@ -203,21 +226,26 @@ class OwnerFirst:
             return
         found = await asyncio.to_thread(self._probe) if self._needs_probe() and self._probe else None
         pool = node.pool
-        planned = pool.used_bytes + sum(pool.get(m).footprint_bytes for m in self.released)
-        reasons = assess(self.settings, self._now(), found, own_pids=self.own_pids, hearth_bytes=planned)
+        resident = pool.used_bytes
+        planned = resident + sum(pool.get(m).footprint_bytes for m in self.released)
+        reasons = assess(
+            self.settings, self._now(), found, own_pids=self.own_pids, resident_bytes=resident,
+            planned_bytes=planned,
+        )  # fmt: skip
         now = self._clock()
+        # Heartbeats carry the reason as it is at each beat; a change of kind is worth one at once.
+        kinds_changed = {r.kind for r in reasons} != {r.kind for r in self.reasons}
+        self.reasons = reasons
         if reasons:
             self._clear_since = None
-            if reasons != self.reasons:
-                self.reasons = reasons
-                node.touch()
             if self.phase == "serving":
                 self.phase, self._yielded_at, self._cancelled = "yielding", now, False
                 self.since = self._now()
-                log.warning("yielding to the owner: %s", "; ".join(reasons))
+                log.warning("yielding to the owner: %s", "; ".join(r.detail for r in reasons))
+            if kinds_changed:
+                node.touch()
         elif self.yielding:
-            if self.reasons:
-                self.reasons = ()
+            if kinds_changed:
                 node.touch()
             if self._clear_since is None:
                 self._clear_since = now
@@ -230,16 +258,16 @@ class OwnerFirst:
     def _drain(self, node: NodeState, now: float) -> None:
         pool = node.pool
         waited = now - self._yielded_at
-        if pool.load and waited >= self.settings.drain_seconds and not self._cancelled:
-            log.warning(
-                "cancelling %d answers still running %.0f s after yielding to the owner", pool.load, waited
-            )
+        if pool.load and waited >= self.settings.drain_seconds:
+            # Again at every look: a job that was being prepared as the node began to yield comes later.
+            if not self._cancelled:
+                log.warning("cancelling %d answers still running %.0f s after yielding", pool.load, waited)
+                self._cancelled = True
             pool.cancel_all()
-            self._cancelled = True
+        if any(s.phase == "loading" for s in pool.slots.values()):
+            return  # a load in flight would bring its model back once done: unload after it finishes
         if not pool.load and waited >= self.settings.release_after:
-            self.released = [
-                s.id for s in pool.slots.values() if s.phase in ("ready", "loading") and not s.busy
-            ]
+            self.released = [s.id for s in pool.slots.values() if s.phase == "ready" and not s.busy]
             for model_id in self.released:
                 pool.unload(model_id)
             self.phase = "released"
@@ -270,7 +298,8 @@ class OwnerFirst:
         return {
             "enabled": self.enabled,
             "phase": self.phase if self.enabled else "serving",
-            "reasons": list(self.reasons),
+            "reasons": [r.detail for r in self.reasons],
+            "reason": self.reason,
             "since": self.since.isoformat(timespec="seconds") if self.since else None,
             "hours": list(self.settings.hours),
             "released": list(self.released),

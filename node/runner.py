@@ -73,6 +73,13 @@ class Job:
         return deltas
 
 
+class _Wake:
+    """Put in the inbox to wake the runner thread (cancel_all)."""
+
+
+_WAKE = _Wake()
+
+
 def _deliver(out: list[tuple[Job, Delta]]) -> None:
     for job, delta in out:
         job.deliver(delta)
@@ -94,14 +101,16 @@ class JobRunner:
     def __init__(self, backend: Backend | BatchBackend, *, max_queued: int = 64, name: str = "model") -> None:
         self.backend = as_batch(backend)
         self._max_queued = max_queued
-        self._inbox: queue.Queue[Job | None] = queue.Queue()
+        self._inbox: queue.Queue[Job | _Wake | None] = queue.Queue()
         self._thread = threading.Thread(target=self._work, name=f"hearth-gen-{name}", daemon=True)
         self._waiting: collections.deque[Job] = collections.deque()  # taken from the inbox, not admitted
         self._running: dict[int, _Running] = {}
         self._queued = 0
         self._active = 0
         self._lock = threading.Lock()
-        self._stopping = False
+        self._stopping = False  # the runner thread saw the end of its inbox
+        self._closed = False  # stop() was called: no new jobs
+        self._cancel_requested = threading.Event()  # cancel_all(), applied by the runner thread
         self._outbox: list[tuple[Job, Delta]] = []  # deltas of this iteration, handed over together
         self.started = 0
         self.skipped = 0
@@ -118,23 +127,25 @@ class JobRunner:
         self._thread.start()
 
     def cancel_all(self) -> None:
-        """Cancel every job, running or waiting (the node yields its GPU to the owner)."""
-        with self._lock:
-            for run in self._running.values():
-                run.job.cancel()
-            for job in self._waiting:
-                job.cancel()
-        for job in list(self._inbox.queue):
-            if job is not None:
-                job.cancel()
+        """Cancel every job submitted so far, running or waiting (the node yields its GPU to the owner).
+        The runner thread applies it before its next step; it owns the queues."""
+        self._cancel_requested.set()
+        self._inbox.put_nowait(_WAKE)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Cancel everything and join the thread (blocking: call it off the loop)."""
-        self.cancel_all()
-        self._inbox.put(None)
+        """Cancel everything, end the thread, which releases the model (blocking: call it off the loop)."""
+        with self._lock:  # after this, no job can follow the end marker into the inbox
+            self._closed = True
+            self.cancel_all()
+            self._inbox.put(None)
+        if not self._thread.is_alive() and self._thread.ident is None:
+            self.backend.close()  # never started: nothing else will
+            return
+        self._thread.join(timeout)
         if self._thread.is_alive():
-            self._thread.join(timeout)
-        self.backend.close()
+            log.warning(
+                "the generation thread is still in a step after %.0f s; it frees the model when done", timeout
+            )
 
     def submit(
         self,
@@ -144,28 +155,40 @@ class JobRunner:
         scope: CacheScope | None = None,
     ) -> Job:
         with self._lock:
+            if self._closed:
+                raise Unavailable("this model is being unloaded; try again shortly", retry_after=5)
             if self._queued >= self._max_queued:
                 raise Unavailable("this node's queue is full; try again shortly", retry_after=2)
             self._queued += 1
-        job = Job(prompt_ids, params, stops, asyncio.get_running_loop(), scope)
-        self._inbox.put(job)
+            job = Job(prompt_ids, params, stops, asyncio.get_running_loop(), scope)
+            self._inbox.put(job)
         return job
 
     def _work(self) -> None:
-        while not self._stopping:
-            self._take(block=not self._running and not self._waiting)
-            if self._stopping:
-                break
-            self._admit()
-            self._reap()
-            if self._running:
-                self._step()
+        try:
+            while not self._stopping:
+                self._take(block=not self._running and not self._waiting)
+                if self._cancel_requested.is_set():
+                    self._cancel_requested.clear()
+                    for job in [*self._waiting, *(run.job for run in self._running.values())]:
+                        job.cancel()
+                if self._stopping:
+                    break
+                self._admit()
+                self._reap()
+                if self._running:
+                    self._step()
+                self._flush()
+            for seq in list(self._running):
+                self._end(seq, "cancelled")
+            while self._waiting:
+                self._post(self._dequeue(), Delta("", 0, "cancelled"))
             self._flush()
-        for seq in list(self._running):
-            self._end(seq, "cancelled")
-        for job in self._waiting:
-            self._post(job, Delta("", 0, "cancelled"))
-        self._flush()
+        finally:
+            try:
+                self.backend.close()
+            except Exception as exc:
+                log_unexpected("unloading a model", exc)
 
     def _post(self, job: Job, delta: Delta) -> None:
         self._outbox.append((job, delta))
@@ -175,12 +198,15 @@ class JobRunner:
         if not self._outbox:
             return
         out, self._outbox = self._outbox, []
-        loop = out[0][0].loop
-        try:
-            loop.call_soon_threadsafe(_deliver, out)
-        except RuntimeError:  # the loop is closed: the node is shutting down
-            for job, _ in out:
-                job.cancel()
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, Delta]]] = {}
+        for item in out:
+            by_loop.setdefault(item[0].loop, []).append(item)
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the loop is closed: the node is shutting down
+                for job, _ in items:
+                    job.cancel()
 
     def _take(self, *, block: bool) -> None:
         if not block and self._inbox.empty():
@@ -191,7 +217,8 @@ class JobRunner:
                 if job is None:
                     self._stopping = True
                     return
-                self._waiting.append(job)
+                if not isinstance(job, _Wake):
+                    self._waiting.append(job)
                 job = self._inbox.get_nowait()
         except queue.Empty:
             pass
@@ -217,20 +244,22 @@ class JobRunner:
                 seq, failed = None, True
             if seq is None and not failed and self._running:
                 return  # it waits for running jobs to end
-            self._dequeue()
-            if seq is None:  # it failed, or an idle cache has no room for it: it would wait for ever
+            if seq is None:
+                self._dequeue()  # it failed, or an idle cache has no room for it: it would wait for ever
                 self._post(job, Delta("", 0, "error"))
                 continue
             run = _Running(job, IncrementalDecoder(self.backend.decode), StopMatcher(job.stops))
-            with self._lock:
+            with self._lock:  # one move, so load (active + queued) never dips between the two
+                self._waiting.popleft()
+                self._queued -= 1
                 self._running[seq] = run
                 self._active = len(self._running)
             self.started += 1
 
-    def _dequeue(self) -> None:
-        self._waiting.popleft()
+    def _dequeue(self) -> Job:
         with self._lock:
             self._queued -= 1
+            return self._waiting.popleft()
 
     def _reap(self) -> None:
         for seq, run in list(self._running.items()):

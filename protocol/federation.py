@@ -47,7 +47,8 @@ class ModelStatus(_Wire):
     footprint_bytes: Bytes = 0
     cache_tokens: Count = 0
     cache_free_tokens: Count | None = None  # not reserved by running jobs, as of this heartbeat
-    page_tokens: Annotated[int, Field(ge=1, le=65536)] = 1  # the cache is reserved in pages of this many
+    # The cache is reserved in pages of this many tokens (unpaged exllamav2: the whole cache is one page).
+    page_tokens: Annotated[int, Field(ge=1, le=2**31 - 1)] = 1
     max_sequences: Annotated[int, Field(ge=1, le=4096)] = 1
     default_max_tokens: Annotated[int, Field(ge=1, le=2**31 - 1)] = 1024
     active: Count = 0

@@ -116,7 +116,8 @@ class _Sampling(_Request):
     )  # fmt: skip
     stop_token_ids: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] | None = Field(
         default=None, max_length=MAX_STOP_TOKEN_IDS,
-        description="Hearth extension (as in vLLM): token ids that end the answer like an end-of-text token.",
+        description="Hearth extension (as in vLLM): token ids that end the answer like an end-of-text token "
+        "(also with ignore_eos).",
     )  # fmt: skip
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1, description="Makes sampling repeatable.")
     stop: StopField = None

@@ -211,7 +211,15 @@ async def list_nodes(request: web.Request) -> web.Response:
                 if state.node_id in fed.directory.keys
                 else None,
                 "models": [
-                    {"id": m.id, "phase": m.phase, "active": m.active, "context_length": m.context_length}
+                    {
+                        "id": m.id,
+                        "phase": m.phase,
+                        "active": m.active,
+                        "context_length": m.context_length,
+                        "cache_tokens": m.cache_tokens,
+                        "page_tokens": m.page_tokens,
+                        "max_sequences": m.max_sequences,
+                    }
                     for m in state.models
                 ],
             }

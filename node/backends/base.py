@@ -36,7 +36,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     stop_token_ids: tuple[int, ...] = ()  # end the answer like an end-of-sequence token (not yielded)
-    ignore_eos: bool = False
+    ignore_eos: bool = False  # go on past end-of-sequence tokens (stop_token_ids still end it)
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,9 +18,13 @@ there). Everything here follows the library's documented API (``ExLlamaV2Dynamic
   carries a ``CacheScope``, and the chain starts from the scope's key instead, so only jobs of one scope
   (one user's conversation turns) ever share pages. The library has no option for this: its module-level
   hash function is wrapped once to read the job's scope from the generation thread (set around the two job
-  methods that hash pages).
-- **Paged attention needs flash-attn ≥ 2.5.7.** Without it the generator runs unpaged: one sequence at a
-  time, no prefix cache. The node logs that and reports ``max_sequences`` 1, so placement knows.
+  methods that hash pages). Two other reuse paths compare tokens rather than hashes and know nothing of
+  scopes: a partly filled first page copied from any page that starts alike, and unpaged mode's reuse of
+  the previous job's prefix. Both go through the extension's ``count_match``, which is wrapped to find no
+  match: what that gives up is reuse within a page, never whole pages of one user's conversation.
+- **Paged attention needs flash-attn ≥ 2.5.7** (and an Ampere or newer GPU, and an architecture that may use
+  flash-attn). Without it the generator runs unpaged: one sequence at a time, no prefix cache. The node
+  logs that and reports ``max_sequences`` 1, so placement knows.
 
 Models: EXL2-quantized or unquantized Hugging Face layout, split over the box's GPUs when one is not enough
 (``load_autosplit``). Imported only when a model is loaded: the node, the scheduler and CPU boxes import this
@@ -75,8 +79,23 @@ _scope = threading.local()
 _patched = False
 
 
+class _NoTokenMatch:
+    """exllamav2's extension with ``count_match`` finding nothing (prefix reuse that ignores scopes)."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    @staticmethod
+    def count_match(*args: Any) -> int:
+        return 0
+
+
 def _install_scoped_hash() -> None:
-    """Start every page-hash chain from the current job's scope key (see the module's docstring)."""
+    """Start every page-hash chain from the current job's scope key, and turn off the token-by-token
+    prefix matches that cannot tell scopes apart (see the module's docstring)."""
     global _patched
     if _patched:
         return
@@ -90,6 +109,7 @@ def _install_scoped_hash() -> None:
         return plain(tensor, prev_hash)
 
     dynamic._tensor_hash_checksum = scoped
+    dynamic.ext_c = _NoTokenMatch(dynamic.ext_c)
     _patched = True
 
 
@@ -143,7 +163,7 @@ class ExLlamaV2Backend:
         self._paged = paged
         self._job_class = _scoped_job_class()
         self._jobs: dict[int, Any] = {}  # seq → ExLlamaV2DynamicJob
-        self._promised_pages = 0  # of jobs enqueued since the last iteration (they start at the next)
+        self._pages: dict[int, int] = {}  # seq → pages it reserves
         self._next = 0
 
     @classmethod
@@ -174,15 +194,22 @@ class ExLlamaV2Backend:
             raise ConfigError(
                 f"exllamav2 cannot read the model in {path}: {type(exc).__name__}: {exc}"
             ) from None
-        paged = bool(has_flash_attn_with_paged)
+        import torch
+
+        # The generator asserts on these rather than falling back: check them first.
+        ampere = all(torch.cuda.get_device_capability(i)[0] >= 8 for i in range(torch.cuda.device_count()))
+        paged = bool(has_flash_attn_with_paged) and not config.no_flash_attn and ampere
         tokens = _round_up(cache_tokens or config.max_seq_len, PAGE_TOKENS)
         # One sequence never outgrows the cache (nor, unpaged, the cache's single page).
         context = min(config.max_seq_len, tokens)
         config.max_seq_len = context
-        config.max_input_len = min(CHUNK_TOKENS, context)
+        # Prompt tokens per forward pass: whole pages when paged, at least one.
+        config.max_input_len = max(PAGE_TOKENS, _round_down(min(CHUNK_TOKENS, context), PAGE_TOKENS))
         config.max_attention_size = config.max_input_len**2
         if paged:
-            batch = max(1, min(max_sequences or DEFAULT_MAX_SEQUENCES, tokens // PAGE_TOKENS, 256))
+            # The generator needs max_batch_size × 8 (its max_q_size) ≤ max_input_len.
+            most = min(256, tokens // PAGE_TOKENS, config.max_input_len // 8)
+            batch = max(1, min(max_sequences or DEFAULT_MAX_SEQUENCES, most))
         else:
             log.warning(
                 "flash-attn 2.5.7 or later is not installed: exllamav2 runs unpaged, one sequence at a time "
@@ -194,7 +221,7 @@ class ExLlamaV2Backend:
         cache = cache_class(model, max_seq_len=tokens, lazy=True)
         model.load_autosplit(cache, progress=False)  # over every visible GPU, as it fills them
         tokenizer = ExLlamaV2Tokenizer(config)
-        chunk = _round_down(config.max_input_len, PAGE_TOKENS) if paged else None
+        chunk = config.max_input_len if paged else None
         generator = ExLlamaV2DynamicGenerator(
             model=model, cache=cache, tokenizer=tokenizer, max_batch_size=batch, max_chunk_size=chunk,
             paged=paged,
@@ -242,10 +269,16 @@ class ExLlamaV2Backend:
 
     # Batching
 
+    def _promised(self) -> int:
+        """Pages of jobs handed to the generator that it has not started yet (it will, at the next
+        iteration): not free any more, though the generator has not taken them."""
+        pending = {id(job) for job in self._generator.pending_jobs}
+        return sum(self._pages[seq] for seq, job in self._jobs.items() if id(job) in pending)
+
     def cache(self) -> CacheState:
         generator = self._generator
         page = generator.page_size
-        free_pages = max(0, len(generator.unreferenced_pages) - self._promised_pages)
+        free_pages = max(0, len(generator.unreferenced_pages) - self._promised())
         return CacheState(generator.max_pages * page, free_pages * page, page, generator.max_batch_size)
 
     def admit(self, prompt_ids: Sequence[int], params: SamplingParams, scope: CacheScope) -> int | None:
@@ -259,12 +292,13 @@ class ExLlamaV2Backend:
         # will take; pages this job could share with cached ones are not counted as a saving.
         if (
             len(self._jobs) >= generator.max_batch_size
-            or pages > len(generator.unreferenced_pages) - self._promised_pages
+            or pages > len(generator.unreferenced_pages) - self._promised()
         ):
             return None
         import torch
 
-        stop: list[int] = [] if params.ignore_eos else sorted(self._eos_ids | set(params.stop_token_ids))
+        eos = frozenset() if params.ignore_eos else self._eos_ids
+        stop: list[int] = sorted(eos | set(params.stop_token_ids))
         job = self._job_class(
             input_ids=torch.tensor([list(prompt_ids)], dtype=torch.long),
             max_new_tokens=params.max_new_tokens,
@@ -277,12 +311,11 @@ class ExLlamaV2Backend:
         seq, self._next = self._next, self._next + 1
         generator.enqueue(job)
         self._jobs[seq] = job
-        self._promised_pages += pages
+        self._pages[seq] = pages
         return seq
 
     def step(self) -> list[Step]:
         results = self._generator.iterate()
-        self._promised_pages = 0
         steps: dict[int, Step] = {}
         for r in results:
             if r.get("stage") != "streaming":
@@ -301,21 +334,28 @@ class ExLlamaV2Backend:
                         step.tokens += [int(t) for t in held[0].tolist()[:-1]]
                 step.finish = "length" if r.get("eos_reason") == "max_new_tokens" else "stop"
                 self._jobs.pop(seq, None)
+                self._pages.pop(seq, None)
         return list(steps.values())
 
     def cancel(self, seq: int) -> None:
         job = self._jobs.pop(seq, None)
+        self._pages.pop(seq, None)
         if job is not None:
             self._generator.cancel(job)
 
     def close(self) -> None:
+        """Free the weights and the cache now: the owner, or the next model, wants the memory."""
+        import gc
+
         import torch
 
         for seq in list(self._jobs):
             self.cancel(seq)
         if self._model is not None:
             self._model.unload()
-        self._model = self._cache = self._generator = None
+        # The generator's pages point back at it: a cycle that keeps the cache alive until a collection.
+        self._model = self._cache = self._generator = self._tokenizer = None
+        gc.collect()
         torch.cuda.empty_cache()
 
 

@@ -84,7 +84,7 @@ class TransformersBackend:
 
         generator = torch.Generator()
         generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
-        stop_ids = set() if params.ignore_eos else self._eos_ids | set(params.stop_token_ids)
+        stop_ids = (set() if params.ignore_eos else set(self._eos_ids)) | set(params.stop_token_ids)
         # Token counts of the answer (presence/frequency penalties), and which tokens appeared anywhere,
         # prompt included (the repetition penalty, as transformers and exllamav2 apply it).
         counts: Any = None

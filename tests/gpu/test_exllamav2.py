@@ -55,21 +55,25 @@ def _long_prompt(backend: BatchBackend) -> list[int]:
     return ids
 
 
-def _cached_pages(backend: BatchBackend, prompt: list[int], scope: CacheScope) -> int:
+def _reused(backend: BatchBackend, prompt: list[int], scope: CacheScope) -> tuple[int, int]:
+    """(whole cached pages, tokens copied from partly matching pages) the job started from."""
     seq = backend.admit(prompt, SamplingParams(max_new_tokens=2, temperature=0.0, ignore_eos=True), scope)
     assert seq is not None
     job = backend._jobs[seq]  # type: ignore[attr-defined]
     drive(backend, seq)
-    return int(job.cached_pages)
+    return int(job.cached_pages), int(job.cached_tokens)
 
 
 def test_one_users_cached_prompt_never_speeds_up_anothers(backend: BatchBackend) -> None:
     prompt = _long_prompt(backend)
     alice, bob = CacheScope(b"user:alice"), CacheScope(b"user:bob")
-    assert _cached_pages(backend, prompt, alice) == 0, "a fresh cache has nothing to reuse"
-    assert _cached_pages(backend, prompt, alice) >= 2, "the same user's next turn reuses the prompt's pages"
-    assert _cached_pages(backend, prompt, bob) == 0, "another user's identical prompt is computed in full"
-    assert _cached_pages(backend, prompt, CacheScope.private()) == 0
+    assert _reused(backend, prompt, alice) == (0, 0), "a fresh cache has nothing to reuse"
+    pages, _ = _reused(backend, prompt, alice)
+    assert pages >= 2, "the same user's next turn reuses the prompt's whole pages"
+    assert _reused(backend, prompt, bob) == (0, 0), "another user's identical prompt is computed in full"
+    assert _reused(backend, prompt, CacheScope.private()) == (0, 0)
+    # Nor does a prompt that shares only part of a first page with Alice's.
+    assert _reused(backend, prompt[:100], bob) == (0, 0)
 
 
 def test_jobs_run_batched_and_a_cancelled_one_frees_its_pages_at_once(backend: BatchBackend) -> None:

@@ -4,6 +4,7 @@ and node process (no memory budget declared) report and use it. Run with `bash t
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -77,10 +78,16 @@ def test_an_exllamav2_node_serves_the_openai_client_with_batching(cluster: Clust
     assert doc is not None
     (status,) = [m for m in doc["models"] if m["id"] == "llama-1b"]
     print("the exllamav2 model as the scheduler sees it:", status)
+    assert status["page_tokens"] == 256 and status["max_sequences"] > 1, "paged, batching (flash-attn)"
     client = OpenAI(base_url=cluster.url + "/v1", api_key=cluster.token)
-    stream = client.chat.completions.create(
-        model="llama-1b", messages=[{"role": "user", "content": "hello"}], max_tokens=40, stream=True,
-        extra_body={"ignore_eos": True, "top_k": 40, "min_p": 0.05, "repetition_penalty": 1.1},
-    )  # fmt: skip
-    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
-    assert "".join(pieces), "the stream carried text"
+
+    def one(i: int) -> str:
+        stream = client.chat.completions.create(
+            model="llama-1b", messages=[{"role": "user", "content": f"hello {i}"}], max_tokens=40, stream=True,
+            extra_body={"ignore_eos": True, "top_k": 40, "min_p": 0.05, "repetition_penalty": 1.1},
+        )  # fmt: skip
+        return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    with ThreadPoolExecutor(8) as pool:  # eight streams at once: the node batches them
+        answers = list(pool.map(one, range(8)))
+    assert all(answers), "every stream carried text"
