@@ -12,7 +12,8 @@ import pytest
 
 from node.backends.base import BatchBackend, SamplingParams, Sequential
 from node.backends.transformers_backend import TransformersBackend
-from node.runner import Delta, JobRunner
+from node.runner import Delta, Job, JobRunner
+from protocol.errors import Unavailable
 from tests.node.backend_contract import CONTRACT, PROMPT
 
 
@@ -41,9 +42,16 @@ async def _collect(
     return deltas
 
 
+@pytest.fixture
+def own(demo_model_dir: Path) -> TransformersBackend:
+    """A backend of the test's own: a runner that stops closes its backend."""
+    return TransformersBackend.load(demo_model_dir)
+
+
 async def test_the_runner_runs_jobs_side_by_side_and_ends_each_on_its_own_terms(
-    reference: TransformersBackend,
+    own: TransformersBackend,
 ) -> None:
+    reference = own
     runner = JobRunner(Sequential(reference, max_sequences=3), name="contract")
     runner.start()
     try:
@@ -67,3 +75,29 @@ async def test_the_runner_runs_jobs_side_by_side_and_ends_each_on_its_own_terms(
         assert runner.started == 4 and runner.active == 0 and runner.queued == 0
     finally:
         await asyncio.to_thread(runner.stop)
+
+
+async def test_cancel_all_and_stop_end_every_job_with_a_final_delta(own: TransformersBackend) -> None:
+    reference = own
+    runner = JobRunner(Sequential(reference, max_sequences=2), name="stopping")
+    runner.start()
+    prompt = reference.encode(PROMPT, add_special_tokens=True)
+    long = SamplingParams(max_new_tokens=1500, temperature=0.0, ignore_eos=True)
+    jobs = [runner.submit(prompt, long, []) for _ in range(5)]  # two run, three wait
+    first = await jobs[0].next_deltas()
+    assert first[-1].finish_reason is None
+    runner.cancel_all()
+    ends = [await _last(job) for job in jobs]
+    assert {d.finish_reason for d in ends} == {"cancelled"}
+    assert runner.skipped == 3, "the waiting ones never touched the model"
+    await asyncio.to_thread(runner.stop)
+    assert own._model is None, "the stopped runner released the model"
+    with pytest.raises(Unavailable, match="being unloaded"):
+        runner.submit(prompt, long, [])
+
+
+async def _last(job: Job) -> Delta:
+    while True:
+        deltas = await job.next_deltas()
+        if deltas[-1].finish_reason is not None:
+            return deltas[-1]
