@@ -36,6 +36,8 @@ try:
 except Exception as exc:
     print("paged attention: unknown,", exc)
 '
+# NVML as this machine reports it, idle and with an "owner" process, for the CPU tests' fixtures.
+/tmp/hearth-gpu/bin/python -m tests.gpu.record_probe "${OUT:-/tmp}/probes" || true
 PYTHONUNBUFFERED=1 /tmp/hearth-gpu/bin/python -m pytest -q -p no:cacheprovider tests/gpu "$@"
 if (( ${#bench[@]} )); then
   PYTHONUNBUFFERED=1 /tmp/hearth-gpu/bin/python -m tests.bench.bench_exl2 "${bench[@]}"

@@ -93,3 +93,32 @@ def test_jobs_run_batched_and_a_cancelled_one_frees_its_pages_at_once(backend: B
     ends = drive_all(backend, [s for s in rest if s is not None])
     assert all(len(tokens) == 200 and finish == "length" for tokens, finish in ends.values())
     assert backend.cache().free_tokens == total
+
+
+def test_loading_and_unloading_another_model_leaves_running_jobs_alone(
+    backend: BatchBackend, gpu_model: Path
+) -> None:
+    import threading
+
+    import torch
+
+    from node.backends.exllamav2_backend import ExLlamaV2Backend
+
+    prompt = backend.encode("Keep going.", add_special_tokens=True)
+    seq = backend.admit(
+        prompt, SamplingParams(max_new_tokens=300, temperature=0.8, ignore_eos=True), CacheScope.private()
+    )
+    assert seq is not None
+    before = torch.cuda.memory_reserved()
+
+    def other() -> None:
+        second = ExLlamaV2Backend.load(gpu_model, cache_tokens=4096, max_sequences=2)
+        second.close()
+
+    loader = threading.Thread(target=other)
+    loader.start()
+    tokens, finish = drive(backend, seq)  # steps on while the other model loads and unloads
+    loader.join()
+    assert (len(tokens), finish) == (300, "length")
+    # The second model's weights and cache went back (within the allocator's slack).
+    assert torch.cuda.memory_reserved() - before < 256 << 20
