@@ -436,8 +436,7 @@ async def _generate_sealed(request: web.Request, endpoint: Endpoint) -> web.Stre
             if runtime is None or runtime.url is None:
                 raise Failover(HearthError("the chosen node left the cluster"))
             # The envelope was just parsed as JSON: it is spliced in as received, not serialized again.
-            resume = json.dumps(stream.resume()).encode()
-            sent = job.attempt(b'{"envelope":%s,"resume":%s}' % (job.body, resume))
+            sent = job.attempt(b'{"envelope":%s,"resume":%s}' % (job.body, stream.resume_json()))
             headers = federation.signed_headers(node_id, "POST", "/jobs", sent.body)
             target = Target(node_id, runtime.url, headers)
             with contextlib.suppress(ConnectionResetError):  # the client left while we were writing
@@ -508,8 +507,12 @@ async def _admit_sealed(request: web.Request, endpoint: Endpoint) -> tuple[str, 
 def _cache_scope(app: web.Application, node_id: str, token_id: str) -> str:
     """A user's prefix-cache scope on one node: the same for all of that user's plaintext requests there,
     different per node, so no node learns a user id it could match with another's."""
-    mac = hmac.new(app[SCOPE_KEY], f"{node_id}\0{token_id}".encode(), hashlib.sha256)
-    return mac.hexdigest()[:32]
+    return _scope_of(app[SCOPE_KEY], node_id, token_id)
+
+
+@functools.lru_cache(maxsize=4096)
+def _scope_of(key: bytes, node_id: str, token_id: str) -> str:
+    return hmac.new(key, f"{node_id}\0{token_id}".encode(), hashlib.sha256).hexdigest()[:32]
 
 
 def _tiers(settings: SchedulerSettings, token: TokenRecord) -> frozenset[str]:

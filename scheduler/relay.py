@@ -414,6 +414,11 @@ class SealedStream:
         done = [{"node_id": n, "frames": [b64e(f) for f in fs]} for n, fs in self.segments if fs]
         return done or None
 
+    def resume_json(self) -> bytes:
+        """``resume()`` as JSON (``null`` on a first attempt, the usual case, without encoding anything)."""
+        done = self.resume()
+        return b"null" if done is None else json.dumps(done).encode()
+
     @property
     def resumable(self) -> bool:
         return self.size <= MAX_RESUME_BYTES
@@ -439,8 +444,11 @@ async def _pump_sealed(
     mine: list[bytes] = []
     stream.segments.append((node_id, mine))
     start = stream.seq
-    # Whose frames follow, sent with the first of them (the client has every candidate's keys ready).
-    route: bytes | None = frames.encode_json({"node_id": node_id, "seq": start}, frames.ROUTE)
+    # Whose frames follow, sent with the first of them (the client has every candidate's keys ready). Node
+    # ids are lower-case letters, digits and '-' (protocol.federation), so the JSON needs no escaping.
+    route: bytes | None = frames.encode(
+        b'{"node_id":"%s","seq":%d}' % (node_id.encode(), start), frames.ROUTE
+    )
     try:
         async for chunk in resp.content.iter_any():
             relay_now: list[bytes] = []
