@@ -54,8 +54,8 @@ class CacheScope:
         return cls(secrets.token_bytes(16))
 
 
-class Backend(Protocol):
-    """A loaded model that turns prompt token ids into generated token ids, one sequence at a time."""
+class TextModel(Protocol):
+    """What the node needs of any loaded model to turn text into token ids and back."""
 
     @property
     def context_length(self) -> int:
@@ -76,6 +76,10 @@ class Backend(Protocol):
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]: ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
+
+
+class Backend(TextModel, Protocol):
+    """A loaded model that turns prompt token ids into generated token ids, one sequence at a time."""
 
     def generate(
         self, prompt_ids: Sequence[int], params: SamplingParams, cancelled: threading.Event
@@ -117,24 +121,8 @@ class NeverFits(Exception):
 
 
 @runtime_checkable
-class BatchBackend(Protocol):
+class BatchBackend(TextModel, Protocol):
     """A loaded model that runs several sequences at once. Not thread-safe: one thread calls it."""
-
-    @property
-    def context_length(self) -> int: ...
-
-    @property
-    def chat_template(self) -> str | None: ...
-
-    @property
-    def bos_token(self) -> str: ...
-
-    @property
-    def eos_token(self) -> str: ...
-
-    def encode(self, text: str, *, add_special_tokens: bool) -> list[int]: ...
-
-    def decode(self, ids: Sequence[int]) -> str: ...
 
     def cache(self) -> CacheState: ...
 
