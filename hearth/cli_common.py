@@ -44,6 +44,11 @@ config_option = click.option(
 )
 
 
+def gib(value: Any) -> str:
+    """A byte count as the CLI prints it ("-" when unknown)."""
+    return "-" if not isinstance(value, int) else f"{value / (1 << 30):.1f} GiB"
+
+
 def settings_for(config: Path | None, data_dir: Path | None, **overrides: Any) -> HearthSettings:
     if data_dir is not None:
         overrides["data_dir"] = data_dir

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from hearth.cli_common import config_option, data_dir_option, one_line_errors, settings_for
+from hearth.cli_common import config_option, data_dir_option, gib, one_line_errors, settings_for
 from hearth.operator import AdminClient
 from protocol.errors import ConfigError
 from protocol.federation import TIERS
@@ -48,10 +48,6 @@ def _echo_rows(rows: list[list[str]], header: list[str]) -> None:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         click.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-
-
-def _gib(value: Any) -> str:
-    return "-" if not isinstance(value, int) else f"{value / (1 << 30):.1f} GiB"
 
 
 def register(main: click.Group) -> None:
@@ -304,7 +300,7 @@ def enroll_list(show_all: bool, scheduler_url: str | None, token: str | None) ->
                 r["source"],
                 r["fingerprint"],
                 r.get("gpus", "-"),
-                _gib(r.get("memory_total_bytes")),
+                gib(r.get("memory_total_bytes")),
                 r.get("url") or "-",
             ]
             for r in rows

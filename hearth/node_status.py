@@ -8,6 +8,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from hearth.cli_common import gib
 from protocol.errors import ConfigError
 
 TIMEOUT_S = 5.0
@@ -33,10 +34,6 @@ def fetch_local_status(node_dir: Path) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise ConfigError(f"the node at {url} sent no status")
     return doc
-
-
-def _gib(value: Any) -> str:
-    return "-" if not isinstance(value, int) else f"{value / (1 << 30):.1f} GiB"
 
 
 def _cache(model: dict[str, Any]) -> str:
@@ -75,7 +72,7 @@ def render_status(doc: dict[str, Any]) -> str:
         lines.append(f"owner first: {'on' if owner.get('enabled') else 'off'}; serves {hours}")
     if doc.get("alarm"):
         lines.append(f"ALARM: {doc['alarm']}")
-    free, total = _gib(doc.get("memory_free_bytes")), _gib(doc.get("memory_total_bytes"))
+    free, total = gib(doc.get("memory_free_bytes")), gib(doc.get("memory_total_bytes"))
     lines.append(f"memory: {free} free of {total} for models")
     models = doc.get("models") or []
     if models:

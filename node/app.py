@@ -4,7 +4,7 @@
     GET  /identity                this node's public keys, self-signed (for LAN discovery), no auth
     GET  /status                  models, their state and load                     (scheduler only)
     GET  /metrics                 Prometheus metrics                               (scheduler only)
-    GET  /local/status            what the node is doing and why, for `hearth node status`   (loopback only)
+    GET  /local/status            what the node is doing and why, for `hearth node status`  (this machine only)
     POST /jobs                    run one OpenAI request (plaintext over loopback only); answered as frames
                                                                                    (scheduler only)
     POST /models/{id}/load        load a model now, unloading idle ones if needed  (scheduler only)
@@ -196,7 +196,7 @@ async def _node_ctx(app: web.Application) -> AsyncIterator[None]:
     app[STATE] = state
     tier = trust.enrollment.tier if trust.enrollment else settings.tier
     state.owner = OwnerFirst(settings.owner_first, tier=tier, own_pids={os.getpid()}, probe=app[PROBE])
-    await state.owner.check(state)  # a node started while its owner needs the machine loads nothing yet
+    await state.owner.look(state)  # a node started while its owner needs the machine loads nothing yet
     if state.owner.yielding:
         state.owner.hold_at_start([s.id for s in pool.slots.values() if s.settings.preload])
     else:
@@ -294,8 +294,11 @@ async def local_status(request: web.Request) -> web.Response:
     (it holds nothing a local user could not read from the node's log)."""
     from node.heartbeat import status_doc
 
-    if not is_loopback(request.remote):
-        raise PermissionDenied("this status is for the node's own machine (loopback) only")
+    # From this machine: over loopback, or to the node's own address from that same address (a node bound to
+    # its LAN address is reached so; the kernel keeps such a connection on the machine).
+    own = request.transport.get_extra_info("sockname") if request.transport else None
+    if not is_loopback(request.remote) and not (own and request.remote == own[0]):
+        raise PermissionDenied("this status is for the node's own machine only")
     state = request.app[STATE]
     doc = status_doc(state)
     doc.pop("key_statement", None)

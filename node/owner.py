@@ -305,10 +305,14 @@ class OwnerFirst:
             "released": list(self.released),
         }
 
+    async def look(self, node: NodeState) -> None:
+        """``check``, logging a failure instead of raising it: a probe that fails now may work next time."""
+        try:
+            await self.check(node)
+        except Exception as exc:
+            log.error("owner-first check failed: %s: %s", type(exc).__name__, exc)
+
     async def run(self, node: NodeState) -> None:
         while True:
-            try:
-                await self.check(node)
-            except Exception as exc:  # a probe that fails now may work at the next look
-                log.error("owner-first check failed: %s: %s", type(exc).__name__, exc)
+            await self.look(node)
             await asyncio.sleep(self.settings.check_interval)
