@@ -4,7 +4,7 @@
     GET  /identity                this node's public keys, self-signed (for LAN discovery), no auth
     GET  /status                  models, their state and load                     (scheduler only)
     GET  /metrics                 Prometheus metrics                               (scheduler only)
-    GET  /local/status            what the node is doing and why, for `hearth node status`  (this machine only)
+    GET  /local/status            what the node does and why, for `hearth node status` (this machine only)
     POST /jobs                    run one OpenAI request (plaintext over loopback only); answered as frames
                                                                                    (scheduler only)
     POST /models/{id}/load        load a model now, unloading idle ones if needed  (scheduler only)
