@@ -186,3 +186,13 @@ def test_always_seals_toward_loopback_nodes_too(
 )  # fmt: skip
 def test_what_counts_as_loopback(host: str | None, loopback: bool) -> None:
     assert is_loopback(host) is loopback
+
+
+def test_hearth_node_status_reaches_a_node_bound_to_its_lan_address(remote: Tapped) -> None:
+    from click.testing import CliRunner
+
+    from hearth.cli import main
+
+    result = CliRunner().invoke(main, ["node", "status", "--data-dir", str(remote.stack.data_dir)])
+    assert result.exit_code == 0, result.output
+    assert f"at http://{LAN}:" in result.output and "state: serving" in result.output
