@@ -522,7 +522,14 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
     )
     if sealed is not None:
         out = SealedOut(sealed, node_id)  # its key derivation overlaps with the prompt's tokenizing
-    prepared = await preparing
+    try:
+        prepared = await preparing
+    except HearthError:
+        raise
+    except Exception:
+        if runner.closed:  # the model was unloaded while the prompt was prepared (eviction, owner first)
+            raise Unavailable(f"the model '{req.model}' was just unloaded here", retry_after=5) from None
+        raise
     assert out is not None
     job = runner.submit(prepared.prompt_ids, prepared.params, req.stop_sequences(), scope)
     writer = ResponseWriter(

@@ -24,7 +24,7 @@ import aiohttp
 from protocol.errors import HearthError
 from protocol.federation import MAX_RECEIPTS, HeartbeatReply, parse
 from protocol.identity import fingerprint, sign_request
-from protocol.web import is_loopback, read_capped
+from protocol.web import is_loopback, log_unexpected, read_capped
 
 if TYPE_CHECKING:
     from hardware.probe import NodeProbe
@@ -99,7 +99,11 @@ async def heartbeat_loop(state: NodeState) -> None:
     async with aiohttp.ClientSession() as session:
         while True:
             state.changed.clear()
-            outcome = await _beat(session, state)
+            try:
+                outcome = await _beat(session, state)
+            except Exception as exc:  # a bug in building the status must not end the heartbeats for good
+                log_unexpected("sending a heartbeat", exc)
+                outcome = "error"
             if outcome is not None and outcome != said:
                 log.log(logging.WARNING if outcome != "ok" else logging.INFO, "scheduler: %s", outcome)
                 said = outcome

@@ -63,7 +63,7 @@ class ModelSlot:
 
     @property
     def busy(self) -> bool:
-        return self.runner is not None and (self.runner.active + self.runner.queued) > 0
+        return self.runner is not None and self.runner.load > 0
 
     def record_speed(self, tokens: int, seconds: float) -> None:
         if tokens >= 2 and seconds > 0:
@@ -144,6 +144,7 @@ class ModelPool:
         self._loader = loader
         self.slots: dict[str, ModelSlot] = {}
         self.on_change: Callable[[], None] = lambda: None
+        self._stopping: set[asyncio.Future[None]] = set()  # runners of unloaded models, still stopping
         self.hf_cache = (settings.data_dir or Path(".")) / "hf"
         backends: set[str] = set()
         for model in settings.models:
@@ -171,7 +172,7 @@ class ModelPool:
 
     @property
     def load(self) -> int:
-        return sum(s.runner.active + s.runner.queued for s in self.slots.values() if s.runner)
+        return sum(s.runner.load for s in self.slots.values() if s.runner)
 
     def cancel_all(self) -> None:
         """Cancel every job on every model (the node yields to its owner)."""
@@ -226,6 +227,8 @@ class ModelPool:
         settings = self.settings
         started = time.monotonic()
         try:
+            if self._stopping:  # models unloaded to make room: their memory must be free first
+                await asyncio.gather(*self._stopping, return_exceptions=True)
             backend = await in_daemon_thread(
                 lambda: self._loader(self._local(slot.settings), settings), f"hearth-load-{slot.id}"
             )
@@ -262,10 +265,18 @@ class ModelPool:
         slot.phase = "available"
         if runner is not None:
             log.info("unloading %s", model_id)
-            # Joining the generation thread may take a step's time: do it off the loop.
+            # Joining the generation thread may take a step's time: do it off the loop. A load that follows
+            # (an eviction) waits for it, so the memory is free before another model takes it.
             stopping = asyncio.ensure_future(asyncio.to_thread(runner.stop))
-            stopping.add_done_callback(lambda f: f.exception())
+            self._stopping.add(stopping)
+            stopping.add_done_callback(self._stopped)
         self.on_change()
+
+    def _stopped(self, stopping: asyncio.Future[None]) -> None:
+        self._stopping.discard(stopping)
+        failure = None if stopping.cancelled() else stopping.exception()
+        if failure is not None:
+            log_unexpected("unloading a model", failure)
 
     async def close(self) -> None:
         tasks = [s.task for s in self.slots.values() if s.task is not None]

@@ -109,8 +109,7 @@ class JobRunner:
         self._active = 0
         self._lock = threading.Lock()
         self._stopping = False  # the runner thread saw the end of its inbox
-        self._closed = False  # stop() was called: no new jobs
-        self._cancel_requested = threading.Event()  # cancel_all(), applied by the runner thread
+        self._closed = False  # stop() was called (or the loop failed): no new jobs
         self._outbox: list[tuple[Job, Delta]] = []  # deltas of this iteration, handed over together
         self.started = 0
         self.skipped = 0
@@ -123,13 +122,23 @@ class JobRunner:
     def active(self) -> int:
         return self._active
 
+    @property
+    def load(self) -> int:
+        """Jobs running or waiting, read together (a job moving from one to the other counts once)."""
+        with self._lock:
+            return self._active + self._queued
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def start(self) -> None:
         self._thread.start()
 
     def cancel_all(self) -> None:
         """Cancel every job submitted so far, running or waiting (the node yields its GPU to the owner).
-        The runner thread applies it before its next step; it owns the queues."""
-        self._cancel_requested.set()
+        The runner thread applies it when it reads the marker this puts in the inbox: every job submitted
+        before is in its queues by then."""
         self._inbox.put_nowait(_WAKE)
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -165,13 +174,10 @@ class JobRunner:
         return job
 
     def _work(self) -> None:
+        ending: FinishReason = "cancelled"
         try:
             while not self._stopping:
                 self._take(block=not self._running and not self._waiting)
-                if self._cancel_requested.is_set():
-                    self._cancel_requested.clear()
-                    for job in [*self._waiting, *(run.job for run in self._running.values())]:
-                        job.cancel()
                 if self._stopping:
                     break
                 self._admit()
@@ -179,12 +185,25 @@ class JobRunner:
                 if self._running:
                     self._step()
                 self._flush()
-            for seq in list(self._running):
-                self._end(seq, "cancelled")
-            while self._waiting:
-                self._post(self._dequeue(), Delta("", 0, "cancelled"))
-            self._flush()
+        except (
+            Exception
+        ) as exc:  # a bug outside the backend's own guarded calls: fail every job, take no more
+            log_unexpected("the generation loop", exc)
+            ending = "error"
         finally:
+            with self._lock:
+                self._closed = True
+            for seq in list(self._running):
+                self._end(seq, ending)
+            while self._waiting:
+                self._post(self._dequeue(), Delta("", 0, ending))
+            while not self._inbox.empty():  # only after a failure: stop() leaves nothing behind its marker
+                job = self._inbox.get_nowait()
+                if isinstance(job, Job):
+                    with self._lock:
+                        self._queued -= 1
+                    self._post(job, Delta("", 0, ending))
+            self._flush()
             try:
                 self.backend.close()
             except Exception as exc:
@@ -217,7 +236,11 @@ class JobRunner:
                 if job is None:
                     self._stopping = True
                     return
-                if not isinstance(job, _Wake):
+                if isinstance(job, _Wake):
+                    # cancel_all(): the jobs submitted before it are all in the queues now.
+                    for waiting in [*self._waiting, *(run.job for run in self._running.values())]:
+                        waiting.cancel()
+                else:
                     self._waiting.append(job)
                 job = self._inbox.get_nowait()
         except queue.Empty:

@@ -165,6 +165,7 @@ class ExLlamaV2Backend:
         self._jobs: dict[int, Any] = {}  # seq → ExLlamaV2DynamicJob
         self._pages: dict[int, int] = {}  # seq → pages it reserves
         self._next = 0
+        self._state = self._measure()  # what cache() reports: taken on the generation thread
 
     @classmethod
     def load(
@@ -198,7 +199,9 @@ class ExLlamaV2Backend:
 
         # The generator asserts on these rather than falling back: check them first.
         ampere = all(torch.cuda.get_device_capability(i)[0] >= 8 for i in range(torch.cuda.device_count()))
-        paged = bool(has_flash_attn_with_paged) and not config.no_flash_attn and ampere
+        if not ampere:
+            config.no_flash_attn = True  # exllamav2 would still call flash-attn there, and fail
+        paged = bool(has_flash_attn_with_paged) and not config.no_flash_attn
         tokens = _round_up(cache_tokens or config.max_seq_len, PAGE_TOKENS)
         # One sequence never outgrows the cache (nor, unpaged, the cache's single page).
         context = min(config.max_seq_len, tokens)
@@ -276,6 +279,11 @@ class ExLlamaV2Backend:
         return sum(self._pages[seq] for seq, job in self._jobs.items() if id(job) in pending)
 
     def cache(self) -> CacheState:
+        """The cache as of the last admit, step or cancel. Heartbeats read it from the event loop while the
+        generation thread changes the generator: they get this snapshot, never the live tables."""
+        return self._state
+
+    def _measure(self) -> CacheState:
         generator = self._generator
         page = generator.page_size
         free_pages = max(0, len(generator.unreferenced_pages) - self._promised())
@@ -310,8 +318,9 @@ class ExLlamaV2Backend:
         )
         seq, self._next = self._next, self._next + 1
         generator.enqueue(job)
-        self._jobs[seq] = job
         self._pages[seq] = pages
+        self._jobs[seq] = job
+        self._state = self._measure()
         return seq
 
     def step(self) -> list[Step]:
@@ -335,6 +344,7 @@ class ExLlamaV2Backend:
                 step.finish = "length" if r.get("eos_reason") == "max_new_tokens" else "stop"
                 self._jobs.pop(seq, None)
                 self._pages.pop(seq, None)
+        self._state = self._measure()
         return list(steps.values())
 
     def cancel(self, seq: int) -> None:
@@ -342,6 +352,7 @@ class ExLlamaV2Backend:
         self._pages.pop(seq, None)
         if job is not None:
             self._generator.cancel(job)
+            self._state = self._measure()
 
     def close(self) -> None:
         """Free the weights and the cache now: the owner, or the next model, wants the memory."""
@@ -351,6 +362,7 @@ class ExLlamaV2Backend:
 
         for seq in list(self._jobs):
             self.cancel(seq)
+        self._state = CacheState(0, 0, self._state.page_tokens, self._state.max_sequences)
         if self._model is not None:
             self._model.unload()
         # The generator's pages point back at it: a cycle that keeps the cache alive until a collection.

@@ -5,7 +5,7 @@ with three sequences taking turns, and the job runner driving it: what the exlla
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -101,3 +101,23 @@ async def _last(job: Job) -> Delta:
         deltas = await job.next_deltas()
         if deltas[-1].finish_reason is not None:
             return deltas[-1]
+
+
+class BrokenDecoder(Sequential):
+    """A backend whose detokenizer fails: a bug the runner does not guard against call by call."""
+
+    def decode(self, ids: Sequence[int]) -> str:
+        raise RuntimeError("broken on purpose")
+
+
+async def test_a_failing_generation_loop_fails_every_job_and_takes_no_more(own: TransformersBackend) -> None:
+    runner = JobRunner(BrokenDecoder(own), name="broken")
+    runner.start()
+    prompt = own.encode(PROMPT, add_special_tokens=True)
+    params = SamplingParams(max_new_tokens=50, temperature=0.0, ignore_eos=True)
+    jobs = [runner.submit(prompt, params, []) for _ in range(3)]  # one runs, two wait
+    assert [(await _last(job)).finish_reason for job in jobs] == ["error"] * 3
+    assert runner.closed and runner.load == 0
+    with pytest.raises(Unavailable):
+        runner.submit(prompt, params, [])
+    await asyncio.to_thread(runner.stop)
