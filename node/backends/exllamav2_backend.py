@@ -207,7 +207,7 @@ class ExLlamaV2Backend:
         context = min(config.max_seq_len, tokens)
         config.max_seq_len = context
         # Prompt tokens per forward pass: whole pages when paged, at least one.
-        config.max_input_len = max(PAGE_TOKENS, _round_down(min(CHUNK_TOKENS, context), PAGE_TOKENS))
+        config.max_input_len = _round_down(min(CHUNK_TOKENS, context), PAGE_TOKENS)
         config.max_attention_size = config.max_input_len**2
         if paged:
             # The generator needs max_batch_size × 8 (its max_q_size) ≤ max_input_len.
