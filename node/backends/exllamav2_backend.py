@@ -35,8 +35,10 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -76,7 +78,6 @@ def available() -> str | None:
 
 
 _scope = threading.local()
-_patched = False
 
 
 class _NoTokenMatch:
@@ -96,12 +97,19 @@ class _NoTokenMatch:
 def _install_scoped_hash() -> None:
     """Start every page-hash chain from the current job's scope key, and turn off the token-by-token
     prefix matches that cannot tell scopes apart (see the module's docstring)."""
-    global _patched
-    if _patched:
-        return
     from exllamav2.generator import dynamic
 
-    plain: Callable[[Any, bytes | None], bytes] = dynamic._tensor_hash_checksum
+    if getattr(dynamic, "hearth_scoped", False):
+        return
+
+    plain: Callable[[Any, bytes | None], bytes] | None = getattr(dynamic, "_tensor_hash_checksum", None)
+    if plain is None or not hasattr(dynamic.ext_c, "count_match"):
+        # Another version's generator: serving on it could share one user's cached prompt with another.
+        version = getattr(sys.modules.get("exllamav2.version"), "__version__", "?")
+        raise ConfigError(
+            f"exllamav2 {version} is not supported: the node cannot keep users' prefix caches apart on it "
+            "(install exllamav2 0.3.2)"
+        )
 
     def scoped(tensor: Any, prev_hash: bytes | None) -> bytes:
         if prev_hash is None:
@@ -110,7 +118,7 @@ def _install_scoped_hash() -> None:
 
     dynamic._tensor_hash_checksum = scoped
     dynamic.ext_c = _NoTokenMatch(dynamic.ext_c)
-    _patched = True
+    dynamic.hearth_scoped = True
 
 
 def _scoped_job_class() -> type:
@@ -138,6 +146,53 @@ def _scoped_job_class() -> type:
                 _scope.key = None
 
     return ScopedJob
+
+
+def read_config(path: Path) -> Any:
+    """exllamav2's view of a model directory (reads config.json and the weights' headers; no GPU)."""
+    from exllamav2 import ExLlamaV2Config
+
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{path} is not a model directory (no config.json)")
+    try:
+        config = ExLlamaV2Config(str(path))
+        config.arch_compat_overrides(quiet=True)
+    except (OSError, ValueError, KeyError, AssertionError, TypeError) as exc:
+        raise ConfigError(f"exllamav2 cannot read the model in {path}: {type(exc).__name__}: {exc}") from None
+    return config
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a model runs in exllamav2: the cache, the context, the batch. ``make`` sets the model's config
+    to match, within the limits the generator asserts rather than works around."""
+
+    cache_tokens: int  # a whole number of pages
+    context: int  # the longest sequence: prompt + answer
+    chunk: int  # prompt tokens per forward pass
+    batch: int  # sequences at once
+    paged: bool  # paged attention (flash-attn): continuous batching and the prefix cache
+
+    @classmethod
+    def make(
+        cls, config: Any, *, paged_attention: bool, cache_tokens: int | None, max_sequences: int | None
+    ) -> Plan:
+        paged = paged_attention and not config.no_flash_attn
+        tokens = _round_up(cache_tokens or config.max_seq_len, PAGE_TOKENS)
+        # One sequence never outgrows the cache (nor, unpaged, the cache's single page).
+        context = min(config.max_seq_len, tokens)
+        config.max_seq_len = context
+        # Whole pages per forward pass when paged, at least one.
+        config.max_input_len = _round_down(min(CHUNK_TOKENS, context), PAGE_TOKENS)
+        config.max_attention_size = config.max_input_len**2
+        if paged:
+            # The generator needs max_batch_size × 8 (its max_q_size) ≤ max_batch_size × max_input_len of the
+            # model's config, whose max_batch_size stays 1.
+            most = min(256, tokens // PAGE_TOKENS, config.max_input_len // 8)
+            batch = max(1, min(max_sequences or DEFAULT_MAX_SEQUENCES, most))
+        else:
+            batch = 1
+        return cls(tokens, context, config.max_input_len, batch, paged)
 
 
 class ExLlamaV2Backend:
@@ -181,63 +236,51 @@ class ExLlamaV2Backend:
         if why is not None:
             raise ConfigError(f"the exllamav2 backend cannot run here: {why}")
         import exllamav2
-        from exllamav2 import ExLlamaV2, ExLlamaV2Config, ExLlamaV2Tokenizer
+        import torch
+        from exllamav2 import ExLlamaV2
         from exllamav2.attn import has_flash_attn_with_paged
+
+        config = read_config(path)
+        if any(torch.cuda.get_device_capability(i)[0] < 8 for i in range(torch.cuda.device_count())):
+            config.no_flash_attn = True  # exllamav2 would call flash-attn, which needs Ampere or newer
+        plan = Plan.make(
+            config, paged_attention=bool(has_flash_attn_with_paged), cache_tokens=cache_tokens,
+            max_sequences=max_sequences,
+        )  # fmt: skip
+        if not plan.paged:
+            log.warning(
+                "no paged attention (it needs flash-attn 2.5.7 or later and an Ampere or newer GPU): "
+                "exllamav2 runs unpaged, one sequence at a time and without a prefix cache"
+            )
+        model = ExLlamaV2(config)
+        cache = getattr(exllamav2, CACHE_CLASSES[cache_quant])(
+            model, max_seq_len=plan.cache_tokens, lazy=True
+        )
+        model.load_autosplit(cache, progress=False)  # over every visible GPU, as it fills them
+        log.info(
+            "loaded %s: context %d, cache %d tokens (%s), %d sequences at once%s",
+            path.name, plan.context, plan.cache_tokens, cache_quant, plan.batch,
+            "" if plan.paged else " (unpaged)",
+        )  # fmt: skip
+        return cls.assemble(path, model, cache, plan)
+
+    @classmethod
+    def assemble(cls, path: Path, model: Any, cache: Any, plan: Plan) -> ExLlamaV2Backend:
+        """The generator over a loaded model and its cache, and the backend over that."""
+        from exllamav2 import ExLlamaV2Tokenizer
         from exllamav2.generator import ExLlamaV2DynamicGenerator
 
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"{path} is not a model directory (no config.json)")
         _install_scoped_hash()
-        try:
-            config = ExLlamaV2Config(str(path))
-            config.arch_compat_overrides(quiet=True)
-        except (OSError, ValueError, KeyError, AssertionError) as exc:
-            raise ConfigError(
-                f"exllamav2 cannot read the model in {path}: {type(exc).__name__}: {exc}"
-            ) from None
-        import torch
-
-        # The generator asserts on these rather than falling back: check them first.
-        ampere = all(torch.cuda.get_device_capability(i)[0] >= 8 for i in range(torch.cuda.device_count()))
-        if not ampere:
-            config.no_flash_attn = True  # exllamav2 would still call flash-attn there, and fail
-        paged = bool(has_flash_attn_with_paged) and not config.no_flash_attn
-        tokens = _round_up(cache_tokens or config.max_seq_len, PAGE_TOKENS)
-        # One sequence never outgrows the cache (nor, unpaged, the cache's single page).
-        context = min(config.max_seq_len, tokens)
-        config.max_seq_len = context
-        # Prompt tokens per forward pass: whole pages when paged, at least one.
-        config.max_input_len = _round_down(min(CHUNK_TOKENS, context), PAGE_TOKENS)
-        config.max_attention_size = config.max_input_len**2
-        if paged:
-            # The generator needs max_batch_size × 8 (its max_q_size) ≤ max_input_len.
-            most = min(256, tokens // PAGE_TOKENS, config.max_input_len // 8)
-            batch = max(1, min(max_sequences or DEFAULT_MAX_SEQUENCES, most))
-        else:
-            log.warning(
-                "flash-attn 2.5.7 or later is not installed: exllamav2 runs unpaged, one sequence at a time "
-                "and without a prefix cache (install flash-attn for continuous batching)"
-            )
-            batch = 1
-        cache_class = getattr(exllamav2, CACHE_CLASSES[cache_quant])
-        model = ExLlamaV2(config)
-        cache = cache_class(model, max_seq_len=tokens, lazy=True)
-        model.load_autosplit(cache, progress=False)  # over every visible GPU, as it fills them
-        tokenizer = ExLlamaV2Tokenizer(config)
-        chunk = config.max_input_len if paged else None
+        tokenizer = ExLlamaV2Tokenizer(model.config)
         generator = ExLlamaV2DynamicGenerator(
-            model=model, cache=cache, tokenizer=tokenizer, max_batch_size=batch, max_chunk_size=chunk,
-            paged=paged,
+            model=model, cache=cache, tokenizer=tokenizer, max_batch_size=plan.batch,
+            max_chunk_size=plan.chunk, paged=plan.paged,
         )  # fmt: skip
         eos = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
         eos |= _generation_eos(path)
-        log.info(
-            "loaded %s: context %d, cache %d tokens (%s), %d sequences at once%s",
-            path.name, context, tokens, cache_quant, batch, "" if paged else " (unpaged)",
-        )  # fmt: skip
         return cls(
-            model=model, cache=cache, tokenizer=tokenizer, generator=generator, context_length=context,
-            chat_template=_chat_template(path), eos_ids=frozenset(eos), paged=paged,
+            model=model, cache=cache, tokenizer=tokenizer, generator=generator, context_length=plan.context,
+            chat_template=_chat_template(path), eos_ids=frozenset(eos), paged=plan.paged,
         )  # fmt: skip
 
     # Text
@@ -293,9 +336,11 @@ class ExLlamaV2Backend:
         generator = self._generator
         page = generator.page_size
         pages = -(-(len(prompt_ids) + params.max_new_tokens) // page)
-        if pages > generator.max_pages or len(prompt_ids) + params.max_new_tokens > self._context_length:
-            need = len(prompt_ids) + params.max_new_tokens
-            raise NeverFits(f"{need} tokens; the cache holds {generator.max_total_tokens}")
+        context = self._context_length  # never more than the cache
+        if len(prompt_ids) + params.max_new_tokens > context:
+            raise NeverFits(
+                f"{len(prompt_ids)} + {params.max_new_tokens} tokens exceed the context ({context})"
+            )
         # The generator's own rule (iterate_start_jobs), minus what jobs enqueued since the last iteration
         # will take; pages this job could share with cached ones are not counted as a saving.
         if (
@@ -393,16 +438,24 @@ def _sampler_settings(params: SamplingParams) -> Any:
 
 
 def _chat_template(path: Path) -> str | None:
-    """The model's own template from tokenizer_config.json (exllamav2's tokenizer does not expose it)."""
+    """The model's own template (exllamav2's tokenizer does not expose it), where Hugging Face keeps it:
+    chat_template.jinja (transformers 4.43 and later), chat_template.json, or tokenizer_config.json."""
     try:
-        doc = json.loads((path / "tokenizer_config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    template = doc.get("chat_template") if isinstance(doc, dict) else None
-    if isinstance(template, list):  # named templates: the default one
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default")
-    return template if isinstance(template, str) else None
+        return (path / "chat_template.jinja").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        pass
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        try:
+            doc = json.loads((path / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        template = doc.get("chat_template") if isinstance(doc, dict) else None
+        if isinstance(template, list):  # named templates: the default one
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        if isinstance(template, str):
+            return template
+    return None
 
 
 def _generation_eos(path: Path) -> set[int]:

@@ -38,7 +38,7 @@ except Exception as exc:
 '
 # NVML as this machine reports it, idle and with an "owner" process, for the CPU tests' fixtures.
 /tmp/hearth-gpu/bin/python -m tests.gpu.record_probe "${OUT:-/tmp}/probes" || true
-PYTHONUNBUFFERED=1 /tmp/hearth-gpu/bin/python -m pytest -q -p no:cacheprovider tests/gpu tests/node/test_exllamav2_page_table.py "$@"
+PYTHONUNBUFFERED=1 /tmp/hearth-gpu/bin/python -m pytest -q -p no:cacheprovider tests/gpu "$@"
 if (( ${#bench[@]} )); then
   PYTHONUNBUFFERED=1 /tmp/hearth-gpu/bin/python -m tests.bench.bench_exl2 "${bench[@]}"
 fi

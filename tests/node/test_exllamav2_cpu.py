@@ -1,0 +1,196 @@
+"""The exllamav2 backend on exllamav2's own generator, on a CPU (tests/node/exllamav2_cpu.py: the library's
+Python as it is, its CUDA extension, model and cache stood in for).
+
+What this shows with the library's code: the backend contract holds, paged (continuous batching) and unpaged;
+the plans ``load`` makes pass the generator's own checks; a user's next turn reuses their cached prompt pages
+and another user's identical prompt reuses none; admission reserves prompt + max_new_tokens in pages and a
+cancelled job's pages are free at once; tokens held back at a stop token are not lost; the job runner drives
+several jobs at once to the same answers they give alone. tests/gpu/ runs the same backend on a GPU with a
+model of a real architecture, for what a stand-in cannot show (kernels, loading, speed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from node.backends.base import BatchBackend, CacheScope, NeverFits, SamplingParams
+from node.demo import CHATML_TEMPLATE
+from node.runner import Delta, JobRunner
+from tests.node.backend_contract import CONTRACT, PROMPT, drive, drive_all
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("exllamav2") is None,
+    reason="needs exllamav2's Python (pip install --no-deps exllamav2==0.3.2; the dev extra has it)",
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _exllamav2_on_a_cpu() -> Iterator[None]:
+    from tests.node import exllamav2_cpu
+
+    try:
+        with exllamav2_cpu.stand_in():
+            yield
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+
+
+GREEDY = SamplingParams(max_new_tokens=24, temperature=0.0, ignore_eos=True)
+
+
+def backend_for(path: Path, **kwargs: Any) -> tuple[Any, Any]:
+    from tests.node import exllamav2_cpu
+
+    return exllamav2_cpu.load(path, **kwargs)
+
+
+@pytest.mark.parametrize(("paged", "sequences"), [(True, 4), (False, 1)], ids=["paged", "unpaged"])
+@pytest.mark.parametrize("check", CONTRACT, ids=lambda c: c.__name__)
+def test_the_exllamav2_backend_meets_the_contract(
+    demo_model_dir: Path, paged: bool, sequences: int, check: Callable[[BatchBackend], None]
+) -> None:
+    backend, _ = backend_for(demo_model_dir, cache_tokens=2048, max_sequences=sequences, paged=paged)
+    check(backend)
+
+
+def test_load_plans_what_the_generator_accepts(demo_model_dir: Path) -> None:
+    # The demo model's context is 2,048 tokens.
+    cases = {
+        # cache tokens, sequences asked for, paged → cache, context, chunk, sequences
+        (300, 8, True): (512, 512, 512, 2),  # no more sequences than pages
+        (4096, 64, True): (4096, 2048, 2048, 16),  # a sequence never outgrows the model
+        (8192, None, True): (8192, 2048, 2048, 32),
+        (1000, 8, False): (1024, 1024, 1024, 1),  # unpaged: one at a time
+    }
+    for (tokens, sequences, paged), expected in cases.items():
+        backend, _ = backend_for(demo_model_dir, cache_tokens=tokens, max_sequences=sequences, paged=paged)
+        generator = backend._generator
+        got = (generator.max_total_tokens, backend.context_length, generator.max_chunk_size)
+        assert (*got, backend.cache().max_sequences) == expected, (tokens, sequences, paged)
+        assert backend.cache().total_tokens == expected[0]
+        assert backend.cache().page_tokens == (256 if paged else expected[0])
+
+
+def test_the_models_own_template_and_stop_tokens(demo_model_dir: Path) -> None:
+    backend, model = backend_for(demo_model_dir, cache_tokens=1024, max_sequences=2)
+    assert backend.chat_template == CHATML_TEMPLATE  # from chat_template.jinja
+    assert backend.eos_token == "<|im_end|>"
+    assert backend.encode("<|im_start|>user", add_special_tokens=False)[0] == 3, "special tokens as text"
+    backend.close()
+    assert model.unloaded and backend.cache().total_tokens == 0
+
+
+def test_a_users_next_turn_reuses_their_pages_and_no_one_elses(demo_model_dir: Path) -> None:
+    backend, model = backend_for(demo_model_dir, cache_tokens=4096, max_sequences=4)
+    prompt = list(range(10, 710))  # two whole pages and part of a third
+    params = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
+
+    def prefilled(scope: CacheScope) -> int:
+        before = model.prompt_tokens
+        seq = backend.admit(prompt, params, scope)
+        assert seq is not None
+        drive(backend, seq)
+        return model.prompt_tokens - before
+
+    alice, bob = CacheScope(b"user:alice"), CacheScope(b"user:bob")
+    whole = len(prompt) - 1  # the last prompt token is the first one decoded
+    assert prefilled(alice) == whole
+    assert prefilled(alice) == whole - 512, "the same scope reuses the two whole pages"
+    assert prefilled(bob) == whole, "another scope reuses nothing"
+    assert prefilled(CacheScope.private()) == whole
+    assert prefilled(alice) == whole - 512
+    # Unpaged, exllamav2 would reuse the previous job's prefix, whoever sent it: off.
+    unpaged, model = backend_for(demo_model_dir, cache_tokens=1024, max_sequences=1, paged=False)
+    backend = unpaged
+    assert [prefilled(alice), prefilled(alice)] == [whole, whole]
+
+
+def test_admission_reserves_pages_and_cancel_returns_them(demo_model_dir: Path) -> None:
+    backend, _ = backend_for(demo_model_dir, cache_tokens=2048, max_sequences=3)
+    params = SamplingParams(max_new_tokens=313, ignore_eos=True)
+    free = [backend.cache().free_tokens]
+    seqs = []
+    for _ in range(4):
+        seqs.append(backend.admit(list(range(10, 209)), params, CacheScope.private()))
+        free.append(backend.cache().free_tokens)
+    # Each job reserves 199 + 313 tokens: 2 pages of 256. The batch holds three.
+    assert seqs == [0, 1, 2, None]
+    assert free == [2048, 1536, 1024, 512, 512]
+    first = {step.seq: len(step.tokens) for step in backend.step()}  # the generator starts them
+    assert first == {0: 1, 1: 1, 2: 1} and backend.cache().free_tokens == 512, "the pages stay reserved"
+    backend.cancel(seqs[1])
+    assert backend.cache().free_tokens == 1024, "a cancelled job's pages are free at once"
+    assert {step.seq for step in backend.step()} == {0, 2}, "a cancelled job makes no more steps"
+    long = SamplingParams(max_new_tokens=500)
+    assert backend.admit(list(range(10, 1510)), long, CacheScope.private()) is None, "8 pages, 4 free: wait"
+    with pytest.raises(NeverFits, match=r"1999 \+ 500 tokens exceed the context \(2048\)"):
+        backend.admit(list(range(1, 2000)), long, CacheScope.private())
+    ends = drive_all(backend, [seqs[0], seqs[2]])
+    assert [ends[seqs[0]][1], len(ends[seqs[2]][0])] == ["length", 313 - 2]
+    assert backend.cache().free_tokens == 2048
+
+
+def test_a_stop_token_after_half_a_character_keeps_the_half(demo_model_dir: Path) -> None:
+    backend, model = backend_for(demo_model_dir, cache_tokens=1024, max_sequences=2)
+    eos = 4
+    e_acute = backend.encode("é", add_special_tokens=False)  # two byte tokens
+    assert len(e_acute) == 2
+    prompt = backend.encode(PROMPT, add_special_tokens=True)
+    params = SamplingParams(max_new_tokens=16, temperature=0.0)
+    model.force(prompt[-1], e_acute[0])
+    model.force(e_acute[0], eos)  # half a character, then the end: exllamav2 held the half back
+    assert drive(backend, _admit(backend, prompt, params)) == ([e_acute[0]], "stop")
+    model.force(e_acute[0], e_acute[1])
+    model.force(e_acute[1], eos)
+    tokens, finish = drive(backend, _admit(backend, prompt, params))
+    assert (tokens, finish) == (e_acute, "stop") and backend.decode(tokens) == "é"
+
+
+def _admit(backend: Any, prompt: list[int], params: SamplingParams) -> int:
+    seq = backend.admit(prompt, params, CacheScope.private())
+    assert seq is not None
+    return int(seq)
+
+
+async def _collect(runner: JobRunner, prompt: list[int], params: SamplingParams, stops: list[str]) -> str:
+    job = runner.submit(prompt, params, stops)
+    deltas: list[Delta] = []
+    while not deltas or deltas[-1].finish_reason is None:
+        deltas += await job.next_deltas()
+    return "".join(d.text for d in deltas) + f"|{deltas[-1].finish_reason}"
+
+
+async def test_the_runner_batches_jobs_to_the_answers_they_give_alone(demo_model_dir: Path) -> None:
+    backend, model = backend_for(demo_model_dir, cache_tokens=8192, max_sequences=4)
+    runner = JobRunner(backend, name="exllamav2-cpu")
+    runner.start()
+    try:
+        prompts = [backend.encode(f"{PROMPT} {n}", add_special_tokens=True) for n in range(6)]
+        alone = [await _collect(runner, p, GREEDY, []) for p in prompts]
+        passes = model.forward_passes
+        together = await asyncio.gather(*(_collect(runner, p, GREEDY, []) for p in prompts))
+        assert together == alone
+        assert model.forward_passes - passes < sum(24 + 1 for _ in prompts), "decoding was batched"
+        text = alone[0].removesuffix("|length")
+        stop = text[len(text) // 2 :][:3]
+        cut = await _collect(runner, prompts[0], GREEDY, [stop])
+        assert cut == text[: text.index(stop)] + "|stop"
+        # A job that leaves mid-answer gives its pages back before the next step.
+        job = runner.submit(prompts[1], SamplingParams(max_new_tokens=1500, ignore_eos=True), [])
+        await job.next_deltas()
+        assert backend.cache().free_tokens < 8192
+        job.cancel()
+        for _ in range(100):
+            if backend.cache().free_tokens == 8192:
+                break
+            await asyncio.sleep(0.01)
+        assert backend.cache().free_tokens == 8192 and runner.active == 0
+    finally:
+        await asyncio.to_thread(runner.stop)
+    assert model.unloaded, "a stopped runner closes the backend"
