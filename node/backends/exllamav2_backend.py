@@ -33,11 +33,13 @@ module without torch or exllamav2.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
+import os
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -68,14 +70,34 @@ def available() -> str | None:
         return "torch is not installed"
     if not torch.cuda.is_available():
         return "no CUDA GPU is visible to torch"
+    _skip_a_broken_flash_attn()
     try:
         import exllamav2  # noqa: F401
-    except ImportError:
-        return "exllamav2 is not installed (pip install 'hearth-llm[node-gpu]')"
+    except ModuleNotFoundError as exc:
+        if exc.name == "exllamav2":
+            return "exllamav2 is not installed (pip install 'hearth-llm[node-gpu]')"
+        return f"exllamav2 failed to import: {exc}"
     except Exception as exc:  # its extension is built on first import, with the machine's nvcc
         return f"exllamav2 failed to import: {type(exc).__name__}: {exc}"
     return None
 
+
+def _skip_a_broken_flash_attn() -> None:
+    """exllamav2 uses flash-attn when it imports, and fails to import when flash-attn is installed but broken
+    (built for another torch or CUDA): run without it then, unpaged, rather than not at all."""
+    if "EXLLAMA_NO_FLASH_ATTN" in os.environ or importlib.util.find_spec("flash_attn") is None:
+        return
+    try:
+        from flash_attn import flash_attn_func  # noqa: F401
+    except Exception as exc:
+        log.warning("flash-attn is installed but does not load (%s): exllamav2 runs without it", exc)
+        os.environ["EXLLAMA_NO_FLASH_ATTN"] = "1"
+
+
+# exllamav2 runs every model on one CUDA stream per GPU and captures CUDA graphs on it while it generates:
+# GPU work of two models (or a model loading beside one generating) must not interleave on it. Each takes
+# this lock for an iteration, for each layer it loads, and to unload.
+_GPU = threading.Lock()
 
 _scope = threading.local()
 
@@ -177,13 +199,14 @@ class Plan:
     def make(
         cls, config: Any, *, paged_attention: bool, cache_tokens: int | None, max_sequences: int | None
     ) -> Plan:
-        paged = paged_attention and not config.no_flash_attn
         tokens = _round_up(cache_tokens or config.max_seq_len, PAGE_TOKENS)
         # One sequence never outgrows the cache (nor, unpaged, the cache's single page).
         context = min(config.max_seq_len, tokens)
         config.max_seq_len = context
-        # Whole pages per forward pass when paged, at least one.
-        config.max_input_len = _round_down(min(CHUNK_TOKENS, context), PAGE_TOKENS)
+        # Paged, the prompt goes through in whole pages: a context shorter than a page runs unpaged.
+        paged = paged_attention and not config.no_flash_attn and context >= PAGE_TOKENS
+        chunk = min(CHUNK_TOKENS, context)
+        config.max_input_len = _round_down(chunk, PAGE_TOKENS) if paged else chunk
         config.max_attention_size = config.max_input_len**2
         if paged:
             # The generator needs max_batch_size × 8 (its max_q_size) ≤ max_batch_size × max_input_len of the
@@ -252,11 +275,17 @@ class ExLlamaV2Backend:
                 "no paged attention (it needs flash-attn 2.5.7 or later and an Ampere or newer GPU): "
                 "exllamav2 runs unpaged, one sequence at a time and without a prefix cache"
             )
+        _install_scoped_hash()  # (before any memory is taken: it refuses a version it does not know)
         model = ExLlamaV2(config)
         cache = getattr(exllamav2, CACHE_CLASSES[cache_quant])(
             model, max_seq_len=plan.cache_tokens, lazy=True
         )
-        model.load_autosplit(cache, progress=False)  # over every visible GPU, as it fills them
+        # Over every visible GPU, as it fills them; a layer at a time, so that models already serving go on.
+        layers = model.load_autosplit_gen(cache, callback_gen=_each_layer)
+        while True:
+            with _GPU:
+                if next(layers, None) is None:
+                    break
         log.info(
             "loaded %s: context %d, cache %d tokens (%s), %d sequences at once%s",
             path.name, plan.context, plan.cache_tokens, cache_quant, plan.batch,
@@ -352,10 +381,15 @@ class ExLlamaV2Backend:
 
         eos = frozenset() if params.ignore_eos else self._eos_ids
         stop: list[int] = sorted(eos | set(params.stop_token_ids))
+        settings = _sampler_settings(params)
+        if params.presence_penalty or params.frequency_penalty:
+            # OpenAI's penalties count the answer's tokens; exllamav2 counts its window of the whole
+            # sequence. The window is kept to the answer (nothing yet; widened each step).
+            settings.token_repetition_range = 0
         job = self._job_class(
             input_ids=torch.tensor([list(prompt_ids)], dtype=torch.long),
             max_new_tokens=params.max_new_tokens,
-            gen_settings=_sampler_settings(params),
+            gen_settings=settings,
             seed=params.seed,
             stop_conditions=stop,
             identifier=self._next,
@@ -369,7 +403,8 @@ class ExLlamaV2Backend:
         return seq
 
     def step(self) -> list[Step]:
-        results = self._generator.iterate()
+        with _GPU:
+            results = self._generator.iterate()
         steps: dict[int, Step] = {}
         for r in results:
             if r.get("stage") != "streaming":
@@ -389,6 +424,9 @@ class ExLlamaV2Backend:
                 step.finish = "length" if r.get("eos_reason") == "max_new_tokens" else "stop"
                 self._jobs.pop(seq, None)
                 self._pages.pop(seq, None)
+        for job in self._jobs.values():
+            if job.gen_settings.token_repetition_range >= 0:  # penalties over the answer only
+                job.gen_settings.token_repetition_range = max(0, job.new_tokens)
         self._state = self._measure()
         return list(steps.values())
 
@@ -408,12 +446,18 @@ class ExLlamaV2Backend:
         for seq in list(self._jobs):
             self.cancel(seq)
         self._state = CacheState(0, 0, self._state.page_tokens, self._state.max_sequences)
-        if self._model is not None:
-            self._model.unload()
-        # The generator's pages point back at it: a cycle that keeps the cache alive until a collection.
-        self._model = self._cache = self._generator = self._tokenizer = None
-        gc.collect()
-        torch.cuda.empty_cache()
+        with _GPU:
+            if self._model is not None:
+                self._model.unload()
+            # The generator's pages point back at it: a cycle that keeps the cache alive until a collection.
+            self._model = self._cache = self._generator = self._tokenizer = None
+            gc.collect()
+            torch.cuda.empty_cache()
+
+
+def _each_layer(done: int, total: int) -> Iterator[bool]:
+    """``load_autosplit_gen``'s progress callback: one yield per layer loaded."""
+    yield True
 
 
 def _sampler_settings(params: SamplingParams) -> Any:

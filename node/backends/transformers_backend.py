@@ -89,12 +89,16 @@ class TransformersBackend:
         # prompt included (the repetition penalty, as transformers and exllamav2 apply it).
         counts: Any = None
         seen: Any = None
+        # Inference mode around each computation, never across a yield: a generator suspended inside the
+        # block would leave its caller's thread in inference mode (and several of them interleaved on one
+        # thread, Sequential's way, would restore each other's modes out of order).
         with torch.inference_mode():
             # Logits for the last position only: all of them would be prompt × vocabulary floats (GBs).
             out = self._model(input_ids=torch.tensor([list(prompt_ids)]), use_cache=True, logits_to_keep=1)
-            for step in range(params.max_new_tokens):
-                if cancelled.is_set():
-                    return
+        for step in range(params.max_new_tokens):
+            if cancelled.is_set():
+                return
+            with torch.inference_mode():
                 logits = out.logits[0, -1].float()
                 if params.presence_penalty or params.frequency_penalty:
                     if counts is None:
@@ -110,15 +114,16 @@ class TransformersBackend:
                     )
                     logits = torch.where(seen, penalized, logits)
                 token = _sample(logits, params, generator)
-                if token in stop_ids:
-                    return
-                yield token
                 if counts is not None:
                     counts[token] += 1
                 if seen is not None:
                     seen[token] = True
-                if step + 1 == params.max_new_tokens:
-                    return
+            if token in stop_ids:
+                return
+            yield token
+            if step + 1 == params.max_new_tokens:
+                return
+            with torch.inference_mode():
                 out = self._model(
                     input_ids=torch.tensor([[token]]), use_cache=True, **cache_kwargs(self._model, out)
                 )

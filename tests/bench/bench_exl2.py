@@ -123,6 +123,9 @@ def _raw(backend: Any, prompts: list[list[int]], new_tokens: int) -> Run:
     from exllamav2.generator import ExLlamaV2DynamicJob, ExLlamaV2Sampler
 
     generator = backend._generator
+    # Plain jobs share cached pages across runs (the node's jobs, in private scopes, never do): start each
+    # run from an empty cache so that neither side is helped by the one before.
+    generator.reset_page_table()
     settings = ExLlamaV2Sampler.Settings(temperature=1.0, top_k=0, top_p=0.0, token_repetition_penalty=1.0)
     start = time.perf_counter()
     first: dict[int, float] = {}

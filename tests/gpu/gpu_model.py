@@ -10,6 +10,7 @@ noise: the tests and the benchmark set ``ignore_eos`` where lengths matter.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,17 @@ ARCHS: dict[str, dict[str, int]] = {
     },
 }
 SHARD_BYTES = 2 << 30
+
+
+def exllamav2_missing() -> str | None:
+    """Why exllamav2 cannot run here, or None. Under tests/gpu/run.sh (HEARTH_GPU_RUN set) a reason is an
+    error, not a skip: a run that tested nothing must not pass."""
+    from node.backends.exllamav2_backend import available
+
+    why = available()
+    if why is not None and os.environ.get("HEARTH_GPU_RUN"):
+        raise RuntimeError(f"exllamav2 cannot run on this GPU machine: {why}")
+    return why
 
 
 def build_gpu_model(target: Path, arch: str = "llama-3.2-1b", *, seed: int = 0) -> Path:

@@ -65,7 +65,7 @@ class StandInExtension:
         logits: torch.Tensor,
     ) -> None:  # fmt: skip
         for row in range(logits.shape[0]):
-            recent = ids[row, -window:] if window > 0 else ids[row]
+            recent = ids[row] if window < 0 else ids[row, ids.shape[-1] - window :]
             tokens, counts = torch.unique(recent, return_counts=True)
             values = logits[row, 0, tokens]
             values = torch.where(values > 0, values / penalty, values * penalty)
@@ -194,14 +194,22 @@ class SizedCache:
 
 
 def load(
-    path: Path, *, cache_tokens: int, max_sequences: int, paged: bool = True, seed: int = 0
+    path: Path,
+    *,
+    cache_tokens: int,
+    max_sequences: int | None,
+    paged: bool = True,
+    seed: int = 0,
+    context: int | None = None,
 ) -> tuple[Any, BigramModel]:
     """The exllamav2 backend over the model directory at ``path`` (its config and tokenizer), as
-    ``ExLlamaV2Backend.load`` builds it, with the stand-in model and cache in place of the GPU's. Inside
-    ``stand_in()``."""
+    ``ExLlamaV2Backend.load`` builds it, with the stand-in model and cache in place of the GPU's;
+    ``context``: the model's own, if not its config's. Inside ``stand_in()``."""
     from node.backends.exllamav2_backend import ExLlamaV2Backend, Plan, read_config
 
     config = read_config(path)
+    if context is not None:  # as if the model's config.json said so
+        config.max_seq_len = context
     plan = Plan.make(config, paged_attention=paged, cache_tokens=cache_tokens, max_sequences=max_sequences)
     model = BigramModel(config, seed=seed)
     return ExLlamaV2Backend.assemble(path, model, SizedCache(plan.cache_tokens), plan), model

@@ -121,3 +121,19 @@ async def test_a_failing_generation_loop_fails_every_job_and_takes_no_more(own: 
     with pytest.raises(Unavailable):
         runner.submit(prompt, params, [])
     await asyncio.to_thread(runner.stop)
+
+
+def test_a_suspended_answer_leaves_its_thread_out_of_inference_mode(reference: TransformersBackend) -> None:
+    import threading
+
+    import torch
+
+    prompt = reference.encode(PROMPT, add_special_tokens=True)
+    params = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True, presence_penalty=0.5)
+    answers = [reference.generate(prompt, params, threading.Event()) for _ in range(2)]
+    for answer in answers:  # interleaved on one thread, as Sequential runs them
+        next(answer)
+        assert not torch.is_inference_mode_enabled()
+    answers[1].close()
+    assert len(list(answers[0])) == 7
+    assert not torch.is_inference_mode_enabled()

@@ -14,15 +14,20 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+import httpx
 import pytest
 
 from node.backends.base import BatchBackend, CacheScope, NeverFits, SamplingParams
-from node.demo import CHATML_TEMPLATE
+from node.demo import CHATML_TEMPLATE, DEMO_MODEL_ID
 from node.runner import Delta, JobRunner
+from node.settings import ModelSettings, NodeSettings
+from scheduler.store import Store
 from tests.node.backend_contract import CONTRACT, PROMPT, drive, drive_all
+from tests.support import LoopThread, Stack, start_stack, stop_stack
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("exllamav2") is None,
@@ -67,14 +72,18 @@ def test_load_plans_what_the_generator_accepts(demo_model_dir: Path) -> None:
         (4096, 64, True): (4096, 2048, 2048, 16),  # a sequence never outgrows the model
         (8192, None, True): (8192, 2048, 2048, 32),
         (1000, 8, False): (1024, 1024, 1024, 1),  # unpaged: one at a time
+        (1000, 8, 200): (1024, 200, 200, 1),  # a context shorter than a page: unpaged
     }
     for (tokens, sequences, paged), expected in cases.items():
-        backend, _ = backend_for(demo_model_dir, cache_tokens=tokens, max_sequences=sequences, paged=paged)
+        context = paged if not isinstance(paged, bool) else None
+        backend, _ = backend_for(
+            demo_model_dir, cache_tokens=tokens, max_sequences=sequences, paged=bool(paged), context=context
+        )
         generator = backend._generator
         got = (generator.max_total_tokens, backend.context_length, generator.max_chunk_size)
         assert (*got, backend.cache().max_sequences) == expected, (tokens, sequences, paged)
         assert backend.cache().total_tokens == expected[0]
-        assert backend.cache().page_tokens == (256 if paged else expected[0])
+        assert backend.cache().page_tokens == (256 if paged is True else expected[0])
 
 
 def test_the_models_own_template_and_stop_tokens(demo_model_dir: Path) -> None:
@@ -152,6 +161,24 @@ def test_a_stop_token_after_half_a_character_keeps_the_half(demo_model_dir: Path
     assert (tokens, finish) == (e_acute, "stop") and backend.decode(tokens) == "é"
 
 
+def test_presence_and_frequency_penalties_count_the_answer_not_the_prompt(demo_model_dir: Path) -> None:
+    backend, model = backend_for(demo_model_dir, cache_tokens=1024, max_sequences=2)
+    prompt = backend.encode(PROMPT, add_special_tokens=True)
+    favourite, second = prompt[3], prompt[3] + 1  # the prompt's own token, and one it lacks
+    model.table[prompt[-1], :] = 0.0
+    model.table[prompt[-1], favourite], model.table[prompt[-1], second] = 2.0, 1.5
+    model.force(favourite, favourite)  # the answer would repeat it, but for the penalty
+    model.table[favourite, second] = 49.5
+    for penalty in ({"presence_penalty": 1.0}, {"frequency_penalty": 1.0}):
+        params = SamplingParams(max_new_tokens=2, temperature=0.0, ignore_eos=True, **penalty)
+        tokens, _ = drive(backend, _admit(backend, prompt, params))
+        assert tokens == [favourite, second], (
+            f"{penalty}: the prompt's tokens are not penalised, the answer's are"
+        )
+    plain = SamplingParams(max_new_tokens=2, temperature=0.0, ignore_eos=True)
+    assert drive(backend, _admit(backend, prompt, plain))[0] == [favourite, favourite]
+
+
 def _admit(backend: Any, prompt: list[int], params: SamplingParams) -> int:
     seq = backend.admit(prompt, params, CacheScope.private())
     assert seq is not None
@@ -194,3 +221,86 @@ async def test_the_runner_batches_jobs_to_the_answers_they_give_alone(demo_model
     finally:
         await asyncio.to_thread(runner.stop)
     assert model.unloaded, "a stopped runner closes the backend"
+
+
+class StandInNode:
+    """The node's model loader, with exllamav2 on the stand-ins: a scheduler and node in this process run
+    the exllamav2 backend as `hearth node start` would, but for the GPU."""
+
+    models: ClassVar[list[Any]] = []
+
+    @classmethod
+    def load(cls, model: ModelSettings, settings: NodeSettings) -> Any:
+        assert model.path is not None
+        backend, bigram = backend_for(model.path, cache_tokens=4096, max_sequences=4)
+        cls.models.append(bigram)
+        return backend
+
+
+@pytest.fixture(scope="module")
+def exl_stack(
+    servers: LoopThread, demo_model: ModelSettings, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    s = servers.call(start_stack(tmp_path_factory.mktemp("exl-cpu"), [demo_model], loader=StandInNode.load))
+    yield s
+    servers.call(stop_stack(s))
+
+
+def test_the_openai_client_through_the_scheduler_to_an_exllamav2_node(exl_stack: Stack) -> None:
+    from openai import OpenAI
+
+    stack = exl_stack
+    (node,) = httpx.get(
+        stack.base_url + "/admin/nodes", headers={"Authorization": f"Bearer {stack.token}"}, timeout=30
+    ).json()["nodes"]
+    (model,) = node["models"]
+    assert (model["page_tokens"], model["max_sequences"], model["cache_tokens"]) == (256, 4, 4096)
+    client = OpenAI(base_url=stack.api, api_key=stack.token, max_retries=0)
+
+    def one(i: int) -> str:
+        stream = client.chat.completions.create(
+            model=DEMO_MODEL_ID, messages=[{"role": "user", "content": f"hello {i % 4}"}], max_tokens=40,
+            stream=True, temperature=0,
+            extra_body={"ignore_eos": True, "top_k": 40, "min_p": 0.05, "repetition_penalty": 1.1},
+        )  # fmt: skip
+        return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    (bigram,) = StandInNode.models
+    passes = bigram.forward_passes
+    with ThreadPoolExecutor(8) as pool:  # eight streams at once, four at a time on the node
+        answers = list(pool.map(one, range(8)))
+    assert all(answers) and answers[:4] == answers[4:], "greedy answers do not depend on their neighbours"
+    assert bigram.forward_passes - passes < 8 * 40, "the node batched the streams"
+    done = client.chat.completions.create(
+        model=DEMO_MODEL_ID, messages=[{"role": "user", "content": "hello 0"}], max_tokens=40, temperature=0,
+        extra_body={"ignore_eos": True, "top_k": 40, "min_p": 0.05, "repetition_penalty": 1.1},
+    )  # fmt: skip
+    assert done.choices[0].message.content == answers[0]
+    assert done.usage is not None and done.usage.completion_tokens == 40
+
+
+def test_through_the_scheduler_only_the_same_user_reuses_cached_prompt_pages(exl_stack: Stack) -> None:
+    stack = exl_stack
+    store = Store(stack.data_dir / "hearth.db")
+    other, _ = store.create_token("cache-other", "user")
+    store.close()
+    (bigram,) = StandInNode.models
+    long = " ".join(f"word{n}" for n in range(300))  # several pages of prompt
+
+    def prefilled(token: str) -> int:
+        before = bigram.prompt_tokens
+        body = {"model": DEMO_MODEL_ID, "messages": [{"role": "user", "content": long}], "max_tokens": 2}
+        r = httpx.post(
+            stack.api + "/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=60,
+        )
+        assert r.status_code == 200, r.text
+        return bigram.prompt_tokens - before
+
+    first = prefilled(stack.token)
+    assert first > 512
+    again, theirs = prefilled(stack.token), prefilled(other)
+    assert again <= first - 256 * (first // 256), "the same user's repeat reuses their whole pages"
+    assert theirs == first, "another user's identical prompt reuses nothing"
