@@ -33,6 +33,7 @@ module without torch or exllamav2.
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import logging
@@ -282,10 +283,23 @@ class ExLlamaV2Backend:
         )
         # Over every visible GPU, as it fills them; a layer at a time, so that models already serving go on.
         layers = model.load_autosplit_gen(cache, callback_gen=_each_layer)
-        while True:
-            with _GPU:
-                if next(layers, None) is None:
-                    break
+        try:
+            while True:
+                with _GPU:
+                    if next(layers, None) is None:
+                        break
+        except RuntimeError as exc:  # (torch's OutOfMemoryError is one)
+            with _GPU:  # what was loaded goes back now, not at some later collection
+                model.unload()
+                del model, cache, layers
+                gc.collect()
+                torch.cuda.empty_cache()
+            if "Insufficient VRAM" in str(exc) or "out of memory" in str(exc):
+                raise ConfigError(
+                    f"{path.name} with a cache of {plan.cache_tokens} tokens ({cache_quant}) does not fit in "
+                    "the GPUs' free memory: lower cache_tokens, or choose a q4 cache or fewer bits per weight"
+                ) from None
+            raise
         log.info(
             "loaded %s: context %d, cache %d tokens (%s), %d sequences at once%s",
             path.name, plan.context, plan.cache_tokens, cache_quant, plan.batch,
@@ -439,8 +453,6 @@ class ExLlamaV2Backend:
 
     def close(self) -> None:
         """Free the weights and the cache now: the owner, or the next model, wants the memory."""
-        import gc
-
         import torch
 
         for seq in list(self._jobs):

@@ -141,3 +141,18 @@ def test_loading_and_unloading_another_model_leaves_running_jobs_alone(
     assert (len(tokens), finish) == (300, "length")
     # The second model's weights and cache went back (within the allocator's slack).
     assert torch.cuda.memory_reserved() - before < 256 << 20
+
+
+def test_a_model_too_big_for_the_gpus_is_refused_in_a_line_and_leaves_nothing(gpu_model: Path) -> None:
+    import torch
+
+    from node.backends.exllamav2_backend import ExLlamaV2Backend
+    from protocol.errors import ConfigError
+
+    before = torch.cuda.memory_allocated()
+    free, _ = torch.cuda.mem_get_info()
+    # A 1B-shaped fp16 cache takes 32 KiB a token: twice the free memory's worth.
+    tokens = 2 * free // (32 << 10) // 256 * 256
+    with pytest.raises(ConfigError, match="does not fit in the GPUs' free memory"):
+        ExLlamaV2Backend.load(gpu_model, cache_tokens=tokens, max_sequences=2)
+    assert torch.cuda.memory_allocated() - before < 64 << 20, "the partial load was freed"
