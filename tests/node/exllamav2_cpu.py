@@ -24,6 +24,7 @@ that exllamav2 afterwards.
 from __future__ import annotations
 
 import sys
+import time
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -148,8 +149,9 @@ def stand_in() -> Iterator[types.ModuleType]:
 class BigramModel:
     """A model whose next token depends on the last one only (see the module's docstring)."""
 
-    def __init__(self, config: Any, *, seed: int = 0) -> None:
+    def __init__(self, config: Any, *, seed: int = 0, delay: float = 0.0) -> None:
         self.config = config
+        self.delay = delay  # seconds per forward pass: a GPU's pace, for tests that need time to pass
         padded = -(-config.vocab_size // VOCAB_PAD) * VOCAB_PAD
         gen = torch.Generator().manual_seed(seed)
         self.table = torch.randn((config.vocab_size, padded), generator=gen) * 4.0
@@ -167,6 +169,8 @@ class BigramModel:
         self, input_ids: torch.Tensor, *, preprocess_only: bool = False, **kwargs: Any
     ) -> dict[str, torch.Tensor]:
         self.forward_passes += 1
+        if self.delay:
+            time.sleep(self.delay)
         if preprocess_only:
             self.prompt_tokens += int(input_ids.numel())
             return {}
@@ -201,6 +205,7 @@ def load(
     paged: bool = True,
     seed: int = 0,
     context: int | None = None,
+    delay: float = 0.0,
 ) -> tuple[Any, BigramModel]:
     """The exllamav2 backend over the model directory at ``path`` (its config and tokenizer), as
     ``ExLlamaV2Backend.load`` builds it, with the stand-in model and cache in place of the GPU's;
@@ -211,5 +216,5 @@ def load(
     if context is not None:  # as if the model's config.json said so
         config.max_seq_len = context
     plan = Plan.make(config, paged_attention=paged, cache_tokens=cache_tokens, max_sequences=max_sequences)
-    model = BigramModel(config, seed=seed)
+    model = BigramModel(config, seed=seed, delay=delay)
     return ExLlamaV2Backend.assemble(path, model, SizedCache(plan.cache_tokens), plan), model

@@ -27,7 +27,7 @@ from node.runner import Delta, JobRunner
 from node.settings import ModelSettings, NodeSettings
 from scheduler.store import Store
 from tests.node.backend_contract import CONTRACT, PROMPT, drive, drive_all
-from tests.support import LoopThread, Stack, start_stack, stop_stack
+from tests.support import LoopThread, Stack, start_stack, stop_stack, wait_for
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("exllamav2") is None,
@@ -304,3 +304,67 @@ def test_through_the_scheduler_only_the_same_user_reuses_cached_prompt_pages(exl
     again, theirs = prefilled(stack.token), prefilled(other)
     assert again <= first - 256 * (first // 256), "the same user's repeat reuses their whole pages"
     assert theirs == first, "another user's identical prompt reuses nothing"
+
+
+def test_another_model_loads_and_unloads_while_one_streams(
+    servers: LoopThread, demo_model: ModelSettings, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from openai import OpenAI
+
+    loaded: dict[str, Any] = {}
+
+    def loader(model: ModelSettings, settings: NodeSettings) -> Any:
+        assert model.path is not None
+        backend, bigram = backend_for(model.path, cache_tokens=2048, max_sequences=2, delay=0.01)
+        loaded[model.model_id] = bigram
+        return backend
+
+    first = demo_model.model_copy(update={"id": "exl-first"})
+    second = demo_model.model_copy(update={"id": "exl-second", "preload": False})
+    stack = servers.call(
+        start_stack(tmp_path_factory.mktemp("exl-two"), [first, second], loader=loader, wait_ready=False)
+    )
+    try:
+        servers.call(wait_for(lambda: _phase(stack, "exl-first", "ready"), within=60))
+        client = OpenAI(base_url=stack.api, api_key=stack.token, max_retries=0)
+        stream = client.completions.create(
+            model="exl-first", prompt="Once upon a time", max_tokens=400, temperature=0, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        chunks = iter(stream)
+        text = next(chunks).choices[0].text  # streaming: 400 tokens at 10 ms a pass take 4 s
+
+        def node(action: str) -> dict[str, Any]:
+            path = f"/models/exl-second/{action}"
+            r = httpx.post(
+                stack.node_url + path,
+                content=b"{}",
+                headers=stack.node_headers("POST", path, b"{}"),
+                timeout=30,
+            )
+            assert r.status_code in (200, 202), r.text
+            return dict(r.json())
+
+        node("load")
+        servers.call(wait_for(lambda: _phase(stack, "exl-second", "ready"), within=30))
+        done = client.completions.create(model="exl-second", prompt="Hello", max_tokens=5, temperature=0)
+        assert done.usage is not None and done.usage.completion_tokens > 0
+        node("unload")
+        servers.call(wait_for(lambda: _unloaded(loaded["exl-second"]), within=30))
+        assert not loaded["exl-first"].unloaded
+        rest = list(chunks)
+        assert len(rest) > 10, "the first model was still streaming while the second came and went"
+        text += "".join(c.choices[0].text for c in rest if c.choices)
+        (usage,) = [c.usage for c in rest if c.usage is not None]
+        assert usage.completion_tokens == 400 and text
+        assert rest[-2].choices[0].finish_reason == "length"
+    finally:
+        servers.call(stop_stack(stack))
+
+
+async def _phase(stack: Stack, model_id: str, phase: str) -> bool:
+    return any(m.id == model_id and m.phase == phase for n in stack.snapshot().nodes for m in n.models)
+
+
+async def _unloaded(bigram: Any) -> bool:
+    return bool(bigram.unloaded)
