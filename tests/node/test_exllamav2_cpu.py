@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import logging
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -277,6 +278,34 @@ def test_the_openai_client_through_the_scheduler_to_an_exllamav2_node(exl_stack:
     )  # fmt: skip
     assert done.choices[0].message.content == answers[0]
     assert done.usage is not None and done.usage.completion_tokens == 40
+
+
+def test_the_prompt_and_answer_never_reach_logs_output_or_disk(
+    exl_stack: Stack, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    canary = "quokka-canary-51e2"
+    caplog.set_level(logging.DEBUG)
+    body = {"model": DEMO_MODEL_ID, "prompt": f"Tell me about {canary}.", "max_tokens": 24, "temperature": 0}
+    answers = []
+    for stream in (False, True):
+        r = httpx.post(
+            exl_stack.api + "/completions", json={**body, "stream": stream},
+            headers={"Authorization": f"Bearer {exl_stack.token}"}, timeout=60,
+        )  # fmt: skip
+        assert r.status_code == 200, r.text
+        if not stream:
+            answers.append(r.json()["choices"][0]["text"])
+    (answer,) = answers
+    assert len(answer.strip()) >= 16, "a distinctive answer to look for"
+    out, err = capfd.readouterr()
+    client_side = ("httpx", "httpcore")
+    logged = "\n".join(r.getMessage() for r in caplog.records if not r.name.startswith(client_side))
+    for seen in (out, err, logged):
+        assert canary not in seen and answer.strip() not in seen
+    for path in exl_stack.data_dir.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert canary.encode() not in data and answer.strip().encode() not in data, path
 
 
 def test_through_the_scheduler_only_the_same_user_reuses_cached_prompt_pages(exl_stack: Stack) -> None:
