@@ -40,6 +40,7 @@ import logging
 import os
 import sys
 import threading
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,7 +98,7 @@ def _skip_a_broken_flash_attn() -> None:
 
 # exllamav2 runs every model on one CUDA stream per GPU and captures CUDA graphs on it while it generates:
 # GPU work of two models (or a model loading beside one generating) must not interleave on it. Each takes
-# this lock for an iteration, for each layer it loads, and to unload.
+# this lock for an iteration, a cancellation (it may move cache pages), each layer it loads, and to unload.
 _GPU = threading.Lock()
 
 _scope = threading.local()
@@ -277,29 +278,13 @@ class ExLlamaV2Backend:
                 "exllamav2 runs unpaged, one sequence at a time and without a prefix cache"
             )
         _install_scoped_hash()  # (before any memory is taken: it refuses a version it does not know)
-        model = ExLlamaV2(config)
-        cache = getattr(exllamav2, CACHE_CLASSES[cache_quant])(
-            model, max_seq_len=plan.cache_tokens, lazy=True
+        model, cache = _load_layers(
+            lambda: ExLlamaV2(config),
+            lambda model: getattr(exllamav2, CACHE_CLASSES[cache_quant])(
+                model, max_seq_len=plan.cache_tokens, lazy=True
+            ),
+            what=f"{path.name} with a cache of {plan.cache_tokens} tokens ({cache_quant})",
         )
-        # Over every visible GPU, as it fills them; a layer at a time, so that models already serving go on.
-        layers = model.load_autosplit_gen(cache, callback_gen=_each_layer)
-        try:
-            while True:
-                with _GPU:
-                    if next(layers, None) is None:
-                        break
-        except RuntimeError as exc:  # (torch's OutOfMemoryError is one)
-            with _GPU:  # what was loaded goes back now, not at some later collection
-                model.unload()
-                del model, cache, layers
-                gc.collect()
-                torch.cuda.empty_cache()
-            if "Insufficient VRAM" in str(exc) or "out of memory" in str(exc):
-                raise ConfigError(
-                    f"{path.name} with a cache of {plan.cache_tokens} tokens ({cache_quant}) does not fit in "
-                    "the GPUs' free memory: lower cache_tokens, or choose a q4 cache or fewer bits per weight"
-                ) from None
-            raise
         log.info(
             "loaded %s: context %d, cache %d tokens (%s), %d sequences at once%s",
             path.name, plan.context, plan.cache_tokens, cache_quant, plan.batch,
@@ -448,7 +433,8 @@ class ExLlamaV2Backend:
         job = self._jobs.pop(seq, None)
         self._pages.pop(seq, None)
         if job is not None:
-            self._generator.cancel(job)
+            with _GPU:  # the last job's end may defragment the cache: a kernel
+                self._generator.cancel(job)
             self._state = self._measure()
 
     def close(self) -> None:
@@ -461,10 +447,44 @@ class ExLlamaV2Backend:
         with _GPU:
             if self._model is not None:
                 self._model.unload()
-            # The generator's pages point back at it: a cycle that keeps the cache alive until a collection.
-            self._model = self._cache = self._generator = self._tokenizer = None
-            gc.collect()
+        # The generator's pages point back at it: a cycle that keeps the cache alive until a collection.
+        self._model = self._cache = self._generator = self._tokenizer = None
+        gc.collect()
+        with _GPU:
             torch.cuda.empty_cache()
+
+
+def _load_layers(
+    make_model: Callable[[], Any], make_cache: Callable[[Any], Any], *, what: str
+) -> tuple[Any, Any]:
+    """A model and its cache, loaded over every visible GPU as it fills them, a layer at a time under the GPU
+    lock, so that models already serving go on between layers. A load that fails frees what it took before
+    it raises (only this function holds it): a ConfigError in one line when the GPUs' memory is short."""
+    import torch
+
+    model = make_model()
+    cache = make_cache(model)
+    layers = model.load_autosplit_gen(cache, callback_gen=_each_layer)
+    try:
+        while True:
+            with _GPU:
+                if next(layers, None) is None:
+                    return model, cache
+    except Exception as exc:
+        # The traceback's frames (the loader's own among them) hold the tensors loaded so far.
+        traceback.clear_frames(exc.__traceback__)
+        with _GPU:
+            model.unload()
+        del model, cache, layers
+        gc.collect()
+        with _GPU:
+            torch.cuda.empty_cache()
+        if isinstance(exc, RuntimeError) and ("Insufficient VRAM" in str(exc) or "out of memory" in str(exc)):
+            raise ConfigError(
+                f"{what} does not fit in the GPUs' free memory: lower cache_tokens, or choose a q4 cache or "
+                "fewer bits per weight"
+            ) from None
+        raise
 
 
 def _each_layer(done: int, total: int) -> Iterator[bool]:

@@ -86,7 +86,8 @@ class TransformersBackend:
         generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
         stop_ids = (set() if params.ignore_eos else set(self._eos_ids)) | set(params.stop_token_ids)
         # Token counts of the answer (presence/frequency penalties), and which tokens appeared anywhere,
-        # prompt included (the repetition penalty, as transformers and exllamav2 apply it).
+        # prompt included (the repetition penalty, as transformers applies it) unless presence or frequency
+        # penalties are set too: exllamav2 applies all three over one window, kept to the answer then.
         counts: Any = None
         seen: Any = None
         # Inference mode around each computation, never across a yield: a generator suspended inside the
@@ -108,7 +109,8 @@ class TransformersBackend:
                 if params.repetition_penalty != 1.0:
                     if seen is None:
                         seen = torch.zeros_like(logits, dtype=torch.bool)
-                        seen[torch.tensor(list(prompt_ids))] = True
+                        if not (params.presence_penalty or params.frequency_penalty):
+                            seen[torch.tensor(list(prompt_ids))] = True
                     penalized = torch.where(
                         logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty
                     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -165,19 +166,107 @@ def test_a_stop_token_after_half_a_character_keeps_the_half(demo_model_dir: Path
 def test_presence_and_frequency_penalties_count_the_answer_not_the_prompt(demo_model_dir: Path) -> None:
     backend, model = backend_for(demo_model_dir, cache_tokens=1024, max_sequences=2)
     prompt = backend.encode(PROMPT, add_special_tokens=True)
-    favourite, second = prompt[3], prompt[3] + 1  # the prompt's own token, and one it lacks
-    model.table[prompt[-1], :] = 0.0
-    model.table[prompt[-1], favourite], model.table[prompt[-1], second] = 2.0, 1.5
-    model.force(favourite, favourite)  # the answer would repeat it, but for the penalty
-    model.table[favourite, second] = 49.5
+    favourite, last, other = prompt[3], prompt[-1], prompt[3] + 1  # two of the prompt's tokens, one not
+    assert other not in prompt and favourite != last
+    model.table[last, :] = 0.0
+    model.table[last, favourite], model.table[last, other] = 2.0, 1.5
+    model.force(favourite, favourite)  # the answer would repeat it, but for the penalty...
+    model.table[favourite, last] = 49.8  # ...then the prompt's last token, unpenalised...
+    model.table[favourite, other] = 49.5  # ...unless the penalty reached into the prompt
     for penalty in ({"presence_penalty": 1.0}, {"frequency_penalty": 1.0}):
         params = SamplingParams(max_new_tokens=2, temperature=0.0, ignore_eos=True, **penalty)
         tokens, _ = drive(backend, _admit(backend, prompt, params))
-        assert tokens == [favourite, second], (
-            f"{penalty}: the prompt's tokens are not penalised, the answer's are"
-        )
+        assert tokens == [favourite, last], f"{penalty}: over the answer so far, exactly"
     plain = SamplingParams(max_new_tokens=2, temperature=0.0, ignore_eos=True)
     assert drive(backend, _admit(backend, prompt, plain))[0] == [favourite, favourite]
+
+
+def test_generation_and_cancellation_hold_the_gpu_lock(demo_model_dir: Path) -> None:
+    from node.backends import exllamav2_backend as eb
+
+    backend, model = backend_for(demo_model_dir, cache_tokens=1024, max_sequences=2)
+    held: list[bool] = []
+    forward, cancel = model.forward_chunk, backend._generator.cancel
+
+    def watched_forward(*args: Any, **kwargs: Any) -> Any:
+        held.append(eb._GPU.locked())
+        return forward(*args, **kwargs)
+
+    def watched_cancel(job: Any) -> None:
+        held.append(eb._GPU.locked())
+        cancel(job)
+
+    model.forward_chunk, backend._generator.cancel = watched_forward, watched_cancel
+    params = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
+    seq = _admit(backend, backend.encode(PROMPT, add_special_tokens=True), params)
+    backend.step()
+    backend.cancel(seq)
+    assert len(held) >= 3 and all(held), "every forward pass and the cancellation ran under the lock"
+
+
+class LayeredModel:
+    """Stands in for ``ExLlamaV2`` loading itself: ``load_autosplit_gen``'s protocol (a callback generator
+    before each layer and at the end), tensors held by the loader's frame, and a failure at one layer."""
+
+    def __init__(self, layers: int, fail_at: int | None = None, error: str = "") -> None:
+        self.layers, self.fail_at, self.error = layers, fail_at, error
+        self.loaded: list[int] = []
+        self.lock_held: list[bool] = []
+        self.unloaded = False
+        self.frame_tensor: Any = None
+
+    def load_autosplit_gen(
+        self, cache: Any, callback_gen: Callable[[int, int], Iterator[Any]]
+    ) -> Iterator[Any]:
+        import torch
+
+        from node.backends import exllamav2_backend as eb
+
+        scratch = torch.zeros(1 << 16)  # what the real loader's frame holds: hidden states, reserved VRAM
+        self.frame_tensor = weakref.ref(scratch)
+        for layer in range(self.layers):
+            yield from callback_gen(layer, self.layers)
+            self.lock_held.append(eb._GPU.locked())
+            self._forward(layer, scratch)
+            self.loaded.append(layer)
+        yield from callback_gen(self.layers, self.layers)
+        self.lock_held.append(eb._GPU.locked())
+
+    def _forward(self, layer: int, hidden: Any) -> None:
+        """A layer's trial forward pass, which fails where the memory runs out (its frame holds ``hidden``)."""
+        if layer == self.fail_at:
+            raise RuntimeError(self.error)
+
+    def unload(self) -> None:
+        self.unloaded = True
+
+
+def test_a_load_goes_layer_by_layer_under_the_lock_and_a_failed_one_frees_what_it_took() -> None:
+    from node.backends import exllamav2_backend as eb
+    from protocol.errors import ConfigError
+
+    made: list[LayeredModel] = []
+
+    def load(**kwargs: Any) -> tuple[Any, Any]:
+        def make() -> LayeredModel:
+            made.append(LayeredModel(**kwargs))
+            return made[-1]
+
+        return eb._load_layers(make, lambda model: object(), what="big with a cache of 65536 tokens (fp16)")
+
+    model, _ = load(layers=4)
+    assert model.loaded == [0, 1, 2, 3] and all(model.lock_held) and not eb._GPU.locked()
+    with pytest.raises(
+        ConfigError, match=r"^big with a cache .* does not fit in the GPUs' free memory"
+    ) as caught:
+        load(layers=4, fail_at=2, error="Insufficient VRAM for model and cache")
+    failed = made[-1]
+    assert failed.loaded == [0, 1] and failed.unloaded
+    # Freed before the allocator's cache was emptied, not when the error is dropped (the pool logs it first).
+    assert caught.value.__context__ is not None and failed.frame_tensor() is None
+    with pytest.raises(RuntimeError, match="something else"):
+        load(layers=4, fail_at=0, error="something else")
+    assert made[-1].unloaded and not eb._GPU.locked()
 
 
 def _admit(backend: Any, prompt: list[int], params: SamplingParams) -> int:
