@@ -447,6 +447,10 @@ class ExLlamaV2Backend:
         with _GPU:
             if self._model is not None:
                 self._model.unload()
+        for name in ("sampling_pool", "filter_pool"):  # the generator's threads: not left to a collection
+            pool = getattr(self._generator, name, None)
+            if pool is not None:
+                pool.shutdown(wait=False)
         # The generator's pages point back at it: a cycle that keeps the cache alive until a collection.
         self._model = self._cache = self._generator = self._tokenizer = None
         gc.collect()

@@ -93,8 +93,10 @@ def test_the_models_own_template_and_stop_tokens(demo_model_dir: Path) -> None:
     assert backend.chat_template == CHATML_TEMPLATE  # from chat_template.jinja
     assert backend.eos_token == "<|im_end|>"
     assert backend.encode("<|im_start|>user", add_special_tokens=False)[0] == 3, "special tokens as text"
+    pool = backend._generator.sampling_pool
     backend.close()
     assert model.unloaded and backend.cache().total_tokens == 0
+    assert pool._shutdown, "the generator's sampling threads are let go"
 
 
 def test_a_users_next_turn_reuses_their_pages_and_no_one_elses(demo_model_dir: Path) -> None:
