@@ -19,13 +19,15 @@ Targets (issue 5): single stream ≥ 97 % of raw, 16 streams ≥ 95 %, added TTF
 
     python -m tests.bench.bench_exl2                      # llama-3.1-8b shape, fp16, about 10 minutes
     python -m tests.bench.bench_exl2 --arch llama-3.2-1b --quick
-    python -m tests.bench.bench_exl2 --cpu-smoke          # the harness on a CPU box: node side only, demo model
+    python -m tests.bench.bench_exl2 --cpu-smoke          # the harness on a CPU box (exllamav2's generator
+                                                          # over tests/node/exllamav2_cpu.py's stand-ins)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -53,21 +55,34 @@ PROMPTS = (128, 2000)
 
 async def _serve(model: Path, data_dir: Path, backend: str, cache_tokens: int, sequences: int) -> None:
     from node.backends import load_backend
-    from node.settings import ModelSettings
-    from tests.support import start_stack
+    from node.settings import ModelSettings, NodeSettings
+    from tests.support import start_stack, stop_stack
 
     settings = ModelSettings(
         path=model, id="bench", cache_tokens=cache_tokens, max_sequences=sequences, max_queued=10_000
     )
-    stack = await start_stack(data_dir, [settings], loader=load_backend, node={"backend": backend})
-    print(READY + stack.node_url, flush=True)
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    await stop.wait()
-    from tests.support import stop_stack
+    with contextlib.ExitStack() as stand_ins:
 
-    await stop_stack(stack)
+        def on_stand_ins(model: ModelSettings, node: NodeSettings) -> Any:
+            assert model.path is not None
+            return exllamav2_cpu.load(model.path, cache_tokens=cache_tokens, max_sequences=sequences)[0]
+
+        loader = load_backend
+        if backend == "exllamav2-cpu":  # the --cpu-smoke node: exllamav2 over the CPU stand-ins
+            from tests.node import exllamav2_cpu
+
+            stand_ins.enter_context(exllamav2_cpu.stand_in())
+            loader, backend = (
+                on_stand_ins,
+                "transformers",
+            )  # (a backend the settings accept: the loader decides)
+        stack = await start_stack(data_dir, [settings], loader=loader, node={"backend": backend})
+        print(READY + stack.node_url, flush=True)
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await stop_stack(stack)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -294,14 +309,21 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
     encode = lambda text: tok.encode(text, add_special_tokens=True)  # noqa: E731
     prompts = {n: _prompts(encode, n, sequences, seed=n) for n in lengths}
 
-    if not opts.cpu_smoke:
-        import torch
+    with contextlib.ExitStack() as stand_ins:
+        if opts.cpu_smoke:  # exllamav2's own generator over the CPU stand-ins (tests/node/exllamav2_cpu.py)
+            from tests.node import exllamav2_cpu
 
-        from node.backends.exllamav2_backend import ExLlamaV2Backend
+            stand_ins.enter_context(exllamav2_cpu.stand_in())
+            backend, _ = exllamav2_cpu.load(model, cache_tokens=cache_tokens, max_sequences=sequences)
+        else:
+            import torch
 
-        result["gpu"] = torch.cuda.get_device_name(0)
-        result["bandwidth_gbs"] = _bandwidth_gbs()
-        backend = ExLlamaV2Backend.load(model, cache_tokens=cache_tokens, max_sequences=sequences)
+            from node.backends.exllamav2_backend import ExLlamaV2Backend
+
+            result["gpu"] = torch.cuda.get_device_name(0)
+            result["bandwidth_gbs"] = _bandwidth_gbs()
+            backend = ExLlamaV2Backend.load(model, cache_tokens=cache_tokens, max_sequences=sequences)
+            result["decode_bytes"] = decode_bytes(model)
         _raw(backend, [encode(prompts[128][0])], 8)  # warm-up (kernels, allocator)
         for n in lengths:
             for c in levels:
@@ -311,21 +333,22 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
                     f"raw   prompt {n:5d} × {c:2d}: {r.rate:9.1f} tok/s, TTFT p50 {_p(r.ttft, 0.5) * 1000:7.2f} ms",
                     flush=True,
                 )
-        result["decode_bytes"] = decode_bytes(model)
         backend.close()
         del backend
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    backend_name = "transformers" if opts.cpu_smoke else "exllamav2"
+    backend_name = "exllamav2-cpu" if opts.cpu_smoke else "exllamav2"
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tests.bench.bench_exl2", "--serve", str(model), str(work / "stack"), backend_name,
-        str(cache_tokens), str(sequences if not opts.cpu_smoke else 4), stdout=asyncio.subprocess.PIPE, env=env,
+        str(cache_tokens), str(sequences), stdout=asyncio.subprocess.PIPE, env=env,
     )  # fmt: skip
     try:
         assert proc.stdout is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), 900)).decode()
-        if not line.startswith(READY):
-            raise RuntimeError(f"the node did not start: {line!r}")
+        line = ""
+        while not line.startswith(READY):  # (exllamav2 prints a warning or two as it is imported)
+            line = (await asyncio.wait_for(proc.stdout.readline(), 900)).decode()
+            if not line:
+                raise RuntimeError("the node did not start (see its output above)")
         client = NodeClient(line[len(READY) :].strip(), work / "stack")
         await _node_level(client, prompts[128][:1], 8)  # warm-up
         for n in lengths:
@@ -398,7 +421,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arch", default="llama-3.1-8b", help="the model shape (tests/gpu/gpu_model.py)")
     parser.add_argument("--tokens", type=int, default=256, help="new tokens per stream")
     parser.add_argument("--quick", action="store_true", help="1 and 4 streams only")
-    parser.add_argument("--cpu-smoke", action="store_true", help="node side only, demo model, on a CPU")
+    parser.add_argument(
+        "--cpu-smoke", action="store_true", help="the harness on a CPU: demo model, exllamav2 over stand-ins"
+    )
     parser.add_argument("--workdir", default=None, help="where the model is built (kept between runs)")
     parser.add_argument("--json", default=None, help="also write the figures here")
     opts = parser.parse_args(argv)
