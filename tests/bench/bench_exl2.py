@@ -7,8 +7,9 @@ helps either side) go
 - **node**: through a Hearth node in its own process, over HTTP, as the scheduler sends jobs (signed
   ``POST /jobs``, frames back), the node running the same generator on its job-runner thread,
 
-at 1, 4, 16 and 64 concurrent streams, each generating ``--tokens`` tokens (end-of-text ignored). Both load
-the model the same way (``ExLlamaV2Backend.load``: same cache, batch size and chunking).
+at 1, 4, 16 and 64 concurrent streams, each generating ``--tokens`` tokens (end-of-text ignored), a level
+repeated until it has given at least 8 first-token times (8 rounds of one stream, 2 of four). Both load the
+model the same way (``ExLlamaV2Backend.load``: same cache, batch size and chunking).
 
 Printed per prompt length and concurrency: TTFT p50 (raw / node / added), aggregate tokens/s (raw / node /
 ratio). Then: ``/healthz`` latency p50/p99 while 16 × 2,000-token prompts are being read; how long after a
@@ -131,6 +132,17 @@ class Run:
     @property
     def rate(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
+
+
+TTFT_SAMPLES = 8  # at least, per level: a level of c streams runs ceil(8 / c) rounds
+
+
+def _rounds(streams: int) -> int:
+    return -(-TTFT_SAMPLES // streams)
+
+
+def _merge(runs: list[Run]) -> Run:
+    return Run([t for r in runs for t in r.ttft], sum(r.tokens for r in runs), sum(r.seconds for r in runs))
 
 
 def _raw(backend: Any, prompts: list[list[int]], new_tokens: int) -> Run:
@@ -327,7 +339,8 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
         _raw(backend, [encode(prompts[128][0])], 8)  # warm-up (kernels, allocator)
         for n in lengths:
             for c in levels:
-                r = _raw(backend, [encode(p) for p in prompts[n][:c]], opts.tokens)
+                ids = [encode(p) for p in prompts[n][:c]]
+                r = _merge([_raw(backend, ids, opts.tokens) for _ in range(_rounds(c))])
                 result["levels"].setdefault(f"{n}x{c}", {})["raw"] = {"ttft": r.ttft, "rate": r.rate}
                 print(
                     f"raw   prompt {n:5d} × {c:2d}: {r.rate:9.1f} tok/s, TTFT p50 {_p(r.ttft, 0.5) * 1000:7.2f} ms",
@@ -353,7 +366,9 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
         await _node_level(client, prompts[128][:1], 8)  # warm-up
         for n in lengths:
             for c in levels:
-                r = await _node_level(client, prompts[n][:c], opts.tokens)
+                r = _merge(
+                    [await _node_level(client, prompts[n][:c], opts.tokens) for _ in range(_rounds(c))]
+                )
                 result["levels"].setdefault(f"{n}x{c}", {})["node"] = {"ttft": r.ttft, "rate": r.rate}
                 print(
                     f"node  prompt {n:5d} × {c:2d}: {r.rate:9.1f} tok/s, TTFT p50 {_p(r.ttft, 0.5) * 1000:7.2f} ms",
