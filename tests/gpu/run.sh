@@ -36,6 +36,15 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 "${pip[@]}" install -q --no-deps --no-build-isolation -e .
 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv
+# exllamav2 0.3.2 calls cudaGraphInstantiate with CUDA 11's five arguments, which CUDA 12 keeps only as an
+# inline overload (and CUDA 13 may drop): give its build the three-argument form, valid from CUDA 12 on.
+cuda=$(nvcc --version 2>/dev/null | sed -n 's/.*release \([0-9]*\)\..*/\1/p' || true)
+ext=$(/tmp/hearth-gpu/bin/python -c 'import importlib.util, pathlib
+print(pathlib.Path(importlib.util.find_spec("exllamav2").origin).parent / "exllamav2_ext")')
+if [[ "${cuda:-0}" -ge 12 && -f "$ext/cuda/graph.cu" ]]; then
+  sed -i 's/cudaGraphInstantiate(&graph_exec, graph, nullptr, nullptr, 0)/cudaGraphInstantiate(\&graph_exec, graph, 0)/' \
+    "$ext/cuda/graph.cu"
+fi
 lscpu | grep -m1 'Model name' || true
 # The first import of exllamav2 compiles its extension with the machine's nvcc and ninja (minutes, once).
 # A GPU box where exllamav2 cannot run fails here, rather than skipping every test that needs it.
