@@ -3,10 +3,14 @@ Python as it is, its CUDA extension, model and cache stood in for).
 
 What this shows with the library's code: the backend contract holds, paged (continuous batching) and unpaged;
 the plans ``load`` makes pass the generator's own checks; a user's next turn reuses their cached prompt pages
-and another user's identical prompt reuses none; admission reserves prompt + max_new_tokens in pages and a
-cancelled job's pages are free at once; tokens held back at a stop token are not lost; the job runner drives
-several jobs at once to the same answers they give alone. tests/gpu/ runs the same backend on a GPU with a
-model of a real architecture, for what a stand-in cannot show (kernels, loading, speed).
+and another user's identical prompt reuses none, directly and through the scheduler; admission reserves
+prompt + max_new_tokens in pages and a cancelled job's pages are free at once; tokens held back at a stop
+token are not lost; presence and frequency penalties see the answer only; generation, cancellation and each
+layer of a load take the GPU lock, and a failed load frees what it took; the job runner drives several jobs
+at once to the same answers they give alone; the openai client streams through scheduler and node; a second
+model loads and unloads while the first streams; a canary prompt and its answer reach no log or file.
+tests/gpu/ runs the same backend on a GPU with a model of a real architecture, for what a stand-in cannot
+show (kernels, loading weights, memory, speed).
 """
 
 from __future__ import annotations
