@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -13,6 +11,7 @@ import click
 
 from hearth import federation_cli, proxy_cli
 from hearth.cli_common import config_option, data_dir_option, one_line_errors, settings_for
+from protocol import logs
 from protocol.errors import ConfigError
 from protocol.federation import TIERS
 
@@ -60,9 +59,7 @@ def up(
     if port is not None:
         scheduler["port"] = port
     settings = settings_for(config, data_dir, **({"scheduler": scheduler} if scheduler else {}))
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    logs.configure(settings.log_level)
     data = settings.data_dir
     if demo:
         models = lambda: [demo_model(data)]  # noqa: E731

@@ -4,8 +4,6 @@ and node management, and `models`. Operator commands talk to the scheduler's adm
 from __future__ import annotations
 
 import asyncio
-import logging
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +13,7 @@ import click
 
 from hearth.cli_common import config_option, data_dir_option, gib, one_line_errors, settings_for
 from hearth.operator import AdminClient
+from protocol import logs
 from protocol.errors import ConfigError
 from protocol.federation import TIERS
 
@@ -26,9 +25,7 @@ _token = click.option("--token", default=None, help="An admin token (default: $H
 
 
 def _logging(level: str) -> None:
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    logs.configure(level)
 
 
 def _size(text: str) -> int:

@@ -51,7 +51,7 @@ async def serve_scheduler(
         # A federation's nodes are other people's machines across a network: sealed prompts only.
         sched = sched.model_copy(update={"policy": sched.policy.model_copy(update={"require_e2e": True})})
     _make_dir(settings.data_dir)
-    runner, url = await start_site(create_scheduler_app(sched), sched.host, sched.port)
+    runner, url = await start_site(create_scheduler_app(sched), sched.host, sched.port, sched.http)
     try:
         out(f"Hearth scheduler listening on {url}")
         if sched.policy.require_e2e:

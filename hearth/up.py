@@ -121,7 +121,9 @@ async def serve_up(
             update={"data_dir": data_dir, "authority_key": authority.public_b64, "discovery": False}
         )
         app = create_scheduler_app(sched_settings)
-        sched_runner, base_url = await start_site(app, sched_settings.host, sched_settings.port)
+        sched_runner, base_url = await start_site(
+            app, sched_settings.host, sched_settings.port, sched_settings.http
+        )
         runners.append(sched_runner)
         node = node_base.model_copy(
             update={

@@ -239,7 +239,7 @@ async def start_node(
     from protocol.web import start_site
 
     app = create_app(settings, trust=trust, loader=loader, probe=probe)
-    runner, url = await start_site(app, settings.host, settings.port)
+    runner, url = await start_site(app, settings.host, settings.port, settings.http)
     state = app[STATE]
     state.url = settings.public_url or url
     state.listening.set()

@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from protocol.server import ServerLimits
+
 
 class ModelSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -235,6 +237,9 @@ class NodeSettings(BaseModel):
         gt=0,
         description="Seconds between two checks that the scheduler's directory shows this node's current "
         "encryption key (an alarm is raised when it does not).",
+    )
+    http: ServerLimits = Field(
+        default_factory=ServerLimits, description="Limits on each connection to this node's API."
     )
     owner_first: OwnerFirstSettings = Field(
         default_factory=OwnerFirstSettings,

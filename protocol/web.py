@@ -13,7 +13,6 @@ import ipaddress
 import json
 import logging
 import threading
-import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -26,10 +25,11 @@ from protocol.errors import (
     NotFound,
     PayloadTooLarge,
 )
+from protocol.logs import describe_exception
+from protocol.server import GUARD
+from protocol.server import start_site as start_site  # where the services import it from
 
 log = logging.getLogger("hearth.web")
-
-SHUTDOWN_TIMEOUT_S = 2.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -93,19 +93,27 @@ def error_response(exc: HearthError) -> web.Response:
 
 def log_unexpected(where: str, exc: BaseException) -> None:
     """Log an unexpected exception without its message, which may contain user text."""
-    stack = "".join(traceback.format_tb(exc.__traceback__))
-    log.error("unexpected %s in %s\n%s", type(exc).__name__, where, stack)
+    log.error("unexpected %s in %s\n%s", type(exc).__name__, where, describe_exception(exc))
 
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    guard = request.app.get(GUARD)
+    if guard is not None:
+        guard.request_started(request.transport)
     try:
+        limit = request.app._client_max_size
+        if request.content_length is not None and request.content_length > limit:
+            # Refused on its header: a client announcing 10 GiB must not hold a handler while it trickles.
+            # Its body is never read, so the connection cannot carry another request.
+            response = error_response(_too_large(limit))
+            response.force_close()
+            return response
         return await handler(request)
     except HearthError as exc:
         return error_response(exc)
     except web.HTTPRequestEntityTooLarge:
-        limit = request.app._client_max_size
-        return error_response(PayloadTooLarge(f"the request body is larger than the limit of {limit} bytes"))
+        return error_response(_too_large(request.app._client_max_size))
     except web.HTTPNotFound:
         return error_response(NotFound(f"no such endpoint: {request.method} {request.path}"))
     except web.HTTPMethodNotAllowed:
@@ -118,6 +126,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception as exc:
         log_unexpected(f"{request.method} {request.path}", exc)
         return error_response(HearthError("internal error; the operator can find it in the server log"))
+    finally:
+        if guard is not None:
+            guard.request_finished(request.transport)
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"the request body is larger than the limit of {limit} bytes")
 
 
 BODY_READ_TIMEOUT_S = 30.0
@@ -157,23 +172,3 @@ async def read_capped(response: ClientResponse, cap: int) -> bytes:
         if len(body) > cap:
             raise ValueError("response body over the limit")
     return bytes(body)
-
-
-async def start_site(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, str]:
-    """Serve ``app`` on host:port (0 picks a free port); return the runner and the base URL."""
-    # handler_cancellation: a client that goes away cancels its handler at once, which is how a
-    # disconnected stream reaches the generation job and frees the backend.
-    # A short shutdown_timeout: on Ctrl-C, streams still running are cut after it rather than awaited.
-    runner = web.AppRunner(
-        app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S
-    )
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
-    try:
-        await site.start()
-    except OSError as exc:
-        await runner.cleanup()
-        raise HearthError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    bound_host, bound_port = runner.addresses[0][:2]
-    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-    return runner, f"http://{shown}:{bound_port}"

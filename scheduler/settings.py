@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from policies import Policy
+from protocol.server import ServerLimits
 
 
 class SchedulerSettings(BaseModel):
@@ -62,6 +63,9 @@ class SchedulerSettings(BaseModel):
         "scheduler: `remote` for every node it reaches over a network, `always` for loopback nodes too.",
     )
     retry_after: float = Field(default=5.0, gt=0, description="Retry-After seconds sent with 503 answers.")
+    http: ServerLimits = Field(
+        default_factory=ServerLimits, description="Limits on each client connection (slow or greedy clients)."
+    )
     policy: Policy = Field(default_factory=Policy, description="Request policy (see policies).")
 
     @property
