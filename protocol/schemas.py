@@ -97,7 +97,9 @@ class _Sampling(_Request):
     model: str = Field(
         min_length=1, max_length=MAX_MODEL_ID_LENGTH, description="A model id from /v1/models."
     )
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="0 means greedy decoding.")
+    temperature: float = Field(
+        default=1.0, ge=0.0, le=2.0, description="0 means greedy decoding (so does any value under 0.0001)."
+    )
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(
         default=0, ge=-1, le=MAX_TOP_K,
@@ -110,7 +112,7 @@ class _Sampling(_Request):
         "one; 0 is off.",
     )  # fmt: skip
     repetition_penalty: float = Field(
-        default=1.0, gt=0.0, le=2.0,
+        default=1.0, ge=0.01, le=2.0,
         description="Hearth extension (as in vLLM): above 1, tokens already in the prompt or the answer "
         "become less likely; 1 is off.",
     )  # fmt: skip

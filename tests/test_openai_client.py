@@ -181,3 +181,31 @@ def test_long_conversation_is_truncated_when_asked(client: openai.OpenAI) -> Non
         extra_body={"truncation": "auto"},  # type: ignore[arg-type]
     )
     assert r.usage is not None and r.usage.prompt_tokens <= 2048 - 8
+
+
+# Extreme values a client may send within the documented ranges: each is answered, none breaks sampling
+# (a temperature of 1e-300 used to overflow the logits and fail on every node in turn).
+@pytest.mark.parametrize(
+    "extreme",
+    [
+        {"temperature": 1e-300},  # greedy in effect
+        {"temperature": 5e-5, "seed": 1},  # under the greedy threshold, with a seed
+        {"temperature": 2.0, "top_p": 1e-300},  # the likeliest token alone survives top_p
+        {"temperature": 2.0, "min_p": 1.0},  # the likeliest token alone survives min_p
+        {"temperature": 1.0, "top_k": 1},  # one candidate
+        {"repetition_penalty": 0.01},  # the lower bound
+        {"repetition_penalty": 2.0, "presence_penalty": 2.0, "frequency_penalty": 2.0},  # every penalty at its top
+        {"presence_penalty": -2.0, "frequency_penalty": -2.0},  # negative penalties
+    ],
+)
+def test_extreme_sampling_values_are_answered(client: openai.OpenAI, extreme: dict[str, float]) -> None:
+    r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4, extra_body=extreme)
+    assert r.usage is not None and r.usage.completion_tokens > 0
+
+
+def test_a_repetition_penalty_under_its_range_is_refused(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model=MODEL, messages=HELLO, max_tokens=4, extra_body={"repetition_penalty": 1e-300}
+        )
+    assert caught.value.body["param"] == "repetition_penalty"  # type: ignore[index]

@@ -38,6 +38,15 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # end the answer like an end-of-sequence token (not yielded)
     ignore_eos: bool = False  # go on past end-of-sequence tokens (stop_token_ids still end it)
 
+    def __post_init__(self) -> None:
+        # Logits divided by a temperature of 1e-300 overflow to infinity and sampling fails; any temperature
+        # this small picks the most likely token anyway, so it is greedy decoding, as 0 is.
+        if self.temperature < GREEDY_BELOW:
+            object.__setattr__(self, "temperature", 0.0)
+
+
+GREEDY_BELOW = 1e-4  # temperatures under this decode greedily (every backend)
+
 
 @dataclass(frozen=True, slots=True)
 class CacheScope:
