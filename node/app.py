@@ -28,7 +28,6 @@ import functools
 import json
 import logging
 import os
-import re
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +45,7 @@ from node.keys import NodeKeys, ReplayMemory
 from node.metrics import NodeMetrics
 from node.openai_format import ResponseWriter
 from node.owner import OwnerFirst
+from node.plain import Resume, plain_job
 from node.pool import BackendLoader, ModelPool, ModelSlot
 from node.receipts import Receipts
 from node.runner import Job, JobRunner
@@ -65,7 +65,7 @@ from protocol.errors import (
     Unavailable,
 )
 from protocol.identity import RequestVerifier, b64d, b64e, fingerprint, verify_certificate, write_private
-from protocol.schemas import ChatCompletionRequest, CompletionRequest, Endpoint, parse_request
+from protocol.schemas import ChatCompletionRequest, CompletionRequest
 from protocol.web import error_middleware, is_loopback, json_response, parse_json, read_body
 
 log = logging.getLogger("hearth.node")
@@ -74,8 +74,6 @@ VERSION = "0.2.0"
 KEEPALIVE_S = 10.0
 PROGRESS_S = 1.0
 INLINE_OPEN_BYTES = 64 * 1024
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_CACHE_SCOPE = re.compile(r"^[0-9a-f]{32}$")
 
 
 def load_transformers(model: ModelSettings, settings: NodeSettings) -> Any:
@@ -494,12 +492,14 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
     # them, and a scheduler naming two users alike could time one's prompt through the other's.
     scope: CacheScope | None = None
     out: Out | None = None  # a sealed job's is made below, while its prompt is prepared
+    resume = Resume()
     if request.content_type == SEALED_JOB:
         # Opening a chat-sized envelope takes ~0.2 ms: a thread hop would cost as much, and more under load.
         # A big one (up to 4 MiB of ciphertext) goes to a thread.
         opening = functools.partial(open_job, raw, node_id=node_id, keys=state.keys, replay=state.replay)
         sealed = opening() if len(raw) <= INLINE_OPEN_BYTES else await asyncio.to_thread(opening)
         endpoint, request_id, req, job_id = sealed.endpoint, sealed.request_id, sealed.request, sealed.job_id
+        resume = Resume(sealed.sent_text, sealed.created)
         if sealed.start_seq:
             log.info("resuming a sealed answer another node began (%d frames sent)", sealed.start_seq)
     else:
@@ -510,7 +510,9 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
                 "this node takes plaintext jobs over loopback only; from elsewhere they must be sealed",
                 code="plaintext_refused",
             )
-        endpoint, request_id, req, job_id, scope = _plain_job(parse_json(raw))
+        endpoint, request_id, req, job_id, scope, resume = plain_job(parse_json(raw))
+        if resume.began:
+            log.info("resuming an answer another node began")
         out = PlainFrames()
     slot = state.pool.get(req.model)
     runner = slot.runner
@@ -518,7 +520,7 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
         raise Unavailable(f"the model '{req.model}' is not loaded here ({slot.phase})", retry_after=5)
     slot.last_used = time.monotonic()
     preparing = asyncio.get_running_loop().run_in_executor(
-        None, functools.partial(_prepare, slot, runner, req, sealed.sent_text if sealed else "")
+        None, functools.partial(_prepare, slot, runner, req, resume.text)
     )
     if sealed is not None:
         out = SealedOut(sealed, node_id)  # its key derivation overlaps with the prompt's tokenizing
@@ -534,7 +536,7 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
     job = runner.submit(prepared.prompt_ids, prepared.params, req.stop_sequences(), scope)
     writer = ResponseWriter(
         endpoint, model=slot.id, request_id=request_id, stream=req.stream, include_usage=req.include_usage,
-        created=sealed.created if sealed else None,
+        created=resume.created,
     )  # fmt: skip
     response = web.StreamResponse(headers={"Content-Type": frames.MEDIA_TYPE})
     prompt_tokens = len(prepared.prompt_ids) - prepared.resumed_tokens
@@ -546,7 +548,7 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
         await response.prepare(request)
         outcome = await _stream_job(
             response, job, writer, out, prompt_tokens, tally,
-            resumed=sealed is not None and sealed.began, flush=flush,
+            resumed=resume.began, flush=flush,
         )  # fmt: skip
         await response.write_eof()
         slot.record_speed(tally.produced, time.monotonic() - started)
@@ -566,23 +568,6 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
         metrics.tokens.labels(slot.id, "prompt").inc(prompt_tokens)
         metrics.tokens.labels(slot.id, "completion").inc(produced)
     return response
-
-
-def _plain_job(
-    body: Any,
-) -> tuple[Endpoint, str, ChatCompletionRequest | CompletionRequest, str, CacheScope | None]:
-    if not isinstance(body, dict) or body.get("endpoint") not in ("chat", "completion"):
-        raise InvalidRequest("a job needs an endpoint ('chat' or 'completion') and a request")
-    endpoint: Endpoint = body["endpoint"]
-    request_id, job_id = str(body.get("request_id", "")), str(body.get("job_id", ""))
-    if not _REQUEST_ID.match(request_id) or not _REQUEST_ID.match(job_id):
-        raise InvalidRequest("a job needs a request_id and a job_id of 1-64 letters, digits, '-' or '_'")
-    scope = body.get("cache_scope")
-    if scope is not None and (not isinstance(scope, str) or not _CACHE_SCOPE.match(scope)):
-        raise InvalidRequest("cache_scope must be 32 hexadecimal digits")
-    # The user's scope as the scheduler names it (it reads these requests anyway); none: shared with no one.
-    cache = CacheScope(b"user:" + scope.encode()) if scope else None
-    return endpoint, request_id, parse_request(endpoint, body.get("request")), job_id, cache
 
 
 @dataclass

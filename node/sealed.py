@@ -116,11 +116,12 @@ def _resume(doc: Any, seed: bytes, request_id: str, endpoint: str) -> tuple[int,
                 payload += opener.open(b64d(frame), final=False)
             except ProtocolError:
                 raise EnvelopeError() from None
-    return count, *_said(bytes(payload), endpoint)
+    return count, *said(bytes(payload), endpoint)
 
 
-def _said(stream: bytes, endpoint: str) -> tuple[str, int | None]:
-    """The text (and the "created" time) of the SSE events a candidate streamed before it failed."""
+def said(stream: bytes, endpoint: str) -> tuple[str, int | None]:
+    """The text (and the "created" time) of the SSE events a node streamed before it failed; EnvelopeError
+    when they are not such events."""
     text: list[str] = []
     created = None
     for event in stream.split(b"\n\n"):

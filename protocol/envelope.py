@@ -162,9 +162,13 @@ def _info(node_id: str, key_id: str, header_digest: bytes) -> bytes:
 
 def seal_request(
     body: bytes, *, endpoint: str, model: str, max_tokens: int | None, stream: bool, request_id: str,
-    issued_at: int, ttl_s: int, candidates: list[Candidate],
+    issued_at: int, ttl_s: int, candidates: list[Candidate], seed: bytes | None = None,
 ) -> tuple[Sealed, bytes]:  # fmt: skip
-    """Seal ``body`` for ``candidates``; returns the envelope and the response seed (the sender keeps it)."""
+    """Seal ``body`` for ``candidates``; returns the envelope and the response seed (the sender keeps it).
+
+    ``seed``: the response seed of an earlier envelope of the same request, so that a node this one is
+    sealed to can open what the earlier one's node sent (a scheduler that seals toward one node at a time
+    and fails over mid-answer); a fresh one by default."""
     if not 1 <= len(candidates) <= MAX_CANDIDATES or len({c.node_id for c in candidates}) != len(candidates):
         raise InvalidRequest(f"an envelope names 1 to {MAX_CANDIDATES} different candidate nodes")
     if not 0 < ttl_s <= MAX_TTL_S:
@@ -176,7 +180,9 @@ def seal_request(
     check_header(header)
     digest = header.digest()
     content_key = ChaCha20Poly1305.generate_key()
-    seed = os.urandom(KEY_BYTES)
+    seed = os.urandom(KEY_BYTES) if seed is None else seed
+    if len(seed) != KEY_BYTES:
+        raise InvalidRequest("a response seed is 32 bytes")
     nonce = os.urandom(NONCE_BYTES)
     ciphertext = ChaCha20Poly1305(content_key).encrypt(nonce, _pad(body, padded_size - TAG_BYTES), digest)
     wraps = {
@@ -374,10 +380,10 @@ class ResponseOpener:
     `switch` moves to another candidate's secret at the current sequence number (blind failover): the
     numbering goes on, so the scheduler cannot drop, repeat or reorder frames across the switch either."""
 
-    def __init__(self, secret: bytes, request_id: str) -> None:
+    def __init__(self, secret: bytes, request_id: str, *, start: int = 0) -> None:
         self._request_id = request_id
         self._aead, self._base = _response_keys(secret, request_id)
-        self._seq = 0
+        self._seq = start
         self.finished = False
 
     @property

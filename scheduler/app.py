@@ -2,8 +2,8 @@
 
 GET  /v1/models              models the cluster serves
 GET  /v1/directory           the node directory: certificates and key statements (scheduler.directory)
-POST /v1/chat/completions    chat, streaming (SSE) or not
-POST /v1/completions         plain completions, streaming or not
+POST /v1/chat/completions    chat, streaming (SSE) or not               (scheduler.generation)
+POST /v1/completions         plain completions, streaming or not      (scheduler.generation)
 GET  /openapi.json           this API, described
 GET  /healthz                liveness
 GET  /metrics                Prometheus metrics
@@ -11,64 +11,41 @@ POST /v1/enroll              a node joins with a one-time code        (scheduler
 POST /v1/nodes/heartbeat     an approved node's signed status        (scheduler.federation)
      /admin/...              the operator's API                       (scheduler.admin)
 
-A request is authenticated, validated and checked against policy here, waits in the fair queue until
-placement finds it a node (scheduler.admission), and is relayed (scheduler.relay); a node that fails
-before the first token is replaced by another, invisibly to the client.
+This module wires the long-lived parts together (store, registry, federation, admission, relay, the
+usage writer); the request path lives in scheduler.generation.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
-import hashlib
-import hmac
-import json
 import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
 
-from policies import Visible, check
-from protocol.envelope import MEDIA_TYPE as ENVELOPE
-from protocol.envelope import EnvelopeError, peek
-from protocol.errors import HearthError, PermissionDenied, Reseal, Unavailable
 from protocol.identity import load_or_create_identity
-from protocol.schemas import Endpoint, parse_request
 from protocol.web import (
     error_middleware,
-    is_loopback,
     json_response,
     log_unexpected,
     parse_json,
     read_body,
 )
-from scheduler import admin
-from scheduler.admission import Admission, exclude
+from scheduler import admin, generation
+from scheduler.admission import Admission
 from scheduler.directory import DirectoryLog
 from scheduler.directory import serve as serve_directory
 from scheduler.federation import Federation
 from scheduler.ledger import Correction, Ledger
 from scheduler.metrics import Metrics
 from scheduler.openapi import openapi_document
-from scheduler.placement import Placement, PlacementRequest, place
 from scheduler.registry import Registry
 from scheduler.relay import (
-    Failover,
-    MidStream,
     Relay,
-    RelayJob,
-    SealedStream,
-    Target,
-    Unsealer,
-    end_sealed,
-    seal_toward,
 )
 from scheduler.settings import SchedulerSettings
 from scheduler.state import (
@@ -82,18 +59,11 @@ from scheduler.state import (
     STORE,
     authenticate,
 )
-from scheduler.store import AsyncStore, TokenRecord, UsageRecord
+from scheduler.store import AsyncStore, UsageRecord
 
 log = logging.getLogger("hearth.scheduler")
 
 USAGE_BATCH = 256
-# The scheduler cannot count tokens it may not read; a prompt's visible length over 4 is a fair guess
-# (about 4 bytes per token in English, and JSON framing only adds bytes). Placement uses it for cache
-# admission and scoring, never to refuse a request: the node counts exactly.
-BYTES_PER_TOKEN_GUESS = 4
-DEFAULT_CANDIDATES = 4  # fresh candidates a 409 offers for re-sealing
-INLINE_SEAL_BYTES = 64 * 1024
-RETRY_NO_KEY_S = 30.0  # a node's key statement comes with its next heartbeat, or it needs its operator
 RECEIPT_HEARTBEATS = 5  # a job's usage receipt is due within this many heartbeat intervals …
 RECEIPT_GRACE_S = 10.0  # … plus this (a busy node, a slow network)
 
@@ -111,8 +81,8 @@ def create_app(settings: SchedulerSettings) -> web.Application:
     app.router.add_get("/openapi.json", openapi)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/directory", directory)
-    app.router.add_post("/v1/chat/completions", chat_completions)
-    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", generation.chat_completions)
+    app.router.add_post("/v1/completions", generation.completions)
     app.router.add_post("/v1/enroll", enroll)
     app.router.add_post("/v1/nodes/heartbeat", heartbeat)
     admin.add_routes(app)
@@ -311,238 +281,3 @@ async def heartbeat(request: web.Request) -> web.Response:
     body = await read_body(request)
     reply = await request.app[FEDERATION].heartbeat(request.method, request.path_qs, request.headers, body)
     return json_response(reply.model_dump())
-
-
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    return await _generate(request, "chat")
-
-
-async def completions(request: web.Request) -> web.StreamResponse:
-    return await _generate(request, "completion")
-
-
-async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
-    if request.content_type == ENVELOPE:
-        return await _generate_sealed(request, endpoint)
-    app = request.app
-    try:
-        user, preq, job, raw = await _admit(request, endpoint)
-    except HearthError as exc:
-        app[METRICS].requests.labels(endpoint, f"refused_{exc.status}").inc()
-        raise
-    federation, admission = app[FEDERATION], app[ADMISSION]
-    attempts = app[SETTINGS].failover_attempts
-    seal_always = app[SETTINGS].seal_toward_nodes == "always"
-    failed: Failover | None = None
-    for attempt in range(attempts):
-        try:
-            ticket = await admission.acquire(user, preq)
-        except HearthError as exc:
-            # Refused by the scheduler itself; relayed requests are counted with their usage rows.
-            app[METRICS].requests.labels(endpoint, f"refused_{exc.status}").inc()
-            if failed is not None:  # no other node to fail over to: say what went wrong on the last one
-                raise failed.error from None
-            raise
-        usage = {"prompt_tokens": 0, "completion_tokens": 0}
-        runtime = federation.registry.nodes.get(ticket.node_id)
-        try:
-            if runtime is None or runtime.url is None:
-                raise Failover(HearthError("the chosen node left the cluster"))
-            # A node reading the request may let this user's earlier prompts speed it up, never another's.
-            sent, unsealer = job.attempt(cache_scope=_cache_scope(app, ticket.node_id, user)), None
-            if seal_always or not is_loopback(urlsplit(runtime.url).hostname):
-                sealing = functools.partial(
-                    _seal_toward, federation, ticket.node_id, job, raw, preq.max_tokens
-                )
-                # A chat-sized body seals in a fraction of a millisecond; a large one in a thread.
-                sent, unsealer = (
-                    sealing() if len(raw) <= INLINE_SEAL_BYTES else await asyncio.to_thread(sealing)
-                )
-            target = Target(
-                ticket.node_id,
-                runtime.url,
-                federation.signed_headers(ticket.node_id, "POST", "/jobs", sent.body),
-            )
-            with contextlib.suppress(ConnectionResetError):  # the client left while we were writing
-                return await app[RELAY].run(request, target, sent, usage, unsealer)
-            return web.Response(status=499)
-        except Failover as exc:
-            log.info("node %s failed before the first token; trying another", ticket.node_id)
-            if exc.error.code == EnvelopeError.default_code:
-                # What the scheduler sealed did not open there (the node's keys or clock): not the client's
-                # doing, whose request was plaintext.
-                exc = Failover(
-                    Unavailable(
-                        "the node could not open what the scheduler sealed to it; the operator must check "
-                        "its keys and clock", code="node_failed", retry_after=app[SETTINGS].retry_after,
-                    )
-                )  # fmt: skip
-            if attempt == attempts - 1:
-                raise exc.error from None
-            failed = exc
-            preq = exclude(preq, ticket.node_id)
-        finally:
-            admission.release(ticket, usage["prompt_tokens"], usage["completion_tokens"])
-    raise AssertionError("unreachable")
-
-
-def _seal_toward(
-    federation: Federation, node_id: str, job: RelayJob, raw: bytes, max_tokens: int | None
-) -> tuple[RelayJob, Unsealer]:
-    """Seal a plaintext request toward its node with the node's key from the directory."""
-    key = federation.directory.keys.get(node_id)
-    if key is None or not key.valid_at(time.time()):
-        log.warning("node %s has no current encryption key in the directory: plaintext skips it", node_id)
-        raise Failover(
-            Unavailable(
-                "the node serving this model has no current encryption key; the operator must check it",
-                retry_after=RETRY_NO_KEY_S,
-            )
-        )
-    return seal_toward(job, raw, max_tokens, key)
-
-
-async def _generate_sealed(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
-    """A request the scheduler cannot read: placed among its candidates by its visible header, relayed as
-    frames, and continued on another candidate if its node fails mid-stream (blind failover)."""
-    app = request.app
-    try:
-        token, preq, job = await _admit_sealed(request, endpoint)
-        federation, admission, relay = app[FEDERATION], app[ADMISSION], app[RELAY]
-    except HearthError as exc:
-        app[METRICS].requests.labels(endpoint, f"refused_{exc.status}").inc()
-        raise
-    stream = SealedStream()
-    failed: Failover | MidStream | None = None
-    unopened = False  # a candidate could not open it: no 409 then (every failure to open answers alike)
-    for _ in range(app[SETTINGS].failover_attempts):
-        try:
-            try:
-                ticket = await admission.acquire(token, preq)
-            except HearthError:
-                if stream.out is None and not unopened:
-                    # Refused before the client got anything: if other nodes could take it, say so (409).
-                    _reseal_if_others_can(federation, preq)
-                raise
-        except HearthError as exc:
-            app[METRICS].requests.labels(endpoint, f"refused_{exc.status}").inc()
-            if failed is None or isinstance(exc, Reseal):
-                raise
-            break
-        usage = {"prompt_tokens": 0, "completion_tokens": 0}
-        node_id = ticket.node_id
-        try:
-            runtime = federation.registry.nodes.get(node_id)
-            if runtime is None or runtime.url is None:
-                raise Failover(HearthError("the chosen node left the cluster"))
-            # The envelope was just parsed as JSON: it is spliced in as received, not serialized again.
-            sent = job.attempt(b'{"envelope":%s,"resume":%s}' % (job.body, stream.resume_json()))
-            headers = federation.signed_headers(node_id, "POST", "/jobs", sent.body)
-            target = Target(node_id, runtime.url, headers)
-            with contextlib.suppress(ConnectionResetError):  # the client left while we were writing
-                await relay.run_sealed(request, target, sent, usage, stream)
-            return stream.out if stream.out is not None else web.Response(status=499)
-        except (Failover, MidStream) as exc:
-            log.info("node %s failed a sealed request; trying another candidate", node_id)
-            failed = exc
-            unopened = unopened or exc.error.code == EnvelopeError.default_code
-            preq = exclude(preq, node_id)
-            if isinstance(exc, MidStream) and not stream.resumable:
-                break
-        except HearthError as exc:  # a final refusal from the node
-            if stream.out is None:
-                raise
-            await end_sealed(relay, request, stream, exc)  # the client has the route already
-            return stream.out
-        finally:
-            admission.release(ticket, usage["prompt_tokens"], usage["completion_tokens"])
-    assert failed is not None
-    if stream.out is None:
-        raise failed.error
-    await end_sealed(relay, request, stream, failed.error)
-    return stream.out
-
-
-def _reseal_if_others_can(federation: Federation, preq: PlacementRequest) -> None:
-    """None of the request's candidates could take it (they went away, never served the model, or
-    failed it): 409 with fresh candidates when other nodes could. Admission has already waited for busy
-    ones as usual."""
-    snapshot = federation.registry.snapshot()
-    fresh: list[str] = []
-    anywhere = replace(preq, candidates=None, exclude=frozenset(preq.candidates or ()) | preq.exclude)
-    while len(fresh) < DEFAULT_CANDIDATES:
-        found = place(anywhere, snapshot)
-        if not isinstance(found, Placement):
-            break
-        if found.node_id in federation.directory.keys:
-            fresh.append(found.node_id)
-        anywhere = exclude(anywhere, found.node_id)
-    if fresh:
-        raise Reseal("none of the nodes this request was sealed to can take it now; seal it again", fresh)
-
-
-async def _admit_sealed(request: web.Request, endpoint: Endpoint) -> tuple[str, PlacementRequest, RelayJob]:
-    token = await authenticate(request)
-    started = time.time()
-    raw = await read_body(request)
-    try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise EnvelopeError() from None
-    header, candidates = peek(doc)  # the node decodes the rest, and refuses it alike
-    if header.endpoint != endpoint:
-        raise EnvelopeError()
-    settings = request.app[SETTINGS]
-    check(settings.policy, Visible(header.model, header.max_tokens, sealed=True))
-    preq = PlacementRequest(
-        model=header.model, max_tokens=header.max_tokens, tiers=_tiers(settings, token),
-        prompt_tokens=header.bucket // BYTES_PER_TOKEN_GUESS,
-        candidates=frozenset(candidates),
-    )  # fmt: skip
-    # The usage row gets an id of the scheduler's own: the envelope's request id is the client's choice.
-    job = RelayJob(secrets.token_hex(12), token.id, endpoint, header.model, True, raw, started)
-    return token.id, preq, job
-
-
-def _cache_scope(app: web.Application, node_id: str, token_id: str) -> str:
-    """A user's prefix-cache scope on one node: the same for all of that user's plaintext requests there,
-    different per node, so no node learns a user id it could match with another's."""
-    return _scope_of(app[SCOPE_KEY], node_id, token_id)
-
-
-@functools.lru_cache(maxsize=4096)
-def _scope_of(key: bytes, node_id: str, token_id: str) -> str:
-    return hmac.new(key, f"{node_id}\0{token_id}".encode(), hashlib.sha256).hexdigest()[:32]
-
-
-def _tiers(settings: SchedulerSettings, token: TokenRecord) -> frozenset[str]:
-    tiers = frozenset(settings.policy.tiers)
-    if token.tiers is not None:
-        tiers &= frozenset(token.tiers)
-        if not tiers:
-            raise PermissionDenied(
-                f"this token may use only {', '.join(token.tiers)} nodes, and this scheduler allows none of "
-                "those tiers",
-                code="tier_not_allowed",
-            )
-    return tiers
-
-
-async def _admit(request: web.Request, endpoint: Endpoint) -> tuple[str, PlacementRequest, RelayJob, bytes]:
-    """Authenticate, validate and apply policy: everything before the request joins the queue. Returns
-    the job for a node that may read it, and the OpenAI request itself (to seal toward a node)."""
-    token = await authenticate(request)
-    started = time.time()
-    raw = await read_body(request)
-    req = parse_request(endpoint, parse_json(raw))
-    settings = request.app[SETTINGS]
-    max_tokens = req.requested_max_tokens
-    check(settings.policy, Visible(req.model, max_tokens, sealed=False))
-    tiers = _tiers(settings, token)
-    preq = PlacementRequest(
-        model=req.model, max_tokens=max_tokens, prompt_tokens=len(raw) // BYTES_PER_TOKEN_GUESS, tiers=tiers
-    )
-    request_id = secrets.token_hex(12)
-    # The body was just parsed as JSON, so it can be spliced in as is instead of serialized again.
-    job = b'{"endpoint":"%s","request_id":"%s","request":%s}' % (endpoint.encode(), request_id.encode(), raw)
-    return token.id, preq, RelayJob(request_id, token.id, endpoint, req.model, req.stream, job, started), raw

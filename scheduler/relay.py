@@ -9,11 +9,12 @@ and a broken node ends the client's stream with an error event rather than with 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import aiohttp
@@ -22,17 +23,29 @@ from aiohttp import web
 from protocol import frames
 from protocol.directory import KeyStatement
 from protocol.envelope import (
+    MAX_FRAME_PAYLOAD,
     SEALED_JOB,
+    TAG_BYTES,
     EnvelopeError,
     ResponseOpener,
+    ResponseSealer,
     response_secret,
     seal_request,
     to_wire,
 )
 from protocol.errors import HearthError, ProtocolError, Unavailable
 from protocol.identity import b64e
-from protocol.web import log_unexpected, read_capped
+from protocol.web import read_capped
 from scheduler.store import UsageRecord
+from scheduler.streams import (
+    Failover,
+    MidStream,
+    PlainStream,
+    Resumed,
+    SealedStream,
+    Stream,
+    failed,
+)
 
 T = TypeVar("T")
 MAX_ERROR_BYTES = 64 * 1024
@@ -40,11 +53,6 @@ MAX_BODY_BYTES = 64 * 1024 * 1024  # a non-streaming answer, collected before it
 MAX_COUNT = 2**31 - 1
 # Past this much unsent data a write may block on the client, so it gets a timeout.
 STALL_BUFFER_BYTES = 32 * 1024
-SSE_HEADERS = {
-    "Content-Type": "text/event-stream",
-    "Cache-Control": "no-cache",
-    "X-Accel-Buffering": "no",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,14 +66,19 @@ class RelayJob:
     started: float
     job_id: str = ""  # one attempt's id, for the node's usage receipt (scheduler.ledger)
 
-    def attempt(self, body: bytes | None = None, *, cache_scope: str | None = None) -> RelayJob:
+    def attempt(
+        self, body: bytes | None = None, *, cache_scope: str | None = None, resume: bytes = b""
+    ) -> RelayJob:
         """This job for one node: a fresh job id, spliced into the body sent (``body``, else this one's),
-        and for a plaintext job the user's prefix-cache scope on that node (node.runner)."""
+        and for a plaintext job the user's prefix-cache scope on that node (node.runner) and what the
+        client already has of the answer (``resume``, node.plain)."""
         job_id = secrets.token_hex(8)
         sent = body if body is not None else self.body
         head = b'{"job_id":"%s",' % job_id.encode()
         if cache_scope is not None:
             head += b'"cache_scope":"%s",' % cache_scope.encode()
+        if resume:
+            head += b'"resume":%s,' % json.dumps(resume.decode()).encode()
         return replace(self, job_id=job_id, body=head + sent[1:])
 
 
@@ -78,17 +91,7 @@ class Target:
     headers: dict[str, str]
 
 
-class Failover(Exception):
-    """The node failed or refused before the client saw a byte: the job may go to another node.
-
-    ``error`` is what the client gets when no other node is left to try.
-    """
-
-    def __init__(self, error: HearthError) -> None:
-        super().__init__(error.message)
-        self.error = error
-
-
+RESUME_CHUNK = MAX_FRAME_PAYLOAD - 4 - TAG_BYTES  # a frame's payload, less its length prefix and padding room
 SEALED_TTL_S = 60  # an envelope the scheduler seals is sent at once; nodes remember it this long (+ skew)
 
 
@@ -97,8 +100,8 @@ class Unsealer:
     reads nothing): the scheduler keeps the response seed and opens the node's frames as `hearth proxy`
     would."""
 
-    def __init__(self, seed: bytes, node_id: str, request_id: str) -> None:
-        self._opener = ResponseOpener(response_secret(seed, node_id, request_id), request_id)
+    def __init__(self, seed: bytes, node_id: str, request_id: str, *, start: int = 0) -> None:
+        self._opener = ResponseOpener(response_secret(seed, node_id, request_id), request_id, start=start)
 
     def data(self, frame: frames.Frame) -> bytes:
         try:
@@ -112,21 +115,35 @@ class Unsealer:
 
 
 def seal_toward(
-    job: RelayJob, request: bytes, max_tokens: int | None, key: KeyStatement
+    job: RelayJob, request: bytes, max_tokens: int | None, key: KeyStatement, seed: bytes, resume: Resumed
 ) -> tuple[RelayJob, Unsealer]:
     """One attempt of ``job`` with its OpenAI ``request`` sealed to the node's current ``key``, and what
-    opens the answer."""
-    sealed, seed = seal_request(
+    opens the answer. Every attempt of one request is sealed with the same response ``seed``: the client's
+    part of an answer another node began (``resume``) is handed over sealed under it, as `hearth proxy`
+    hands over frames, and the new node continues the numbering."""
+    sealed, _ = seal_request(
         request, endpoint=job.endpoint, model=job.model, max_tokens=max_tokens, stream=job.stream,
         request_id=job.request_id, issued_at=int(time.time()), ttl_s=SEALED_TTL_S,
-        candidates=[key.candidate()],
+        candidates=[key.candidate()], seed=seed,
     )  # fmt: skip
-    body = json.dumps({"envelope": to_wire(sealed), "resume": None}, separators=(",", ":")).encode()
-    return job.attempt(body), Unsealer(seed, key.node_id, job.request_id)
+    segments, count = None, 0
+    if resume.sent:
+        segments, count = _sealed_resume(resume, seed, job.request_id)
+    body = json.dumps({"envelope": to_wire(sealed), "resume": segments}, separators=(",", ":")).encode()
+    return job.attempt(body), Unsealer(seed, key.node_id, job.request_id, start=count)
+
+
+def _sealed_resume(resume: Resumed, seed: bytes, request_id: str) -> tuple[list[dict[str, Any]], int]:
+    """The client's part of the answer as frames sealed under the node that sent it (the scheduler holds
+    the seed, as a proxy does): one segment, and how many frames it holds."""
+    sealer = ResponseSealer(response_secret(seed, resume.node_id, request_id), request_id)
+    sent = bytes(resume.sent)
+    parts = [sent[i : i + RESUME_CHUNK] for i in range(0, len(sent), RESUME_CHUNK)]
+    return [{"node_id": resume.node_id, "frames": [b64e(sealer.seal(p)) for p in parts]}], len(parts)
 
 
 # Refusals that say nothing about the request itself, only about that node: another node may take it.
-_FAILOVER_STATUSES = frozenset({401, 403, 404, 408, 429, 500, 502, 503, 504})
+FAILOVER_STATUSES = frozenset({401, 403, 404, 408, 429, 500, 502, 503, 504})
 
 
 class _ClientStalled(Exception):
@@ -160,40 +177,22 @@ class Relay:
         target: Target,
         job: RelayJob,
         usage: dict[str, int],
+        stream: Stream,
         unsealer: Unsealer | None = None,
-    ) -> web.StreamResponse:
-        """Relay ``job`` to ``target``; ``usage`` receives the token counts. With an ``unsealer`` the job
-        is sealed (seal_toward) and so is the answer. Raises Failover when the node failed before the
-        client saw anything."""
-        return await self._exchange(
-            target, job, usage, "application/json" if unsealer is None else SEALED_JOB,
-            lambda resp: self._pump(request, resp, job, usage, target.node_id, unsealer),
-        )  # fmt: skip
-
-    async def run_sealed(
-        self,
-        request: web.Request,
-        target: Target,
-        job: RelayJob,
-        usage: dict[str, int],
-        stream: SealedStream,
     ) -> None:
-        """Relay one node's part of a sealed answer into ``stream``. Raises Failover when the node failed
-        before sending a DATA frame, MidStream when it failed after."""
-        await self._exchange(
-            target, job, usage, SEALED_JOB,
-            lambda resp: _pump_sealed(self, request, resp, usage, stream, target.node_id),
-        )  # fmt: skip
+        """Relay one node's part of ``job``'s answer into ``stream``; ``usage`` receives the token counts.
+        A plaintext job may be sealed toward its node (``unsealer`` opens the answer). Raises Failover when
+        the node failed before sending the client anything, MidStream when it failed after."""
+        if isinstance(stream, SealedStream):
+            content_type = SEALED_JOB
+        else:
+            content_type = "application/json" if unsealer is None else SEALED_JOB
 
-    async def _exchange(
-        self,
-        target: Target,
-        job: RelayJob,
-        usage: dict[str, int],
-        content_type: str,
-        pump: Callable[[aiohttp.ClientResponse], Awaitable[tuple[T, str]]],
-    ) -> T:
-        """Send ``job`` to the node, hand its answer to ``pump``, and record usage however it ends."""
+        async def pump(resp: aiohttp.ClientResponse) -> str:
+            if isinstance(stream, SealedStream):
+                return await _pump_sealed(self, request, resp, usage, stream, target.node_id)
+            return await self._pump(request, resp, job, usage, target.node_id, stream, unsealer)
+
         node_id = target.node_id
         status = "cancelled"
         self._on_dispatch(node_id, job.job_id)
@@ -220,13 +219,16 @@ class Relay:
                     # A node's 400 is final (another node would refuse the same request), except an
                     # envelope this node cannot open: it may have lost its key, or opened this one before
                     # (a replay), and another candidate may open it. Neither learns which check failed.
-                    if resp.status in _FAILOVER_STATUSES or (
+                    if resp.status in FAILOVER_STATUSES or (
                         content_type == SEALED_JOB and err.code == EnvelopeError.default_code
                     ):
                         raise Failover(err)
                     raise err
-                result, status = await pump(resp)
-                return result
+                try:
+                    status = await pump(resp)
+                except (Failover, MidStream):
+                    status = "node_failed"
+                    raise
             finally:
                 resp.close()
         finally:
@@ -245,12 +247,13 @@ class Relay:
         job: RelayJob,
         usage: dict[str, int],
         node_id: str,
+        stream: PlainStream,
         unsealer: Unsealer | None,
-    ) -> tuple[web.StreamResponse, str]:
+    ) -> str:
         decoder = frames.FrameDecoder()
-        out: web.StreamResponse | None = None
         collected: list[bytes] = []
         size = 0
+        start = stream.size  # what the client had before this node
         first = True
         try:
             async for chunk in resp.content.iter_any():
@@ -266,24 +269,16 @@ class Relay:
                             if size > MAX_BODY_BYTES:
                                 raise ProtocolError("the node's answer is over the size limit")
                             collected.append(payload)
-                        else:
+                        elif payload:
                             relay_now.append(payload)
                     elif frame.kind == frames.META:
                         usage.update(_usage(frame))
                     else:
                         err = _error(frame)
-                        if out is None:
-                            raise Failover(err) if err.status in _FAILOVER_STATUSES else err
-                        if relay_now:
-                            await self._write(request, out, b"".join(relay_now))
-                        await self._end_with_error(request, out, err)
-                        return out, "node_error"
-                if relay_now:
-                    # One write for everything one read brought: a burst of tokens costs one syscall.
-                    if out is None:
-                        out = web.StreamResponse(headers=SSE_HEADERS)
-                        await out.prepare(request)
-                    await self._write(request, out, b"".join(relay_now))
+                        await self._relay_plain(request, stream, node_id, relay_now)
+                        raise failed(stream.size > start, err, FAILOVER_STATUSES)
+                # One write for everything one read brought: a burst of tokens costs one syscall.
+                await self._relay_plain(request, stream, node_id, relay_now)
             decoder.close()
             if unsealer is not None:
                 unsealer.finish()
@@ -294,31 +289,27 @@ class Relay:
                 code="node_failed",
                 retry_after=self._retry_after,
             )
-            if out is None:
-                raise Failover(err) from None
-            await self._end_with_error(request, out, err)
-            return out, "node_failed"
+            raise failed(stream.size > start, err, FAILOVER_STATUSES) from None
         except _ClientStalled:
             if request.transport is not None:
                 request.transport.close()
-            assert out is not None
-            return out, "client_stalled"
-        except (HearthError, Failover, ConnectionResetError, asyncio.CancelledError):
-            raise
-        except Exception as exc:
-            if out is None:
-                raise
-            # The response has started: a new one cannot be sent, so end this one with an error event.
-            log_unexpected("relaying a stream", exc)
-            await self._end_with_error(request, out, HearthError("internal error while relaying"))
-            return out, "error"
-        if job.stream:
-            if out is None:
-                out = web.StreamResponse(headers=SSE_HEADERS)
-                await out.prepare(request)
-            await out.write_eof()
-            return out, "ok"
-        return web.Response(body=b"".join(collected), content_type="application/json"), "ok"
+            return "client_stalled"
+        if not job.stream:
+            stream.body = web.Response(body=b"".join(collected), content_type="application/json")
+            return "ok"
+        if stream.out is None:
+            await stream.send(self._write, request, b"")
+        assert stream.out is not None
+        await stream.out.write_eof()
+        return "ok"
+
+    async def _relay_plain(
+        self, request: web.Request, stream: PlainStream, node_id: str, payloads: list[bytes]
+    ) -> None:
+        if payloads:
+            data = b"".join(payloads)
+            await stream.send(self._write, request, data)
+            stream.relayed(node_id, data)
 
     async def _write(self, request: web.Request, out: web.StreamResponse, payload: bytes) -> None:
         transport = request.transport
@@ -333,12 +324,10 @@ class Relay:
         except TimeoutError:
             raise _ClientStalled from None
 
-    async def _end_with_error(self, request: web.Request, out: web.StreamResponse, err: HearthError) -> None:
-        try:
-            await self._write(request, out, b"data: " + json.dumps(err.to_body()).encode() + b"\n\n")
-            await out.write_eof()
-        except (_ClientStalled, ConnectionResetError):
-            pass
+    async def end_with_error(self, request: web.Request, stream: Stream, err: HearthError) -> None:
+        """End a stream the client has begun receiving, and no node can finish, with an error."""
+        with contextlib.suppress(_ClientStalled, ConnectionResetError):
+            await stream.fail(self._write, request, err)
 
 
 def _usage(frame: frames.Frame) -> dict[str, int]:
@@ -384,53 +373,6 @@ async def _node_error(resp: aiohttp.ClientResponse, retry_after: float) -> Heart
 
 # Sealed requests: the scheduler relays frames it cannot read, and fails over blindly.
 
-MAX_RESUME_BYTES = 4 * 1024 * 1024  # ciphertext kept for a replacement node; past it, no blind failover
-
-
-@dataclass
-class SealedStream:
-    """One sealed request's answer as the proxy receives it, across every node that worked on it.
-
-    ``segments`` holds each node's DATA frames (ciphertext) so that a replacement can be handed what the
-    user already has, up to MAX_RESUME_BYTES (past that they are dropped: no blind failover for this
-    answer); ``seq`` counts the frames relayed."""
-
-    out: web.StreamResponse | None = None
-    segments: list[tuple[str, list[bytes]]] = field(default_factory=list)
-    size: int = 0
-    seq: int = 0
-    finished: bool = False
-
-    def relayed(self, frames_: list[bytes], payload: bytes) -> None:
-        self.seq += 1
-        self.size += len(payload)
-        if self.size <= MAX_RESUME_BYTES:
-            frames_.append(payload)
-        elif self.size - len(payload) <= MAX_RESUME_BYTES:
-            for _, kept in self.segments:
-                kept.clear()  # too long to resume: keep no copy of it
-
-    def resume(self) -> list[dict[str, Any]] | None:
-        done = [{"node_id": n, "frames": [b64e(f) for f in fs]} for n, fs in self.segments if fs]
-        return done or None
-
-    def resume_json(self) -> bytes:
-        """``resume()`` as JSON (``null`` on a first attempt, the usual case, without encoding anything)."""
-        done = self.resume()
-        return b"null" if done is None else json.dumps(done).encode()
-
-    @property
-    def resumable(self) -> bool:
-        return self.size <= MAX_RESUME_BYTES
-
-
-class MidStream(Exception):
-    """The node failed after the proxy had received some of its frames: the stream may go on elsewhere."""
-
-    def __init__(self, error: HearthError) -> None:
-        super().__init__(error.message)
-        self.error = error
-
 
 async def _pump_sealed(
     relay: Relay,
@@ -439,7 +381,7 @@ async def _pump_sealed(
     usage: dict[str, int],
     stream: SealedStream,
     node_id: str,
-) -> tuple[None, str]:
+) -> str:
     decoder = frames.FrameDecoder()
     mine: list[bytes] = []
     stream.segments.append((node_id, mine))
@@ -464,43 +406,16 @@ async def _pump_sealed(
                 else:
                     err = _error(frame) if frame.kind == frames.ERROR else ProtocolError("unexpected frame")
                     if relay_now:
-                        await _send(relay, request, stream, b"".join(relay_now))
-                    raise _failed(stream.seq > start, err)
+                        await stream.send(relay._write, request, b"".join(relay_now))
+                    raise failed(stream.seq > start, err, FAILOVER_STATUSES)
             if relay_now:
-                await _send(relay, request, stream, b"".join(relay_now))
+                await stream.send(relay._write, request, b"".join(relay_now))
         decoder.close()
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError, ProtocolError):
         relay._on_node_failed(node_id)
-        raise _failed(
+        raise failed(
             stream.seq > start, Unavailable("the node failed while answering; try again", code="node_failed",
-                              retry_after=relay._retry_after)
+                              retry_after=relay._retry_after), FAILOVER_STATUSES,
         ) from None  # fmt: skip
     stream.finished = True
-    return None, "ok"
-
-
-def _failed(sent: bool, err: HearthError) -> Exception:
-    """Failover when the node sent the client nothing yet (or a final refusal), MidStream when it had."""
-    if not sent:
-        return Failover(err) if err.status in _FAILOVER_STATUSES else err
-    return MidStream(err)
-
-
-async def _send(relay: Relay, request: web.Request, stream: SealedStream, data: bytes) -> None:
-    if stream.out is None:
-        stream.out = web.StreamResponse(
-            headers={"Content-Type": frames.MEDIA_TYPE, "Cache-Control": "no-cache"}
-        )
-        await stream.out.prepare(request)
-    await relay._write(request, stream.out, data)
-
-
-async def end_sealed(relay: Relay, request: web.Request, stream: SealedStream, err: HearthError) -> None:
-    """End a sealed stream that no node can finish with an error frame (plaintext: it says nothing)."""
-    assert stream.out is not None
-    try:
-        await relay._write(request, stream.out, frames.encode_json({"status": err.status, **err.to_body()},
-                                                                   frames.ERROR | frames.FINAL))  # fmt: skip
-        await stream.out.write_eof()
-    except (_ClientStalled, ConnectionResetError):
-        pass
+    return "ok"

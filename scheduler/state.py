@@ -19,7 +19,7 @@ ADMISSION = web.AppKey("admission", Admission)
 RELAY = web.AppKey("relay", Relay)
 METRICS = web.AppKey("metrics", Metrics)
 STARTED = web.AppKey("started", int)
-# Keys each user's per-node prefix-cache scope (scheduler.app._cache_scope); new at every start.
+# Keys each user's per-node prefix-cache scope (scheduler.generation._cache_scope); new at every start.
 SCOPE_KEY = web.AppKey("scope_key", bytes)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from protocol.identity import b64d
-from scheduler.relay import MAX_RESUME_BYTES, SealedStream
+from scheduler.streams import MAX_RESUME_BYTES, SealedStream
 
 
 def test_frames_are_kept_per_node_for_a_replacement() -> None:

@@ -1,0 +1,64 @@
+"""Plaintext jobs: what a scheduler that may read a request sends its node over loopback.
+
+A plaintext job is ``{"endpoint", "request_id", "job_id", "request", "cache_scope"?, "resume"?}``: the OpenAI
+request as the client sent it, the user's prefix-cache scope as the scheduler names it, and for an answer
+another node began and failed mid-stream, ``resume``: the SSE bytes the client already has (the scheduler
+relayed them, so it may read them), which this node continues (docs/protocol.md). Sealed jobs carry the same
+in sealed form (node.sealed).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from node.backends.base import CacheScope
+from node.sealed import said
+from protocol.envelope import EnvelopeError
+from protocol.errors import InvalidRequest
+from protocol.schemas import ChatCompletionRequest, CompletionRequest, Endpoint, parse_request
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_CACHE_SCOPE = re.compile(r"^[0-9a-f]{32}$")
+
+
+@dataclass(frozen=True)
+class Resume:
+    """What the client has of an answer another node began: its text and the stream's "created" time."""
+
+    text: str = ""
+    created: int | None = None
+
+    @property
+    def began(self) -> bool:
+        """The client has the stream's first event (the role) already; keepalives alone do not count."""
+        return self.created is not None
+
+
+def plain_job(
+    body: Any,
+) -> tuple[Endpoint, str, ChatCompletionRequest | CompletionRequest, str, CacheScope | None, Resume]:
+    if not isinstance(body, dict) or body.get("endpoint") not in ("chat", "completion"):
+        raise InvalidRequest("a job needs an endpoint ('chat' or 'completion') and a request")
+    endpoint: Endpoint = body["endpoint"]
+    request_id, job_id = str(body.get("request_id", "")), str(body.get("job_id", ""))
+    if not _REQUEST_ID.match(request_id) or not _REQUEST_ID.match(job_id):
+        raise InvalidRequest("a job needs a request_id and a job_id of 1-64 letters, digits, '-' or '_'")
+    scope = body.get("cache_scope")
+    if scope is not None and (not isinstance(scope, str) or not _CACHE_SCOPE.match(scope)):
+        raise InvalidRequest("cache_scope must be 32 hexadecimal digits")
+    # The user's scope as the scheduler names it (it reads these requests anyway); none: shared with no one.
+    cache = CacheScope(b"user:" + scope.encode()) if scope else None
+    req = parse_request(endpoint, body.get("request"))
+    # Blind failover's plaintext twin: the SSE bytes the client received from a node that failed mid-answer
+    # (the scheduler relayed them, so it may read them), which this node continues.
+    resume = Resume()
+    if body.get("resume") is not None:
+        if not isinstance(body["resume"], str) or not req.stream:
+            raise InvalidRequest("resume is the text of a streamed answer's events so far")
+        try:
+            resume = Resume(*said(body["resume"].encode(), endpoint))
+        except EnvelopeError:
+            raise InvalidRequest("resume is not the events of an answer") from None
+    return endpoint, request_id, req, job_id, cache, resume

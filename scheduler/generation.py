@@ -1,0 +1,268 @@
+"""The generation routes: one path for every request, whether the scheduler may read it or not.
+
+POST /v1/chat/completions    chat, streaming (SSE) or not
+POST /v1/completions         plain completions, streaming or not
+
+A request is admitted (authenticated, validated and checked against policy), waits in the fair queue until
+placement finds it a node (scheduler.admission), and is relayed (scheduler.relay). A node that fails before
+its first byte is replaced by another, invisibly; one that fails mid-answer is continued by another from
+what the client already has, for both kinds of request:
+
+- sealed (``application/x-hearth-envelope``, from `hearth proxy`): placed among the envelope's candidates by
+  its visible header; frames are relayed unread, and a replacement is handed the earlier frames (blind
+  failover). When none of the candidates can take it, 409 offers fresh ones to re-seal to.
+- plaintext (where policy allows): sent to a loopback node as it is, or sealed toward a remote node by the
+  scheduler itself, every attempt under the same response seed, so a replacement can open what the
+  client was sent (scheduler.relay.seal_toward).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass, replace
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from policies import Visible, check
+from protocol.envelope import KEY_BYTES, EnvelopeError, peek
+from protocol.envelope import MEDIA_TYPE as ENVELOPE
+from protocol.errors import HearthError, PermissionDenied, Reseal, Unavailable
+from protocol.schemas import Endpoint, parse_request
+from protocol.web import is_loopback, parse_json, read_body
+from scheduler.admission import exclude
+from scheduler.federation import Federation
+from scheduler.placement import Placement, PlacementRequest, place
+from scheduler.relay import RelayJob, Target, Unsealer, seal_toward
+from scheduler.settings import SchedulerSettings
+from scheduler.state import ADMISSION, FEDERATION, METRICS, RELAY, SCOPE_KEY, SETTINGS, authenticate
+from scheduler.store import TokenRecord
+from scheduler.streams import Failover, MidStream, PlainStream, SealedStream, Stream
+
+log = logging.getLogger("hearth.scheduler")
+
+# The scheduler cannot count tokens it may not read; a prompt's visible length over 4 is a fair guess
+# (about 4 bytes per token in English, and JSON framing only adds bytes). Placement uses it for cache
+# admission and scoring, never to refuse a request: the node counts exactly.
+BYTES_PER_TOKEN_GUESS = 4
+DEFAULT_CANDIDATES = 4  # fresh candidates a 409 offers for re-sealing
+INLINE_SEAL_BYTES = 64 * 1024
+RETRY_NO_KEY_S = 30.0  # a node's key statement comes with its next heartbeat, or it needs its operator
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """A request past authentication and policy, ready to queue."""
+
+    user: str  # the token's id: the fair queue's user
+    preq: PlacementRequest
+    job: RelayJob
+    sealed: bool
+    raw: bytes = b""  # a plaintext request's OpenAI body (to seal toward a node)
+    seed: bytes = b""  # a plaintext request's response seed, the same for every node it is sealed to
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, "chat")
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, "completion")
+
+
+async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+    app = request.app
+    try:
+        admitted = await (_admit_sealed if request.content_type == ENVELOPE else _admit)(request, endpoint)
+    except HearthError as exc:
+        app[METRICS].requests.labels(endpoint, f"refused_{exc.status}").inc()
+        raise
+    federation, admission, relay = app[FEDERATION], app[ADMISSION], app[RELAY]
+    stream: Stream = SealedStream() if admitted.sealed else PlainStream(admitted.job.stream)
+    preq = admitted.preq
+    failed: Failover | MidStream | None = None
+    unopened = False  # a candidate could not open it: no 409 then (every failure to open answers alike)
+    for _ in range(app[SETTINGS].failover_attempts):
+        try:
+            try:
+                ticket = await admission.acquire(admitted.user, preq)
+            except HearthError:
+                if admitted.sealed and stream.out is None and not unopened:
+                    # Refused before the client got anything: if other nodes could take it, say so (409).
+                    _reseal_if_others_can(federation, preq)
+                raise
+        except HearthError as exc:
+            # Refused by the scheduler itself; relayed requests are counted with their usage rows.
+            app[METRICS].requests.labels(endpoint, f"refused_{exc.status}").inc()
+            if failed is None or isinstance(exc, Reseal):
+                raise
+            break  # no other node to go on with: say what went wrong on the last one
+        usage = {"prompt_tokens": 0, "completion_tokens": 0}
+        node_id = ticket.node_id
+        try:
+            target, sent, unsealer = await _attempt(request, admitted, node_id, stream)
+            with contextlib.suppress(ConnectionResetError):  # the client left while we were writing
+                await relay.run(request, target, sent, usage, stream, unsealer)
+            return stream.response() or web.Response(status=499)
+        except (Failover, MidStream) as exc:
+            log.info("node %s failed a request; trying another", node_id)
+            failed = exc
+            unopened = unopened or exc.error.code == EnvelopeError.default_code
+            preq = exclude(preq, node_id)
+            if isinstance(exc, MidStream) and not stream.resumable:
+                break
+        except HearthError as exc:  # a final refusal from the node
+            if stream.out is None:
+                raise
+            await relay.end_with_error(request, stream, exc)  # the client has part of the answer already
+            return stream.out
+        finally:
+            admission.release(ticket, usage["prompt_tokens"], usage["completion_tokens"])
+    assert failed is not None
+    error = failed.error
+    if not admitted.sealed and error.code == EnvelopeError.default_code:
+        # What the scheduler sealed did not open there (the node's keys or clock): not the client's doing,
+        # whose request was plaintext.
+        error = Unavailable(
+            "the node could not open what the scheduler sealed to it; the operator must check its keys "
+            "and clock", code="node_failed", retry_after=app[SETTINGS].retry_after,
+        )  # fmt: skip
+    if stream.out is None:
+        raise error
+    await relay.end_with_error(request, stream, error)
+    return stream.out
+
+
+async def _attempt(
+    request: web.Request, admitted: Admitted, node_id: str, stream: Stream
+) -> tuple[Target, RelayJob, Unsealer | None]:
+    """The job one node is sent: the envelope with what earlier candidates sent (sealed), or the plaintext
+    request as it is (a loopback node) or sealed toward the node, with what the client already has."""
+    app = request.app
+    federation = app[FEDERATION]
+    runtime = federation.registry.nodes.get(node_id)
+    if runtime is None or runtime.url is None:
+        raise Failover(HearthError("the chosen node left the cluster"))
+    job, unsealer = admitted.job, None
+    if isinstance(stream, SealedStream):
+        # The envelope was just parsed as JSON: it is spliced in as received, not serialized again.
+        sent = job.attempt(b'{"envelope":%s,"resume":%s}' % (job.body, stream.resume_json()))
+    elif app[SETTINGS].seal_toward_nodes == "always" or not is_loopback(urlsplit(runtime.url).hostname):
+        sealing = functools.partial(_seal_toward, federation, node_id, admitted, stream)
+        # A chat-sized body seals in a fraction of a millisecond; a large one in a thread.
+        small = len(admitted.raw) + stream.size <= INLINE_SEAL_BYTES
+        sent, unsealer = sealing() if small else await asyncio.to_thread(sealing)
+    else:
+        # A node reading the request may let this user's earlier prompts speed it up, never another's.
+        sent = job.attempt(
+            cache_scope=_cache_scope(app[SCOPE_KEY], node_id, admitted.user), resume=bytes(stream.resume.sent)
+        )
+    headers = federation.signed_headers(node_id, "POST", "/jobs", sent.body)
+    return Target(node_id, runtime.url, headers), sent, unsealer
+
+
+def _seal_toward(
+    federation: Federation, node_id: str, admitted: Admitted, stream: PlainStream
+) -> tuple[RelayJob, Unsealer]:
+    """Seal a plaintext request toward its node with the node's key from the directory."""
+    key = federation.directory.keys.get(node_id)
+    if key is None or not key.valid_at(time.time()):
+        log.warning("node %s has no current encryption key in the directory: plaintext skips it", node_id)
+        raise Failover(
+            Unavailable(
+                "the node serving this model has no current encryption key; the operator must check it",
+                retry_after=RETRY_NO_KEY_S,
+            )
+        )
+    return seal_toward(
+        admitted.job, admitted.raw, admitted.preq.max_tokens, key, admitted.seed, stream.resume
+    )
+
+
+def _reseal_if_others_can(federation: Federation, preq: PlacementRequest) -> None:
+    """None of the request's candidates could take it (they went away, never served the model, or
+    failed it): 409 with fresh candidates when other nodes could. Admission has already waited for busy
+    ones as usual."""
+    snapshot = federation.registry.snapshot()
+    fresh: list[str] = []
+    anywhere = replace(preq, candidates=None, exclude=frozenset(preq.candidates or ()) | preq.exclude)
+    while len(fresh) < DEFAULT_CANDIDATES:
+        found = place(anywhere, snapshot)
+        if not isinstance(found, Placement):
+            break
+        if found.node_id in federation.directory.keys:
+            fresh.append(found.node_id)
+        anywhere = exclude(anywhere, found.node_id)
+    if fresh:
+        raise Reseal("none of the nodes this request was sealed to can take it now; seal it again", fresh)
+
+
+async def _admit_sealed(request: web.Request, endpoint: Endpoint) -> Admitted:
+    token = await authenticate(request)
+    started = time.time()
+    raw = await read_body(request)
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise EnvelopeError() from None
+    header, candidates = peek(doc)  # the node decodes the rest, and refuses it alike
+    if header.endpoint != endpoint:
+        raise EnvelopeError()
+    settings = request.app[SETTINGS]
+    check(settings.policy, Visible(header.model, header.max_tokens, sealed=True))
+    preq = PlacementRequest(
+        model=header.model, max_tokens=header.max_tokens, tiers=_tiers(settings, token),
+        prompt_tokens=header.bucket // BYTES_PER_TOKEN_GUESS,
+        candidates=frozenset(candidates),
+    )  # fmt: skip
+    # The usage row gets an id of the scheduler's own: the envelope's request id is the client's choice.
+    job = RelayJob(secrets.token_hex(12), token.id, endpoint, header.model, True, raw, started)
+    return Admitted(token.id, preq, job, sealed=True)
+
+
+async def _admit(request: web.Request, endpoint: Endpoint) -> Admitted:
+    """Authenticate, validate and apply policy: everything before the request joins the queue."""
+    token = await authenticate(request)
+    started = time.time()
+    raw = await read_body(request)
+    req = parse_request(endpoint, parse_json(raw))
+    settings = request.app[SETTINGS]
+    max_tokens = req.requested_max_tokens
+    check(settings.policy, Visible(req.model, max_tokens, sealed=False))
+    tiers = _tiers(settings, token)
+    preq = PlacementRequest(
+        model=req.model, max_tokens=max_tokens, prompt_tokens=len(raw) // BYTES_PER_TOKEN_GUESS, tiers=tiers
+    )
+    request_id = secrets.token_hex(12)
+    # The body was just parsed as JSON, so it can be spliced in as is instead of serialized again.
+    body = b'{"endpoint":"%s","request_id":"%s","request":%s}' % (endpoint.encode(), request_id.encode(), raw)
+    job = RelayJob(request_id, token.id, endpoint, req.model, req.stream, body, started)
+    return Admitted(token.id, preq, job, sealed=False, raw=raw, seed=secrets.token_bytes(KEY_BYTES))
+
+
+def _tiers(settings: SchedulerSettings, token: TokenRecord) -> frozenset[str]:
+    tiers = frozenset(settings.policy.tiers)
+    if token.tiers is not None:
+        tiers &= frozenset(token.tiers)
+        if not tiers:
+            raise PermissionDenied(
+                f"this token may use only {', '.join(token.tiers)} nodes, and this scheduler allows none of "
+                "those tiers",
+                code="tier_not_allowed",
+            )
+    return tiers
+
+
+@functools.lru_cache(maxsize=4096)
+def _cache_scope(key: bytes, node_id: str, token_id: str) -> str:
+    """A user's prefix-cache scope on one node: the same for all of that user's plaintext requests there,
+    different per node, so no node learns a user id it could match with another's."""
+    return hmac.new(key, f"{node_id}\0{token_id}".encode(), hashlib.sha256).hexdigest()[:32]
