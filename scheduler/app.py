@@ -51,11 +51,13 @@ from scheduler.settings import SchedulerSettings
 from scheduler.state import (
     ADMISSION,
     FEDERATION,
+    IN_FLIGHT,
     METRICS,
     RELAY,
     SCOPE_KEY,
     SETTINGS,
     STARTED,
+    STOPPING,
     STORE,
     authenticate,
 )
@@ -74,6 +76,9 @@ def create_app(settings: SchedulerSettings) -> web.Application:
     app[METRICS] = Metrics()
     app[STARTED] = int(time.time())
     app[SCOPE_KEY] = secrets.token_bytes(32)
+    app[IN_FLIGHT] = set()
+    app[STOPPING] = asyncio.Event()
+    app.on_shutdown.append(generation.drain)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_cluster_ctx)
     app.router.add_get("/healthz", healthz)
@@ -99,7 +104,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    usage: asyncio.Queue[UsageRecord | Correction] = asyncio.Queue()
+    usage: asyncio.Queue[UsageRecord | Correction | None] = asyncio.Queue()
     identity = await asyncio.to_thread(load_or_create_identity, settings.key_path)
     # Relays get their own unlimited pool: a pool shared with control calls (aiohttp's default caps it
     # at 100) would make a busy node look dead. Concurrency is bounded by admission, not by sockets.
@@ -145,19 +150,18 @@ async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
             on_first_frame=app[METRICS].ttfb.observe,
             on_dispatch=ledger.dispatched,
         )
-        tasks = [
-            asyncio.create_task(_write_usage(app, usage), name="hearth-usage"),
-            asyncio.create_task(_watch_health(app, ledger), name="hearth-health"),
-        ]
+        writer = asyncio.create_task(_write_usage(app, usage), name="hearth-usage")
+        health = asyncio.create_task(_watch_health(app, ledger), name="hearth-health")
         discovery = await _start_discovery(settings, federation)
         yield
         if discovery is not None:
             await discovery.close()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        health.cancel()
+        await asyncio.gather(health, return_exceptions=True)
         await federation.close()
-        await _flush_usage(app, usage)
+        # The writer is told to finish rather than cancelled: a batch it holds is written, never dropped.
+        usage.put_nowait(None)
+        await writer
 
 
 async def _start_discovery(settings: SchedulerSettings, federation: Federation) -> Any:
@@ -192,21 +196,23 @@ async def _watch_health(app: web.Application, ledger: Ledger) -> None:
         ledger.sweep()
 
 
-async def _write_usage(app: web.Application, usage: asyncio.Queue[UsageRecord | Correction]) -> None:
-    """One writer for usage rows, in batches, so a request never waits on the database."""
-    while True:
-        batch = [await usage.get()]
-        while not usage.empty() and len(batch) < USAGE_BATCH:
-            batch.append(usage.get_nowait())
-        await _store_usage(app, batch)
-
-
-async def _flush_usage(app: web.Application, usage: asyncio.Queue[UsageRecord | Correction]) -> None:
-    batch = []
-    while not usage.empty():
-        batch.append(usage.get_nowait())
-    if batch:
-        await _store_usage(app, batch)
+async def _write_usage(app: web.Application, usage: asyncio.Queue[UsageRecord | Correction | None]) -> None:
+    """One writer for usage rows, in batches, so a request never waits on the database. ``None`` in the
+    queue (shutdown) ends it once every row before it is written."""
+    done = False
+    while not done:
+        batch: list[UsageRecord | Correction] = []
+        item = await usage.get()
+        while True:
+            if item is None:
+                done = True
+            else:
+                batch.append(item)
+            if done or usage.empty() or len(batch) >= USAGE_BATCH:
+                break
+            item = usage.get_nowait()
+        if batch:
+            await _store_usage(app, batch)
 
 
 async def _store_usage(app: web.Application, batch: list[UsageRecord | Correction]) -> None:

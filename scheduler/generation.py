@@ -37,13 +37,23 @@ from protocol.envelope import KEY_BYTES, EnvelopeError, peek
 from protocol.envelope import MEDIA_TYPE as ENVELOPE
 from protocol.errors import HearthError, PermissionDenied, Reseal, Unavailable
 from protocol.schemas import Endpoint, parse_request
-from protocol.web import is_loopback, parse_json, read_body
+from protocol.web import error_response, is_loopback, parse_json, read_body
 from scheduler.admission import exclude
 from scheduler.federation import Federation
 from scheduler.placement import Placement, PlacementRequest, place
 from scheduler.relay import RelayJob, Target, Unsealer, seal_toward
 from scheduler.settings import SchedulerSettings
-from scheduler.state import ADMISSION, FEDERATION, METRICS, RELAY, SCOPE_KEY, SETTINGS, authenticate
+from scheduler.state import (
+    ADMISSION,
+    FEDERATION,
+    IN_FLIGHT,
+    METRICS,
+    RELAY,
+    SCOPE_KEY,
+    SETTINGS,
+    STOPPING,
+    authenticate,
+)
 from scheduler.store import TokenRecord
 from scheduler.streams import Failover, MidStream, PlainStream, SealedStream, Stream
 
@@ -55,6 +65,7 @@ log = logging.getLogger("hearth.scheduler")
 BYTES_PER_TOKEN_GUESS = 4
 DEFAULT_CANDIDATES = 4  # fresh candidates a 409 offers for re-sealing
 INLINE_SEAL_BYTES = 64 * 1024
+SHUTDOWN_DRAIN_S = 2.0  # on shutdown, requests in flight get this long to finish before they are ended
 RETRY_NO_KEY_S = 30.0  # a node's key statement comes with its next heartbeat, or it needs its operator
 
 
@@ -78,15 +89,56 @@ async def completions(request: web.Request) -> web.StreamResponse:
     return await _generate(request, "completion")
 
 
+async def drain(app: web.Application) -> None:
+    """On shutdown (aiohttp's on_shutdown, once the listening socket is closed): let the requests in flight
+    finish for a moment, then end the rest with an error the client can act on: 503 + Retry-After before
+    their answers began, an error event (or frame) after. A stream is never cut silently."""
+    in_flight = app[IN_FLIGHT]
+    if in_flight:
+        await asyncio.wait(set(in_flight), timeout=SHUTDOWN_DRAIN_S)
+    app[STOPPING].set()
+    left = set(in_flight)
+    for task in left:
+        task.cancel()
+    if left:
+        await asyncio.wait(left, timeout=SHUTDOWN_DRAIN_S)
+
+
 async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
     app = request.app
+    task = asyncio.current_task()
+    assert task is not None
+    app[IN_FLIGHT].add(task)
+    stream: Stream | None = None
     try:
         admitted = await (_admit_sealed if request.content_type == ENVELOPE else _admit)(request, endpoint)
+        stream = SealedStream() if admitted.sealed else PlainStream(admitted.job.stream)
+        return await _serve(request, endpoint, admitted, stream)
     except HearthError as exc:
-        app[METRICS].requests.labels(endpoint, f"refused_{exc.status}").inc()
+        if stream is None:
+            app[METRICS].requests.labels(endpoint, f"refused_{exc.status}").inc()
         raise
+    except asyncio.CancelledError:
+        if not app[STOPPING].is_set():
+            raise  # the client left
+        err = Unavailable(
+            "the scheduler is restarting; try again in a moment", code="shutting_down",
+            retry_after=app[SETTINGS].retry_after,
+        )  # fmt: skip
+        if stream is None or stream.out is None:
+            return error_response(err)
+        await app[RELAY].end_with_error(request, stream, err)
+        return stream.out
+    finally:
+        app[IN_FLIGHT].discard(task)
+
+
+async def _serve(
+    request: web.Request, endpoint: Endpoint, admitted: Admitted, stream: Stream
+) -> web.StreamResponse:
+    """Queue, place and relay one admitted request, failing over until a node finishes it."""
+    app = request.app
     federation, admission, relay = app[FEDERATION], app[ADMISSION], app[RELAY]
-    stream: Stream = SealedStream() if admitted.sealed else PlainStream(admitted.job.stream)
     preq = admitted.preq
     failed: Failover | MidStream | None = None
     unopened = False  # a candidate could not open it: no 409 then (every failure to open answers alike)

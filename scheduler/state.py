@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
 from protocol.errors import AuthenticationFailed
@@ -19,6 +21,10 @@ ADMISSION = web.AppKey("admission", Admission)
 RELAY = web.AppKey("relay", Relay)
 METRICS = web.AppKey("metrics", Metrics)
 STARTED = web.AppKey("started", int)
+# The generation requests in flight (their handler tasks), and whether the scheduler is stopping: on
+# shutdown they are drained, then ended with an error (scheduler.generation.drain).
+IN_FLIGHT = web.AppKey("in_flight", set)
+STOPPING = web.AppKey("stopping", asyncio.Event)
 # Keys each user's per-node prefix-cache scope (scheduler.generation._cache_scope); new at every start.
 SCOPE_KEY = web.AppKey("scope_key", bytes)
 
