@@ -286,7 +286,8 @@ def test_candidates_that_cannot_take_it_get_a_reseal(e2e: E2E, servers: LoopThre
             await one.refresh(force=True)
             one.hints = {"hearth-demo": [e2e.second]}  # a stale hint: the drained node only
             one.fetched = time.monotonic()  # keep it: the proxy would re-read the directory otherwise
-            body = {"model": "hearth-demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+            body = {"model": "hearth-demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                    "ignore_eos": True}  # fmt: skip
             _, payloads = await one.send("chat", json.dumps(body).encode())
             return b"".join([p async for p in payloads])
 
