@@ -28,7 +28,8 @@ import openai
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from hearth.proxy import SealedClient, serve, state_path
+from hearth.proxy import SealedClient, state_path
+from hearth.proxy_server import serve
 from node.app import load_transformers, start_node
 from node.backends.base import SamplingParams
 from node.settings import ModelSettings, NodeSettings
