@@ -9,6 +9,14 @@ Trust: on first use the proxy pins the federation authority key the directory na
 with ``--authority``, by fingerprint) and keeps it with the last log head it verified in
 ``<data dir>/proxy/<scheduler>.json``. A directory signed by another authority, a log that does not continue
 the kept head, a statement that does not verify: each is refused and the request fails closed.
+
+Freshness: the directory is read again when it is older than 30 s, and also, rate-limited, when a request
+finds no candidate in it (the nodes may have come back since: a scheduler restart leaves it empty until the
+nodes' next heartbeats). Errors the proxy makes itself have the scheduler's status and shape: a model that
+no node serves and the scheduler does not list is 404 ``model_not_found``; nodes that serve it but none this
+proxy can seal to now is 503 ``no_candidates`` with Retry-After; an unreachable scheduler is 503
+``scheduler_unreachable``. The scheduler's own refusals pass through with their Retry-After and
+x-ratelimit-* headers.
 """
 
 from __future__ import annotations
@@ -18,16 +26,16 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import random
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-from aiohttp import web
 
 from protocol import frames
 from protocol.directory import MAX_DIRECTORY_BYTES, Directory, Head
@@ -40,10 +48,19 @@ from protocol.envelope import (
     to_wire,
 )
 from protocol.envelope import MEDIA_TYPE as ENVELOPE
-from protocol.errors import HearthError, InvalidRequest, ProtocolError, UpstreamFailed
+from protocol.errors import (
+    HearthError,
+    InvalidRequest,
+    ModelNotFound,
+    PermissionDenied,
+    ProtocolError,
+    Unavailable,
+    UpstreamFailed,
+    come_back_headers,
+)
 from protocol.identity import KEY_BYTES, b64d, fingerprint, write_private
 from protocol.schemas import Endpoint, parse_request
-from protocol.web import error_middleware, json_response, parse_json, read_body, read_capped
+from protocol.web import parse_json, read_capped
 
 log = logging.getLogger("hearth.proxy")
 
@@ -54,12 +71,48 @@ MAX_ERROR_BYTES = 64 * 1024
 MAX_ANSWER_BYTES = 64 * 1024 * 1024
 DIRECTORY_MAX_AGE_S = 30.0
 INLINE_SEAL_BYTES = 64 * 1024
+# A request the cached directory has no candidate for reads it again first (its nodes may be back), at most
+# once per step of a backoff that starts at MISS_BACKOFF_MIN_S, doubles while misses go on, stops at
+# MISS_BACKOFF_MAX_S, and starts over once a request finds its nodes again. The cap keeps the promise that
+# the proxy serves again within 2 s of its nodes' return; one small incremental fetch a second is nothing
+# for the scheduler.
+MISS_BACKOFF_MIN_S = 0.25
+MISS_BACKOFF_MAX_S = 1.0
+UNREACHABLE_RETRY_S = 2.0  # a scheduler that is restarting is usually back within a couple of seconds
 
 
 class TrustError(UpstreamFailed):
     """The scheduler showed something the proxy must not trust: the request fails closed."""
 
     default_code = "e2e_untrusted"
+
+
+class NoCandidates(Unavailable):
+    """Nodes serve the model, but none this proxy may seal to can take it now (503 + Retry-After)."""
+
+    default_code = "no_candidates"
+
+
+def _unreachable() -> Unavailable:
+    return Unavailable(
+        "the scheduler could not be reached; try again shortly",
+        code="scheduler_unreachable", retry_after=UNREACHABLE_RETRY_S,
+    )  # fmt: skip
+
+
+def _scheduler_error(status: int, body: Any, headers: Mapping[str, str]) -> HearthError:
+    """The scheduler's refusal as the proxy's own answer: its status, body and come-back headers."""
+    err = body.get("error") if isinstance(body, dict) else None
+    if isinstance(err, dict):
+        return HearthError.from_body(status, body, headers)
+    # Not the scheduler's own words: a gateway in front of it (a TLS proxy while the scheduler restarts).
+    exc: HearthError = (
+        _unreachable() if status in (502, 503, 504)
+        else UpstreamFailed(f"the scheduler answered {status} without an error Hearth can read",
+                            code="scheduler_error")
+    )  # fmt: skip
+    exc.keep_headers(headers)
+    return exc
 
 
 @dataclass
@@ -73,43 +126,56 @@ class SealedClient:
     candidates: int = DEFAULT_CANDIDATES
     tiers: frozenset[str] | None = None
     authority: str | None = None  # a fingerprint the user was told to expect
+    max_age: float = DIRECTORY_MAX_AGE_S  # a directory older than this is read again before use
     directory: Directory | None = None
     hints: dict[str, list[str]] = field(default_factory=dict)
     fetched: float = 0.0
+    served: set[str] = field(default_factory=set)  # every model a hint has named since this proxy started
+    listed: frozenset[str] | None = None  # the scheduler's /v1/models, as read after the last miss
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _miss_next: float = -math.inf  # the earliest time of the next re-read after a miss
+    _miss_done: float = -math.inf  # when the last re-read after a miss ended
+    _miss_backoff: float = MISS_BACKOFF_MIN_S
 
     def auth_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"}
 
+    def _fresh(self) -> Directory | None:
+        if self.directory is not None and time.monotonic() - self.fetched < self.max_age:
+            return self.directory
+        return None
+
     async def refresh(self, *, force: bool = False) -> Directory:
+        if not force and (directory := self._fresh()) is not None:
+            return directory  # the usual case, without queueing behind a fetch for another request
         async with self._lock:
-            if (
-                self.directory is not None
-                and not force
-                and time.monotonic() - self.fetched < DIRECTORY_MAX_AGE_S
-            ):
-                return self.directory
-            pinned = await asyncio.to_thread(self._read_state)
-            # A copy: a directory refused half-way leaves the last verified one as it was.
-            directory = self.directory.copy() if self.directory is not None else None
-            while True:
-                doc = await self._get_directory(directory.head.seq if directory is not None else 0)
-                if directory is None:
-                    directory = Directory(self._authority(doc, pinned))
-                elif doc.get("authority_key") != directory.authority_key:
-                    raise TrustError("the directory is signed by another authority than the one pinned")
-                try:
-                    kept = Head.parse(pinned["head"]) if "head" in pinned else None
-                    if not directory.apply_page(doc, kept):
-                        break
-                except ProtocolError as exc:
-                    raise TrustError(f"refusing the scheduler's directory: {exc.message}") from None
-            hints = doc.get("placement")
-            self.hints = hints if isinstance(hints, dict) else {}
-            pinned = {"authority_key": directory.authority_key, "head": directory.head.to_json()}
-            await asyncio.to_thread(self._write_state, pinned)
-            self.directory, self.fetched = directory, time.monotonic()
-            return directory
+            if not force and (directory := self._fresh()) is not None:
+                return directory
+            return await self._fetch()
+
+    async def _fetch(self) -> Directory:
+        """Read the directory (from the head this proxy holds on), verify it and keep it; under the lock."""
+        pinned = await asyncio.to_thread(self._read_state)
+        # A copy: a directory refused half-way leaves the last verified one as it was.
+        directory = self.directory.copy() if self.directory is not None else None
+        while True:
+            doc = await self._get_directory(directory.head.seq if directory is not None else 0)
+            if directory is None:
+                directory = Directory(self._authority(doc, pinned))
+            elif doc.get("authority_key") != directory.authority_key:
+                raise TrustError("the directory is signed by another authority than the one pinned")
+            try:
+                kept = Head.parse(pinned["head"]) if "head" in pinned else None
+                if not directory.apply_page(doc, kept):
+                    break
+            except ProtocolError as exc:
+                raise TrustError(f"refusing the scheduler's directory: {exc.message}") from None
+        self.hints = _hints(doc.get("placement"))
+        self.served.update(model for model, nodes in self.hints.items() if nodes)
+        pinned = {"authority_key": directory.authority_key, "head": directory.head.to_json()}
+        await asyncio.to_thread(self._write_state, pinned)
+        self.directory, self.fetched = directory, time.monotonic()
+        return directory
 
     def _authority(self, doc: dict[str, Any], pinned: dict[str, Any]) -> str:
         """The authority key to verify against: the pinned one, or (first use) the served one."""
@@ -137,14 +203,44 @@ class SealedClient:
                 timeout=aiohttp.ClientTimeout(total=30),
             ) as resp:  # fmt: skip
                 raw = await read_capped(resp, MAX_DIRECTORY_BYTES)
+                if resp.status in (502, 503, 504):
+                    raise _scheduler_error(resp.status, _loads(raw), resp.headers)
                 if resp.status != 200:
                     raise UpstreamFailed(f"the scheduler's directory answered {resp.status}")
         except (aiohttp.ClientError, TimeoutError):
-            raise UpstreamFailed("the scheduler could not be reached") from None
+            raise _unreachable() from None
+        except ValueError:
+            raise UpstreamFailed("the scheduler's directory is over the size limit") from None
         doc = await asyncio.to_thread(_loads, raw)
         if not isinstance(doc, dict):
             raise TrustError("the scheduler's directory is malformed")
         return doc
+
+    async def models_document(self) -> tuple[bytes, dict[str, str]]:
+        """The scheduler's ``/v1/models`` as it answered (its body, and the headers that say when to come
+        back); its refusal as the error to answer with."""
+        try:
+            async with self.session.get(
+                self.scheduler_url + "/v1/models", headers=self.auth_headers(),
+                timeout=aiohttp.ClientTimeout(total=30),
+            ) as resp:  # fmt: skip
+                raw = await read_capped(resp, MAX_DIRECTORY_BYTES)
+                if resp.status != 200:
+                    raise _scheduler_error(resp.status, _loads(raw), resp.headers)
+                return raw, come_back_headers(resp.headers)
+        except (aiohttp.ClientError, TimeoutError):
+            raise _unreachable() from None
+        except ValueError:
+            raise UpstreamFailed("the scheduler's model list is over the size limit") from None
+
+    async def _get_models(self) -> frozenset[str]:
+        """The models the scheduler lists (a model it lists but no node serves now is coming back)."""
+        raw, _ = await self.models_document()
+        doc = _loads(raw) if len(raw) <= INLINE_SEAL_BYTES else await asyncio.to_thread(_loads, raw)
+        data = doc.get("data") if isinstance(doc, dict) else None
+        if not isinstance(data, list):
+            raise UpstreamFailed("the scheduler's model list is malformed")
+        return frozenset(m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str))
 
     def _read_state(self) -> dict[str, Any]:
         try:
@@ -159,6 +255,8 @@ class SealedClient:
         write_private(self.state_path, json.dumps(doc).encode(), replace=True)
 
     def choose(self, directory: Directory, model: str, prefer: list[str] | None = None) -> list[Candidate]:
+        """Up to k nodes to seal to: serving ``model`` (by the hint, or ``prefer``), in the verified
+        directory with a valid key, of an allowed tier. NoCandidates when there are none."""
         usable = directory.usable(time.time())
         allowed = [n for n, (cert, _) in usable.items() if self.tiers is None or cert.tier in self.tiers]
         serving = set(prefer or self.hints.get(model, []))
@@ -166,20 +264,72 @@ class SealedClient:
         random.shuffle(first)
         chosen = first[: self.candidates]
         if not chosen:
-            raise HearthError(
-                f"no node this proxy trusts serves '{model}' now; try again shortly", code="no_candidates"
+            raise NoCandidates(
+                f"no node this proxy trusts serves '{model}' now; try again shortly",
+                retry_after=MISS_BACKOFF_MAX_S,
             )
         return [usable[node_id][1].candidate() for node_id in chosen]
 
-    async def send(self, endpoint: Endpoint, body: bytes) -> tuple[bool, AsyncIterator[bytes]]:
+    async def find_candidates(self, model: str, prefer: list[str] | None = None) -> list[Candidate]:
+        """Candidates for ``model`` from the cached directory, else from the directory read again after
+        the miss (shared with concurrent requests, and rate-limited), else the reason there are none:
+        404 for a model nobody serves, 403 for one only nodes of excluded tiers serve, 503 otherwise."""
+        directory = await self.refresh(force=prefer is not None)  # a re-seal names nodes: read it anew
+        try:
+            return self.choose(directory, model, prefer)
+        except NoCandidates as exc:
+            if prefer is not None:
+                raise self._why_none(directory, model, exc) from None
+        directory = await self._read_after_miss(time.monotonic(), model)
+        try:
+            chosen = self.choose(directory, model)
+        except NoCandidates as exc:
+            raise self._why_none(directory, model, exc) from None
+        self._miss_backoff = MISS_BACKOFF_MIN_S
+        return chosen
+
+    async def _read_after_miss(self, missed: float, model: str) -> Directory:
+        async with self._lock:
+            assert self.directory is not None  # refresh() returned one
+            now = time.monotonic()
+            if self._miss_done >= missed or now < self._miss_next:
+                return self.directory  # read since this request missed, or too soon to read again
+            self._miss_next = now + self._miss_backoff
+            self._miss_backoff = min(2 * self._miss_backoff, MISS_BACKOFF_MAX_S)
+            try:
+                directory = await self._fetch()
+                if model not in self.hints and model not in self.served:
+                    self.listed = await self._get_models()
+            finally:
+                self._miss_done = time.monotonic()
+            return directory
+
+    def _why_none(self, directory: Directory, model: str, none: NoCandidates) -> HearthError:
+        hinted = self.hints.get(model, [])
+        if hinted:
+            usable = directory.usable(time.time())
+            tiers = {usable[n][0].tier for n in hinted if n in usable}
+            if tiers and self.tiers is not None and not tiers & self.tiers:
+                return PermissionDenied(
+                    f"only nodes of tiers this proxy does not seal to (--tier) serve '{model}' now",
+                    code="tier_not_allowed",
+                )
+            return none
+        if model in self.served or self.listed is None or model in self.listed:
+            return none
+        # As the scheduler words it: the proxy answers for it when it has no node to seal the question to.
+        return ModelNotFound(
+            f"the model '{model}' does not exist here; see /v1/models", param="model", code="model_not_found"
+        )
+
+    async def send(self, endpoint: Endpoint, body: bytes) -> tuple[bool, AsyncGenerator[bytes, None]]:
         """Seal ``body`` and send it; (stream?, the answer's plaintext payloads as they open)."""
         if len(body) > MAX_BODY_BYTES // 2:
             raise InvalidRequest("the request body is too large to seal")
         req = parse_request(endpoint, parse_json(body))
         prefer: list[str] | None = None
-        for attempt in range(MAX_RESEALS + 1):
-            directory = await self.refresh(force=attempt > 0)
-            chosen = self.choose(directory, req.model, prefer)
+        for _ in range(MAX_RESEALS + 1):
+            chosen = await self.find_candidates(req.model, prefer)
             request_id = secrets.token_hex(12)
             sealing = functools.partial(
                 seal_request, body, endpoint=endpoint, model=req.model, max_tokens=req.requested_max_tokens,
@@ -201,19 +351,33 @@ class SealedClient:
                     timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=600),
                 )  # fmt: skip
             except (aiohttp.ClientError, TimeoutError):
-                raise UpstreamFailed("the scheduler could not be reached") from None
-            if resp.status == 409:
-                err = await _error_of(resp)
+                raise _unreachable() from None
+            if resp.status != 200:
+                refusal = await _error_body(resp)
+                err = refusal.get("error") if isinstance(refusal, dict) else None
                 fresh = err.get("candidates") if isinstance(err, dict) else None
-                if isinstance(fresh, list) and attempt < MAX_RESEALS:
+                if resp.status == 409 and isinstance(fresh, list):
                     prefer = [n for n in fresh if isinstance(n, str)]
                     continue
-            if resp.status != 200:
-                body_ = await _error_body(resp)
-                raise HearthError.from_body(resp.status, body_)
+                raise _scheduler_error(resp.status, refusal, resp.headers)
             names = {c.node_id for c in chosen}
             return req.stream, _open_stream(resp, seed, request_id, names, openers)
-        raise HearthError("the scheduler kept asking to re-seal; try again", code="reseal_loop")
+        raise Unavailable(
+            "the scheduler kept asking to re-seal; try again",
+            code="reseal_loop",
+            retry_after=MISS_BACKOFF_MAX_S,
+        )
+
+
+def _hints(raw: Any) -> dict[str, list[str]]:
+    """The directory's placement hint (model → node ids), unsigned: whatever is not of that shape goes."""
+    if not isinstance(raw, dict):
+        return {}
+    return {
+        model: [n for n in nodes if isinstance(n, str)]
+        for model, nodes in raw.items()
+        if isinstance(model, str) and isinstance(nodes, list)
+    }
 
 
 def _derive(
@@ -231,7 +395,7 @@ async def _open_stream(
     request_id: str,
     candidates: set[str],
     openers: dict[str, ResponseOpener],
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     decoder = frames.FrameDecoder(max_payload=1024 * 1024)
     opener: ResponseOpener | None = None
     try:
@@ -262,14 +426,23 @@ async def _open_stream(
                     yield opener.open(frame.payload, final=frame.final)
                 else:
                     raise ProtocolError("an unexpected frame in a sealed answer")
+        if not decoder.finished:
+            raise _cut()  # the connection ended cleanly, but before the answer did
         decoder.close()
         if opener is None:
             raise ProtocolError("the answer is empty")
         opener.finish()
     except (aiohttp.ClientError, TimeoutError):
-        raise UpstreamFailed("the connection to the scheduler broke mid-answer") from None
+        raise _cut() from None
     finally:
         resp.close()
+
+
+def _cut() -> UpstreamFailed:
+    return UpstreamFailed(
+        "the connection to the scheduler broke mid-answer; the answer is incomplete",
+        code="scheduler_disconnected",
+    )
 
 
 def _loads(raw: bytes) -> Any:
@@ -280,87 +453,15 @@ def _loads(raw: bytes) -> Any:
 
 
 async def _error_body(resp: aiohttp.ClientResponse) -> Any:
+    """An error answer's JSON; None when it is not JSON, too long, or cut (the status speaks alone then)."""
     try:
         return _loads(await read_capped(resp, MAX_ERROR_BYTES))
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return None
     finally:
         resp.close()
-
-
-async def _error_of(resp: aiohttp.ClientResponse) -> Any:
-    body = await _error_body(resp)
-    return body.get("error") if isinstance(body, dict) else None
 
 
 def state_path(data_dir: Path, scheduler_url: str) -> Path:
     name = hashlib.sha256(scheduler_url.encode()).hexdigest()[:16]
     return data_dir / "proxy" / f"{name}.json"
-
-
-# ----- the local OpenAI-compatible server -----
-
-CLIENT = web.AppKey("client", SealedClient)
-
-
-def create_app(client: SealedClient) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY_BYTES // 2)
-    app[CLIENT] = client
-    app.router.add_post("/v1/chat/completions", _chat)
-    app.router.add_post("/v1/completions", _completion)
-    app.router.add_get("/v1/models", _models)
-    app.router.add_get("/healthz", _healthz)
-    return app
-
-
-async def _healthz(request: web.Request) -> web.Response:
-    return json_response({"status": "ok"})
-
-
-async def _chat(request: web.Request) -> web.StreamResponse:
-    return await _relay(request, "chat")
-
-
-async def _completion(request: web.Request) -> web.StreamResponse:
-    return await _relay(request, "completion")
-
-
-async def _models(request: web.Request) -> web.Response:
-    client = request.app[CLIENT]
-    try:
-        async with client.session.get(
-            client.scheduler_url + "/v1/models", headers=client.auth_headers(),
-            timeout=aiohttp.ClientTimeout(total=30),
-        ) as resp:  # fmt: skip
-            raw = await read_capped(resp, MAX_DIRECTORY_BYTES)
-            return web.Response(status=resp.status, body=raw, content_type="application/json")
-    except (aiohttp.ClientError, TimeoutError):
-        raise UpstreamFailed("the scheduler could not be reached") from None
-
-
-async def _relay(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
-    client = request.app[CLIENT]
-    stream, payloads = await client.send(endpoint, await read_body(request))
-    if not stream:
-        parts, size = [], 0
-        async for payload in payloads:
-            size += len(payload)
-            if size > MAX_ANSWER_BYTES:
-                raise UpstreamFailed("the answer is over the size limit")
-            parts.append(payload)
-        return web.Response(body=b"".join(parts), content_type="application/json")
-    out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    await out.prepare(request)
-    try:
-        async for payload in payloads:
-            if payload:
-                await out.write(payload)
-    except HearthError as exc:
-        # Headers are out: end the stream with an error event, as OpenAI's clients expect.
-        await out.write(b"data: " + json.dumps(exc.to_body()).encode() + b"\n\n")
-    await out.write_eof()
-    return out
-
-
-async def serve(client: SealedClient, host: str, port: int) -> tuple[web.AppRunner, str]:
-    from protocol.web import start_site
-
-    return await start_site(create_app(client), host, port)

@@ -16,7 +16,8 @@ import click
 
 from hearth.cli_common import data_dir_option, one_line_errors
 from hearth.config import default_data_dir
-from hearth.proxy import DEFAULT_CANDIDATES, SealedClient, serve, state_path
+from hearth.proxy import DEFAULT_CANDIDATES, SealedClient, state_path
+from hearth.proxy_server import serve
 from protocol.envelope import MAX_CANDIDATES
 from protocol.errors import ConfigError, HearthError
 from protocol.federation import TIERS

@@ -22,7 +22,18 @@ text: an error message can end up in a client's log, and the server logs only th
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
+
+
+def come_back_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The headers of an upstream answer that tell a client when to come back: ``Retry-After`` and every
+    ``x-ratelimit-*``. A service relaying an answer passes them on."""
+    return {
+        name: value
+        for name, value in headers.items()
+        if name.lower() == "retry-after" or name.lower().startswith("x-ratelimit-")
+    }
 
 
 class HearthError(Exception):
@@ -45,6 +56,7 @@ class HearthError(Exception):
         self.param = param
         self.code = code if code is not None else self.default_code
         self.retry_after = retry_after
+        self.relayed_headers: dict[str, str] = {}
 
     def to_body(self) -> dict[str, Any]:
         """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
@@ -58,13 +70,27 @@ class HearthError(Exception):
         }
 
     def headers(self) -> dict[str, str]:
-        if self.retry_after is None:
-            return {}
-        return {"Retry-After": str(max(1, round(self.retry_after)))}
+        out = dict(self.relayed_headers)
+        if self.retry_after is not None:
+            out["Retry-After"] = str(max(1, round(self.retry_after)))
+        return out
+
+    def keep_headers(self, headers: Mapping[str, str]) -> None:
+        """Keep what the upstream answer said about when to come back: ``Retry-After`` (seconds, or an HTTP
+        date kept as written) and every ``x-ratelimit-*`` header."""
+        for name, value in come_back_headers(headers).items():
+            seconds = value.strip()
+            if name.lower() != "retry-after":
+                self.relayed_headers[name] = value
+            elif seconds.isdigit() and len(seconds) <= 9:
+                self.retry_after = float(seconds)
+            else:
+                self.relayed_headers["Retry-After"] = value
 
     @classmethod
-    def from_body(cls, status: int, body: Any) -> HearthError:
-        """Rebuild an error relayed from another Hearth service (node → scheduler)."""
+    def from_body(cls, status: int, body: Any, headers: Mapping[str, str] | None = None) -> HearthError:
+        """Rebuild an error relayed from another Hearth service (node → scheduler, scheduler → proxy), with
+        the upstream answer's ``headers`` that say when to come back (see ``keep_headers``)."""
         err = body.get("error") if isinstance(body, dict) else None
         if not isinstance(err, dict):
             return UpstreamFailed("the node returned a malformed error")
@@ -72,11 +98,14 @@ class HearthError(Exception):
         message = str(err.get("message") or "error")
         param = err.get("param")
         code = err.get("code")
-        return klass(
+        exc = klass(
             message,
             param=param if isinstance(param, str) else None,
             code=code if isinstance(code, str) else None,
         )
+        if headers is not None:
+            exc.keep_headers(headers)
+        return exc
 
 
 class InvalidRequest(HearthError):

@@ -28,7 +28,8 @@ import openai
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from hearth.proxy import SealedClient, serve, state_path
+from hearth.proxy import SealedClient, state_path
+from hearth.proxy_server import serve
 from node.app import load_transformers, start_node
 from node.backends.base import SamplingParams
 from node.settings import ModelSettings, NodeSettings
@@ -286,7 +287,8 @@ def test_candidates_that_cannot_take_it_get_a_reseal(e2e: E2E, servers: LoopThre
             await one.refresh(force=True)
             one.hints = {"hearth-demo": [e2e.second]}  # a stale hint: the drained node only
             one.fetched = time.monotonic()  # keep it: the proxy would re-read the directory otherwise
-            body = {"model": "hearth-demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+            body = {"model": "hearth-demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                    "ignore_eos": True}  # fmt: skip
             _, payloads = await one.send("chat", json.dumps(body).encode())
             return b"".join([p async for p in payloads])
 

@@ -1,0 +1,89 @@
+"""The local OpenAI-compatible server of `hearth proxy`: every request is sealed by a ``SealedClient``
+(hearth.proxy) and every answer opened by it; errors leave in OpenAI's shape, also mid-stream.
+
+    POST /v1/chat/completions, /v1/completions   sealed to the scheduler, answered in plaintext here
+    GET  /v1/models                              the scheduler's list, as it answered
+    GET  /healthz                                liveness
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+from aiohttp import web
+
+from hearth.proxy import MAX_ANSWER_BYTES, SealedClient
+from protocol.envelope import MAX_BODY_BYTES
+from protocol.errors import HearthError, UpstreamFailed
+from protocol.schemas import Endpoint
+from protocol.web import error_middleware, json_response, log_unexpected, read_body, start_site
+
+CLIENT = web.AppKey("client", SealedClient)
+
+
+def create_app(client: SealedClient) -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY_BYTES // 2)
+    app[CLIENT] = client
+    app.router.add_post("/v1/chat/completions", _chat)
+    app.router.add_post("/v1/completions", _completion)
+    app.router.add_get("/v1/models", _models)
+    app.router.add_get("/healthz", _healthz)
+    return app
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def _chat(request: web.Request) -> web.StreamResponse:
+    return await _relay(request, "chat")
+
+
+async def _completion(request: web.Request) -> web.StreamResponse:
+    return await _relay(request, "completion")
+
+
+async def _models(request: web.Request) -> web.Response:
+    raw, headers = await request.app[CLIENT].models_document()
+    return web.Response(body=raw, content_type="application/json", headers=headers)
+
+
+async def _relay(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+    client = request.app[CLIENT]
+    stream, answer = await client.send(endpoint, await read_body(request))
+    # Closed as soon as this handler ends, also when its client leaves: the scheduler sees it go at once.
+    async with contextlib.aclosing(answer) as payloads:
+        if not stream:
+            parts, size = [], 0
+            async for payload in payloads:
+                size += len(payload)
+                if size > MAX_ANSWER_BYTES:
+                    raise UpstreamFailed("the answer is over the size limit")
+                parts.append(payload)
+            return web.Response(body=b"".join(parts), content_type="application/json")
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await out.prepare(request)
+        try:
+            async for payload in payloads:
+                if payload:
+                    await out.write(payload)
+        except ConnectionResetError:
+            raise  # the client left: nobody to tell
+        except HearthError as exc:
+            await _end_with(out, exc)
+        except Exception as exc:
+            log_unexpected(f"{request.method} {request.path}", exc)
+            await _end_with(out, HearthError("internal error; the proxy's log has it"))
+        await out.write_eof()
+        return out
+
+
+async def _end_with(out: web.StreamResponse, exc: HearthError) -> None:
+    """Headers are out: end the stream with an error event, as OpenAI's clients expect; never a silent
+    cut."""
+    await out.write(b"data: " + json.dumps(exc.to_body()).encode() + b"\n\n")
+
+
+async def serve(client: SealedClient, host: str, port: int) -> tuple[web.AppRunner, str]:
+    return await start_site(create_app(client), host, port)
