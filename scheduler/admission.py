@@ -65,8 +65,12 @@ class Admission:
         max_queued: int,
         retry_after: float,
         start_load: Callable[[str, str, tuple[str, ...]], None],
+        warm_up: float = 0.0,
     ) -> None:
         self._registry = registry
+        # For this long after a start, a model no node serves yet may be one whose node has not sent its
+        # first heartbeat: its requests wait (a restart is then invisible) instead of getting 404.
+        self._warm_until = time.monotonic() + warm_up
         self._max_wait = max_wait
         self._max_queued = max_queued
         self._retry_after = retry_after
@@ -139,6 +143,8 @@ class Admission:
             decision = place(waiter.request, snapshot)
             if isinstance(decision, Refusal):
                 waiter.refusal = decision
+                if decision.kind == "unknown_model" and time.monotonic() < self._warm_until:
+                    continue
                 if decision.kind != "busy":
                     self._fair.remove(user, waiter)
                     waiter.future.set_exception(refusal_error(decision, self._retry_after))

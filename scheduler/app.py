@@ -136,6 +136,7 @@ async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
             max_queued=settings.max_queued,
             retry_after=settings.retry_after,
             start_load=federation.load_model,
+            warm_up=settings.node_timeout,
         )
         registry.on_change = admission.wake
         await federation.load()
