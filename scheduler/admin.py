@@ -17,7 +17,7 @@ authority, whose private key stays with the operator (`hearth enroll approve` si
 from __future__ import annotations
 
 import time
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
@@ -125,6 +125,8 @@ def _enrollment(request: web.Request, node_id: str) -> Enrollment:
 async def list_enrollments(request: web.Request) -> web.Response:
     await _admin(request)
     state = request.query.get("state")
+    if state is not None and state not in get_args(EnrollmentState):
+        raise InvalidRequest(f"state must be one of {', '.join(get_args(EnrollmentState))}", param="state")
     records = request.app[FEDERATION].records.values()
     docs = [_enrollment(request, r.node_id) for r in records if state in (None, r.state)]
     return _reply(EnrollmentList(enrollments=sorted(docs, key=lambda d: d.created)))

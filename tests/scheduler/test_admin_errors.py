@@ -331,3 +331,19 @@ def test_a_refused_approval_changes_nothing(sched: Stack) -> None:
     finally:
         store.close()
     assert record is not None and record.state == "pending" and record.certificate is None
+
+
+# ----- queries -----
+
+
+@pytest.mark.parametrize(
+    ("path", "param"),
+    [
+        ("/admin/enrollments?state=approvedd", "state"),  # a typo once listed nothing, silently
+        ("/v1/directory?since=%C2%B2", "since"),  # "²": a digit to str.isdigit(), not to int()
+        ("/v1/directory?since=-1", "since"),
+        ("/v1/directory?since=1000000000000000", "since"),
+    ],
+)
+def test_a_bad_query_is_400(sched: Stack, path: str, param: str) -> None:
+    _error(httpx.get(sched.base_url + path, headers=_admin(sched)), 400, param=param)
