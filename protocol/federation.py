@@ -119,11 +119,14 @@ def proof_message(code: str, node_id: str, identity_key: str, encryption_key: st
 
 
 def parse(model: type[_Wire], doc: Any, *, untrusted_peer: bool = True) -> Any:
-    """Validate a decoded document; ProtocolError (from a peer service) or InvalidRequest (from a person)."""
+    """Validate a decoded document: ProtocolError for what a peer answered (a bad gateway to whoever asked),
+    InvalidRequest for what a client sent, a person or a node calling the scheduler (its own mistake)."""
     try:
         return model.model_validate(doc)
     except ValidationError as exc:
         err = exc.errors(include_input=False, include_url=False, include_context=False)[0]
         where = ".".join(str(p) for p in err["loc"]) or "document"
         message = f"malformed {model.__name__}: {where}: {err['msg']}"
-        raise (ProtocolError if untrusted_peer else InvalidRequest)(message) from None
+        if untrusted_peer:
+            raise ProtocolError(message) from None
+        raise InvalidRequest(message, param=where if err["loc"] else None) from None

@@ -353,7 +353,23 @@ class CompletionChoice(BaseModel):
     logprobs: None = None
 
 
+class FinishedCompletionChoice(CompletionChoice):
+    finish_reason: FinishReason
+
+
 class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[FinishedCompletionChoice]
+    usage: Usage
+
+
+class CompletionChunk(BaseModel):
+    """One event of a streamed completion: OpenAI streams text_completion objects, with
+    ``finish_reason`` null until the last and ``usage`` only in the last, when asked for."""
+
     id: str
     object: Literal["text_completion"]
     created: int
@@ -386,3 +402,32 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+class DirectoryHead(BaseModel):
+    seq: int = Field(description="Entries so far; the next entry gets this number.")
+    hash: str = Field(description="The last entry's hash, 64 hex digits (64 zeros for an empty log).")
+
+
+class DirectoryEntry(BaseModel):
+    seq: int
+    prev: str = Field(description="The previous entry's hash.")
+    kind: Literal["certificate", "key", "revoke"]
+    doc: dict[str, Any]
+    at: int = Field(description="Unix time of the entry.")
+
+
+class DirectoryPage(BaseModel):
+    """``GET /v1/directory``: a page of the node directory's log (docs/protocol.md)."""
+
+    authority_key: str | None
+    head: DirectoryHead
+    entries: list[DirectoryEntry]
+    more: bool = Field(description="More entries follow: ask again with since=seq of the next one.")
+    placement: dict[str, list[str]] = Field(
+        description="Unsigned hint: the healthy nodes serving each model."
+    )
+
+
+class Health(BaseModel):
+    status: Literal["ok"]

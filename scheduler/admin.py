@@ -17,17 +17,34 @@ authority, whose private key stays with the operator (`hearth enroll approve` si
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, TypeVar, get_args
 
 from aiohttp import web
+from pydantic import BaseModel, ValidationError
 
-from protocol.errors import InvalidRequest, NotFound, PermissionDenied
-from protocol.federation import TIERS
+from protocol.admin import (
+    ApproveRequest,
+    AuthorityKeys,
+    DrainRequest,
+    Enrollment,
+    EnrollmentCode,
+    EnrollmentCodeRequest,
+    EnrollmentList,
+    EnrollmentState,
+    ModelHost,
+    ModelPlacement,
+    ModelPlacements,
+    Node,
+    NodeList,
+    NodeModel,
+)
+from protocol.errors import InvalidRequest, NotFound, PermissionDenied, ProtocolError
 from protocol.identity import verify_certificate
-from protocol.web import json_response, read_json
+from protocol.schemas import validation_error
+from protocol.web import json_response, parse_json, read_body
 from scheduler.state import ADMISSION, FEDERATION, SETTINGS, STORE, authenticate
 
-MAX_TTL_S = 30 * 24 * 3600.0
+B = TypeVar("B", bound=BaseModel)
 
 
 def add_routes(app: web.Application) -> None:
@@ -48,31 +65,32 @@ async def _admin(request: web.Request) -> None:
         raise PermissionDenied("this needs an admin token (`hearth tokens create --admin`)")
 
 
-async def _object(request: web.Request) -> dict[str, Any]:
-    body = await read_json(request) if request.can_read_body else {}
-    if not isinstance(body, dict):
+async def _body(request: web.Request, model: type[B]) -> B:
+    """The request's JSON body as ``model``; no body at all reads as {} (every field's default)."""
+    raw = await read_body(request)
+    doc = parse_json(raw) if raw else {}
+    if not isinstance(doc, dict):
         raise InvalidRequest("the request body must be a JSON object")
-    return body
+    try:
+        return model.model_validate(doc)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+def _reply(doc: BaseModel, status: int = 200) -> web.Response:
+    return json_response(doc.model_dump(mode="json"), status=status)
 
 
 async def create_code(request: web.Request) -> web.Response:
     await _admin(request)
-    body = await _object(request)
-    tier = body.get("tier")
-    if tier not in TIERS:
-        raise InvalidRequest(f"tier must be one of {', '.join(TIERS)}", param="tier")
-    ttl = body.get("ttl_seconds", request.app[SETTINGS].enrollment_code_ttl)
-    if not isinstance(ttl, int | float) or isinstance(ttl, bool) or not 60 <= ttl <= MAX_TTL_S:
-        raise InvalidRequest("ttl_seconds must be between 60 and 2592000", param="ttl_seconds")
-    note = body.get("note", "")
-    if not isinstance(note, str) or len(note) > 200:
-        raise InvalidRequest("note must be a string of at most 200 characters", param="note")
+    body = await _body(request, EnrollmentCodeRequest)
+    ttl = body.ttl_seconds if body.ttl_seconds is not None else request.app[SETTINGS].enrollment_code_ttl
     store = request.app[STORE]
-    code, expires = await store.run(lambda: store.store.create_code(tier, float(ttl), note))
-    return json_response({"code": code, "tier": tier, "expires": expires}, status=201)
+    code, expires = await store.run(lambda: store.store.create_code(body.tier, ttl, body.note))
+    return _reply(EnrollmentCode(code=code, tier=body.tier, expires=expires), status=201)
 
 
-def _record_doc(request: web.Request, node_id: str) -> dict[str, Any]:
+def _record_fields(request: web.Request, node_id: str) -> dict[str, Any]:
     fed = request.app[FEDERATION]
     record = fed.records[node_id]
     doc: dict[str, Any] = {
@@ -100,12 +118,18 @@ def _record_doc(request: web.Request, node_id: str) -> dict[str, Any]:
     return doc
 
 
+def _enrollment(request: web.Request, node_id: str) -> Enrollment:
+    return Enrollment(**_record_fields(request, node_id))
+
+
 async def list_enrollments(request: web.Request) -> web.Response:
     await _admin(request)
     state = request.query.get("state")
+    if state is not None and state not in get_args(EnrollmentState):
+        raise InvalidRequest(f"state must be one of {', '.join(get_args(EnrollmentState))}", param="state")
     records = request.app[FEDERATION].records.values()
-    docs = [_record_doc(request, r.node_id) for r in records if state in (None, r.state)]
-    return json_response({"enrollments": sorted(docs, key=lambda d: d["created"])})
+    docs = [_enrollment(request, r.node_id) for r in records if state in (None, r.state)]
+    return _reply(EnrollmentList(enrollments=sorted(docs, key=lambda d: d.created)))
 
 
 def _known(request: web.Request) -> str:
@@ -125,8 +149,11 @@ async def approve(request: web.Request) -> web.Response:
             "`hearth authority init`, then restart it",
             code="no_authority",
         )
-    body = await _object(request)
-    cert = verify_certificate(body.get("certificate"), fed.authority_key)
+    body = await _body(request, ApproveRequest)
+    try:
+        cert = verify_certificate(body.certificate, fed.authority_key)
+    except ProtocolError as exc:  # the operator's document, not a peer's: their mistake to fix
+        raise InvalidRequest(f"malformed certificate: {exc.message}", param="certificate") from None
     record = fed.records[node_id]
     if (cert.node_id, cert.identity_key, cert.encryption_key, cert.tier) != (
         record.node_id, record.identity_key, record.encryption_key, record.tier,
@@ -134,34 +161,33 @@ async def approve(request: web.Request) -> web.Response:
         raise InvalidRequest("the certificate does not match this enrollment", param="certificate")
     store = request.app[STORE]
     record = await store.run(
-        lambda: store.store.set_node_state(node_id, "approved", certificate=body["certificate"])
+        lambda: store.store.set_node_state(
+            node_id, "approved", certificate=body.certificate, allowed_from=("pending",)
+        )
     )
     fed.remember(record)
     if record.source == "discovered":
         fed.push_certificate(node_id, _public_url(request))
-    return json_response(_record_doc(request, node_id))
+    return _reply(_enrollment(request, node_id))
 
 
 def _public_url(request: web.Request) -> str:
     return f"{request.scheme}://{request.host}"
 
 
-async def _set_state(request: web.Request, state: str, allowed_from: tuple[str, ...]) -> web.Response:
+async def _set_state(
+    request: web.Request, state: EnrollmentState, allowed_from: tuple[EnrollmentState, ...]
+) -> web.Response:
     await _admin(request)
     node_id = _known(request)
     fed = request.app[FEDERATION]
-    current = fed.records[node_id].state
-    if current not in allowed_from:
-        raise InvalidRequest(
-            f"{node_id} is {current}; only a node that is {' or '.join(allowed_from)} can be {state}"
-        )
     store = request.app[STORE]
-    record = await store.run(lambda: store.store.set_node_state(node_id, state))  # type: ignore[arg-type]
+    record = await store.run(lambda: store.store.set_node_state(node_id, state, allowed_from=allowed_from))
     fed.remember(record)
     if state == "revoked":
         await fed.directory.revoked(node_id)  # proxies stop sealing to it at their next fetch
     request.app[ADMISSION].wake()
-    return json_response(_record_doc(request, node_id))
+    return _reply(_enrollment(request, node_id))
 
 
 async def reject(request: web.Request) -> web.Response:
@@ -175,16 +201,13 @@ async def revoke(request: web.Request) -> web.Response:
 async def drain(request: web.Request) -> web.Response:
     await _admin(request)
     node_id = _known(request)
-    body = await _object(request)
-    flag = body.get("drain", True)
-    if not isinstance(flag, bool):
-        raise InvalidRequest("drain must be true or false", param="drain")
+    flag = (await _body(request, DrainRequest)).drain
     store = request.app[STORE]
     fed = request.app[FEDERATION]
     record = await store.run(lambda: store.store.set_node_drain(node_id, flag))
     fed.remember(record)
     fed.registry.set_drain(node_id, flag)
-    return json_response(_record_doc(request, node_id))
+    return _reply(_enrollment(request, node_id))
 
 
 async def list_nodes(request: web.Request) -> web.Response:
@@ -192,53 +215,41 @@ async def list_nodes(request: web.Request) -> web.Response:
     fed = request.app[FEDERATION]
     snapshot = fed.registry.snapshot()
     now = time.monotonic()
-    docs = []
+    nodes = []
     for state in snapshot.nodes:
         runtime = fed.registry.nodes[state.node_id]
-        docs.append(
-            {
-                **_record_doc(request, state.node_id),
-                "healthy": state.healthy,
-                "draining": state.draining,
-                "yielding": state.yielding,
-                "yield_reason": state.yield_reason,
-                "last_heartbeat_seconds": None
-                if runtime.status is None
-                else round(now - runtime.last_seen, 1),
+        key = fed.directory.keys.get(state.node_id)
+        fields = _record_fields(request, state.node_id)
+        fields.pop("models", None)  # here: each model's state, not only its id
+        nodes.append(
+            Node(
+                **fields,
+                healthy=state.healthy,
+                draining=state.draining,
+                yielding=state.yielding,
+                yield_reason=state.yield_reason,
+                last_heartbeat_seconds=None if runtime.status is None else round(now - runtime.last_seen, 1),
                 # The node's own alarm: the directory does not show its current encryption key.
-                "alarm": runtime.status.alarm if runtime.status is not None else None,
-                "key_id": fed.directory.keys[state.node_id].key_id
-                if state.node_id in fed.directory.keys
-                else None,
-                "models": [
-                    {
-                        "id": m.id,
-                        "phase": m.phase,
-                        "active": m.active,
-                        "context_length": m.context_length,
-                        "cache_tokens": m.cache_tokens,
-                        "page_tokens": m.page_tokens,
-                        "max_sequences": m.max_sequences,
-                    }
-                    for m in state.models
-                ],
-            }
+                alarm=runtime.status.alarm if runtime.status is not None else None,
+                key_id=key.key_id if key is not None else None,
+                models=[NodeModel.model_validate(m, from_attributes=True) for m in state.models],
+            )
         )
-    return json_response({"nodes": docs, "queued": request.app[ADMISSION].queued})
+    return _reply(NodeList(nodes=nodes, queued=request.app[ADMISSION].queued))
 
 
 async def list_models(request: web.Request) -> web.Response:
     await _admin(request)
-    where: dict[str, list[dict[str, Any]]] = {}
+    where: dict[str, list[ModelHost]] = {}
     for node in request.app[FEDERATION].registry.snapshot().nodes:
         for m in node.models:
             where.setdefault(m.id, []).append(
-                {"node_id": node.node_id, "phase": m.phase, "active": m.active, "healthy": node.healthy}
+                ModelHost(node_id=node.node_id, phase=m.phase, active=m.active, healthy=node.healthy)
             )
-    return json_response({"models": [{"id": k, "nodes": where[k]} for k in sorted(where)]})
+    return _reply(ModelPlacements(models=[ModelPlacement(id=k, nodes=where[k]) for k in sorted(where)]))
 
 
 async def authority(request: web.Request) -> web.Response:
     await _admin(request)
     fed = request.app[FEDERATION]
-    return json_response({"authority_key": fed.authority_key, "scheduler_key": fed.identity.public_b64})
+    return _reply(AuthorityKeys(authority_key=fed.authority_key, scheduler_key=fed.identity.public_b64))

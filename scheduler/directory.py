@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from typing import Any
 
@@ -27,6 +28,7 @@ from scheduler.store import AsyncStore, NodeRecord
 log = logging.getLogger("hearth.scheduler.directory")
 
 PAGE = 10_000
+_SINCE = re.compile(r"[0-9]{1,15}")
 
 
 class DirectoryLog:
@@ -114,7 +116,7 @@ async def serve(
     request: web.Request, log_: DirectoryLog, authority_key: str | None, hints: Any
 ) -> web.Response:
     raw = request.query.get("since", "0")
-    if not raw.isdigit() or len(raw) > 15:
+    if _SINCE.fullmatch(raw) is None:  # str.isdigit() would take "²", which int() refuses
         raise InvalidRequest("since must be a whole number", param="since")
     entries, head = await log_.page(int(raw))
     return json_response(

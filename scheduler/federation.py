@@ -20,7 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from protocol.errors import AuthenticationFailed, ConflictError, PermissionDenied, ProtocolError
+from protocol.errors import (
+    AuthenticationFailed,
+    ConflictError,
+    InvalidRequest,
+    PermissionDenied,
+    ProtocolError,
+)
 from protocol.federation import (
     EnrollReply,
     EnrollRequest,
@@ -104,6 +110,11 @@ class Federation:
 
     async def enroll(self, doc: Any) -> EnrollReply:
         req: EnrollRequest = parse(EnrollRequest, doc, untrusted_peer=False)
+        for name in ("identity_key", "encryption_key"):
+            try:
+                b64d(getattr(req, name), length=32)
+            except ProtocolError:  # the right length, but another spelling of the key: the node's mistake
+                raise InvalidRequest(f"{name} is not canonical base64url", param=name) from None
         message = proof_message(req.code, req.node_id, req.identity_key, req.encryption_key)
         try:
             proof = b64d(req.proof)
@@ -143,7 +154,8 @@ class Federation:
     async def heartbeat(self, method: str, path: str, headers: Any, body: bytes) -> HeartbeatReply:
         fp = self.verifier.verify(method, path, headers, body)
         record = self._by_fingerprint(fp)
-        status: NodeStatus = parse(NodeStatus, parse_json(body))
+        # The node is the client of this call: a status the scheduler cannot read is its mistake (400).
+        status: NodeStatus = parse(NodeStatus, parse_json(body), untrusted_peer=False)
         if status.node_id != record.node_id:
             raise PermissionDenied("a node may report only on itself")
         if record.state == "pending":

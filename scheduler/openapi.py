@@ -1,4 +1,13 @@
-"""The OpenAPI 3.1 document of the public API, generated from the same pydantic models that validate it."""
+"""The OpenAPI 3.1 document of the scheduler's API, generated from the same pydantic models that validate it.
+
+Every status a route can answer is listed, with the media types it answers in: a generation route answers
+JSON, server-sent events (stream=true) or, for a sealed request, end-to-end frames. Tests keep the document
+true: they check it against the routes the app serves, against real answers, and by fuzzing every operation
+with Schemathesis (tests/test_fuzz_api.py).
+
+Server-sent events are described one event at a time, as Open API tools read ``schema`` of a
+``text/event-stream`` before 3.2: an object whose ``data`` holds a JSON chunk, an error, or ``[DONE]``.
+"""
 
 from __future__ import annotations
 
@@ -8,68 +17,121 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from protocol.admin import (
+    ApproveRequest,
+    AuthorityKeys,
+    DrainRequest,
+    Enrollment,
+    EnrollmentCode,
+    EnrollmentCodeRequest,
+    EnrollmentList,
+    EnrollmentState,
+    ModelPlacements,
+    NodeList,
+)
+from protocol.envelope import MEDIA_TYPE as ENVELOPE
 from protocol.federation import EnrollReply, EnrollRequest, HeartbeatReply, NodeStatus
+from protocol.frames import MEDIA_TYPE as FRAMES
 from protocol.schemas import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
     Completion,
+    CompletionChunk,
     CompletionRequest,
+    DirectoryPage,
     ErrorResponse,
+    Health,
     ModelList,
 )
 
 VERSION = "0.1.0"
-_MODELS: list[type[BaseModel]] = [
+_REQUESTS: list[type[BaseModel]] = [
     ChatCompletionRequest,
     CompletionRequest,
+    EnrollRequest,
+    NodeStatus,
+    EnrollmentCodeRequest,
+    ApproveRequest,
+    DrainRequest,
+]
+_REPLIES: list[type[BaseModel]] = [
     ChatCompletion,
     ChatCompletionChunk,
     Completion,
+    CompletionChunk,
     ModelList,
     ErrorResponse,
-    EnrollRequest,
+    DirectoryPage,
+    Health,
     EnrollReply,
-    NodeStatus,
     HeartbeatReply,
+    EnrollmentCode,
+    EnrollmentList,
+    Enrollment,
+    NodeList,
+    ModelPlacements,
+    AuthorityKeys,
 ]
-_VALIDATED = {"ChatCompletionRequest", "CompletionRequest", "EnrollRequest", "NodeStatus"}
 
-# The admin API (admin-scope tokens): method, path, summary.
-_ADMIN = [
-    ("post", "/admin/enrollment-codes", "Create a one-time enrollment code for a tier."),
-    ("get", "/admin/enrollments", "Nodes that asked to join, and the operator's decisions."),
-    ("post", "/admin/enrollments/{node_id}/approve", "Approve with a certificate the authority signed."),
-    ("post", "/admin/enrollments/{node_id}/reject", "Refuse a pending node."),
-    ("get", "/admin/nodes", "Approved nodes: health, memory, models, load."),
-    ("post", "/admin/nodes/{node_id}/revoke", "Take a node out of the cluster now."),
-    ("post", "/admin/nodes/{node_id}/drain", "Drain a node (or undo it with drain=false)."),
-    ("get", "/admin/models", "Where each model runs."),
-    ("get", "/admin/authority", "The authority key this scheduler trusts, and its own key."),
-]
+_STATUS = {
+    400: "Invalid request: the body is not JSON or not an object, or a field is missing, of the wrong type "
+    "or out of range (`param` names it).",
+    401: "Missing, invalid or revoked token, or (a node's call) a bad signature.",
+    403: "Refused: by policy, for the token's scope, or for the node's state (pending, revoked).",
+    404: "Unknown model (model_not_found), node or enrollment (not_found).",
+    409: "Conflict with the current state.",
+    413: "The request body is over the size limit (payload_too_large).",
+    422: "The request can never run here (model larger than every node, for example).",
+    500: "An internal error (internal_error), or the model failed before its answer started "
+    "(generation_failed).",
+    502: "The node answered with something that is not a valid answer (node_failed).",
+    503: "No node can take the request now (no_capacity, queue_timeout, queue_full, node_failed); see "
+    "Retry-After.",
+}
+_RETRY_AFTER = {
+    "Retry-After": {"description": "Seconds to wait before trying again.", "schema": {"type": "integer"}}
+}
 
 
 def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def _errors(*statuses: int) -> dict[str, Any]:
-    descriptions = {
-        400: "Invalid request (bad JSON, wrong field, context_length_exceeded).",
-        401: "Missing, invalid or revoked API token.",
-        403: "Refused by policy or by the node's state (pending, revoked).",
-        404: "Unknown model (model_not_found) or node.",
-        409: "The node id belongs to another machine.",
-        422: "The request can never run here (model larger than every node, for example).",
-        413: "Request body over the size limit.",
-        503: "No node can take the request now; see Retry-After.",
-    }
-    return {
-        str(s): {
-            "description": descriptions[s],
-            "content": {"application/json": {"schema": _ref("ErrorResponse")}},
+def _json(name: str) -> dict[str, Any]:
+    return {"application/json": {"schema": _ref(name)}}
+
+
+def _errors(*statuses: int, **say: str) -> dict[str, Any]:
+    """Error answers in OpenAI's shape; ``say`` (``e409="…"``) words one status for this route."""
+    out: dict[str, Any] = {}
+    for status in statuses:
+        out[str(status)] = {
+            "description": say.get(f"e{status}", _STATUS[status]),
+            "content": _json("ErrorResponse"),
+            **({"headers": _RETRY_AFTER} if status == 503 else {}),
         }
-        for s in statuses
+    return out
+
+
+def _events(chunk: str) -> dict[str, Any]:
+    """One server-sent event of a stream: a chunk, an error that ends the stream, or the final [DONE]."""
+    return {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "data": {
+                "anyOf": [
+                    {"type": "string", "contentMediaType": "application/json", "contentSchema": _ref(chunk)},
+                    {
+                        "type": "string",
+                        "contentMediaType": "application/json",
+                        "contentSchema": _ref("ErrorResponse"),
+                    },
+                    {"const": "[DONE]"},
+                ]
+            }
+        },
     }
 
 
@@ -78,26 +140,146 @@ def _generation(summary: str, request: str, response: str, chunk: str) -> dict[s
         "post": {
             "summary": summary,
             "security": [{"bearer": []}],
-            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(request)}}},
-            "responses": {
-                "200": {
-                    "description": f"A {response} (stream=false) or server-sent events of {chunk} objects "
-                    "ending with `data: [DONE]` (stream=true).",
-                    "content": {
-                        "application/json": {"schema": _ref(response)},
-                        "text/event-stream": {"schema": _ref(chunk)},
+            "requestBody": {
+                "required": True,
+                "content": {
+                    **_json(request),
+                    ENVELOPE: {
+                        "schema": {
+                            "type": "object",
+                            "description": "The request sealed end to end by `hearth proxy` "
+                            "(docs/protocol.md): only its candidate nodes can open it.",
+                        }
                     },
                 },
-                **_errors(400, 401, 403, 404, 413, 422, 503),
+            },
+            "responses": {
+                "200": {
+                    "description": f"A {response} (stream=false); server-sent events, each a {chunk} and the "
+                    "last `data: [DONE]`, or an error event that ends the stream (stream=true); or, for a "
+                    "sealed request, end-to-end encrypted frames (docs/protocol.md).",
+                    "content": {
+                        **_json(response),
+                        "text/event-stream": {"schema": _events(chunk)},
+                        FRAMES: {"schema": {"type": "string", "format": "binary"}},
+                    },
+                },
+                **_errors(
+                    400,
+                    401,
+                    403,
+                    404,
+                    409,
+                    413,
+                    422,
+                    500,
+                    502,
+                    503,
+                    e409="A sealed request none of whose candidates can take it (reseal): "
+                    "`candidates` names nodes to seal to instead.",
+                ),
             },
         }
+    }
+
+
+def _get(summary: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"get": {"summary": summary, "responses": responses, **extra}}
+
+
+_NODE_ID = [{"name": "node_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+_DECIDED = _errors(
+    401, 403, 404, 409, e409="The node is not in a state this decision applies to (wrong_state)."
+)
+
+
+def _admin(summary: str, ok: dict[str, Any], *, body: str | None = None, **more: Any) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "summary": summary,
+        "security": [{"bearer": []}],
+        "responses": {**ok, **_errors(401, 403), **more.pop("errors", {})},
+    }
+    if body is not None:
+        op["requestBody"] = {"required": False, "content": _json(body)}
+    if more.pop("node_id", False):
+        op["parameters"] = _NODE_ID
+    op.update(more)
+    return op
+
+
+def _ok(name: str, status: int = 200, description: str = "OK.") -> dict[str, Any]:
+    return {str(status): {"description": description, "content": _json(name)}}
+
+
+def _admin_paths() -> dict[str, Any]:
+    states: list[EnrollmentState] = ["pending", "approved", "rejected", "revoked"]
+    body_errors = _errors(400, 413)
+    return {
+        "/admin/enrollment-codes": {
+            "post": _admin(
+                "Create a one-time enrollment code for a tier.",
+                _ok("EnrollmentCode", 201, "Created; the code is shown only now."),
+                body="EnrollmentCodeRequest",
+                errors=body_errors,
+            )
+        },
+        "/admin/enrollments": {
+            "get": _admin(
+                "Nodes that asked to join, and the operator's decisions.",
+                _ok("EnrollmentList"),
+                errors=_errors(400, e400="An unknown state."),
+                parameters=[{"name": "state", "in": "query", "required": False, "schema": {"enum": states}}],
+            )
+        },
+        "/admin/enrollments/{node_id}/approve": {
+            "post": _admin(
+                "Approve a pending node with a certificate the authority signed.",
+                _ok("Enrollment"),
+                body="ApproveRequest",
+                node_id=True,
+                errors={
+                    **body_errors,
+                    **_DECIDED,
+                    **_errors(
+                        403,
+                        e403="Not an admin token, or a certificate another authority issued or whose "
+                        "signature does not verify.",
+                    ),
+                },
+            )
+        },
+        "/admin/enrollments/{node_id}/reject": {
+            "post": _admin("Refuse a pending node.", _ok("Enrollment"), node_id=True, errors=_DECIDED)
+        },
+        "/admin/nodes": {"get": _admin("Approved nodes: health, memory, models, load.", _ok("NodeList"))},
+        "/admin/nodes/{node_id}/revoke": {
+            "post": _admin(
+                "Take a pending or approved node out of the cluster now.",
+                _ok("Enrollment"),
+                node_id=True,
+                errors=_DECIDED,
+            )
+        },
+        "/admin/nodes/{node_id}/drain": {
+            "post": _admin(
+                "Drain a node (or undo it with drain=false).",
+                _ok("Enrollment"),
+                body="DrainRequest",
+                node_id=True,
+                errors={**body_errors, **_errors(404)},
+            )
+        },
+        "/admin/models": {"get": _admin("Where each model runs.", _ok("ModelPlacements"))},
+        "/admin/authority": {
+            "get": _admin("The authority key this scheduler trusts, and its own key.", _ok("AuthorityKeys"))
+        },
     }
 
 
 @cache
 def openapi_document() -> dict[str, Any]:
     _, schemas = models_json_schema(
-        [(m, "validation" if m.__name__ in _VALIDATED else "serialization") for m in _MODELS],
+        [(m, "validation") for m in _REQUESTS] + [(m, "serialization") for m in _REPLIES],
         ref_template="#/components/schemas/{model}",
     )
     return {
@@ -105,7 +287,7 @@ def openapi_document() -> dict[str, Any]:
         "info": {
             "title": "Hearth",
             "version": VERSION,
-            "description": "OpenAI-compatible API of a Hearth scheduler.",
+            "description": "OpenAI-compatible API of a Hearth scheduler, and its node and admin APIs.",
         },
         "components": {
             "schemas": schemas["$defs"],
@@ -116,53 +298,57 @@ def openapi_document() -> dict[str, Any]:
                 "get": {
                     "summary": "List the models the cluster serves.",
                     "security": [{"bearer": []}],
-                    "responses": {
-                        "200": {
-                            "description": "The models.",
-                            "content": {"application/json": {"schema": _ref("ModelList")}},
-                        },
-                        **_errors(401),
-                    },
+                    "responses": {**_ok("ModelList", description="The models."), **_errors(401)},
                 }
             },
             "/v1/chat/completions": _generation(
                 "Create a chat completion.", "ChatCompletionRequest", "ChatCompletion", "ChatCompletionChunk"
             ),
             "/v1/completions": _generation(
-                "Create a completion.", "CompletionRequest", "Completion", "Completion"
+                "Create a completion.", "CompletionRequest", "Completion", "CompletionChunk"
             ),
-            "/openapi.json": {
-                "get": {"summary": "This document.", "responses": {"200": {"description": "OpenAPI 3.1."}}}
-            },
-            "/healthz": {"get": {"summary": "Liveness.", "responses": {"200": {"description": "Serving."}}}},
-            "/metrics": {
-                "get": {"summary": "Prometheus metrics.", "responses": {"200": {"description": "Metrics."}}}
-            },
-            "/v1/directory": {
-                "get": {
-                    "summary": "The node directory: a hash-chained log of node certificates, key statements "
-                    "and revocations (docs/protocol.md).",
-                    "parameters": [
-                        {
-                            "name": "since",
-                            "in": "query",
-                            "required": False,
-                            "schema": {"type": "integer", "minimum": 0},
-                        },
-                    ],
-                    "responses": {
-                        "200": {"description": "Entries, head, authority key, placement hints."},
-                        **_errors(400),
+            "/openapi.json": _get(
+                "This document.",
+                {"200": {"description": "OpenAPI 3.1.", "content": {"application/json": {"schema": {}}}}},
+            ),
+            "/healthz": _get("Liveness.", _ok("Health", description="Serving.")),
+            "/metrics": _get(
+                "Prometheus metrics.",
+                {
+                    "200": {
+                        "description": "Prometheus' text format.",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+            ),
+            "/v1/directory": _get(
+                "The node directory: a hash-chained log of node certificates, key statements and "
+                "revocations (docs/protocol.md).",
+                {**_ok("DirectoryPage", description="Entries from `since` on."), **_errors(400)},
+                parameters=[
+                    {
+                        "name": "since",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "integer", "minimum": 0, "maximum": 10**15 - 1},
                     },
-                }
-            },
+                ],
+            ),
             "/v1/enroll": {
                 "post": {
                     "summary": "A node redeems a one-time enrollment code (then waits for approval).",
                     "requestBody": {"required": True, "content": _json("EnrollRequest")},
                     "responses": {
-                        "201": {"description": "Enrolled.", "content": _json("EnrollReply")},
-                        **_errors(400, 403, 409),
+                        **_ok("EnrollReply", 201, "Enrolled: pending the operator's approval."),
+                        **_errors(
+                            400,
+                            403,
+                            409,
+                            413,
+                            e403="The proof does not match the identity key, or the code is unknown, used "
+                            "or expired (invalid_enrollment_code).",
+                            e409="The node id belongs to another machine's key (conflict).",
+                        ),
                     },
                 }
             },
@@ -172,31 +358,18 @@ def openapi_document() -> dict[str, Any]:
                     "(X-Hearth-* headers).",
                     "requestBody": {"required": True, "content": _json("NodeStatus")},
                     "responses": {
-                        "200": {"description": "Accepted.", "content": _json("HeartbeatReply")},
-                        **_errors(401, 403),
+                        **_ok("HeartbeatReply", description="Accepted."),
+                        **_errors(
+                            400,
+                            401,
+                            403,
+                            413,
+                            e401="Unsigned, unknown signer, stale or replayed.",
+                            e403="The node is pending approval, rejected or revoked, or reports on another.",
+                        ),
                     },
                 }
             },
             **_admin_paths(),
         },
     }
-
-
-def _json(name: str) -> dict[str, Any]:
-    return {"application/json": {"schema": _ref(name)}}
-
-
-def _admin_paths() -> dict[str, Any]:
-    paths: dict[str, Any] = {}
-    for method, path, summary in _ADMIN:
-        op: dict[str, Any] = {
-            "summary": summary,
-            "security": [{"bearer": []}],
-            "responses": {"200": {"description": "JSON."}, **_errors(400, 401, 403, 404)},
-        }
-        if "{node_id}" in path:
-            op["parameters"] = [
-                {"name": "node_id", "in": "path", "required": True, "schema": {"type": "string"}}
-            ]
-        paths.setdefault(path, {})[method] = op
-    return paths

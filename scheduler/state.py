@@ -32,9 +32,19 @@ SCOPE_KEY = web.AppKey("scope_key", bytes)
 async def authenticate(request: web.Request) -> TokenRecord:
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
         raise AuthenticationFailed("missing API token: send 'Authorization: Bearer <token>'")
-    record = await request.app[STORE].verify_token(token.strip())
+    if not _could_be_a_token(token):
+        # Refused before the store: such bytes could not hash, and no token was ever issued with them.
+        raise AuthenticationFailed("invalid or revoked API token")
+    record = await request.app[STORE].verify_token(token)
     if record is None:
         raise AuthenticationFailed("invalid or revoked API token")
     return record
+
+
+def _could_be_a_token(text: str) -> bool:
+    """Printable ASCII: every token Hearth issues is. aiohttp hands other header bytes over as lone
+    surrogates (0x80-0xff) or as they are, and a client may send anything."""
+    return text.isascii() and text.isprintable()

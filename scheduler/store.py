@@ -24,13 +24,13 @@ from typing import Any, Literal, TypeVar
 
 import sqlite_utils
 
+from protocol.admin import EnrollmentState
 from protocol.directory import EMPTY, GENESIS, Head, Kind, entry_hash, make_entry
 from protocol.errors import ConfigError, ConflictError, NotFound
 
 TOKEN_PREFIX = "hth_"
 CODE_PREFIX = "hec"
 Scope = Literal["user", "admin"]
-NodeState = Literal["pending", "approved", "rejected", "revoked"]
 T = TypeVar("T")
 
 
@@ -73,7 +73,7 @@ class NodeRecord:
     """A node the scheduler knows of: enrolled with a code or seen on the LAN, and what the operator said."""
 
     node_id: str
-    state: NodeState
+    state: EnrollmentState
     source: str  # "code" or "discovered"
     tier: str
     identity_key: str
@@ -257,7 +257,7 @@ class Store:
         rows = list(self.db.query("select * from nodes where node_id = ?", [node_id]))
         return NodeRecord.from_row(rows[0]) if rows else None
 
-    def nodes(self, state: NodeState | None = None) -> list[NodeRecord]:
+    def nodes(self, state: EnrollmentState | None = None) -> list[NodeRecord]:
         where, args = ("state = ?", [state]) if state else (None, [])
         return [
             NodeRecord.from_row(r) for r in self.db.table("nodes").rows_where(where, args, order_by="created")
@@ -282,7 +282,7 @@ class Store:
             raise ConflictError(f"the node id {node_id} belongs to another machine; choose another name")
         if existing is not None and existing.state in ("approved", "revoked") and source == "discovered":
             return existing
-        state: NodeState = "pending"
+        state: EnrollmentState = "pending"
         if existing is not None and existing.state == "approved":
             state = "approved"
         self.db.table("nodes").upsert(
@@ -302,10 +302,24 @@ class Store:
         return record
 
     def set_node_state(
-        self, node_id: str, state: NodeState, *, certificate: dict[str, Any] | None = None
+        self,
+        node_id: str,
+        state: EnrollmentState,
+        *,
+        certificate: dict[str, Any] | None = None,
+        allowed_from: tuple[EnrollmentState, ...] | None = None,
     ) -> NodeRecord:
-        if self.node(node_id) is None:
+        """Record the operator's decision; ConflictError if the node is in none of ``allowed_from``
+        (checked and written in one step, so two decisions at once cannot both pass the check)."""
+        existing = self.node(node_id)
+        if existing is None:
             raise NotFound(f"no node or enrollment called {node_id} (see `hearth enroll list`)")
+        if allowed_from is not None and existing.state not in allowed_from:
+            raise ConflictError(
+                f"{node_id} is {existing.state}; only a node that is {' or '.join(allowed_from)} can be "
+                f"{state}" + (" (a node can enroll again with a new code)" if state == "approved" else ""),
+                code="wrong_state",
+            )
         update: dict[str, Any] = {"state": state, "updated": time.time()}
         if certificate is not None or state != "approved":
             update["certificate"] = json.dumps(certificate) if certificate is not None else None

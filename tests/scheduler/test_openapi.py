@@ -6,6 +6,7 @@ import json
 
 import httpx
 import jsonschema
+import pytest
 from openapi_spec_validator import validate
 
 from scheduler.openapi import openapi_document
@@ -58,3 +59,107 @@ def test_real_responses_match_their_schemas(stack: Stack) -> None:
         _validator("ChatCompletionChunk").validate(json.loads(event))
     err = httpx.post(stack.api + "/chat/completions", json={"model": 1}, headers=h)
     _validator("ErrorResponse").validate(err.json())
+
+
+def _stream(stack: Stack, path: str, body: dict[str, object]) -> tuple[str, list[str]]:
+    h = {"Authorization": f"Bearer {stack.token}"}
+    with httpx.stream("POST", stack.api + path, headers=h, json=body, timeout=30) as r:
+        assert r.status_code == 200
+        lines = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+        return r.headers["Content-Type"], lines
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "operation"),
+    [
+        ("/chat/completions", {"model": "hearth-demo", "messages": MSG}, "/v1/chat/completions"),
+        ("/completions", {"model": "hearth-demo", "prompt": "x"}, "/v1/completions"),
+    ],
+)
+def test_both_stream_forms_match_the_documented_events(
+    stack: Stack, path: str, body: dict[str, object], operation: str
+) -> None:
+    """Each event of a stream is what the document's text/event-stream entry says: a chunk, then [DONE]."""
+    doc = openapi_document()
+    answers = doc["paths"][operation]["post"]["responses"]["200"]["content"]
+    full = {"max_tokens": 4, "stream": True, "stream_options": {"include_usage": True}}
+    content_type, events = _stream(stack, path, {**body, **full})
+    assert content_type.split(";")[0] in answers
+    event = answers["text/event-stream"]["schema"]
+    chunk = event["properties"]["data"]["anyOf"][0]["contentSchema"]["$ref"].rsplit("/", 1)[1]
+    assert events[-1] == "[DONE]"
+    for data in events[:-1]:
+        _validator(chunk).validate(json.loads(data))
+    # The non-streaming answer is the strict form: a finish reason and usage, always.
+    h = {"Authorization": f"Bearer {stack.token}"}
+    whole = httpx.post(stack.api + path, json={**body, "max_tokens": 4}, headers=h, timeout=30)
+    response = answers["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
+    _validator(response).validate(whole.json())
+    assert whole.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_stream_events_are_not_described_by_the_non_streaming_schema() -> None:
+    """The event of /v1/completions is a CompletionChunk (finish_reason null until the last), not a
+    Completion; the document once said otherwise."""
+    chunk = {
+        "id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m",
+        "choices": [{"index": 0, "text": "a", "finish_reason": None, "logprobs": None}],
+    }  # fmt: skip
+    _validator("CompletionChunk").validate(chunk)
+    with pytest.raises(jsonschema.ValidationError):
+        _validator("Completion").validate(chunk)
+
+
+def test_created_answers_are_documented_as_201() -> None:
+    paths = openapi_document()["paths"]
+    for path in ("/admin/enrollment-codes", "/v1/enroll"):
+        assert set(paths[path]["post"]["responses"]) & {"200", "201"} == {"201"}
+
+
+# Statuses each operation answers for a client's mistake or a fault, beyond its success (what the
+# handlers raise; tests/test_fuzz_api.py checks that nothing outside the document is ever answered).
+ERRORS = {
+    ("post", "/v1/chat/completions"): {"400", "401", "403", "404", "409", "413", "422", "500", "502", "503"},
+    ("post", "/v1/completions"): {"400", "401", "403", "404", "409", "413", "422", "500", "502", "503"},
+    ("post", "/admin/enrollments/{node_id}/approve"): {"400", "401", "403", "404", "409", "413"},
+    ("post", "/admin/enrollments/{node_id}/reject"): {"401", "403", "404", "409"},
+    ("post", "/admin/nodes/{node_id}/revoke"): {"401", "403", "404", "409"},
+    ("post", "/admin/nodes/{node_id}/drain"): {"400", "401", "403", "404", "413"},
+    ("post", "/v1/enroll"): {"400", "403", "409", "413"},
+    ("post", "/v1/nodes/heartbeat"): {"400", "401", "403", "413"},
+}
+
+
+def test_every_status_a_route_answers_is_documented() -> None:
+    paths = openapi_document()["paths"]
+    for (method, path), statuses in ERRORS.items():
+        documented = set(paths[path][method]["responses"])
+        assert statuses <= documented, (method, path, statuses - documented)
+    for path, ops in paths.items():
+        for op in ops.values():
+            for status, answer in op["responses"].items():
+                if status == "503":
+                    assert "Retry-After" in answer["headers"], path
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status"),
+    [
+        ("get", "/admin/nodes", None, 200),
+        ("get", "/admin/models", None, 200),
+        ("get", "/admin/authority", None, 200),
+        ("get", "/admin/enrollments", None, 200),
+        ("post", "/admin/enrollment-codes", {"tier": "community"}, 201),
+        ("get", "/v1/directory", None, 200),
+        ("get", "/healthz", None, 200),
+    ],
+)
+def test_admin_and_service_answers_match_their_schemas(
+    stack: Stack, method: str, path: str, body: dict[str, str] | None, status: int
+) -> None:
+    r = httpx.request(
+        method.upper(), stack.base_url + path, json=body, headers={"Authorization": f"Bearer {stack.token}"}
+    )
+    assert r.status_code == status, r.text
+    answer = openapi_document()["paths"][path][method]["responses"][str(status)]
+    _validator(answer["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]).validate(r.json())
