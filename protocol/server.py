@@ -11,9 +11,10 @@ as long as the client likes. Each connection here goes through a ``ConnectionGua
   Retry-After, in OpenAI's error shape, and closed.
 
 aiohttp's server logs a malformed request ("Error handling request") with the parser's exception, whose
-message quotes the raw bytes it choked on: part of a request, perhaps a whole prompt. The server here logs
-through ``hearth.http``, whose records keep the exception's type and nothing of its message
-(``protocol.logs``).
+message quotes the raw bytes it choked on: part of a request, perhaps a whole prompt. Here a message that
+cannot be parsed is answered in OpenAI's error shape, naming none of its bytes, and not logged at all; the
+rest of aiohttp's lines go through ``hearth.http``, whose records keep an exception's type and nothing of
+its message (``protocol.logs``).
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ from collections import Counter
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 from pydantic import BaseModel, ConfigDict, Field
 
 from protocol.errors import HearthError, Unavailable
-from protocol.logs import RedactExceptions, install_loop_handler
+from protocol.logs import RedactExceptions, describe_exception, install_loop_handler
 
 log = logging.getLogger("hearth.http")
 log.addFilter(RedactExceptions())
@@ -203,6 +206,37 @@ def _raw_response(err: HearthError) -> bytes:
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
+class _Handler(RequestHandler):
+    """aiohttp's connection handler, answering a message it cannot parse in OpenAI's error shape.
+
+    A malformed request is the client's mistake: it gets a 4xx naming no byte it sent, and the log gets
+    nothing (an unauthenticated client could otherwise fill it). A fault of aiohttp's own (5xx) is logged
+    by type and stack."""
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500:
+            log.error(
+                "unexpected %s in aiohttp\n%s", type(exc).__name__, describe_exception(exc or Exception())
+            )
+        if request.writer.output_size > 0:
+            raise ConnectionError("the response had begun; no error can be sent")
+        what = "the request is not valid HTTP/1.1" if status < 500 else "internal error"
+        err = HearthError.from_body(status, {"error": {"message": what, "code": "malformed_request"}})
+        response = web.Response(
+            status=status,
+            body=json.dumps(err.to_body(), separators=(",", ":")).encode(),
+            content_type="application/json",
+        )
+        response.force_close()
+        return response
+
+
 GUARD = web.AppKey("connection_guard", ConnectionGuard)
 
 
@@ -218,8 +252,9 @@ class _GuardedSite(web.TCPSite):
         server = self._runner.server
         assert server is not None
         loop = asyncio.get_running_loop()
+        # aiohttp's Server makes a RequestHandler from its keyword arguments the same way.
         self._server = await loop.create_server(
-            lambda: self._guard.protocol(server()),
+            lambda: self._guard.protocol(_Handler(server, loop=loop, **server._kwargs)),
             self._host,
             self._port,
             reuse_address=True,

@@ -159,11 +159,7 @@ def test_a_token_of_odd_bytes_is_401_and_logs_nothing(
     assert _logged(caplog) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lead: protocol/web.py start_site: aiohttp's parser refuses a control byte in a header before "
-    "any middleware, answering 400 text/plain and logging a traceback on aiohttp.server per request",
-)
+# aiohttp's parser refuses a control byte in a header before any middleware: protocol.server answers it.
 def test_a_control_byte_in_the_token_is_answered_in_openais_shape_without_a_log_line(
     sched: Stack, caplog: pytest.LogCaptureFixture
 ) -> None:
