@@ -46,7 +46,7 @@ class ServerLimits(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     header_timeout: float = Field(
-        default=10.0,
+        default=20.0,
         gt=0,
         le=600,
         description="Seconds a client has, from its request's first byte, to send the request line and "
@@ -90,7 +90,7 @@ class ConnectionGuard:
         """The app answered: a keep-alive connection's next request is timed from its first byte."""
         guarded = self._open.get(transport) if transport is not None else None
         if guarded is not None:
-            guarded.busy = False
+            guarded.request_finished()
 
     def _admit(self, guarded: _Guarded, transport: asyncio.BaseTransport) -> bool:
         limit = self.limits.max_connections_per_address
@@ -125,6 +125,8 @@ class _Guarded(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._refused = False
+        self._headers_done = False  # the request being read has its whole head (line and headers)
+        self._tail = b""  # the last bytes of its head so far, to find the blank line across reads
         self.address = ""
         self.busy = False  # the app is handling a request of this connection
 
@@ -153,17 +155,35 @@ class _Guarded(asyncio.Protocol):
             assert self._transport is not None
             self._transport.close()
             return
-        if not self.busy and self._timer is None and data:
-            self._timer = asyncio.get_running_loop().call_later(
-                self._guard.limits.header_timeout, self._too_slow
-            )
+        if not self.busy and not self._headers_done and data:
+            # The head ends at its blank line: seen here, as the bytes arrive, the timer stops however
+            # long a loaded event loop then takes to start the request's handler.
+            seen = self._tail + data
+            if b"\r\n\r\n" in seen:
+                self._headers_done = True
+                self._stop_timer()
+            else:
+                self._tail = seen[-3:]
+                if self._timer is None:
+                    self._timer = asyncio.get_running_loop().call_later(
+                        self._guard.limits.header_timeout, self._too_slow
+                    )
         self._inner.data_received(data)
 
-    def request_started(self) -> None:
-        self.busy = True
+    def _stop_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def request_started(self) -> None:
+        self.busy = True
+        self._stop_timer()
+
+    def request_finished(self) -> None:
+        """A keep-alive connection's next request is timed from its own first byte."""
+        self.busy = False
+        self._headers_done = False
+        self._tail = b""
 
     def _too_slow(self) -> None:
         self._timer = None
@@ -174,9 +194,7 @@ class _Guarded(asyncio.Protocol):
         self._transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._stop_timer()
         if self._refused:
             return
         self._guard._release(self, self._transport)

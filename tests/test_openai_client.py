@@ -194,7 +194,11 @@ def test_long_conversation_is_truncated_when_asked(client: openai.OpenAI) -> Non
         {"temperature": 2.0, "min_p": 1.0},  # the likeliest token alone survives min_p
         {"temperature": 1.0, "top_k": 1},  # one candidate
         {"repetition_penalty": 0.01},  # the lower bound
-        {"repetition_penalty": 2.0, "presence_penalty": 2.0, "frequency_penalty": 2.0},  # every penalty at its top
+        {
+            "repetition_penalty": 2.0,
+            "presence_penalty": 2.0,
+            "frequency_penalty": 2.0,
+        },  # every penalty at its top
         {"presence_penalty": -2.0, "frequency_penalty": -2.0},  # negative penalties
     ],
 )
