@@ -68,6 +68,12 @@ class UsageRecord:
     ended: float
 
 
+# A usage row is replaced when its node's receipt corrects the counts (scheduler.ledger).
+_INSERT_USAGE = "INSERT OR REPLACE INTO usage ({}) VALUES ({})".format(
+    ", ".join(UsageRecord.__slots__), ", ".join("?" for _ in UsageRecord.__slots__)
+)
+
+
 @dataclass(frozen=True, slots=True)
 class NodeRecord:
     """A node the scheduler knows of: enrolled with a code or seen on the LAN, and what the operator said."""
@@ -375,9 +381,14 @@ class Store:
     # usage
 
     def record_usage(self, records: Sequence[UsageRecord]) -> None:
-        self.db.table("usage").insert_all(
-            ({f: getattr(r, f) for f in UsageRecord.__slots__} for r in records), replace=True
-        )
+        # One single-row statement run once per record, not sqlite-utils' multi-row INSERT: that one's text
+        # changes with the batch size, and SQLite keeps a compiled statement (tens of KiB) for every size it
+        # has seen, up to the 128 that Python's sqlite3 caches. The soak benchmark saw that as the
+        # scheduler's memory creeping up long after its page cache was full (docs/benchmarks.md, "Soak").
+        with self.db.conn:
+            self.db.conn.executemany(
+                _INSERT_USAGE, ([getattr(r, f) for f in UsageRecord.__slots__] for r in records)
+            )
 
 
 class AsyncStore:

@@ -427,9 +427,15 @@ async def _spawn(args: list[str], env: dict[str, str]) -> tuple[asyncio.subproce
         sys.executable, "-m", "tests.bench.bench_relay", *args, stdout=asyncio.subprocess.PIPE, env=env
     )
     assert proc.stdout is not None
-    line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
-    if not line.startswith(READY_LINE):
-        raise RuntimeError(f"child {args[:2]} did not start: {line!r}")
+    try:
+        line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+        if not line.startswith(READY_LINE):
+            raise RuntimeError(f"child {args[:2]} did not start: {line!r}")
+    except BaseException:  # a child that never came up (or Ctrl-C meanwhile) is not left running
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise
     return proc, line[len(READY_LINE) :].strip()
 
 
