@@ -27,7 +27,9 @@ ModelId = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 Key = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{43}$")]  # 32 raw bytes, base64url
 Count = Annotated[int, Field(ge=0, le=2**31 - 1)]
 Bytes = Annotated[int, Field(ge=0, le=2**60)]
-Url = Annotated[str, StringConstraints(pattern=r"^https?://[^\s/]+(/[^\s]*)?$", max_length=512)]
+# Printable ASCII only (a host in IDNA form): a class like [^\s] means other characters to other regex
+# engines, and the OpenAPI document's readers must agree with pydantic on what is valid.
+Url = Annotated[str, StringConstraints(pattern=r"^https?://[!-.0-~]+(/[!-~]*)?$", max_length=512)]
 
 JobId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 

@@ -193,14 +193,16 @@ _DECIDED = _errors(
 )
 
 
-def _admin(summary: str, ok: dict[str, Any], *, body: str | None = None, **more: Any) -> dict[str, Any]:
+def _admin(
+    summary: str, ok: dict[str, Any], *, body: str | None = None, body_required: bool = True, **more: Any
+) -> dict[str, Any]:
     op: dict[str, Any] = {
         "summary": summary,
         "security": [{"bearer": []}],
         "responses": {**ok, **_errors(401, 403), **more.pop("errors", {})},
     }
     if body is not None:
-        op["requestBody"] = {"required": False, "content": _json(body)}
+        op["requestBody"] = {"required": body_required, "content": _json(body)}
     if more.pop("node_id", False):
         op["parameters"] = _NODE_ID
     op.update(more)
@@ -265,6 +267,7 @@ def _admin_paths() -> dict[str, Any]:
                 "Drain a node (or undo it with drain=false).",
                 _ok("Enrollment"),
                 body="DrainRequest",
+                body_required=False,  # no body: drain
                 node_id=True,
                 errors={**body_errors, **_errors(404)},
             )
