@@ -30,7 +30,7 @@ from protocol.admin import (
     NodeList,
 )
 from protocol.envelope import MEDIA_TYPE as ENVELOPE
-from protocol.federation import EnrollReply, EnrollRequest, HeartbeatReply, NodeStatus
+from protocol.federation import NODE_ID_PATTERN, EnrollReply, EnrollRequest, HeartbeatReply, NodeStatus
 from protocol.frames import MEDIA_TYPE as FRAMES
 from protocol.schemas import (
     ChatCompletion,
@@ -187,7 +187,15 @@ def _get(summary: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any
     return {"get": {"summary": summary, "responses": responses, **extra}}
 
 
-_NODE_ID = [{"name": "node_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+# What a node id is (protocol.federation.NodeId); any other is a 404, as an unknown one is.
+_NODE_ID = [
+    {
+        "name": "node_id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "pattern": NODE_ID_PATTERN},
+    }
+]
 _DECIDED = _errors(
     401, 403, 404, 409, e409="The node is not in a state this decision applies to (wrong_state)."
 )
