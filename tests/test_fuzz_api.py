@@ -2,9 +2,14 @@
 real `hearth up` serves, admin ones included, with its admin token, and checks every answer: never a 5xx,
 a status the document lists, in a media type it lists, with a body its schema describes.
 
-A fixed seed, deterministic generation and a few examples per operation keep it repeatable and short;
-tests/bench/fuzz_api.py is the long run with a random seed. How the fuzzer is steered, and what it never
-does (revoke or drain the node that serves the demo model, revoke its own token), is in tests/fuzz_api.py.
+A fixed seed, deterministic generation and a few examples per operation keep it repeatable and short (the
+coverage phase sends the deep operations their valid boundary values only); tests/bench/fuzz_api.py is the
+long, random run. Left out or kept whole, on purpose (tests/fuzz_api.py says how and why):
+
+- GET /openapi.json itself: Schemathesis reads it to start, and does not fuzz it.
+- The node serving the demo model and the fuzzer's heartbeat signer are never named in a path: revoking or
+  draining them would leave nothing behind the generation and heartbeat routes. Decoy enrollments stand in.
+- The fuzzer's own token: no operation revokes tokens (only `hearth tokens revoke` does).
 """
 
 from __future__ import annotations
