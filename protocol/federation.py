@@ -22,12 +22,15 @@ Tier = Literal["club", "community"]
 TIERS: tuple[Tier, ...] = ("club", "community")
 ModelPhase = Literal["available", "loading", "ready", "failed"]
 
-NodeId = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
+NODE_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
+NodeId = Annotated[str, StringConstraints(pattern=NODE_ID_PATTERN)]
 ModelId = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 Key = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{43}$")]  # 32 raw bytes, base64url
 Count = Annotated[int, Field(ge=0, le=2**31 - 1)]
 Bytes = Annotated[int, Field(ge=0, le=2**60)]
-Url = Annotated[str, StringConstraints(pattern=r"^https?://[^\s/]+(/[^\s]*)?$", max_length=512)]
+# Printable ASCII only (a host in IDNA form): a class like [^\s] means other characters to other regex
+# engines, and the OpenAPI document's readers must agree with pydantic on what is valid.
+Url = Annotated[str, StringConstraints(pattern=r"^https?://[!-.0-~]+(/[!-~]*)?$", max_length=512)]
 
 JobId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 

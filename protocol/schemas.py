@@ -44,6 +44,13 @@ def _valid_unicode(text: str) -> str:
 
 Text = Annotated[str, AfterValidator(_valid_unicode)]
 
+# Options Hearth accepts only in their "off" form: the document says so (each in JSON Schema's words, which
+# apply alongside the field's type), and the validators below refuse the rest with a clear message.
+_OFF: dict[str, Any] = {"enum": [False, None]}
+_EMPTY_OBJECT: dict[str, Any] = {"type": ["object", "null"], "maxProperties": 0}
+
+Prompt = Annotated[Text, Field(min_length=1)]
+
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 Truncation = Literal["auto", "disabled"]
 
@@ -80,10 +87,11 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = False
 
 
+StopSequence = Annotated[Text, Field(min_length=1, max_length=MAX_STOP_LENGTH)]
 StopField = Annotated[
-    Text
+    StopSequence
     | Annotated[
-        list[Annotated[Text, Field(min_length=1, max_length=MAX_STOP_LENGTH)]],
+        list[StopSequence],
         Field(max_length=MAX_STOP_SEQUENCES),
     ]
     | None,
@@ -111,10 +119,12 @@ class _Sampling(_Request):
         description="Hearth extension (as in vLLM): drop tokens less likely than min_p times the most likely "
         "one; 0 is off.",
     )  # fmt: skip
+    # Not just above 0: near 0 it multiplies the logits of every token already seen by ~1/penalty, past
+    # what a float holds; 0.01 is far below any useful setting.
     repetition_penalty: float = Field(
         default=1.0, ge=0.01, le=2.0,
         description="Hearth extension (as in vLLM): above 1, tokens already in the prompt or the answer "
-        "become less likely; 1 is off.",
+        "become less likely, below 1 more likely; 1 is off.",
     )  # fmt: skip
     stop_token_ids: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] | None = Field(
         default=None, max_length=MAX_STOP_TOKEN_IDS,
@@ -124,7 +134,11 @@ class _Sampling(_Request):
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1, description="Makes sampling repeatable.")
     stop: StopField = None
     # Any, not a dict type: a malformed dict would make pydantic name the client's keys in the error.
-    logit_bias: Any = Field(default=None, description="Not supported yet; refused when not empty.")
+    logit_bias: Any = Field(
+        default=None,
+        description="Not supported yet; refused when not empty.",
+        json_schema_extra=_EMPTY_OBJECT,
+    )
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     stream: bool = False
@@ -134,7 +148,7 @@ class _Sampling(_Request):
         description="Hearth extension (as in vLLM): keep generating past end-of-text tokens, up to "
         "max_tokens. For benchmarks and tests that need answers of an exact length.",
     )
-    n: int = Field(default=1, description="Only 1 is supported.")
+    n: int = Field(default=1, description="Only 1 is supported.", json_schema_extra={"enum": [1]})
     user: str | None = Field(default=None, max_length=256)
 
     @field_validator(
@@ -168,13 +182,6 @@ class _Sampling(_Request):
             raise ValueError("logit_bias is not supported yet")
         return value
 
-    @field_validator("stop")
-    @classmethod
-    def _stop_length(cls, value: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(value, str) and not 1 <= len(value) <= MAX_STOP_LENGTH:
-            raise ValueError(f"a stop sequence must be 1 to {MAX_STOP_LENGTH} characters")
-        return value
-
     def stop_sequences(self) -> tuple[str, ...]:
         if self.stop is None:
             return ()
@@ -197,10 +204,18 @@ class ChatCompletionRequest(_Sampling):
         'conversation does not fit the context; "disabled" refuses with context_length_exceeded. '
         "Default: the node's setting.",
     )
-    tools: list[Any] | None = None
+    tools: list[Any] | None = Field(
+        default=None,
+        description="Not supported yet; refused when not empty.",
+        json_schema_extra={"maxItems": 0},
+    )
     tool_choice: Any = None
-    logprobs: bool | None = None
-    response_format: dict[str, Any] | None = None
+    logprobs: bool | None = Field(default=None, description="Not supported yet.", json_schema_extra=_OFF)
+    response_format: dict[str, Any] | None = Field(
+        default=None,
+        description='Only {"type": "text"}.',
+        json_schema_extra={"properties": {"type": {"const": "text"}}},
+    )
 
     @model_validator(mode="after")
     def _supported(self) -> ChatCompletionRequest:
@@ -218,16 +233,19 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=1)] = Field(
-        description="One prompt (a string, or a list holding one string)."
+    # Not empty: an empty prompt has nothing to continue from (most tokenizers give it no token at all).
+    prompt: Prompt | Annotated[list[Prompt], Field(min_length=1, max_length=1)] = Field(
+        description="One prompt, not empty (a string, or a list holding one string)."
     )
     max_tokens: int | None = Field(
         default=16, ge=1, description="Upper bound on generated tokens (default 16)."
     )
-    echo: bool | None = False
-    suffix: str | None = None
-    logprobs: int | None = None
-    best_of: int | None = None
+    echo: bool | None = Field(default=False, description="Not supported.", json_schema_extra=_OFF)
+    suffix: str | None = Field(default=None, description="Not supported.", json_schema_extra={"maxLength": 0})
+    logprobs: int | None = Field(
+        default=None, description="Not supported yet.", json_schema_extra={"enum": [None]}
+    )
+    best_of: int | None = Field(default=None, description="Only 1.", json_schema_extra={"enum": [1, None]})
 
     @model_validator(mode="after")
     def _supported(self) -> CompletionRequest:

@@ -30,7 +30,7 @@ from protocol.admin import (
     NodeList,
 )
 from protocol.envelope import MEDIA_TYPE as ENVELOPE
-from protocol.federation import EnrollReply, EnrollRequest, HeartbeatReply, NodeStatus
+from protocol.federation import NODE_ID_PATTERN, EnrollReply, EnrollRequest, HeartbeatReply, NodeStatus
 from protocol.frames import MEDIA_TYPE as FRAMES
 from protocol.schemas import (
     ChatCompletion,
@@ -187,20 +187,30 @@ def _get(summary: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any
     return {"get": {"summary": summary, "responses": responses, **extra}}
 
 
-_NODE_ID = [{"name": "node_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+# What a node id is (protocol.federation.NodeId); any other is a 404, as an unknown one is.
+_NODE_ID = [
+    {
+        "name": "node_id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "pattern": NODE_ID_PATTERN},
+    }
+]
 _DECIDED = _errors(
     401, 403, 404, 409, e409="The node is not in a state this decision applies to (wrong_state)."
 )
 
 
-def _admin(summary: str, ok: dict[str, Any], *, body: str | None = None, **more: Any) -> dict[str, Any]:
+def _admin(
+    summary: str, ok: dict[str, Any], *, body: str | None = None, body_required: bool = True, **more: Any
+) -> dict[str, Any]:
     op: dict[str, Any] = {
         "summary": summary,
         "security": [{"bearer": []}],
         "responses": {**ok, **_errors(401, 403), **more.pop("errors", {})},
     }
     if body is not None:
-        op["requestBody"] = {"required": False, "content": _json(body)}
+        op["requestBody"] = {"required": body_required, "content": _json(body)}
     if more.pop("node_id", False):
         op["parameters"] = _NODE_ID
     op.update(more)
@@ -265,6 +275,7 @@ def _admin_paths() -> dict[str, Any]:
                 "Drain a node (or undo it with drain=false).",
                 _ok("Enrollment"),
                 body="DrainRequest",
+                body_required=False,  # no body: drain
                 node_id=True,
                 errors={**body_errors, **_errors(404)},
             )

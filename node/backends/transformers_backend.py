@@ -100,7 +100,9 @@ class TransformersBackend:
             if cancelled.is_set():
                 return
             with torch.inference_mode():
-                logits = out.logits[0, -1].float()
+                # Sampled in float64: a temperature or penalty that the API allows but float32 cannot
+                # divide by (5e-324 rounds to 0 there) stays exact, and the scaling below cannot overflow.
+                logits = out.logits[0, -1].double()
                 if params.presence_penalty or params.frequency_penalty:
                     if counts is None:
                         counts = torch.zeros_like(logits)
@@ -153,7 +155,12 @@ def _sample(logits: Any, params: SamplingParams, generator: Any) -> int:
 
     if params.temperature == 0.0:
         return int(torch.argmax(logits).item())
-    probs = torch.softmax(logits / params.temperature, dim=-1)
+    # From the largest logit down: every scaled logit is <= 0, so a temperature near 0 gives -inf to all
+    # but the best (its limit, greedy decoding) instead of inf - inf. A penalty may have made some logit
+    # infinite already; it is the largest a float holds for this.
+    finite = torch.finfo(logits.dtype).max
+    logits = torch.clamp(logits, -finite, finite)
+    probs = torch.softmax((logits - logits.max()) / params.temperature, dim=-1)
     if params.top_k <= 0 and params.min_p <= 0.0 and params.top_p >= 1.0:
         return int(torch.multinomial(probs, 1, generator=generator).item())
     sorted_probs, order = torch.sort(probs, descending=True)

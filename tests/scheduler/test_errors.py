@@ -34,6 +34,7 @@ CASES: list[tuple[str, str, Any, dict[str, str] | None, int, str | None]] = [
     ("temperature as string", "/v1/chat/completions", {**OK, "temperature": "hot"}, None, 400, None),
     ("temperature out of range", "/v1/chat/completions", {**OK, "temperature": 9}, None, 400, None),
     ("negative max_tokens", "/v1/chat/completions", {**OK, "max_tokens": -1}, None, 400, None),
+    ("repetition_penalty near zero", "/v1/chat/completions", {**OK, "repetition_penalty": 5e-324}, None, 400, None),  # every token seen would weigh ~1e300 times more
     ("n above 1", "/v1/chat/completions", {**OK, "n": 2}, None, 400, None),
     ("tools unsupported", "/v1/chat/completions", {**OK, "tools": [{"type": "function"}]}, None, 400, None),
     ("logit_bias unsupported", "/v1/chat/completions", {**OK, "logit_bias": {"50256": -100}}, None, 400, None),
@@ -177,3 +178,18 @@ def test_a_token_limited_to_other_tiers_gets_403_naming_the_tier(stack: Stack) -
     assert "outside the tiers allowed here (community)" in body.error.message
     ok = httpx.post(stack.api + "/chat/completions", json=OK, headers={"Authorization": f"Bearer {club}"})
     assert ok.status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/chat/completions", "/completions"])
+def test_a_temperature_next_to_zero_answers_as_greedy_decoding_does(stack: Stack, path: str) -> None:
+    """The smallest positive temperature once overflowed the sampler (a 500): its limit is greedy."""
+    h = {"Authorization": f"Bearer {stack.token}"}
+    body = {"model": "hearth-demo", "max_tokens": 4, "ignore_eos": True}
+    body |= {"messages": MSG} if path == "/chat/completions" else {"prompt": "hello there"}
+    texts = []
+    for temperature in (5e-324, 1e-40, 0.0):
+        r = httpx.post(stack.api + path, json={**body, "temperature": temperature}, headers=h, timeout=60)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        texts.append(choice["message"]["content"] if "message" in choice else choice["text"])
+    assert texts[0] == texts[1] == texts[2]

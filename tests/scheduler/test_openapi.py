@@ -163,3 +163,61 @@ def test_admin_and_service_answers_match_their_schemas(
     assert r.status_code == status, r.text
     answer = openapi_document()["paths"][path][method]["responses"][str(status)]
     _validator(answer["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]).validate(r.json())
+
+
+CHAT = {"model": "hearth-demo", "messages": MSG}
+COMPLETION = {"model": "hearth-demo", "prompt": "x"}
+
+# fmt: off
+OPTIONS = [
+    # (request model, body, accepted): what the document allows is what pydantic accepts
+    ("ChatCompletionRequest", {**CHAT, "n": 1}, True),
+    ("ChatCompletionRequest", {**CHAT, "n": 2}, False),
+    ("ChatCompletionRequest", {**CHAT, "logprobs": False}, True),
+    ("ChatCompletionRequest", {**CHAT, "logprobs": True}, False),
+    ("ChatCompletionRequest", {**CHAT, "tools": []}, True),
+    ("ChatCompletionRequest", {**CHAT, "tools": [{"type": "function"}]}, False),
+    ("ChatCompletionRequest", {**CHAT, "response_format": {"type": "text"}}, True),
+    ("ChatCompletionRequest", {**CHAT, "response_format": {"type": "json_object"}}, False),
+    ("ChatCompletionRequest", {**CHAT, "logit_bias": {}}, True),
+    ("ChatCompletionRequest", {**CHAT, "logit_bias": {"1": 5}}, False),
+    ("ChatCompletionRequest", {**CHAT, "stop": "x" * 256}, True),
+    ("ChatCompletionRequest", {**CHAT, "stop": "x" * 257}, False),
+    ("ChatCompletionRequest", {**CHAT, "stop": ""}, False),
+    ("ChatCompletionRequest", {**CHAT, "repetition_penalty": 0.01}, True),
+    ("ChatCompletionRequest", {**CHAT, "repetition_penalty": 0.001}, False),
+    ("CompletionRequest", {**COMPLETION, "prompt": ""}, False),  # nothing to continue from
+    ("CompletionRequest", {**COMPLETION, "prompt": [""]}, False),
+    ("CompletionRequest", {**COMPLETION, "echo": False}, True),
+    ("CompletionRequest", {**COMPLETION, "echo": True}, False),
+    ("CompletionRequest", {**COMPLETION, "suffix": ""}, True),
+    ("CompletionRequest", {**COMPLETION, "suffix": "end"}, False),
+    ("CompletionRequest", {**COMPLETION, "logprobs": None}, True),
+    ("CompletionRequest", {**COMPLETION, "logprobs": 0}, False),
+    ("CompletionRequest", {**COMPLETION, "best_of": 1}, True),
+    ("CompletionRequest", {**COMPLETION, "best_of": 2}, False),
+    ("EnrollmentCodeRequest", {"tier": "club", "ttl_seconds": 60}, True),
+    ("EnrollmentCodeRequest", {"tier": "club", "ttl_seconds": 59.5}, False),
+    ("EnrollmentCodeRequest", {"tier": "club", "note": "x" * 201}, False),
+    ("DrainRequest", {"drain": False}, True),
+    ("DrainRequest", {"drain": "false"}, False),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(("model", "body", "accepted"), OPTIONS)
+def test_the_document_allows_what_the_server_accepts(
+    model: str, body: dict[str, object], accepted: bool
+) -> None:
+    """Options Hearth accepts only "off" are documented so: a client (or a fuzzer) that follows the
+    document never sends what is refused."""
+    from protocol import admin, schemas
+
+    documented = _validator(model).is_valid(body)
+    validated = getattr(schemas, model, None) or getattr(admin, model)
+    try:
+        validated.model_validate(body)
+        served = True
+    except ValueError:
+        served = False
+    assert (documented, served) == (accepted, accepted)
