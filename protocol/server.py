@@ -13,8 +13,8 @@ as long as the client likes. Each connection here goes through a ``ConnectionGua
 aiohttp's server logs a malformed request ("Error handling request") with the parser's exception, whose
 message quotes the raw bytes it choked on: part of a request, perhaps a whole prompt. Here a message that
 cannot be parsed is answered in OpenAI's error shape, naming none of its bytes, and not logged at all; the
-rest of aiohttp's lines go through ``hearth.http``, whose records keep an exception's type and nothing of
-its message (``protocol.logs``).
+rest of aiohttp's lines (``aiohttp.server``) keep an exception's type and nothing of its message
+(``protocol.logs``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ from protocol.errors import HearthError, Unavailable
 from protocol.logs import RedactExceptions, describe_exception, install_loop_handler
 
 log = logging.getLogger("hearth.http")
-log.addFilter(RedactExceptions())
+# aiohttp's own lines (its debug chatter, an unhandled exception) stay under its name, without exception text.
+_aiohttp_log = logging.getLogger("aiohttp.server")
+_aiohttp_log.addFilter(RedactExceptions())
 
 SHUTDOWN_TIMEOUT_S = 2.0
 REFUSED_LINGER_S = 2.0  # a refused connection stays open this long at most, so its 503 is read, not reset
@@ -297,7 +299,7 @@ async def start_site(
         access_log=None,
         shutdown_timeout=SHUTDOWN_TIMEOUT_S,
         keepalive_timeout=limits.idle_timeout,
-        logger=log,
+        logger=_aiohttp_log,
     )
     await runner.setup()
     site = _GuardedSite(runner, guard, host, port)
