@@ -7,14 +7,16 @@ in seconds; nothing else differs from what an operator and volunteers run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,11 @@ class NodeSpec:
     budget_bytes: int | None  # None: the node reads its GPUs' free VRAM
     models: list[tuple[Path, str, bool]]  # (directory, id, preload)
     backend: str = "auto"
+    lan: bool = False  # never enrolled with a code: found on the LAN, then approved
+
+    @property
+    def preloaded(self) -> list[str]:
+        return [model_id for _, model_id, preload in self.models if preload]
 
 
 @dataclass
@@ -63,6 +70,8 @@ class Cluster:
     nodes: dict[str, Proc] = field(default_factory=dict)
     node_urls: dict[str, str] = field(default_factory=dict)
     port: int = 0
+    specs: dict[str, NodeSpec] = field(default_factory=dict)  # the nodes `ensure` can bring up
+    _named: int = 0
 
     @property
     def data_dir(self) -> Path:
@@ -125,7 +134,8 @@ class Cluster:
         config.write_text(
             "[scheduler]\n"
             f'authority_key = "{self.authority_key}"\n'
-            "heartbeat_interval = 0.3\nnode_timeout = 2.0\nmax_queue_wait = 30.0\n"
+            # A queue of a test's requests drains slowly on a busy 2-core machine: no test waits on this.
+            "heartbeat_interval = 0.3\nnode_timeout = 2.0\nmax_queue_wait = 120.0\n"
             'zeroconf_interfaces = ["127.0.0.1"]\n'
             "[scheduler.policy]\nrequire_e2e = false\n"  # these tests send plaintext on purpose
         )
@@ -139,6 +149,19 @@ class Cluster:
         self.scheduler = self._spawn("scheduler", args)
         self.url = self._await_line(self.scheduler, r"listening on (http://\S+)").group(1)
         self.port = int(self.url.rsplit(":", 1)[1])
+
+    def scheduler_running(self) -> bool:
+        return self.scheduler is not None and self.scheduler.popen.poll() is None
+
+    def ensure_scheduler(self) -> None:
+        """Start the scheduler (same port, same data dir) unless it runs."""
+        if not self.scheduler_running():
+            self.start_scheduler()
+
+    def new_id(self, prefix: str) -> str:
+        """A node id no other node of this cluster has had."""
+        self._named += 1
+        return f"{prefix}{self._named}"
 
     def user_token(self, name: str) -> str:
         return self.hearth(
@@ -205,6 +228,40 @@ class Cluster:
         self.nodes[spec.node_id] = proc
         self.node_urls[spec.node_id] = self._await_line(proc, r"listening on (http://\S+)").group(1)
 
+    def node_running(self, node_id: str) -> bool:
+        proc = self.nodes.get(node_id)
+        return proc is not None and proc.popen.poll() is None
+
+    def ensure(self, *node_ids: str) -> None:
+        """Bring the nodes of ``specs`` named here to work, from whatever state they are in: enrolled (with a
+        code, or found on the LAN), approved, running, healthy, their preloaded models ready. Idempotent:
+        nodes that are so already are left alone."""
+        self.ensure_scheduler()
+        known = self.enrollments()
+        for node_id in node_ids:
+            spec = self.specs[node_id]
+            if node_id not in known and not spec.lan:
+                self.enroll(spec)
+            if not self.node_running(node_id):
+                self.start_node(spec, authority_key=self.authority_key if spec.lan else None)
+            if node_id not in known and spec.lan:
+                self.wait(lambda n=node_id: n in self.enrollments(), f"{node_id} is discovered", within=30)
+        known = self.enrollments()
+        for node_id in node_ids:
+            state = known[node_id]["state"]
+            if state == "pending":
+                self.approve(node_id)
+            elif state != "approved":
+                raise AssertionError(f"{node_id} is {state}: no test may leave a shared node so")
+        for node_id in node_ids:
+            self.wait(
+                lambda n=node_id: (self.node_doc(n) or {}).get("healthy") is True, f"{node_id} heard from"
+            )
+            for model in self.specs[node_id].preloaded:
+                self.wait(
+                    lambda n=node_id, m=model: self.model_phase(n, m) == "ready", f"{model} on {node_id}"
+                )
+
     def kill_node(self, node_id: str) -> None:
         proc = self.nodes[node_id]
         proc.popen.kill()
@@ -223,6 +280,11 @@ class Cluster:
                 raise AssertionError(f"timed out waiting until {what}")
             time.sleep(0.1)
 
+    def enrollments(self, state: str | None = None) -> dict[str, dict[str, Any]]:
+        """The scheduler's enrollment records by node id (those in ``state`` only, when given)."""
+        query = f"?state={state}" if state else ""
+        return {r["node_id"]: r for r in self.admin("/admin/enrollments" + query)["enrollments"]}
+
     def node_doc(self, node_id: str) -> dict[str, Any] | None:
         return next((n for n in self.admin("/admin/nodes")["nodes"] if n["node_id"] == node_id), None)
 
@@ -232,13 +294,31 @@ class Cluster:
             return None
         return next((m["phase"] for m in doc["models"] if m["id"] == model), None)
 
+    @contextlib.contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        """The scheduler's database, read-only (the scheduler writes it meanwhile)."""
+        db = sqlite3.connect(f"file:{self.data_dir / 'hearth.db'}?mode=ro", uri=True)
+        try:
+            yield db
+        finally:
+            db.close()
+
     def usage_nodes(self, since: float = 0.0) -> list[tuple[str, str, str]]:
         """(model, node, status) of each request relayed since ``since``, read from the scheduler's DB."""
-        import sqlite3
-
-        with sqlite3.connect(f"file:{self.data_dir / 'hearth.db'}?mode=ro", uri=True) as db:
+        with self._db() as db:
             rows = db.execute(
                 "select model, node_id, status from usage where started >= ? order by started", [since]
+            ).fetchall()
+        return [tuple(r) for r in rows]
+
+    def served(self, since: float) -> list[tuple[str, str, float, float]]:
+        """(token name, node, started, ended) of each request relayed since ``since``, in the order the
+        scheduler finished them; started is when it reached the scheduler, ended when its answer ended."""
+        with self._db() as db:
+            rows = db.execute(
+                "select t.name, u.node_id, u.started, u.ended from usage u join tokens t on t.id = u.token_id"
+                " where u.started >= ? order by u.ended",
+                [since],
             ).fetchall()
         return [tuple(r) for r in rows]
 

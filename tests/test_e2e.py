@@ -195,14 +195,24 @@ def test_plaintext_is_refused_when_e2e_is_required(e2e: E2E) -> None:
     assert "hearth proxy" in r.json()["error"]["message"]
 
 
-def test_a_replayed_envelope_runs_at_most_once_per_candidate(e2e: E2E) -> None:
-    # Capture one envelope as the scheduler received it, then send it again, several times. Each node
+@pytest.fixture
+def envelope(e2e: E2E) -> dict[str, Any]:
+    """An envelope as the scheduler received it: one request is sent through the proxy and answered now."""
+    before = len(e2e.scheduler_tap.seen)
+    text, _ = _ask(e2e, stream=False)
+    assert text
+    seen = bytes(e2e.scheduler_tap.seen[before:])
+    start = seen.find(b'{"suite": "hearth-e2e-v1"')
+    assert start >= 0
+    doc: dict[str, Any] = json.JSONDecoder().raw_decode(seen[start:].decode("latin-1"))[0]
+    return doc
+
+
+def test_a_replayed_envelope_runs_at_most_once_per_candidate(e2e: E2E, envelope: dict[str, Any]) -> None:
+    # Send an envelope the scheduler received (and a node answered) again, several times. Each node
     # remembers what it opened, so the copy can run on a candidate that has not seen it (blind failover
     # needs that) and never twice on one: the candidates bound how often an envelope can run.
-    seen = bytes(e2e.scheduler_tap.seen)
-    start = seen.rfind(b'{"suite": "hearth-e2e-v1"')
-    assert start >= 0
-    doc, _ = json.JSONDecoder().raw_decode(seen[start:].decode("latin-1"))
+    doc = envelope
     statuses = []
     for _ in range(8):
         r = httpx.post(
@@ -300,12 +310,10 @@ def test_candidates_that_cannot_take_it_get_a_reseal(e2e: E2E, servers: LoopThre
         registry.set_drain(e2e.second, False)
 
 
-def test_every_failure_to_open_looks_the_same(e2e: E2E) -> None:
+def test_every_failure_to_open_looks_the_same(e2e: E2E, envelope: dict[str, Any]) -> None:
     # Take a real envelope and break it in different places: the scheduler (parsing) or the node (opening)
     # refuses each, and the status and body never say which check failed.
-    seen = bytes(e2e.scheduler_tap.seen)
-    start = seen.rfind(b'{"suite": "hearth-e2e-v1"')
-    good, _ = json.JSONDecoder().raw_decode(seen[start:].decode("latin-1"))
+    good = envelope
 
     def flip(text: str) -> str:
         return ("B" if text[5] == "A" else "A").join((text[:5], text[6:]))
@@ -409,15 +417,16 @@ def test_the_hearth_proxy_command_serves_the_openai_client(e2e: E2E, tmp_path: P
         banner = "".join(lines)
         assert "federation authority" in banner, banner
         url = banner.split("point any OpenAI client at ", 1)[1].split()[0]
-        client = openai.OpenAI(base_url=url, api_key="anything", max_retries=0)
-        chunks = list(
-            client.chat.completions.create(
-                model="hearth-demo", messages=[{"role": "user", "content": CANARY}], max_tokens=4,
-                stream=True, extra_body={"ignore_eos": True},
-            )
-        )  # fmt: skip
-        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-        assert [m.id for m in client.models.list().data] == ["hearth-demo"]
+        # Closed before the proxy is: its pooled connection would otherwise outlive the test, unclosed.
+        with openai.OpenAI(base_url=url, api_key="anything", max_retries=0) as client:
+            chunks = list(
+                client.chat.completions.create(
+                    model="hearth-demo", messages=[{"role": "user", "content": CANARY}], max_tokens=4,
+                    stream=True, extra_body={"ignore_eos": True},
+                )
+            )  # fmt: skip
+            assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            assert [m.id for m in client.models.list().data] == ["hearth-demo"]
     finally:
         proc.terminate()
         proc.wait(timeout=30)

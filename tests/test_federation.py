@@ -7,7 +7,11 @@
 
 Nodes are enrolled with codes through the real CLI, found over real zeroconf bound to loopback, approved
 with the operator's authority key, and then placed on, killed (`kill -9`), drained, revoked and forged
-against. The tests share one cluster and run in order: each one leaves it as the next expects.
+against. The scheduler and the four nodes are shared by the module (they take seconds to start), but no
+test leans on another: each asks, through fixtures, for the state it needs (which nodes are at work,
+which model n3 holds), and the fixtures bring the cluster there from whatever the tests before left, so
+every test passes alone and in any order. Tests of a node's first steps (enrollment, discovery, approval,
+revocation) use nodes of their own, which nobody else approves or revokes.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -49,12 +53,13 @@ def _model_copies(base: Path) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """The scheduler, and the four nodes described above (started by the fixtures that need them)."""
     base = tmp_path_factory.mktemp("federation")
     models = _model_copies(base / "models")
     c = Cluster(base)
     c.init()
     c.start_scheduler()
-    c.specs = {  # type: ignore[attr-defined]
+    c.specs = {
         "n1": NodeSpec("n1", "club", 200 * MB, [(models["demo-a"], "demo-a", True)]),
         "n2": NodeSpec("n2", "community", 200 * MB, [(models["demo-b"], "demo-b", True)]),
         "n3": NodeSpec(
@@ -67,68 +72,155 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                 (models["demo-huge"], "demo-huge", False),
             ],
         ),
-        "n4": NodeSpec("n4", "community", 200 * MB, [(models["demo-a"], "demo-a", True)]),
+        "n4": NodeSpec("n4", "community", 200 * MB, [(models["demo-a"], "demo-a", True)], lan=True),
     }
     try:
-        for node_id in ("n1", "n2", "n3"):
-            c.enroll(c.specs[node_id])  # type: ignore[attr-defined]
-            c.start_node(c.specs[node_id])  # type: ignore[attr-defined]
         yield c
     finally:
         c.stop()
 
 
-def _pending(c: Cluster) -> dict[str, dict[str, object]]:
-    return {r["node_id"]: r for r in c.admin("/admin/enrollments?state=pending")["enrollments"]}
+@pytest.fixture(autouse=True)
+def _scheduler_runs(cluster: Cluster) -> None:
+    """A test before may have stopped it (a restart, the canary's final sweep)."""
+    cluster.ensure_scheduler()
 
 
-def test_enrolled_nodes_wait_for_approval_and_get_no_work(cluster: Cluster) -> None:
+@pytest.fixture
+def demo_a_nodes(cluster: Cluster) -> None:
+    """n1 and n4 at work, demo-a ready on both."""
+    cluster.ensure("n1", "n4")
+
+
+@pytest.fixture
+def all_nodes(cluster: Cluster) -> None:
+    cluster.ensure("n1", "n2", "n3", "n4")
+
+
+@pytest.fixture
+def n3_holds_demo_c(cluster: Cluster) -> None:
+    """n2 and n3 at work; n3 holds demo-c, idle, so demo-b is warm on n2 alone (n3 could load it)."""
+    cluster.ensure("n2", "n3")
+    if cluster.model_phase("n3", "demo-c") != "ready":
+        # demo-c lives on n3 alone: asking for it loads it there, which unloads an idle demo-b.
+        r = chat(cluster.url, cluster.token, "demo-c")
+        assert r.status_code == 200, r.text
+    assert cluster.model_phase("n3", "demo-c") == "ready"
+    cluster.wait(lambda: cluster.model_phase("n3", "demo-b") == "available", "demo-b unloaded from n3")
+
+
+@pytest.fixture
+def n3_holds_demo_b(cluster: Cluster) -> None:
+    """n2 and n3 at work; demo-b warm on both (so demo-c is cold on n3)."""
+    cluster.ensure("n2", "n3")
+    if cluster.model_phase("n3", "demo-b") != "ready":
+        # With n2 draining, n3 is the only home of demo-b left: asking for it loads it there.
+        cluster.hearth("node", "drain", "n2")
+        try:
+            cluster.wait(lambda: (cluster.node_doc("n2") or {}).get("draining") is True, "n2 draining")
+            r = chat(cluster.url, cluster.token, "demo-b")
+            assert r.status_code == 200, r.text
+        finally:
+            cluster.hearth("node", "drain", "n2", "--undo")
+        cluster.wait(lambda: (cluster.node_doc("n2") or {}).get("draining") is False, "n2 back")
+    assert cluster.model_phase("n3", "demo-b") == "ready"
+    cluster.wait(lambda: cluster.model_phase("n3", "demo-c") == "available", "demo-c unloaded from n3")
+
+
+OwnNode = Callable[..., NodeSpec]
+
+
+@pytest.fixture
+def own_node(cluster: Cluster) -> Iterator[OwnNode]:
+    """Makes nodes for one test alone, each serving a model of its own (``demo-<id>``, loaded at start):
+    enrolled with a code and started, or (``lan=True``) started and found on the LAN. Afterwards they
+    are stopped and their enrollment ended, so that they never show among the shared nodes."""
+    made: list[NodeSpec] = []
+    demo = cluster.specs["n1"].models[0][0]
+
+    def make(tier: str, *, lan: bool = False, cold: bool = False) -> NodeSpec:
+        node_id = cluster.new_id("own")
+        models = [(demo, f"demo-{node_id}", True)] + ([(demo, f"demo-{node_id}-cold", False)] if cold else [])
+        spec = NodeSpec(node_id, tier, 200 * MB, models, lan=lan)
+        made.append(spec)
+        if lan:
+            cluster.start_node(spec, authority_key=cluster.authority_key)
+            cluster.wait(
+                lambda: node_id in cluster.enrollments("pending"), f"{node_id} is discovered", within=30
+            )
+        else:
+            cluster.enroll(spec)
+            cluster.start_node(spec)
+        return spec
+
+    yield make
+    for spec in made:
+        if spec.node_id in cluster.nodes:
+            cluster.nodes[spec.node_id].stop()
+    if cluster.scheduler_running():
+        known = cluster.enrollments()
+        for spec in made:
+            state = known.get(spec.node_id, {}).get("state")
+            if state == "approved":
+                cluster.hearth("node", "revoke", spec.node_id)
+            elif state == "pending":
+                cluster.hearth("enroll", "reject", spec.node_id)
+
+
+def test_enrolled_nodes_wait_for_approval_and_get_no_work(cluster: Cluster, own_node: OwnNode) -> None:
+    node = own_node("club")
+    model = node.preloaded[0]
+    cluster.wait(lambda: f"model {model} ready" in cluster.nodes[node.node_id].text(), f"{model} loaded")
     listed = cluster.hearth("enroll", "list").stdout
-    for node_id in ("n1", "n2", "n3"):
-        assert node_id in listed
-    pending = _pending(cluster)
-    assert {pending[n]["tier"] for n in ("n1", "n2", "n3")} == {"club", "community"}
-    assert all(pending[n]["source"] == "code" for n in ("n1", "n2", "n3"))
-    # Pending nodes are not capacity: nobody serves demo-a yet.
-    r = chat(cluster.url, cluster.token, "demo-a")
+    assert node.node_id in listed
+    pending = cluster.enrollments("pending")
+    assert pending[node.node_id]["tier"] == "club"
+    assert pending[node.node_id]["source"] == "code"
+    # A pending node is not capacity, though it runs and has its model loaded: nobody serves that model.
+    r = chat(cluster.url, cluster.token, model)
     assert r.status_code == 404 and error_code(r) == "model_not_found"
-    assert cluster.admin("/admin/nodes")["nodes"] == []
+    assert cluster.node_doc(node.node_id) is None
     # A code works once.
     code = cluster.hearth("enroll", "create", "--tier", "community").stdout.strip()
-    other = cluster.base / "nodes" / "other"
-    first = cluster.hearth("node", "enroll", "--scheduler", cluster.url, "--code", code, "--node-id", "other",
+    other_id = cluster.new_id("other")
+    other = cluster.base / "nodes" / other_id
+    first = cluster.hearth("node", "enroll", "--scheduler", cluster.url, "--code", code, "--node-id", other_id,
                            "--data-dir", str(other))  # fmt: skip
     assert first.returncode == 0
-    again = cluster.hearth("node", "enroll", "--scheduler", cluster.url, "--code", code, "--node-id", "other2",
-                           "--data-dir", str(other), check=False)  # fmt: skip
+    again = cluster.hearth("node", "enroll", "--scheduler", cluster.url, "--code", code, "--node-id",
+                           f"{other_id}-again", "--data-dir", str(other), check=False)  # fmt: skip
     assert again.returncode == 1 and "unknown, used or expired" in again.stderr
     assert "Traceback" not in again.stderr
-    cluster.hearth("enroll", "reject", "other")
+    cluster.hearth("enroll", "reject", other_id)
 
 
-def test_a_lan_node_is_discovered_as_a_pending_enrollment(cluster: Cluster) -> None:
-    cluster.start_node(cluster.specs["n4"], authority_key=cluster.authority_key)  # type: ignore[attr-defined]
-    cluster.wait(lambda: "n4" in _pending(cluster), "n4 is discovered over zeroconf", within=30)
-    assert _pending(cluster)["n4"]["source"] == "discovered"
-    assert cluster.node_doc("n4") is None  # never capacity before approval
+def test_a_lan_node_is_discovered_as_a_pending_enrollment(cluster: Cluster, own_node: OwnNode) -> None:
+    node = own_node("community", lan=True)
+    assert cluster.enrollments("pending")[node.node_id]["source"] == "discovered"
+    assert cluster.node_doc(node.node_id) is None  # never capacity before approval
 
 
-def test_approval_turns_nodes_into_capacity(cluster: Cluster) -> None:
-    for node_id in ("n1", "n2", "n3", "n4"):
-        cluster.approve(node_id)
-    for node_id, model in (("n1", "demo-a"), ("n2", "demo-b"), ("n4", "demo-a")):
-        cluster.wait(lambda n=node_id, m=model: cluster.model_phase(n, m) == "ready", f"{model} on {node_id}")
-    assert cluster.model_phase("n3", "demo-c") == "available"
+def test_approval_turns_nodes_into_capacity(cluster: Cluster, own_node: OwnNode) -> None:
+    coded, found = own_node("club", cold=True), own_node("community", lan=True)
+    for node in (coded, found):
+        cluster.approve(node.node_id)
+    for node in (coded, found):
+        model = node.preloaded[0]
+        cluster.wait(lambda n=node.node_id, m=model: cluster.model_phase(n, m) == "ready", f"{model} ready")
+    assert cluster.model_phase(coded.node_id, f"demo-{coded.node_id}-cold") == "available"
     shown = cluster.hearth("models").stdout
-    assert "demo-a" in shown and "n1" in shown and "n4" in shown
+    for node in (coded, found):
+        assert node.preloaded[0] in shown and node.node_id in shown
     # The certificate reached the node enrolled with a code through its heartbeat, and the LAN node
     # through the scheduler's push; both keep it.
-    for node_id in ("n1", "n4"):
+    for node in (coded, found):
         cluster.wait(
-            lambda n=node_id: (cluster.node_keys(n) / "certificate.json").exists(), f"{node_id} cert"
+            lambda n=node.node_id: (cluster.node_keys(n) / "certificate.json").exists(),
+            f"{node.node_id} cert",
         )
 
 
+@pytest.mark.usefixtures("n3_holds_demo_c", "demo_a_nodes")
 def test_requests_go_where_the_rules_say(cluster: Cluster) -> None:
     start = time.time()
     client = openai.OpenAI(base_url=cluster.url + "/v1", api_key=cluster.token, max_retries=0)
@@ -149,7 +241,9 @@ def test_requests_go_where_the_rules_say(cluster: Cluster) -> None:
     assert r.status_code == 422 and "memory" in r.json()["error"]["message"]
 
 
+@pytest.mark.usefixtures("n3_holds_demo_b")
 def test_a_cold_model_is_loaded_once_on_demand(cluster: Cluster) -> None:
+    loads_before = cluster.nodes["n3"].text().count("model demo-c ready")
     results: list[int] = []
 
     def one() -> None:
@@ -162,34 +256,58 @@ def test_a_cold_model_is_loaded_once_on_demand(cluster: Cluster) -> None:
         t.join(60)
     assert results == [200] * 4
     assert cluster.model_phase("n3", "demo-c") == "ready"
-    assert cluster.nodes["n3"].text().count("model demo-c ready") == 1
+    assert cluster.nodes["n3"].text().count("model demo-c ready") == loads_before + 1
 
 
+@pytest.mark.usefixtures("n3_holds_demo_c")
 def test_a_heavy_user_cannot_starve_a_light_one(cluster: Cluster) -> None:
-    heavy, light = cluster.user_token("heavy"), cluster.user_token("light")
-    finished: list[str] = []
-    lock = threading.Lock()
+    suffix = uuid.uuid4().hex[:8]
+    heavy, light, holder = (f"{who}-{suffix}" for who in ("heavy", "light", "holder"))
+    tokens = {who: cluster.user_token(who) for who in (heavy, light, holder)}
+    statuses: list[int] = []
 
-    def run(token: str, who: str) -> None:
-        r = chat(cluster.url, token, "demo-b", max_tokens=48, ignore_eos=True)
-        assert r.status_code == 200, r.text
-        with lock:
-            finished.append(who)
+    def run(who: str) -> None:
+        statuses.append(chat(cluster.url, tokens[who], "demo-b", max_tokens=16, ignore_eos=True).status_code)
 
-    # demo-b runs on n2 alone (one sequence at a time): the heavy user's requests queue at the scheduler.
-    threads = [threading.Thread(target=run, args=(heavy, "heavy")) for _ in range(8)]
-    for t in threads:
-        t.start()
-    cluster.wait(lambda: cluster.admin("/admin/nodes")["queued"] >= 5, "the heavy user's backlog", within=30)
-    late = threading.Thread(target=run, args=(light, "light"))
-    late.start()
-    for t in [*threads, late]:
+    def queued() -> int:
+        return int(cluster.admin("/admin/nodes")["queued"])
+
+    start = time.time()
+    # demo-b is warm on n2 alone, which runs one sequence at a time. A long answer for a third user takes
+    # that sequence and holds it (the demo model needs many seconds for it) while the heavy user's eight
+    # requests and then the light user's one reach the scheduler and wait in its queue; leaving that
+    # answer frees n2. From then on nothing but the fair queue decides who is served next.
+    body = {"model": "demo-b", "messages": [{"role": "user", "content": "go"}], "max_tokens": 2000,
+            "ignore_eos": True, "stream": True}  # fmt: skip
+    with httpx.stream(
+        "POST", cluster.url + "/v1/chat/completions", json=body, timeout=60,
+        headers={"Authorization": f"Bearer {tokens[holder]}"},
+    ) as held:  # fmt: skip
+        assert held.status_code == 200
+        lines = held.iter_lines()  # kept: an iterator of the response dropped early closes the connection
+        while not next(lines).startswith("data: "):
+            pass  # the first event: n2 is generating the answer
+        backlog = [threading.Thread(target=run, args=(heavy,)) for _ in range(8)]
+        for t in backlog:
+            t.start()
+        cluster.wait(lambda: queued() == 8, "the heavy user's backlog waits at the scheduler")
+        late = threading.Thread(target=run, args=(light,))
+        late.start()
+        cluster.wait(lambda: queued() == 9, "the light request waits behind it")
+    for t in [*backlog, late]:
         t.join(120)
-    assert len(finished) == 9
-    # Served in arrival order the light request would be last; the fair queue serves it within two turns.
-    assert finished.index("light") <= 3, finished
+    assert statuses == [200] * 9
+    cluster.wait(lambda: len(cluster.served(start)) == 10, "usage rows")
+    rows = [row for row in cluster.served(start) if row[0] != holder]
+    assert {node for _, node, _, _ in rows} == {"n2"}
+    # By the scheduler's clock the light request came last; in arrival order it would be served last.
+    assert max(rows, key=lambda row: row[2])[0] == light
+    # The fair queue serves it within two turns: at most one more of the heavy user's requests first.
+    served = [who for who, _, _, _ in rows]  # in the order their answers ended
+    assert served.index(light) <= 1, served
 
 
+@pytest.mark.usefixtures("n3_holds_demo_c")
 def test_drain_moves_work_and_evicts_the_least_recently_used_model(cluster: Cluster) -> None:
     cluster.hearth("node", "drain", "n2")
     cluster.wait(lambda: (cluster.node_doc("n2") or {}).get("draining") is True, "n2 draining")
@@ -202,8 +320,9 @@ def test_drain_moves_work_and_evicts_the_least_recently_used_model(cluster: Clus
     cluster.wait(lambda: (cluster.node_doc("n2") or {}).get("draining") is False, "n2 back")
 
 
+@pytest.mark.usefixtures("n3_holds_demo_b")
 def test_a_node_killed_before_streaming_fails_over_invisibly(cluster: Cluster) -> None:
-    # demo-b is warm on n2 and n3 now; kill n2 and ask at once, before its heartbeats are missed.
+    # demo-b is warm on n2 and n3; kill n2 and ask at once, before its heartbeats are missed.
     cluster.kill_node("n2")
     start = time.time()
     for _ in range(3):
@@ -214,6 +333,7 @@ def test_a_node_killed_before_streaming_fails_over_invisibly(cluster: Cluster) -
     assert {row[1] for row in served} == {"n3"}
 
 
+@pytest.mark.usefixtures("demo_a_nodes")
 def test_a_node_killed_mid_stream_is_continued_by_the_other(cluster: Cluster) -> None:
     body = {"model": "demo-a", "messages": [{"role": "user", "content": "go"}], "max_tokens": 1500,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
@@ -243,23 +363,31 @@ def test_a_node_killed_mid_stream_is_continued_by_the_other(cluster: Cluster) ->
     assert start > 0
 
 
+@pytest.mark.usefixtures("all_nodes")
 def test_restarting_the_scheduler_loses_nothing(cluster: Cluster) -> None:
+    def models() -> dict[str, dict[str, str]]:
+        nodes = cluster.admin("/admin/nodes")["nodes"]
+        return {n["node_id"]: {m["id"]: m["phase"] for m in n["models"]} for n in nodes if n["healthy"]}
+
+    before = models()
+    assert set(before) == {"n1", "n2", "n3", "n4"}
     assert cluster.scheduler is not None
     cluster.scheduler.stop()
-    r = httpx.get(cluster.url + "/healthz", timeout=5) if False else None
-    assert r is None
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(cluster.url + "/healthz", timeout=5)
     cluster.start_scheduler()  # same port, same data dir
-    cluster.wait(lambda: cluster.model_phase("n1", "demo-a") == "ready", "n1 reconnects")
-    cluster.wait(lambda: cluster.model_phase("n3", "demo-b") == "ready", "n3 reconnects")
+    # Every node reconnects by itself, with its models as they were.
+    cluster.wait(lambda: models() == before, "every node reconnects")
     assert chat(cluster.url, cluster.token, "demo-a").status_code == 200
-    states = {r["node_id"]: r["state"] for r in cluster.admin("/admin/enrollments")["enrollments"]}
-    assert states["n1"] == states["n3"] == states["n4"] == "approved"
+    states = {node_id: r["state"] for node_id, r in cluster.enrollments().items()}
+    assert all(states[n] == "approved" for n in before), states
 
 
 def _node_identity(cluster: Cluster, node_id: str) -> Identity:
     return Identity.load(cluster.node_keys(node_id) / "identity.key")
 
 
+@pytest.mark.usefixtures("demo_a_nodes")
 def test_forged_and_replayed_calls_are_refused(cluster: Cluster) -> None:
     n1 = cluster.node_urls["n1"]
     job = json.dumps({"endpoint": "chat", "request_id": "forged1", "request": {
@@ -302,19 +430,45 @@ def test_forged_and_replayed_calls_are_refused(cluster: Cluster) -> None:
     assert httpx.post(cluster.url + "/v1/nodes/heartbeat", content=body, headers=real).status_code == 401
 
 
-def test_a_revoked_node_gets_no_work_and_learns_it_at_its_next_heartbeat(cluster: Cluster) -> None:
-    cluster.hearth("node", "revoke", "n4")
-    cluster.hearth("node", "revoke", "n1")
-    # demo-a had only n1 and n4: from now on nobody serves it.
-    r = chat(cluster.url, cluster.token, "demo-a")
+def test_a_revoked_node_gets_no_work_and_learns_it_at_its_next_heartbeat(
+    cluster: Cluster, own_node: OwnNode
+) -> None:
+    node = own_node("club")
+    model = node.preloaded[0]
+    cluster.approve(node.node_id)
+    cluster.wait(lambda: cluster.model_phase(node.node_id, model) == "ready", f"{model} ready")
+    assert chat(cluster.url, cluster.token, model).status_code == 200
+    cluster.hearth("node", "revoke", node.node_id)
+    # The model had only this node: from now on nobody serves it.
+    r = chat(cluster.url, cluster.token, model)
     assert r.status_code == 404
-    cluster.wait(lambda: "revoked by the operator" in cluster.nodes["n1"].text(), "n1 learns it", within=10)
+    proc = cluster.nodes[node.node_id]
+    cluster.wait(lambda: "revoked by the operator" in proc.text(), f"{node.node_id} learns it", within=10)
     scheduler_key = Identity.load(cluster.data_dir / "scheduler.key")
-    headers = sign_request(scheduler_key, "GET", "/status", b"", audience="n1")
-    assert httpx.get(cluster.node_urls["n1"] + "/status", headers=headers, timeout=10).status_code == 401
+    headers = sign_request(scheduler_key, "GET", "/status", b"", audience=node.node_id)
+    assert (
+        httpx.get(cluster.node_urls[node.node_id] + "/status", headers=headers, timeout=10).status_code == 401
+    )
 
 
+@pytest.mark.usefixtures("demo_a_nodes", "n3_holds_demo_c")
 def test_no_prompt_text_reaches_any_log_or_file(cluster: Cluster) -> None:
+    # The canary goes through both endpoints, streamed and not, to both kinds of node (a code-enrolled
+    # club node or a LAN node for demo-a, n2 for demo-b), and is refused once.
+    headers = {"Authorization": f"Bearer {cluster.token}"}
+    messages = [{"role": "system", "content": CANARY}, {"role": "user", "content": CANARY}]
+    for model in ("demo-a", "demo-b"):
+        for stream in (False, True):
+            for path, body in (
+                ("/v1/chat/completions", {"messages": messages}),
+                ("/v1/completions", {"prompt": CANARY}),
+            ):
+                r = httpx.post(cluster.url + path, json={"model": model, "max_tokens": 4, "stream": stream, **body},
+                               headers=headers, timeout=60)  # fmt: skip
+                assert r.status_code == 200, r.text
+    r = chat(cluster.url, cluster.token, "demo-a", messages=messages, max_tokens=5000)
+    assert r.status_code == 400 and CANARY not in r.text
+    # Stopped, every process has written all it ever will (the fixtures start them again for later tests).
     cluster.stop()
     hits = []
     for path in cluster.base.rglob("*"):

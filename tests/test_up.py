@@ -35,8 +35,11 @@ class Running:
     stderr: Path
 
 
-def _start(data_dir: Path, logs: Path) -> Running:
-    stdout, stderr = logs / "stdout.log", logs / "stderr.log"
+def _start(data_dir: Path, logs: Path, token: str | None = None) -> Running:
+    """`hearth up --demo` on ``data_dir``. ``token``: the admin token of an earlier start on it (only the
+    first start prints one)."""
+    n = len(list(logs.glob("stdout*.log")))
+    stdout, stderr = logs / f"stdout.{n}.log", logs / f"stderr.{n}.log"
     env = {**os.environ, "HEARTH_LOG_LEVEL": "DEBUG", "HF_HUB_OFFLINE": "1"}
     with stdout.open("wb") as out, stderr.open("wb") as err:
         proc = subprocess.Popen(
@@ -49,9 +52,10 @@ def _start(data_dir: Path, logs: Path) -> Running:
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         text = stdout.read_text()
-        api, token = re.search(r"API base URL: (\S+)", text), re.search(r"API token:\s+(hth_\S+)", text)
-        if api and token:
-            return Running(proc, api.group(1), token.group(1), data_dir, stdout, stderr)
+        api, printed = re.search(r"API base URL: (\S+)", text), re.search(r"API token:\s+(hth_\S+)", text)
+        known = token or (printed.group(1) if printed else None)
+        if api and known:
+            return Running(proc, api.group(1), known, data_dir, stdout, stderr)
         if proc.poll() is not None:
             pytest.fail(f"hearth up exited early:\n{stderr.read_text()[-2000:]}")
         time.sleep(0.2)
@@ -60,7 +64,8 @@ def _start(data_dir: Path, logs: Path) -> Running:
 
 
 @pytest.fixture(scope="module")
-def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+def started(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    """`hearth up` started once on a fresh data directory (a test may have stopped it since)."""
     base = tmp_path_factory.mktemp("up")
     (base / "logs").mkdir()
     run = _start(base / "data", base / "logs")
@@ -68,6 +73,17 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     if run.proc.poll() is None:
         run.proc.kill()
         run.proc.wait()
+
+
+@pytest.fixture
+def running(started: Running) -> Running:
+    """`hearth up`, answering: started again on the same data directory (so with the same admin token) if a
+    test before stopped it, as its user would after Ctrl-C."""
+    if started.proc.poll() is not None:
+        again = _start(started.data_dir, started.stdout.parent, token=started.token)
+        started.proc, started.api = again.proc, again.api
+        started.stdout, started.stderr = again.stdout, again.stderr
+    return started
 
 
 def test_chat_through_hearth_up(running: Running) -> None:
@@ -170,8 +186,8 @@ def test_ctrl_c_shuts_down_cleanly(running: Running) -> None:
     # Second start: no new admin token is printed (it was shown once).
 
 
-def test_second_start_does_not_print_a_new_admin_token(running: Running, tmp_path: Path) -> None:
-    again = _start_no_token(running.data_dir, tmp_path)
+def test_second_start_does_not_print_a_new_admin_token(started: Running, tmp_path: Path) -> None:
+    again = _start_no_token(started.data_dir, tmp_path)
     assert "hth_" not in again
 
 
