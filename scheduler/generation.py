@@ -215,7 +215,7 @@ async def _attempt(
     else:
         # A node reading the request may let this user's earlier prompts speed it up, never another's.
         sent = job.attempt(
-            cache_scope=_cache_scope(app[SCOPE_KEY], node_id, admitted.user), resume=bytes(stream.resume.sent)
+            cache_scope=_cache_scope(app[SCOPE_KEY], node_id, admitted.user), resume=bytes(stream.sent)
         )
     headers = federation.signed_headers(node_id, "POST", "/jobs", sent.body)
     return Target(node_id, runtime.url, headers), sent, unsealer
@@ -234,9 +234,8 @@ def _seal_toward(
                 retry_after=RETRY_NO_KEY_S,
             )
         )
-    return seal_toward(
-        admitted.job, admitted.raw, admitted.preq.max_tokens, key, admitted.seed, stream.resume
-    )
+    job, max_tokens = admitted.job, admitted.preq.max_tokens
+    return seal_toward(job, admitted.raw, max_tokens, key, admitted.seed, bytes(stream.sent))
 
 
 def _reseal_if_others_can(federation: Federation, preq: PlacementRequest) -> None:

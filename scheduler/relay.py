@@ -41,7 +41,6 @@ from scheduler.streams import (
     Failover,
     MidStream,
     PlainStream,
-    Resumed,
     SealedStream,
     Stream,
     failed,
@@ -115,11 +114,11 @@ class Unsealer:
 
 
 def seal_toward(
-    job: RelayJob, request: bytes, max_tokens: int | None, key: KeyStatement, seed: bytes, resume: Resumed
+    job: RelayJob, request: bytes, max_tokens: int | None, key: KeyStatement, seed: bytes, sent: bytes
 ) -> tuple[RelayJob, Unsealer]:
     """One attempt of ``job`` with its OpenAI ``request`` sealed to the node's current ``key``, and what
     opens the answer. Every attempt of one request is sealed with the same response ``seed``: the client's
-    part of an answer another node began (``resume``) is handed over sealed under it, as `hearth proxy`
+    part of an answer another node began (``sent``) is handed over sealed under it, as `hearth proxy`
     hands over frames, and the new node continues the numbering."""
     sealed, _ = seal_request(
         request, endpoint=job.endpoint, model=job.model, max_tokens=max_tokens, stream=job.stream,
@@ -127,19 +126,24 @@ def seal_toward(
         candidates=[key.candidate()], seed=seed,
     )  # fmt: skip
     segments, count = None, 0
-    if resume.sent:
-        segments, count = _sealed_resume(resume, seed, job.request_id)
+    if sent:
+        segments, count = _sealed_resume(sent, seed, job.request_id, key.node_id)
     body = json.dumps({"envelope": to_wire(sealed), "resume": segments}, separators=(",", ":")).encode()
     return job.attempt(body), Unsealer(seed, key.node_id, job.request_id, start=count)
 
 
-def _sealed_resume(resume: Resumed, seed: bytes, request_id: str) -> tuple[list[dict[str, Any]], int]:
-    """The client's part of the answer as frames sealed under the node that sent it (the scheduler holds
-    the seed, as a proxy does): one segment, and how many frames it holds."""
-    sealer = ResponseSealer(response_secret(seed, resume.node_id, request_id), request_id)
-    sent = bytes(resume.sent)
+def _sealed_resume(
+    sent: bytes, seed: bytes, request_id: str, node_id: str
+) -> tuple[list[dict[str, Any]], int]:
+    """The client's part of the answer as one segment of frames (the scheduler holds the seed, as a proxy
+    does), and how many frames it holds.
+
+    They are sealed under the secret of the node they go to, which numbers its own frames after them:
+    under the failed node's secret they would reuse the nonces of the frames it sent (same key, same
+    sequence numbers, other plaintext), and someone who saw both on the network could combine them."""
+    sealer = ResponseSealer(response_secret(seed, node_id, request_id), request_id)
     parts = [sent[i : i + RESUME_CHUNK] for i in range(0, len(sent), RESUME_CHUNK)]
-    return [{"node_id": resume.node_id, "frames": [b64e(sealer.seal(p)) for p in parts]}], len(parts)
+    return [{"node_id": node_id, "frames": [b64e(sealer.seal(p)) for p in parts]}], len(parts)
 
 
 # Refusals that say nothing about the request itself, only about that node: another node may take it.
@@ -309,7 +313,7 @@ class Relay:
         if payloads:
             data = b"".join(payloads)
             await stream.send(self._write, request, data)
-            stream.relayed(node_id, data)
+            stream.relayed(data)
 
     async def _write(self, request: web.Request, out: web.StreamResponse, payload: bytes) -> None:
         transport = request.transport

@@ -64,14 +64,6 @@ def failed(sent: bool, err: HearthError, failover_statuses: frozenset[int]) -> E
 
 
 @dataclass
-class Resumed:
-    """What the client has of a plaintext answer: the SSE bytes relayed, and the last node that sent some."""
-
-    node_id: str = ""
-    sent: bytearray = field(default_factory=bytearray)
-
-
-@dataclass
 class PlainStream:
     """A plaintext request's answer: SSE events relayed as they come, or one JSON body at the end."""
 
@@ -79,15 +71,14 @@ class PlainStream:
     out: web.StreamResponse | None = None
     body: web.Response | None = None
     size: int = 0
-    resume: Resumed = field(default_factory=Resumed)
+    sent: bytearray = field(default_factory=bytearray)  # the SSE bytes relayed, for a replacement node
 
-    def relayed(self, node_id: str, payload: bytes) -> None:
+    def relayed(self, payload: bytes) -> None:
         self.size += len(payload)
-        self.resume.node_id = node_id
         if self.size <= MAX_RESUME_BYTES:
-            self.resume.sent += payload
+            self.sent += payload
         else:
-            self.resume.sent.clear()
+            self.sent.clear()
 
     @property
     def resumable(self) -> bool:
