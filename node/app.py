@@ -510,7 +510,10 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
                 "this node takes plaintext jobs over loopback only; from elsewhere they must be sealed",
                 code="plaintext_refused",
             )
-        endpoint, request_id, req, job_id, scope, resume = plain_job(parse_json(raw))
+        # A job carrying an answer to resume (up to a few MiB) is parsed in a thread, as a big envelope is.
+        parsing = functools.partial(plain_job, raw)
+        plain = parsing() if len(raw) <= INLINE_OPEN_BYTES else await asyncio.to_thread(parsing)
+        endpoint, request_id, req, job_id, scope, resume = plain
         if resume.began:
             log.info("resuming an answer another node began")
         out = PlainFrames()

@@ -18,6 +18,7 @@ from node.sealed import said
 from protocol.envelope import EnvelopeError
 from protocol.errors import InvalidRequest
 from protocol.schemas import ChatCompletionRequest, CompletionRequest, Endpoint, parse_request
+from protocol.web import parse_json
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _CACHE_SCOPE = re.compile(r"^[0-9a-f]{32}$")
@@ -37,8 +38,9 @@ class Resume:
 
 
 def plain_job(
-    body: Any,
+    raw: bytes,
 ) -> tuple[Endpoint, str, ChatCompletionRequest | CompletionRequest, str, CacheScope | None, Resume]:
+    body: Any = parse_json(raw)
     if not isinstance(body, dict) or body.get("endpoint") not in ("chat", "completion"):
         raise InvalidRequest("a job needs an endpoint ('chat' or 'completion') and a request")
     endpoint: Endpoint = body["endpoint"]

@@ -20,8 +20,8 @@ from typing import Any
 from node.keys import NodeKeys, ReplayMemory
 from protocol import frames
 from protocol.envelope import (
+    FRAME_CHUNK,
     MAX_CANDIDATES,
-    MAX_FRAME_PAYLOAD,
     EnvelopeError,
     ResponseOpener,
     ResponseSealer,
@@ -35,7 +35,6 @@ from protocol.schemas import ChatCompletionRequest, CompletionRequest, Endpoint,
 
 MAX_RESUME_FRAMES = 100_000
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_CHUNK = MAX_FRAME_PAYLOAD - 4 - 16  # room for the length prefix; a sealed frame adds the tag
 
 
 @dataclass(frozen=True)
@@ -151,7 +150,7 @@ class SealedFrames:
     def data(self, payload: bytes, *, final: bool = False) -> bytes:
         if not payload and not final:
             return b""
-        parts = [payload[i : i + _CHUNK] for i in range(0, len(payload), _CHUNK)] or [b""]
+        parts = [payload[i : i + FRAME_CHUNK] for i in range(0, len(payload), FRAME_CHUNK)] or [b""]
         out = []
         for i, part in enumerate(parts):
             last = final and i == len(parts) - 1

@@ -239,7 +239,10 @@ class NodeSettings(BaseModel):
         "encryption key (an alarm is raised when it does not).",
     )
     http: ServerLimits = Field(
-        default_factory=ServerLimits, description="Limits on each connection to this node's API."
+        # The node's one client is its scheduler, whose relays hold a connection per running job: no
+        # per-address cap, or it would cap the node's capacity (jobs are signed by the scheduler anyway).
+        default_factory=lambda: ServerLimits(max_connections_per_address=0),
+        description="Limits on each connection to this node's API.",
     )
     owner_first: OwnerFirstSettings = Field(
         default_factory=OwnerFirstSettings,

@@ -64,6 +64,7 @@ MAX_SKEW_S = 30  # clocks of the user's machine and the node may disagree by thi
 MAX_BODY_BYTES = 4 * 1024 * 1024
 MIN_BUCKET = 1024
 MAX_FRAME_PAYLOAD = 256 * 1024
+FRAME_CHUNK = MAX_FRAME_PAYLOAD - 4 - TAG_BYTES  # the most payload one response frame carries
 RESPONSE_BUCKETS = (64, 256, 1024, 4096, 16384, 65536, MAX_FRAME_PAYLOAD)
 _LENGTH = struct.Struct(">I")
 
@@ -162,13 +163,9 @@ def _info(node_id: str, key_id: str, header_digest: bytes) -> bytes:
 
 def seal_request(
     body: bytes, *, endpoint: str, model: str, max_tokens: int | None, stream: bool, request_id: str,
-    issued_at: int, ttl_s: int, candidates: list[Candidate], seed: bytes | None = None,
+    issued_at: int, ttl_s: int, candidates: list[Candidate],
 ) -> tuple[Sealed, bytes]:  # fmt: skip
-    """Seal ``body`` for ``candidates``; returns the envelope and the response seed (the sender keeps it).
-
-    ``seed``: the response seed of an earlier envelope of the same request, so that a node this one is
-    sealed to can open what the earlier one's node sent (a scheduler that seals toward one node at a time
-    and fails over mid-answer); a fresh one by default."""
+    """Seal ``body`` for ``candidates``; returns the envelope and the response seed (the sender keeps it)."""
     if not 1 <= len(candidates) <= MAX_CANDIDATES or len({c.node_id for c in candidates}) != len(candidates):
         raise InvalidRequest(f"an envelope names 1 to {MAX_CANDIDATES} different candidate nodes")
     if not 0 < ttl_s <= MAX_TTL_S:
@@ -180,9 +177,7 @@ def seal_request(
     check_header(header)
     digest = header.digest()
     content_key = ChaCha20Poly1305.generate_key()
-    seed = os.urandom(KEY_BYTES) if seed is None else seed
-    if len(seed) != KEY_BYTES:
-        raise InvalidRequest("a response seed is 32 bytes")
+    seed = os.urandom(KEY_BYTES)
     nonce = os.urandom(NONCE_BYTES)
     ciphertext = ChaCha20Poly1305(content_key).encrypt(nonce, _pad(body, padded_size - TAG_BYTES), digest)
     wraps = {

@@ -12,8 +12,8 @@ what the client already has, for both kinds of request:
   its visible header; frames are relayed unread, and a replacement is handed the earlier frames (blind
   failover). When none of the candidates can take it, 409 offers fresh ones to re-seal to.
 - plaintext (where policy allows): sent to a loopback node as it is, or sealed toward a remote node by the
-  scheduler itself, every attempt under the same response seed, so a replacement can open what the
-  client was sent (scheduler.relay.seal_toward).
+  scheduler itself; a replacement is handed the events the client has, as they are or sealed to it
+  (scheduler.relay.seal_toward).
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from policies import Visible, check
-from protocol.envelope import KEY_BYTES, EnvelopeError, peek
 from protocol.envelope import MEDIA_TYPE as ENVELOPE
+from protocol.envelope import EnvelopeError, peek
 from protocol.errors import HearthError, PermissionDenied, Reseal, Unavailable
 from protocol.schemas import Endpoint, parse_request
-from protocol.web import error_response, is_loopback, parse_json, read_body
+from protocol.web import error_response, is_loopback, log_unexpected, parse_json, read_body
 from scheduler.admission import exclude
 from scheduler.federation import Federation
 from scheduler.placement import Placement, PlacementRequest, place
@@ -78,7 +78,6 @@ class Admitted:
     job: RelayJob
     sealed: bool
     raw: bytes = b""  # a plaintext request's OpenAI body (to seal toward a node)
-    seed: bytes = b""  # a plaintext request's response seed, the same for every node it is sealed to
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -121,6 +120,7 @@ async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamRespo
     except asyncio.CancelledError:
         if not app[STOPPING].is_set():
             raise  # the client left
+        task.uncancel()  # the drain's cancellation, answered here
         err = Unavailable(
             "the scheduler is restarting; try again in a moment", code="shutting_down",
             retry_after=app[SETTINGS].retry_after,
@@ -175,6 +175,13 @@ async def _serve(
             if stream.out is None:
                 raise
             await relay.end_with_error(request, stream, exc)  # the client has part of the answer already
+            return stream.out
+        except Exception as exc:
+            if stream.out is None:
+                raise  # the error middleware answers 500
+            # The answer has begun: a new response cannot be sent, so this one ends with an error event.
+            log_unexpected("relaying an answer", exc)
+            await relay.end_with_error(request, stream, HearthError("internal error while relaying"))
             return stream.out
         finally:
             admission.release(ticket, usage["prompt_tokens"], usage["completion_tokens"])
@@ -235,7 +242,7 @@ def _seal_toward(
             )
         )
     job, max_tokens = admitted.job, admitted.preq.max_tokens
-    return seal_toward(job, admitted.raw, max_tokens, key, admitted.seed, bytes(stream.sent))
+    return seal_toward(job, admitted.raw, max_tokens, key, bytes(stream.sent))
 
 
 def _reseal_if_others_can(federation: Federation, preq: PlacementRequest) -> None:
@@ -296,7 +303,7 @@ async def _admit(request: web.Request, endpoint: Endpoint) -> Admitted:
     # The body was just parsed as JSON, so it can be spliced in as is instead of serialized again.
     body = b'{"endpoint":"%s","request_id":"%s","request":%s}' % (endpoint.encode(), request_id.encode(), raw)
     job = RelayJob(request_id, token.id, endpoint, req.model, req.stream, body, started)
-    return Admitted(token.id, preq, job, sealed=False, raw=raw, seed=secrets.token_bytes(KEY_BYTES))
+    return Admitted(token.id, preq, job, sealed=False, raw=raw)
 
 
 def _tiers(settings: SchedulerSettings, token: TokenRecord) -> frozenset[str]:

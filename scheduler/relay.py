@@ -23,9 +23,8 @@ from aiohttp import web
 from protocol import frames
 from protocol.directory import KeyStatement
 from protocol.envelope import (
-    MAX_FRAME_PAYLOAD,
+    FRAME_CHUNK,
     SEALED_JOB,
-    TAG_BYTES,
     EnvelopeError,
     ResponseOpener,
     ResponseSealer,
@@ -77,7 +76,8 @@ class RelayJob:
         if cache_scope is not None:
             head += b'"cache_scope":"%s",' % cache_scope.encode()
         if resume:
-            head += b'"resume":%s,' % json.dumps(resume.decode()).encode()
+            # A node's events are UTF-8; a node that broke that cannot make the next node's job malformed.
+            head += b'"resume":%s,' % json.dumps(resume.decode(errors="replace")).encode()
         return replace(self, job_id=job_id, body=head + sent[1:])
 
 
@@ -90,7 +90,6 @@ class Target:
     headers: dict[str, str]
 
 
-RESUME_CHUNK = MAX_FRAME_PAYLOAD - 4 - TAG_BYTES  # a frame's payload, less its length prefix and padding room
 SEALED_TTL_S = 60  # an envelope the scheduler seals is sent at once; nodes remember it this long (+ skew)
 
 
@@ -114,16 +113,16 @@ class Unsealer:
 
 
 def seal_toward(
-    job: RelayJob, request: bytes, max_tokens: int | None, key: KeyStatement, seed: bytes, sent: bytes
+    job: RelayJob, request: bytes, max_tokens: int | None, key: KeyStatement, sent: bytes
 ) -> tuple[RelayJob, Unsealer]:
     """One attempt of ``job`` with its OpenAI ``request`` sealed to the node's current ``key``, and what
-    opens the answer. Every attempt of one request is sealed with the same response ``seed``: the client's
-    part of an answer another node began (``sent``) is handed over sealed under it, as `hearth proxy`
-    hands over frames, and the new node continues the numbering."""
-    sealed, _ = seal_request(
+    opens the answer. The client's part of an answer another node began (``sent``) is handed over sealed
+    under this envelope's response seed, as `hearth proxy` hands over frames, and the node continues the
+    numbering. Each attempt has a seed of its own: no node learns the secret of another's answer."""
+    sealed, seed = seal_request(
         request, endpoint=job.endpoint, model=job.model, max_tokens=max_tokens, stream=job.stream,
         request_id=job.request_id, issued_at=int(time.time()), ttl_s=SEALED_TTL_S,
-        candidates=[key.candidate()], seed=seed,
+        candidates=[key.candidate()],
     )  # fmt: skip
     segments, count = None, 0
     if sent:
@@ -135,14 +134,11 @@ def seal_toward(
 def _sealed_resume(
     sent: bytes, seed: bytes, request_id: str, node_id: str
 ) -> tuple[list[dict[str, Any]], int]:
-    """The client's part of the answer as one segment of frames (the scheduler holds the seed, as a proxy
-    does), and how many frames it holds.
-
-    They are sealed under the secret of the node they go to, which numbers its own frames after them:
-    under the failed node's secret they would reuse the nonces of the frames it sent (same key, same
-    sequence numbers, other plaintext), and someone who saw both on the network could combine them."""
+    """The client's part of the answer as one segment of frames sealed under the response secret of the
+    node they go to (the scheduler holds the seed, as a proxy does), and how many frames it holds: the
+    node numbers its own frames after them."""
     sealer = ResponseSealer(response_secret(seed, node_id, request_id), request_id)
-    parts = [sent[i : i + RESUME_CHUNK] for i in range(0, len(sent), RESUME_CHUNK)]
+    parts = [sent[i : i + FRAME_CHUNK] for i in range(0, len(sent), FRAME_CHUNK)]
     return [{"node_id": node_id, "frames": [b64e(sealer.seal(p)) for p in parts]}], len(parts)
 
 
@@ -232,6 +228,9 @@ class Relay:
                     status = await pump(resp)
                 except (Failover, MidStream):
                     status = "node_failed"
+                    raise
+                except HearthError:
+                    status = "node_error"  # the node refused it in an ERROR frame
                     raise
             finally:
                 resp.close()

@@ -27,6 +27,9 @@ from protocol.errors import HearthError
 from protocol.identity import b64e
 
 MAX_RESUME_BYTES = 4 * 1024 * 1024  # kept for a replacement node; past it, no failover mid-answer
+# A plaintext answer is handed over inside a job with its request (up to 1 MiB, padded, base64 when sealed):
+# kept smaller, so the whole job stays within a node's default 8 MiB body limit.
+MAX_PLAIN_RESUME_BYTES = 2 * 1024 * 1024
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
@@ -75,14 +78,14 @@ class PlainStream:
 
     def relayed(self, payload: bytes) -> None:
         self.size += len(payload)
-        if self.size <= MAX_RESUME_BYTES:
+        if self.size <= MAX_PLAIN_RESUME_BYTES:
             self.sent += payload
         else:
             self.sent.clear()
 
     @property
     def resumable(self) -> bool:
-        return self.size <= MAX_RESUME_BYTES
+        return self.size <= MAX_PLAIN_RESUME_BYTES
 
     async def send(self, write: Write, request: web.Request, payload: bytes) -> None:
         if self.out is None:
