@@ -10,6 +10,19 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from protocol.server import ServerLimits
 
 
+class NodeServerLimits(ServerLimits):
+    """A node's connection limits: those of any service, but no per-address cap by default. The node's
+    one client is its scheduler, whose relays hold a connection per running job, so a cap would cap the
+    node's capacity (and every job is signed by the scheduler anyway)."""
+
+    max_connections_per_address: int = Field(
+        default=0,
+        ge=0,
+        description="Open connections one address may hold; another is answered 503 and closed. 0 (the "
+        "default): no limit, since the scheduler holds one per running job.",
+    )
+
+
 class ModelSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -238,11 +251,8 @@ class NodeSettings(BaseModel):
         description="Seconds between two checks that the scheduler's directory shows this node's current "
         "encryption key (an alarm is raised when it does not).",
     )
-    http: ServerLimits = Field(
-        # The node's one client is its scheduler, whose relays hold a connection per running job: no
-        # per-address cap, or it would cap the node's capacity (jobs are signed by the scheduler anyway).
-        default_factory=lambda: ServerLimits(max_connections_per_address=0),
-        description="Limits on each connection to this node's API.",
+    http: NodeServerLimits = Field(
+        default_factory=NodeServerLimits, description="Limits on each connection to this node's API."
     )
     owner_first: OwnerFirstSettings = Field(
         default_factory=OwnerFirstSettings,

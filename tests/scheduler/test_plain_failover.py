@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from node.sealed import _resume
 from protocol.directory import KeyStatement, key_id
-from protocol.envelope import KEY_BYTES, from_wire, open_request, public_key_bytes
+from protocol.envelope import from_wire, open_request, public_key_bytes
 from protocol.identity import b64e
 from scheduler.relay import RelayJob, seal_toward
 from scheduler.state import FEDERATION
@@ -122,9 +121,9 @@ def test_a_plaintext_stream_survives_its_node_being_killed(
 
 
 def test_a_resumed_answer_is_sealed_to_the_node_it_goes_to_and_opens_there() -> None:
-    """seal_toward's hand-over, opened by the node's own code. The frames are sealed under the new node's
-    secret, which then numbers its own frames after them: under the failed node's secret they would
-    reuse the (key, nonce) pairs of the frames it sent, with other plaintext."""
+    """seal_toward's hand-over, opened by the node's own code: sealed under the envelope's own response seed
+    (a fresh one per attempt, so no node can derive another's secret), and the node numbers its own
+    frames after it."""
     private = X25519PrivateKey.generate()
     raw_public = public_key_bytes(private.public_key())
     now = int(time.time())
@@ -133,16 +132,18 @@ def test_a_resumed_answer_is_sealed_to_the_node_it_goes_to_and_opens_there() -> 
         {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
     ).encode()
     job = RelayJob("req1", "tok", "chat", "m", True, b"{}", now)
-    seed = secrets.token_bytes(KEY_BYTES)
     said = b'data: {"id":"chatcmpl-req1","created":5,"choices":[{"delta":{"content":"Hello"}}]}\n\n'
-    sent, unsealer = seal_toward(job, request, None, key, seed, said)
-    doc = json.loads(sent.body)
-    (segment,) = doc["resume"]
-    assert segment["node_id"] == "n2"  # the node it goes to, not the one that failed
-    body, opened_seed = open_request(
-        from_wire(doc["envelope"]), node_id="n2", keys={key.key_id: private}, now=now
-    )
-    assert body == request and opened_seed == seed
-    count, text, created = _resume(doc["resume"], seed, "req1", "chat")
-    assert (count, text, created) == (1, "Hello", 5)
-    assert unsealer._opener.seq == count  # the scheduler opens n2's own frames from there on
+    seeds = []
+    for _ in range(2):
+        sent, unsealer = seal_toward(job, request, None, key, said)
+        doc = json.loads(sent.body)
+        (segment,) = doc["resume"]
+        assert segment["node_id"] == "n2"
+        body, seed = open_request(
+            from_wire(doc["envelope"]), node_id="n2", keys={key.key_id: private}, now=now
+        )
+        assert body == request
+        assert _resume(doc["resume"], seed, "req1", "chat") == (1, "Hello", 5)
+        assert unsealer._opener.seq == 1  # the scheduler opens n2's own frames from there on
+        seeds.append(seed)
+    assert seeds[0] != seeds[1]
