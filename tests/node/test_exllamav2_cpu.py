@@ -143,13 +143,17 @@ def test_admission_reserves_pages_and_cancel_returns_them(demo_model_dir: Path) 
     assert first == {0: 1, 1: 1, 2: 1} and backend.cache().free_tokens == 512, "the pages stay reserved"
     backend.cancel(seqs[1])
     assert backend.cache().free_tokens == 1024, "a cancelled job's pages are free at once"
-    assert {step.seq for step in backend.step()} == {0, 2}, "a cancelled job makes no more steps"
+    second: dict[int, int] = {}
+    for step in backend.step():
+        second[step.seq] = second.get(step.seq, 0) + len(step.tokens)
+    # A step may hand a sequence no token yet (the generator samples on its own threads): count what came.
+    assert set(second) == {0, 2}, "a cancelled job makes no more steps"
     long = SamplingParams(max_new_tokens=500)
     assert backend.admit(list(range(10, 1510)), long, CacheScope.private()) is None, "8 pages, 4 free: wait"
     with pytest.raises(NeverFits, match=r"1999 \+ 500 tokens exceed the context \(2048\)"):
         backend.admit(list(range(1, 2000)), long, CacheScope.private())
     ends = drive_all(backend, [seqs[0], seqs[2]])
-    assert [ends[seqs[0]][1], len(ends[seqs[2]][0])] == ["length", 313 - 2]
+    assert [ends[seqs[0]][1], len(ends[seqs[2]][0])] == ["length", 313 - first[2] - second[2]]
     assert backend.cache().free_tokens == 2048
 
 
