@@ -75,8 +75,6 @@ class ConnectionGuard:
         self.limits = limits
         self._per_address: Counter[str] = Counter()
         self._open: dict[asyncio.BaseTransport, _Guarded] = {}
-        self.refused = 0  # connections refused for their address's count
-        self.timed_out = 0  # connections closed for slow headers
 
     def protocol(self, inner: _Handler) -> asyncio.Protocol:
         return _Guarded(self, inner)
@@ -97,7 +95,6 @@ class ConnectionGuard:
         limit = self.limits.max_connections_per_address
         guarded.address = _address(transport)
         if limit and self._per_address[guarded.address] >= limit:
-            self.refused += 1
             return False
         self._per_address[guarded.address] += 1
         self._open[transport] = guarded
@@ -187,8 +184,7 @@ class _Guarded(asyncio.Protocol):
         self._timer = None
         if self.busy or self._transport is None:
             return
-        self._guard.timed_out += 1
-        # Debug only: a client's slowness must not be a way to fill the log (the count is kept).
+        # Debug only: a client's slowness must not be a way to fill the log.
         log.debug("closed a connection from %s: its request headers took too long", self.address)
         self._transport.close()
 
