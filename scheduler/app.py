@@ -39,6 +39,7 @@ from scheduler import admin, generation
 from scheduler.admission import Admission
 from scheduler.directory import DirectoryLog
 from scheduler.directory import serve as serve_directory
+from scheduler.events import EventBus
 from scheduler.federation import Federation
 from scheduler.ledger import Correction, Ledger
 from scheduler.metrics import Metrics
@@ -47,13 +48,16 @@ from scheduler.registry import Registry
 from scheduler.relay import (
     Relay,
 )
+from scheduler.rules import Rules
 from scheduler.settings import SchedulerSettings
 from scheduler.state import (
     ADMISSION,
+    EVENTS,
     FEDERATION,
     IN_FLIGHT,
     METRICS,
     RELAY,
+    RULES,
     SCOPE_KEY,
     SETTINGS,
     STARTED,
@@ -78,8 +82,11 @@ def create_app(settings: SchedulerSettings) -> web.Application:
     app[SCOPE_KEY] = secrets.token_bytes(32)
     app[IN_FLIGHT] = set()
     app[STOPPING] = asyncio.Event()
+    app[EVENTS] = EventBus()
+    app[RULES] = Rules(path=settings.policy_path)
     app.on_shutdown.append(generation.drain)
     app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(_rules_ctx)
     app.cleanup_ctx.append(_cluster_ctx)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
@@ -100,6 +107,27 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     app[STORE] = store
     yield
     await store.close()
+
+
+async def _rules_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The policy file, loaded at start (a bad one stops the start: nothing would be enforced), then
+    watched: a change is applied, or refused with the old policy kept; both go to the audit log."""
+    rules, store, events = app[RULES], app[STORE], app[EVENTS]
+    await asyncio.to_thread(rules.load)
+
+    def reported(outcome: str, detail: str) -> None:
+        events.publish("policy_reloaded", outcome=outcome)
+        subject = str(rules.path)
+        action = "policy_" + outcome
+        writes.append(asyncio.ensure_future(store.run(lambda: store.store.audit(action, subject, detail))))
+        writes[:] = [w for w in writes if not w.done()]
+
+    writes: list[asyncio.Future[None]] = []
+    rules.on_reload = reported
+    watcher = asyncio.create_task(rules.watch(), name="hearth-policy")
+    yield
+    watcher.cancel()
+    await asyncio.gather(watcher, *writes, return_exceptions=True)
 
 
 async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:

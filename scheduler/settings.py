@@ -66,11 +66,23 @@ class SchedulerSettings(BaseModel):
     http: ServerLimits = Field(
         default_factory=ServerLimits, description="Limits on each client connection (slow or greedy clients)."
     )
-    policy: Policy = Field(default_factory=Policy, description="Request policy (see policies).")
+    policy: Policy = Field(
+        default_factory=Policy, description="The scheduler-wide baseline under every group's rules."
+    )
+    policy_file: Path | None = Field(
+        default=None,
+        description="The policy file (groups, quotas, rate limits, terms; docs/policies.md), reloaded when "
+        "it changes. Default: policies.toml beside the config file, else in the data directory; none there "
+        "means one unlimited default group.",
+    )
 
     @property
     def db_path(self) -> Path:
         return self.data_dir / "hearth.db"
+
+    @property
+    def policy_path(self) -> Path:
+        return self.policy_file if self.policy_file is not None else self.data_dir / "policies.toml"
 
     @property
     def key_path(self) -> Path:

@@ -8,9 +8,11 @@ from aiohttp import web
 
 from protocol.errors import AuthenticationFailed
 from scheduler.admission import Admission
+from scheduler.events import EventBus
 from scheduler.federation import Federation
 from scheduler.metrics import Metrics
 from scheduler.relay import Relay
+from scheduler.rules import Rules
 from scheduler.settings import SchedulerSettings
 from scheduler.store import AsyncStore, TokenRecord
 
@@ -27,6 +29,9 @@ IN_FLIGHT = web.AppKey("in_flight", set)
 STOPPING = web.AppKey("stopping", asyncio.Event)
 # Keys each user's per-node prefix-cache scope (scheduler.generation._cache_scope); new at every start.
 SCOPE_KEY = web.AppKey("scope_key", bytes)
+# The policy in force (scheduler.rules), hot-reloaded from the policy file; the admin event stream.
+RULES = web.AppKey("rules", Rules)
+EVENTS = web.AppKey("events", EventBus)
 
 
 async def authenticate(request: web.Request) -> TokenRecord:

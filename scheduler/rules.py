@@ -1,0 +1,215 @@
+"""The policy in force: loading, validating and hot-reloading the policy file.
+
+``load_policy`` reads and validates a file without applying it (`hearth policy check` uses it too). A bad
+file is refused with its name, line and field in one message (``PolicyFileError``), and whatever policy was
+in force stays. ``Rules`` holds the policy the scheduler applies; ``watch`` reloads it when the file changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from policies.schema import DEFAULT_GROUP, GroupRules, PolicyFile, resolve
+from protocol.errors import ConfigError
+
+log = logging.getLogger("hearth.scheduler.rules")
+
+MAX_POLICY_BYTES = 1024 * 1024
+POLL_S = 1.0
+
+
+class PolicyFileError(ConfigError):
+    """A policy file that cannot be applied: the message names the file, the line and the field."""
+
+    default_code = "invalid_policy"
+
+
+@dataclass(frozen=True)
+class LoadedPolicy:
+    """A validated policy file, with its terms' text read and a digest of what was loaded."""
+
+    policy: PolicyFile
+    groups: dict[str, GroupRules]
+    terms_text: str | None
+    source: str  # the file's path, or "(built in)"
+    digest: str  # sha-256 of the file's bytes (and the terms file's), to tell versions apart
+
+    @property
+    def terms_version(self) -> str | None:
+        return self.policy.terms.version if self.policy.terms is not None else None
+
+
+def builtin() -> LoadedPolicy:
+    """No policy file: one unlimited default group, no terms."""
+    policy = PolicyFile()
+    return LoadedPolicy(policy, resolve(policy), None, "(built in)", hashlib.sha256(b"").hexdigest())
+
+
+def parse_policy(text: str, name: str, base: Path | None = None) -> LoadedPolicy:
+    """Validate a policy document; ``base`` is where a terms file's relative path starts."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise PolicyFileError(f"{name}: {exc}") from None
+    try:
+        policy = PolicyFile.model_validate(doc)
+    except ValidationError as exc:
+        raise PolicyFileError(_first_error(exc, text, name)) from None
+    digest = hashlib.sha256(text.encode())
+    terms_text = None
+    if policy.terms is not None:
+        if policy.terms.file is not None:
+            path = Path(policy.terms.file)
+            if not path.is_absolute() and base is not None:
+                path = base / path
+            try:
+                raw = path.read_bytes()[: 4 * 1024 * 1024]
+                terms_text = raw.decode()
+            except (OSError, UnicodeDecodeError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+                line = _line_of(text, ("terms", "file"))
+                raise PolicyFileError(f"{name}, line {line}, terms.file: cannot read {path}: {why}") from None
+            digest.update(raw)
+        else:
+            terms_text = policy.terms.text
+    return LoadedPolicy(policy, resolve(policy), terms_text, name, digest.hexdigest())
+
+
+def load_policy(path: Path) -> LoadedPolicy:
+    """Read and validate ``path``; PolicyFileError names what is wrong."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise PolicyFileError(f"{path}: cannot read it: {exc.strerror}") from None
+    if len(raw) > MAX_POLICY_BYTES:
+        raise PolicyFileError(f"{path}: larger than {MAX_POLICY_BYTES} bytes")
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError:
+        raise PolicyFileError(f"{path}: not UTF-8 text") from None
+    return parse_policy(text, str(path), path.parent)
+
+
+def _first_error(exc: ValidationError, text: str, name: str) -> str:
+    err = exc.errors()[0]
+    loc = tuple(str(part) for part in err["loc"])
+    where = ".".join(loc) or "(the file)"
+    message = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        message = "not a setting (see docs/policies.md)"
+    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"{name}, line {_line_of(text, loc)}, {where}: {message}{more}"
+
+
+def _line_of(text: str, loc: tuple[str, ...]) -> int:
+    """The line a field sits on: the last key of ``loc`` after the table that holds it (best effort: the
+    table's line when the key is not written, 1 when neither is)."""
+    lines = text.splitlines()
+    best = 1
+    start = 0
+    for depth in range(len(loc), 0, -1):
+        table = ".".join(loc[:depth])
+        header = re.compile(r"^\s*\[{1,2}\s*" + re.escape(table).replace(r"\.", r"\s*\.\s*") + r"\s*\]{1,2}")
+        for i, line in enumerate(lines):
+            if header.match(line):
+                best, start = i + 1, i + 1
+                break
+        else:
+            continue
+        break
+    key = re.compile(r"^\s*" + re.escape(loc[-1]) + r"\s*=") if loc else None
+    if key is not None:
+        for i in range(start, len(lines)):
+            if i > start and lines[i].lstrip().startswith("[") and start:
+                break
+            if key.match(lines[i]):
+                return i + 1
+    return best
+
+
+@dataclass
+class Rules:
+    """The policy in force, swapped whole on reload (readers never see half a policy)."""
+
+    current: LoadedPolicy = field(default_factory=builtin)
+    path: Path | None = None
+    on_reload: Callable[[str, str], None] | None = None  # (outcome, detail) for the audit log and events
+    _mtime: tuple[float, int] | None = None
+
+    def group(self, name: str | None) -> GroupRules | None:
+        return self.current.groups.get(name or DEFAULT_GROUP)
+
+    def load(self) -> None:
+        """Load the file at start: a missing file means the built-in policy; a bad one stops the start."""
+        if self.path is None or not self.path.exists():
+            self.current = builtin()
+            return
+        self._mtime = _stamp(self.path)
+        self.current = load_policy(self.path)
+
+    def reload(self) -> bool:
+        """Apply the file if it changed; False when it did not or was refused (the old policy stays)."""
+        return self._apply(self._read_if_changed())
+
+    def _read_if_changed(self) -> LoadedPolicy | PolicyFileError | None:
+        """The file's new policy, or why it was refused, or None when it has not changed (I/O only: runs
+        in a thread)."""
+        if self.path is None:
+            return None
+        stamp = _stamp(self.path)
+        if stamp == self._mtime:
+            return None
+        self._mtime = stamp
+        if stamp is None:
+            return PolicyFileError(f"{self.path} is gone")
+        try:
+            return load_policy(self.path)
+        except PolicyFileError as exc:
+            return exc
+
+    def _apply(self, found: LoadedPolicy | PolicyFileError | None) -> bool:
+        if found is None:
+            return False
+        if isinstance(found, PolicyFileError):
+            log.warning("policy file refused, the policy in force stays: %s", found.message)
+            self._report("refused", found.message)
+            return False
+        if found.digest == self.current.digest:
+            return False
+        self.current = found
+        log.info("policy reloaded from %s", found.source)
+        self._report("applied", found.digest[:16])
+        return True
+
+    def _report(self, outcome: str, detail: str) -> None:
+        if self.on_reload is not None:
+            self.on_reload(outcome, detail)
+
+    async def watch(self, interval: float = POLL_S) -> None:
+        """Poll the file's modification time (cheap, and works on every filesystem and editor)."""
+        while True:
+            await asyncio.sleep(interval)
+            self._apply(await asyncio.to_thread(self._read_if_changed))
+
+
+def _stamp(path: Path) -> tuple[float, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_mtime, st.st_size)
+
+
+def policy_summary(loaded: LoadedPolicy) -> dict[str, Any]:
+    """What `hearth policy show` prints: the file's own document, as validated."""
+    return loaded.policy.model_dump(mode="json", exclude_none=True)
