@@ -1,56 +1,88 @@
 """The policy engine: pure decisions about who may send what.
 
-It sees only what the scheduler may see of a request (model, max_tokens, whether the body is sealed),
-never its text, so the same rules hold once prompts are end-to-end encrypted.
+It sees only what the scheduler may see of a request (model, max_tokens, a prompt size estimate, whether the
+body is sealed), never its text, so the same rules hold once prompts are end-to-end encrypted.
+
+- ``policies.schema``: the policy file (groups, limits, course prompts, terms, retention) and ``resolve``;
+- ``policies.engine``: ``decide(principal, visible, window) -> Allowed | Refused``;
+- here: the scheduler-wide baseline (``[scheduler.policy]``) that every group's rules sit under.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from protocol.errors import InvalidRequest, PermissionDenied
+from policies.engine import (
+    Allowed,
+    Decision,
+    Meter,
+    Principal,
+    RateFigures,
+    Refused,
+    UsageWindow,
+    Visible,
+    decide,
+    duration,
+)
+from policies.schema import DEFAULT_GROUP, GroupRules, Limits, PolicyFile, resolve
 from protocol.federation import TIERS, Tier
+
+__all__ = [
+    "DEFAULT_GROUP",
+    "Allowed",
+    "Decision",
+    "GroupRules",
+    "Limits",
+    "Meter",
+    "Policy",
+    "PolicyFile",
+    "Principal",
+    "RateFigures",
+    "Refused",
+    "UsageWindow",
+    "Visible",
+    "decide",
+    "duration",
+    "effective",
+    "resolve",
+]
 
 
 class Policy(BaseModel):
+    """The scheduler's own baseline: no group can loosen it."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     require_e2e: bool | None = Field(
         default=None,
         description="Refuse requests the scheduler could read: every prompt must come sealed through "
         "`hearth proxy`. Unset means the role's default: `hearth scheduler start` (a federation) requires "
-        "it, `hearth up` (one user on one machine) does not.",
+        "it, `hearth up` (one user on one machine) does not. A group's require_e2e can only add to it.",
     )
-    max_tokens_cap: int = Field(default=8192, ge=1, description="Largest max_tokens any request may ask for.")
+    max_tokens_cap: int = Field(
+        default=8192, ge=1, description="Largest max_tokens any request may ask for, whatever its group."
+    )
     tiers: list[Tier] = Field(
         default_factory=lambda: list(TIERS),
         min_length=1,
         description="Node tiers requests may be placed on: `club` (club-run servers) and `community` "
-        '(volunteers\' machines). A club that wants prompts to stay on its own servers sets ["club"].',
+        '(volunteers\' machines). A club that wants prompts to stay on its own servers sets ["club"]. A '
+        "group's tiers are narrowed to these.",
     )
 
 
-@dataclass(frozen=True, slots=True)
-class Visible:
-    """What the scheduler knows about a request."""
-
-    model: str
-    max_tokens: int | None
-    sealed: bool
-
-
-def check(policy: Policy, request: Visible) -> None:
-    """Raise the refusal the request earns, or return None when it may proceed."""
-    if not request.sealed and policy.require_e2e:
-        raise PermissionDenied(
-            "this scheduler accepts only end-to-end encrypted requests; send them through `hearth proxy`",
-            code="e2e_required",
-        )
-    if request.max_tokens is not None and request.max_tokens > policy.max_tokens_cap:
-        raise InvalidRequest(
-            f"max_tokens may be at most {policy.max_tokens_cap} here",
-            param="max_tokens",
-            code="max_tokens_over_cap",
-        )
+def effective(baseline: Policy, group: GroupRules) -> GroupRules:
+    """A group's rules under the scheduler's baseline: the stricter of the two wherever both speak."""
+    cap = (
+        baseline.max_tokens_cap
+        if group.max_tokens is None
+        else min(group.max_tokens, baseline.max_tokens_cap)
+    )
+    return replace(
+        group,
+        max_tokens=cap,
+        tiers=group.tiers & frozenset(baseline.tiers),
+        require_e2e=bool(baseline.require_e2e) or bool(group.require_e2e),
+    )

@@ -83,8 +83,9 @@ class Admission:
     def queued(self) -> int:
         return len(self._fair)
 
-    async def acquire(self, user: str, request: PlacementRequest) -> Ticket:
-        """Wait for a node that can run ``request``; raise the refusal's HearthError when none will."""
+    async def acquire(self, user: str, request: PlacementRequest, weight: float = 1.0) -> Ticket:
+        """Wait for a node that can run ``request``; raise the refusal's HearthError when none will.
+        ``weight`` is the user's share of the fair queue (their group's)."""
         if len(self._fair) >= self._max_queued:
             raise Unavailable(
                 f"{len(self._fair)} requests are already waiting; try again shortly",
@@ -92,7 +93,7 @@ class Admission:
                 retry_after=self._retry_after,
             )
         waiter = _Waiter(user, request, asyncio.get_running_loop().create_future())
-        self._fair.push(user, waiter)
+        self._fair.push(user, waiter, weight)
         self._dispatch()
         try:
             async with asyncio.timeout(self._max_wait):

@@ -18,6 +18,7 @@ usage writer); the request path lives in scheduler.generation.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 import time
@@ -27,6 +28,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from policies import Refused
 from protocol.identity import load_or_create_identity
 from protocol.web import (
     error_middleware,
@@ -39,6 +41,7 @@ from scheduler import admin, generation
 from scheduler.admission import Admission
 from scheduler.directory import DirectoryLog
 from scheduler.directory import serve as serve_directory
+from scheduler.enforce import Enforcer
 from scheduler.events import EventBus
 from scheduler.federation import Federation
 from scheduler.ledger import Correction, Ledger
@@ -52,6 +55,8 @@ from scheduler.rules import Rules
 from scheduler.settings import SchedulerSettings
 from scheduler.state import (
     ADMISSION,
+    ANSWER_HEADERS,
+    ENFORCER,
     EVENTS,
     FEDERATION,
     IN_FLIGHT,
@@ -84,6 +89,8 @@ def create_app(settings: SchedulerSettings) -> web.Application:
     app[STOPPING] = asyncio.Event()
     app[EVENTS] = EventBus()
     app[RULES] = Rules(path=settings.policy_path)
+    app[ENFORCER] = Enforcer(app[RULES], settings.policy, on_refused=functools.partial(_refused, app[EVENTS]))
+    app.on_response_prepare.append(_answer_headers)
     app.on_shutdown.append(generation.drain)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_rules_ctx)
@@ -114,6 +121,9 @@ async def _rules_ctx(app: web.Application) -> AsyncIterator[None]:
     watched: a change is applied, or refused with the old policy kept; both go to the audit log."""
     rules, store, events = app[RULES], app[STORE], app[EVENTS]
     await asyncio.to_thread(rules.load)
+    enforcer = app[ENFORCER]
+    await enforcer.start(store)
+    persist = asyncio.create_task(enforcer.persist(store), name="hearth-reservations")
 
     def reported(outcome: str, detail: str) -> None:
         events.publish("policy_reloaded", outcome=outcome)
@@ -127,7 +137,18 @@ async def _rules_ctx(app: web.Application) -> AsyncIterator[None]:
     watcher = asyncio.create_task(rules.watch(), name="hearth-policy")
     yield
     watcher.cancel()
-    await asyncio.gather(watcher, *writes, return_exceptions=True)
+    persist.cancel()
+    await asyncio.gather(watcher, persist, *writes, return_exceptions=True)
+
+
+def _refused(events: EventBus, group: str, refused: Refused) -> None:
+    events.publish("refused", group=group, refusal=refused.kind, status=refused.status)
+
+
+async def _answer_headers(request: web.Request, response: web.StreamResponse) -> None:
+    headers = request.get(ANSWER_HEADERS)
+    if headers:
+        response.headers.update(headers)
 
 
 async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -144,7 +165,7 @@ async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
         # A node's receipts ride on its heartbeats, the next one after a job ends, or a few later when it
         # ran many jobs at once.
         ledger = Ledger(
-            usage.put_nowait,
+            functools.partial(_usage_written, app, usage),
             confirm_within=RECEIPT_HEARTBEATS * settings.heartbeat_interval + RECEIPT_GRACE_S,
             on_outcome=lambda outcome: app[METRICS].receipts.labels(outcome).inc(),
         )
@@ -191,6 +212,26 @@ async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
         # The writer is told to finish rather than cancelled: a batch it holds is written, never dropped.
         usage.put_nowait(None)
         await writer
+
+
+def _usage_written(
+    app: web.Application,
+    usage: asyncio.Queue[UsageRecord | Correction | None],
+    item: UsageRecord | Correction,
+) -> None:
+    """A usage row (or a node's correction of one) is on its way to the database: the quota counters count
+    it now, so they and the usage table always agree."""
+    usage.put_nowait(item)
+    if isinstance(item, Correction):
+        record, tokens, delta = item.record, item.prompt_delta + item.completion_delta, True
+    else:
+        record, tokens, delta = item, item.prompt_tokens + item.completion_tokens, False
+        app[EVENTS].publish(
+            "finished", model=record.model, node_id=record.node_id, status=record.status,
+            prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
+        )  # fmt: skip
+    group = getattr(record, "group", "default")
+    app[ENFORCER].charged(record.request_id, record.token_id, group, record.started, tokens, delta=delta)
 
 
 async def _start_discovery(settings: SchedulerSettings, federation: Federation) -> Any:

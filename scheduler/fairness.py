@@ -7,6 +7,9 @@ with the smallest counter. A user who was idle is lifted to the smallest counter
 to the last served user's counter when nobody waits), so idling earns no credit to burst with later: a
 heavy user cannot starve a light one, and a light one cannot starve the heavy one either.
 
+Users may have weights (their group's, from the policy): a user of weight 2 is charged half as much for the
+same service, so while both wait they get twice the tokens (weighted fair queueing).
+
 Pure data structure: no I/O, no clock. The scheduler charges a request when it is dispatched (its prompt
 plus max_tokens, the most it can cost) and refunds what it did not use when the answer ends.
 """
@@ -25,6 +28,7 @@ T = TypeVar("T")
 class _User(Generic[T]):
     counter: float = 0.0
     waiting: deque[T] = field(default_factory=deque)
+    weight: float = 1.0  # the user's share: service counts 1/weight against them (their group's weight)
 
 
 class VirtualTokenCounter(Generic[T]):
@@ -43,8 +47,9 @@ class VirtualTokenCounter(Generic[T]):
     def _backlogged(self) -> list[_User[T]]:
         return [u for u in self._users.values() if u.waiting]
 
-    def push(self, user: Hashable, item: T) -> None:
+    def push(self, user: Hashable, item: T, weight: float = 1.0) -> None:
         state = self._users.setdefault(user, _User())
+        state.weight = weight
         if not state.waiting:
             backlogged = self._backlogged()
             floor = min(u.counter for u in backlogged) if backlogged else self._last_served
@@ -98,4 +103,5 @@ class VirtualTokenCounter(Generic[T]):
     def charge(self, user: Hashable, prompt_tokens: int, completion_tokens: int) -> None:
         """Add service (negative values refund an over-estimate)."""
         state = self._users.setdefault(user, _User())
-        state.counter += self.prompt_weight * prompt_tokens + self.completion_weight * completion_tokens
+        service = self.prompt_weight * prompt_tokens + self.completion_weight * completion_tokens
+        state.counter += service / state.weight

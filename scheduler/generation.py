@@ -32,19 +32,21 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from policies import Visible, check
+from policies import Visible
 from protocol.envelope import MEDIA_TYPE as ENVELOPE
 from protocol.envelope import EnvelopeError, peek
-from protocol.errors import HearthError, PermissionDenied, Reseal, Unavailable
+from protocol.errors import HearthError, Reseal, Unavailable
 from protocol.schemas import Endpoint, parse_request
 from protocol.web import error_response, is_loopback, log_unexpected, parse_json, read_body
 from scheduler.admission import exclude
+from scheduler.enforce import Grant
 from scheduler.federation import Federation
 from scheduler.placement import Placement, PlacementRequest, place
 from scheduler.relay import RelayJob, Target, Unsealer, seal_toward
-from scheduler.settings import SchedulerSettings
 from scheduler.state import (
     ADMISSION,
+    ANSWER_HEADERS,
+    ENFORCER,
     FEDERATION,
     IN_FLIGHT,
     METRICS,
@@ -54,7 +56,6 @@ from scheduler.state import (
     STOPPING,
     authenticate,
 )
-from scheduler.store import TokenRecord
 from scheduler.streams import Failover, MidStream, PlainStream, SealedStream, Stream
 
 log = logging.getLogger("hearth.scheduler")
@@ -77,6 +78,7 @@ class Admitted:
     preq: PlacementRequest
     job: RelayJob
     sealed: bool
+    grant: Grant  # what the policy allowed (scheduler.enforce); released when the answer ends
     raw: bytes = b""  # a plaintext request's OpenAI body (to seal toward a node)
 
 
@@ -109,8 +111,11 @@ async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamRespo
     assert task is not None
     app[IN_FLIGHT].add(task)
     stream: Stream | None = None
+    admitted: Admitted | None = None
     try:
         admitted = await (_admit_sealed if request.content_type == ENVELOPE else _admit)(request, endpoint)
+        # The answer carries the request's id and the x-ratelimit-* figures, whatever it turns out to be.
+        request[ANSWER_HEADERS] = admitted.grant.headers
         stream = SealedStream() if admitted.sealed else PlainStream(admitted.job.stream)
         return await _serve(request, endpoint, admitted, stream)
     except HearthError as exc:
@@ -131,6 +136,8 @@ async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamRespo
         return stream.out
     finally:
         app[IN_FLIGHT].discard(task)
+        if admitted is not None:
+            app[ENFORCER].release(admitted.grant.request_id)
 
 
 async def _serve(
@@ -145,7 +152,7 @@ async def _serve(
     for _ in range(app[SETTINGS].failover_attempts):
         try:
             try:
-                ticket = await admission.acquire(admitted.user, preq)
+                ticket = await admission.acquire(admitted.user, preq, admitted.grant.weight)
             except HearthError:
                 if admitted.sealed and stream.out is None and not unopened:
                     # Refused before the client got anything: if other nodes could take it, say so (409).
@@ -274,16 +281,19 @@ async def _admit_sealed(request: web.Request, endpoint: Endpoint) -> Admitted:
     header, candidates = peek(doc)  # the node decodes the rest, and refuses it alike
     if header.endpoint != endpoint:
         raise EnvelopeError()
-    settings = request.app[SETTINGS]
-    check(settings.policy, Visible(header.model, header.max_tokens, sealed=True))
+    # The usage row gets an id of the scheduler's own: the envelope's request id is the client's choice.
+    request_id = secrets.token_hex(12)
+    prompt_tokens = header.bucket // BYTES_PER_TOKEN_GUESS
+    visible = Visible(header.model, header.max_tokens, sealed=True, prompt_tokens=prompt_tokens)
+    grant = request.app[ENFORCER].admit(token, visible, request_id)
     preq = PlacementRequest(
-        model=header.model, max_tokens=header.max_tokens, tiers=_tiers(settings, token),
-        prompt_tokens=header.bucket // BYTES_PER_TOKEN_GUESS,
+        model=header.model, max_tokens=header.max_tokens, tiers=grant.tiers, prompt_tokens=prompt_tokens,
         candidates=frozenset(candidates),
     )  # fmt: skip
-    # The usage row gets an id of the scheduler's own: the envelope's request id is the client's choice.
-    job = RelayJob(secrets.token_hex(12), token.id, endpoint, header.model, True, raw, started)
-    return Admitted(token.id, preq, job, sealed=True)
+    job = RelayJob(
+        request_id, token.id, endpoint, header.model, True, raw, started, rules=grant.rules, group=grant.group
+    )
+    return Admitted(token.id, preq, job, sealed=True, grant=grant)
 
 
 async def _admit(request: web.Request, endpoint: Endpoint) -> Admitted:
@@ -292,31 +302,28 @@ async def _admit(request: web.Request, endpoint: Endpoint) -> Admitted:
     started = time.time()
     raw = await read_body(request)
     req = parse_request(endpoint, parse_json(raw))
-    settings = request.app[SETTINGS]
     max_tokens = req.requested_max_tokens
-    check(settings.policy, Visible(req.model, max_tokens, sealed=False))
-    tiers = _tiers(settings, token)
-    preq = PlacementRequest(
-        model=req.model, max_tokens=max_tokens, prompt_tokens=len(raw) // BYTES_PER_TOKEN_GUESS, tiers=tiers
-    )
     request_id = secrets.token_hex(12)
+    prompt_tokens = len(raw) // BYTES_PER_TOKEN_GUESS
+    visible = Visible(req.model, max_tokens, sealed=False, prompt_tokens=prompt_tokens)
+    grant = request.app[ENFORCER].admit(token, visible, request_id)
+    preq = PlacementRequest(
+        model=req.model, max_tokens=max_tokens, prompt_tokens=prompt_tokens, tiers=grant.tiers
+    )
     # The body was just parsed as JSON, so it can be spliced in as is instead of serialized again.
     body = b'{"endpoint":"%s","request_id":"%s","request":%s}' % (endpoint.encode(), request_id.encode(), raw)
-    job = RelayJob(request_id, token.id, endpoint, req.model, req.stream, body, started)
-    return Admitted(token.id, preq, job, sealed=False, raw=raw)
-
-
-def _tiers(settings: SchedulerSettings, token: TokenRecord) -> frozenset[str]:
-    tiers = frozenset(settings.policy.tiers)
-    if token.tiers is not None:
-        tiers &= frozenset(token.tiers)
-        if not tiers:
-            raise PermissionDenied(
-                f"this token may use only {', '.join(token.tiers)} nodes, and this scheduler allows none of "
-                "those tiers",
-                code="tier_not_allowed",
-            )
-    return tiers
+    job = RelayJob(
+        request_id,
+        token.id,
+        endpoint,
+        req.model,
+        req.stream,
+        body,
+        started,
+        rules=grant.rules,
+        group=grant.group,
+    )
+    return Admitted(token.id, preq, job, sealed=False, grant=grant, raw=raw)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -63,16 +63,21 @@ class RelayJob:
     body: bytes  # a JSON object, without its job id
     started: float
     job_id: str = ""  # one attempt's id, for the node's usage receipt (scheduler.ledger)
+    group: str = "default"  # the token's group (policies), for the usage row
+    rules: bytes = b""  # the group's rules for the node (protocol.rules.JobRules as JSON), b"" for none
 
     def attempt(
         self, body: bytes | None = None, *, cache_scope: str | None = None, resume: bytes = b""
     ) -> RelayJob:
         """This job for one node: a fresh job id, spliced into the body sent (``body``, else this one's),
         and for a plaintext job the user's prefix-cache scope on that node (node.runner) and what the
-        client already has of the answer (``resume``, node.plain)."""
+        client already has of the answer (``resume``, node.plain). The group's rules for the node ride
+        beside the request in every kind of job, sealed or not (node.rules)."""
         job_id = secrets.token_hex(8)
         sent = body if body is not None else self.body
         head = b'{"job_id":"%s",' % job_id.encode()
+        if self.rules:
+            head += b'"rules":%s,' % self.rules
         if cache_scope is not None:
             head += b'"cache_scope":"%s",' % cache_scope.encode()
         if resume:

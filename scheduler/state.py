@@ -8,6 +8,7 @@ from aiohttp import web
 
 from protocol.errors import AuthenticationFailed
 from scheduler.admission import Admission
+from scheduler.enforce import Enforcer
 from scheduler.events import EventBus
 from scheduler.federation import Federation
 from scheduler.metrics import Metrics
@@ -32,6 +33,10 @@ SCOPE_KEY = web.AppKey("scope_key", bytes)
 # The policy in force (scheduler.rules), hot-reloaded from the policy file; the admin event stream.
 RULES = web.AppKey("rules", Rules)
 EVENTS = web.AppKey("events", EventBus)
+ENFORCER = web.AppKey("enforcer", Enforcer)
+# Headers every generation answer carries (x-request-id, x-ratelimit-*), set once the request is admitted and
+# added as the answer is prepared, whether it streams, is whole, or is an error.
+ANSWER_HEADERS = web.RequestKey("answer_headers", dict)
 
 
 async def authenticate(request: web.Request) -> TokenRecord:

@@ -1,0 +1,268 @@
+"""The decision: may this principal send this request now, and on what terms?
+
+``decide(principal, request, window)`` is a pure function. The scheduler hands it the principal (the token,
+its group's rules), what it may see of the request (never its text) and the counters it keeps (its usage
+window); it answers ``Allowed`` (what to reserve, the rules the node applies, the rate-limit figures the
+answer's headers report) or ``Refused``, a structured refusal like placement's: what kind of limit, the
+status, a message that says how to fix it, and when to come back.
+
+Checks run in the order a user can act on them: terms, privacy, access (model, tier), sizes (caps), then the
+counters (concurrency, rate, quota), so a request that could never run is not told to wait.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from policies.schema import GroupRules, Limits
+
+RefusalKind = Literal[
+    "terms", "e2e", "model", "tier", "max_tokens", "prompt", "concurrency", "requests", "tokens", "quota"
+]
+DEFAULT_MAX_TOKENS = (
+    8192  # what a request without max_tokens reserves when neither group nor baseline caps it
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who sends the request: the token, its group's rules (baseline applied), and the terms they accepted."""
+
+    token_id: str
+    group: GroupRules
+    terms_version: str | None = None  # the version in force; None: no terms to accept
+    terms_accepted: str | None = None  # the version this token's holder accepted
+    token_tiers: frozenset[str] | None = None  # tiers the token itself is limited to
+
+
+@dataclass(frozen=True, slots=True)
+class Visible:
+    """What the scheduler knows about a request."""
+
+    model: str
+    max_tokens: int | None
+    sealed: bool
+    prompt_tokens: int = 0  # the scheduler's estimate (it cannot read a sealed prompt)
+
+
+@dataclass(frozen=True, slots=True)
+class Meter:
+    """One holder's counters (a token, or a whole group) as the scheduler keeps them."""
+
+    requests_minute: int = 0  # admitted in the last 60 s
+    tokens_minute: int = 0  # reserved or used in the last 60 s
+    requests_free_in: float = 0.0  # seconds until the oldest request leaves the minute window
+    tokens_free_in: float = 0.0
+    in_flight: int = 0
+    tokens_day: int = 0  # used + reserved, this UTC day
+    tokens_month: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class UsageWindow:
+    each: Meter = field(default_factory=Meter)  # this token's
+    total: Meter = field(default_factory=Meter)  # its whole group's
+    day_ends_in: float = 86400.0  # seconds until the UTC day turns
+    month_ends_in: float = 86400.0 * 31
+
+
+@dataclass(frozen=True, slots=True)
+class RateFigures:
+    """What the answer's x-ratelimit-* headers say (None: no such limit)."""
+
+    limit_requests: int | None = None
+    remaining_requests: int | None = None
+    reset_requests: float | None = None
+    limit_tokens: int | None = None
+    remaining_tokens: int | None = None
+    reset_tokens: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Allowed:
+    reserve: int  # tokens held against rate and quota until the answer ends
+    max_total_tokens: int | None  # the node may use no more (set when a token count is limited)
+    tiers: frozenset[str]
+    weight: float
+    system_prompt: str | None
+    rates: RateFigures
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    kind: RefusalKind
+    status: int  # 400, 403 or 429
+    message: str
+    code: str
+    param: str | None = None
+    retry_after: float | None = None
+    rates: RateFigures = field(default_factory=RateFigures)
+
+
+Decision = Allowed | Refused
+
+
+def decide(principal: Principal, request: Visible, window: UsageWindow) -> Decision:
+    group = principal.group
+    if principal.terms_version is not None and principal.terms_accepted != principal.terms_version:
+        return Refused(
+            "terms", 403,
+            f"accept the terms of use (version {principal.terms_version}) before using this service: "
+            "read them with `hearth terms show` (or GET /v1/terms), then run `hearth terms accept` "
+            "(or POST /v1/terms/accept)",
+            "terms_not_accepted",
+        )  # fmt: skip
+    if group.require_e2e and not request.sealed:
+        return Refused(
+            "e2e", 403,
+            f"the {group.name} group sends only end-to-end encrypted requests; send them through "
+            "`hearth proxy`",
+            "e2e_required",
+        )  # fmt: skip
+    if not group.allows_model(request.model):
+        allowed = ", ".join(group.models or ())
+        return Refused(
+            "model", 403, f"the {group.name} group may not use {request.model}; it may use: {allowed}",
+            "model_not_allowed", param="model",
+        )  # fmt: skip
+    tiers = group.tiers
+    if principal.token_tiers is not None:
+        tiers = tiers & principal.token_tiers
+    if not tiers:
+        why = (
+            f"this token may use only {', '.join(sorted(principal.token_tiers))} nodes, and the {group.name} "
+            "group may reach none of those tiers"
+            if principal.token_tiers is not None
+            else f"the {group.name} group may reach no node tier this scheduler allows"
+        )
+        return Refused("tier", 403, why, "tier_not_allowed")
+    if (
+        request.max_tokens is not None
+        and group.max_tokens is not None
+        and request.max_tokens > group.max_tokens
+    ):
+        return Refused(
+            "max_tokens", 400, f"max_tokens may be at most {group.max_tokens} for the {group.name} group",
+            "max_tokens_over_cap", param="max_tokens",
+        )  # fmt: skip
+    if group.max_prompt_tokens is not None and request.prompt_tokens > group.max_prompt_tokens:
+        return Refused(
+            "prompt", 400,
+            f"the prompt is about {request.prompt_tokens} tokens; the {group.name} group's limit is "
+            f"{group.max_prompt_tokens}",
+            "prompt_too_long", param="messages",
+        )  # fmt: skip
+    max_new = request.max_tokens if request.max_tokens is not None else group.max_tokens or DEFAULT_MAX_TOKENS
+    reserve = request.prompt_tokens + max_new
+    rates = _rates(group, window, reserve)
+    for scope, limits, meter in (("you", group.each, window.each), ("your group", group.total, window.total)):
+        refused = _counters(
+            scope, limits, meter, window, reserve, max_new, request.max_tokens is not None, rates
+        )
+        if refused is not None:
+            return refused
+    counted = any(
+        getattr(lim, name) is not None
+        for lim in (group.each, group.total)
+        for name in ("tokens_per_minute", "tokens_per_day", "tokens_per_month")
+    )
+    return Allowed(
+        reserve=reserve,
+        max_total_tokens=reserve if counted else None,
+        tiers=tiers,
+        weight=group.weight,
+        system_prompt=group.system_prompt,
+        rates=rates,
+    )
+
+
+def _counters(
+    scope: str,
+    limits: Limits,
+    meter: Meter,
+    window: UsageWindow,
+    reserve: int,
+    max_new: int,
+    asked: bool,
+    rates: RateFigures,
+) -> Refused | None:
+    """The first counter this request would take past its limit, as a refusal."""
+    if limits.concurrent_requests is not None and meter.in_flight >= limits.concurrent_requests:
+        return Refused(
+            "concurrency", 429,
+            f"{scope} already have {meter.in_flight} requests in flight, the most allowed at once; wait "
+            "for one to finish",
+            "concurrency_limit_exceeded", retry_after=1.0, rates=rates,
+        )  # fmt: skip
+    if limits.requests_per_minute is not None and meter.requests_minute >= limits.requests_per_minute:
+        return Refused(
+            "requests", 429, f"{scope} reached {limits.requests_per_minute} requests per minute",
+            "rate_limit_exceeded", retry_after=meter.requests_free_in, rates=rates,
+        )  # fmt: skip
+    for limit, used, name, free_in in (
+        (limits.tokens_per_minute, meter.tokens_minute, "per minute", meter.tokens_free_in),
+        (limits.tokens_per_day, meter.tokens_day, "today", window.day_ends_in),
+        (limits.tokens_per_month, meter.tokens_month, "this month", window.month_ends_in),
+    ):
+        if limit is None or used + reserve <= limit:
+            continue
+        kind: RefusalKind = "tokens" if name == "per minute" else "quota"
+        code = "rate_limit_exceeded" if kind == "tokens" else "quota_exceeded"
+        what = f"{limit} tokens {name}" if kind == "tokens" else f"the quota of {limit} tokens {name}"
+        if reserve > limit:
+            return Refused(
+                kind, 400,
+                f"this request could use {reserve} tokens (its prompt and max_tokens), more than {what} "
+                f"that {scope} may use; ask for fewer max_tokens",
+                "max_tokens_over_limit", param="max_tokens", rates=rates,
+            )  # fmt: skip
+        left = max(0, limit - used)
+        prompt = reserve - max_new
+        smaller = left - prompt if asked else 0  # the max_tokens that would fit now
+        hint = (
+            f"; {left} are left: a request with max_tokens of at most {smaller} fits now"
+            if smaller > 0
+            else ""
+        )
+        return Refused(
+            kind, 429,
+            f"this request could use {reserve} tokens, which would take {scope} past {what}{hint}",
+            code, param="max_tokens" if hint else None, retry_after=free_in, rates=rates,
+        )  # fmt: skip
+    return None
+
+
+def _rates(group: GroupRules, window: UsageWindow, reserve: int) -> RateFigures:
+    """The per-minute limits the answer reports: the token's own, else its group's."""
+    rpm, requests, requests_free = group.each.requests_per_minute, window.each.requests_minute, window.each
+    if rpm is None and group.total.requests_per_minute is not None:
+        rpm, requests, requests_free = (
+            group.total.requests_per_minute,
+            window.total.requests_minute,
+            window.total,
+        )
+    tpm, tokens, tokens_free = group.each.tokens_per_minute, window.each.tokens_minute, window.each
+    if tpm is None and group.total.tokens_per_minute is not None:
+        tpm, tokens, tokens_free = group.total.tokens_per_minute, window.total.tokens_minute, window.total
+    return RateFigures(
+        limit_requests=rpm,
+        remaining_requests=None if rpm is None else max(0, rpm - requests - 1),
+        reset_requests=None if rpm is None else requests_free.requests_free_in,
+        limit_tokens=tpm,
+        remaining_tokens=None if tpm is None else max(0, tpm - tokens - reserve),
+        reset_tokens=None if tpm is None else tokens_free.tokens_free_in,
+    )
+
+
+def duration(seconds: float) -> str:
+    """A reset time as OpenAI writes it: "1s", "6m0s", "20ms"."""
+    if seconds < 1:
+        return f"{max(0, math.ceil(seconds * 1000))}ms"
+    whole = math.ceil(seconds)
+    minutes, secs = divmod(whole, 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
