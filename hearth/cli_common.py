@@ -53,3 +53,15 @@ def settings_for(config: Path | None, data_dir: Path | None, **overrides: Any) -
     if data_dir is not None:
         overrides["data_dir"] = data_dir
     return load_settings(config, **overrides)
+
+
+_scheduler_url = click.option(
+    "--scheduler", "scheduler_url", metavar="URL", default=None,
+    help="The scheduler's URL (default: $HEARTH_SCHEDULER_URL, else http://127.0.0.1:8000).",
+)  # fmt: skip
+_token = click.option("--token", default=None, help="An admin token (default: $HEARTH_TOKEN).")
+
+
+def admin_command(fn: F) -> F:
+    """A command that calls the scheduler's admin API: --scheduler and --token, errors in one line."""
+    return _scheduler_url(_token(one_line_errors(fn)))  # type: ignore[no-any-return]

@@ -78,10 +78,15 @@ def load_settings(config: Path | None = None, **overrides: Any) -> HearthSetting
             return tuple(sources)
 
     try:
-        return HearthSettings.model_validate(_Sourced(**overrides).model_dump())
+        settings = HearthSettings.model_validate(_Sourced(**overrides).model_dump())
     except ValidationError as exc:
         err = exc.errors(include_input=False, include_url=False)[0]
         where = ".".join(str(p) for p in err["loc"])
         raise ConfigError(f"invalid setting {where}: {err['msg']}") from None
     except ValueError as exc:  # malformed TOML
         raise ConfigError(f"cannot read {config}: {exc}") from None
+    if config is not None and settings.scheduler.policy_file is None:
+        # The club's rules live beside the config that names the scheduler's other settings.
+        policy = config.parent / "policies.toml"
+        settings.scheduler = settings.scheduler.model_copy(update={"policy_file": policy})
+    return settings

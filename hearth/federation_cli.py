@@ -5,23 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
-from hearth.cli_common import config_option, data_dir_option, gib, one_line_errors, settings_for
+from hearth.cli_common import (
+    admin_command,
+    config_option,
+    data_dir_option,
+    gib,
+    one_line_errors,
+    settings_for,
+)
 from hearth.operator import AdminClient
 from protocol import logs
 from protocol.errors import ConfigError
 from protocol.federation import TIERS
-
-_scheduler_url = click.option(
-    "--scheduler", "scheduler_url", metavar="URL", default=None,
-    help="The scheduler's URL (default: $HEARTH_SCHEDULER_URL, else http://127.0.0.1:8000).",
-)  # fmt: skip
-_token = click.option("--token", default=None, help="An admin token (default: $HEARTH_TOKEN).")
 
 
 def _logging(level: str) -> None:
@@ -150,12 +150,8 @@ def node_enroll(
     click.echo("start serving with: hearth node start" + (f" --data-dir {data_dir}" if data_dir else ""))
 
 
-def _admin_command(fn: Callable[..., Any]) -> Callable[..., Any]:
-    return _scheduler_url(_token(one_line_errors(fn)))
-
-
 @node.command("list")
-@_admin_command
+@admin_command
 def node_list(scheduler_url: str | None, token: str | None) -> None:
     """Approved nodes: health, drain, owner first, models, their current encryption key and any alarm."""
     rows = AdminClient(scheduler_url, token).get("/admin/nodes")["nodes"]
@@ -180,7 +176,7 @@ def _yielding(row: dict[str, Any]) -> str:
 
 @node.command("revoke")
 @click.argument("node_id")
-@_admin_command
+@admin_command
 def node_revoke(node_id: str, scheduler_url: str | None, token: str | None) -> None:
     """Take a node out of the cluster now; it learns of it at its next heartbeat."""
     AdminClient(scheduler_url, token).post(f"/admin/nodes/{node_id}/revoke")
@@ -190,7 +186,7 @@ def node_revoke(node_id: str, scheduler_url: str | None, token: str | None) -> N
 @node.command("drain")
 @click.argument("node_id")
 @click.option("--undo", is_flag=True, help="Let the node take work again.")
-@_admin_command
+@admin_command
 def node_drain(node_id: str, undo: bool, scheduler_url: str | None, token: str | None) -> None:
     """Let a node finish its running jobs and take no new ones (e.g. before maintenance)."""
     AdminClient(scheduler_url, token).post(f"/admin/nodes/{node_id}/drain", {"drain": not undo})
@@ -267,7 +263,7 @@ def enroll() -> None:
 @click.option("--tier", type=click.Choice(TIERS), required=True, help="The tier the node will have.")
 @click.option("--ttl", type=float, default=None, help="Seconds the code stays valid (default 24 h).")
 @click.option("--note", default="", help="A note to remember whom the code is for.")
-@_admin_command
+@admin_command
 def enroll_create(
     tier: str, ttl: float | None, note: str, scheduler_url: str | None, token: str | None
 ) -> None:
@@ -283,7 +279,7 @@ def enroll_create(
 
 @enroll.command("list")
 @click.option("--all", "show_all", is_flag=True, help="Also show approved, rejected and revoked nodes.")
-@_admin_command
+@admin_command
 def enroll_list(show_all: bool, scheduler_url: str | None, token: str | None) -> None:
     """Nodes waiting for approval (enrolled with a code, or discovered on the LAN)."""
     path = "/admin/enrollments" + ("" if show_all else "?state=pending")
@@ -309,7 +305,7 @@ def enroll_list(show_all: bool, scheduler_url: str | None, token: str | None) ->
 @enroll.command("approve")
 @click.argument("node_id")
 @_authority_dir
-@_admin_command
+@admin_command
 def enroll_approve(
     node_id: str, directory: Path | None, scheduler_url: str | None, token: str | None
 ) -> None:
@@ -338,7 +334,7 @@ def enroll_approve(
 
 @enroll.command("reject")
 @click.argument("node_id")
-@_admin_command
+@admin_command
 def enroll_reject(node_id: str, scheduler_url: str | None, token: str | None) -> None:
     """Refuse a pending node."""
     AdminClient(scheduler_url, token).post(f"/admin/enrollments/{node_id}/reject")
@@ -349,7 +345,7 @@ def enroll_reject(node_id: str, scheduler_url: str | None, token: str | None) ->
 
 
 @click.command()
-@_admin_command
+@admin_command
 def models(scheduler_url: str | None, token: str | None) -> None:
     """Where each model runs: node, state and jobs in flight."""
     doc = AdminClient(scheduler_url, token).get("/admin/models")

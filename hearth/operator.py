@@ -33,6 +33,9 @@ class AdminClient:
     def post(self, path: str, doc: dict[str, Any] | None = None) -> Any:
         return self._call("POST", path, doc or {})
 
+    def put(self, path: str, doc: dict[str, Any]) -> Any:
+        return self._call("PUT", path, doc)
+
     def _call(self, method: str, path: str, doc: dict[str, Any] | None) -> Any:
         data = None if doc is None else json.dumps(doc).encode()
         req = urllib.request.Request(

@@ -26,8 +26,9 @@ from policies.engine import (
     decide,
     duration,
 )
-from policies.schema import DEFAULT_GROUP, GroupRules, Limits, PolicyFile, resolve
+from policies.schema import DEFAULT_GROUP, GroupRules, PolicyFile, resolve
 from protocol.federation import TIERS, Tier
+from protocol.policy import Limits
 
 __all__ = [
     "DEFAULT_GROUP",

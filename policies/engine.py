@@ -16,7 +16,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from policies.schema import GroupRules, Limits
+from policies.schema import GroupRules
+from protocol.policy import Limits
 
 RefusalKind = Literal[
     "terms", "e2e", "model", "tier", "max_tokens", "prompt", "concurrency", "requests", "tokens", "quota"

@@ -15,50 +15,17 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from protocol.federation import TIERS, Tier
+from protocol.policy import Count, Limits
 from protocol.rules import MAX_SYSTEM_PROMPT_CHARS
 
 DEFAULT_GROUP = "default"
 GROUP_NAME = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
 MAX_TERMS_CHARS = 100_000
 GroupName = Annotated[str, StringConstraints(pattern=GROUP_NAME)]
-Count = Annotated[int, Field(ge=1, le=10**12)]
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Limits(_Strict):
-    """How much one holder may use. Unset means no limit of that kind."""
-
-    requests_per_minute: Count | None = Field(
-        default=None, description="Requests admitted in any sliding 60 seconds."
-    )
-    tokens_per_minute: Count | None = Field(
-        default=None,
-        description="Tokens (prompt + completion; max_tokens counts until the answer ends) in any sliding "
-        "60 seconds.",
-    )
-    concurrent_requests: Count | None = Field(
-        default=None, description="Requests in flight at once (queued or streaming)."
-    )
-    tokens_per_day: Count | None = Field(
-        default=None,
-        description="Quota: prompt + completion tokens per calendar day (UTC). Reserved at admission, "
-        "settled with the node's counts.",
-    )
-    tokens_per_month: Count | None = Field(
-        default=None, description="Quota: prompt + completion tokens per calendar month (UTC)."
-    )
-
-    def merged(self, parent: Limits) -> Limits:
-        """These limits, with what they leave unset taken from ``parent``."""
-        return Limits.model_validate(
-            {
-                name: getattr(self, name) if getattr(self, name) is not None else getattr(parent, name)
-                for name in Limits.model_fields
-            }
-        )
 
 
 class Group(Limits):

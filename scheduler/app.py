@@ -37,12 +37,12 @@ from protocol.web import (
     parse_json,
     read_body,
 )
-from scheduler import admin, generation
+from scheduler import admin, admin_policy, generation
 from scheduler.admission import Admission
 from scheduler.directory import DirectoryLog
 from scheduler.directory import serve as serve_directory
 from scheduler.enforce import Enforcer
-from scheduler.events import EventBus
+from scheduler.events import EventBus, NodeWatch
 from scheduler.federation import Federation
 from scheduler.ledger import Correction, Ledger
 from scheduler.metrics import Metrics
@@ -105,6 +105,7 @@ def create_app(settings: SchedulerSettings) -> web.Application:
     app.router.add_post("/v1/enroll", enroll)
     app.router.add_post("/v1/nodes/heartbeat", heartbeat)
     admin.add_routes(app)
+    admin_policy.add_routes(app)
     return app
 
 
@@ -260,10 +261,15 @@ async def _watch_health(app: web.Application, ledger: Ledger) -> None:
     requests waiting for it learn of it (and so they fail over or give up without waiting for a change).
     Jobs whose node never confirmed their usage are counted on the same beat."""
     interval = min(1.0, app[SETTINGS].node_timeout / 4)
+    nodes = NodeWatch(app[EVENTS])
+    registry = app[FEDERATION].registry
     while True:
         await asyncio.sleep(interval)
         app[ADMISSION].wake()
         ledger.sweep()
+        app[ENFORCER].meters.forget_periods()
+        if app[EVENTS].watchers:
+            nodes.look([(n.node_id, n.healthy, n.yielding) for n in registry.snapshot().nodes])
 
 
 async def _write_usage(app: web.Application, usage: asyncio.Queue[UsageRecord | Correction | None]) -> None:

@@ -53,3 +53,26 @@ class EventBus:
             yield sub
         finally:
             self._subscribers.discard(sub)
+
+
+class NodeWatch:
+    """Turns the registry's snapshots into node events: joined, left, healthy or not, yielding or not."""
+
+    def __init__(self, bus: EventBus) -> None:
+        self._bus = bus
+        self._seen: dict[str, tuple[bool, bool]] = {}  # node id → (healthy, yielding)
+
+    def look(self, nodes: list[tuple[str, bool, bool]]) -> None:
+        now = {node_id: (healthy, yielding) for node_id, healthy, yielding in nodes}
+        for node_id, (healthy, yielding) in now.items():
+            before = self._seen.get(node_id)
+            if before is None:
+                self._bus.publish("node_joined", node_id=node_id)
+                before = (True, False)
+            if healthy != before[0]:
+                self._bus.publish("node_healthy" if healthy else "node_unhealthy", node_id=node_id)
+            if yielding != before[1]:
+                self._bus.publish("node_yielding" if yielding else "node_working", node_id=node_id)
+        for node_id in self._seen.keys() - now.keys():
+            self._bus.publish("node_left", node_id=node_id)
+        self._seen = now

@@ -47,6 +47,7 @@ from scheduler.state import (
     ADMISSION,
     ANSWER_HEADERS,
     ENFORCER,
+    EVENTS,
     FEDERATION,
     IN_FLIGHT,
     METRICS,
@@ -116,6 +117,7 @@ async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamRespo
         admitted = await (_admit_sealed if request.content_type == ENVELOPE else _admit)(request, endpoint)
         # The answer carries the request's id and the x-ratelimit-* figures, whatever it turns out to be.
         request[ANSWER_HEADERS] = admitted.grant.headers
+        app[EVENTS].publish("admitted", group=admitted.grant.group, model=admitted.job.model)
         stream = SealedStream() if admitted.sealed else PlainStream(admitted.job.stream)
         return await _serve(request, endpoint, admitted, stream)
     except HearthError as exc:

@@ -42,6 +42,7 @@ class LoadedPolicy:
     groups: dict[str, GroupRules]
     terms_text: str | None
     source: str  # the file's path, or "(built in)"
+    text: str | None  # the file as loaded (None: built in)
     digest: str  # sha-256 of the file's bytes (and the terms file's), to tell versions apart
 
     @property
@@ -52,7 +53,7 @@ class LoadedPolicy:
 def builtin() -> LoadedPolicy:
     """No policy file: one unlimited default group, no terms."""
     policy = PolicyFile()
-    return LoadedPolicy(policy, resolve(policy), None, "(built in)", hashlib.sha256(b"").hexdigest())
+    return LoadedPolicy(policy, resolve(policy), None, "(built in)", None, hashlib.sha256(b"").hexdigest())
 
 
 def parse_policy(text: str, name: str, base: Path | None = None) -> LoadedPolicy:
@@ -82,7 +83,7 @@ def parse_policy(text: str, name: str, base: Path | None = None) -> LoadedPolicy
             digest.update(raw)
         else:
             terms_text = policy.terms.text
-    return LoadedPolicy(policy, resolve(policy), terms_text, name, digest.hexdigest())
+    return LoadedPolicy(policy, resolve(policy), terms_text, name, text, digest.hexdigest())
 
 
 def load_policy(path: Path) -> LoadedPolicy:
@@ -144,7 +145,7 @@ class Rules:
     current: LoadedPolicy = field(default_factory=builtin)
     path: Path | None = None
     on_reload: Callable[[str, str], None] | None = None  # (outcome, detail) for the audit log and events
-    _mtime: tuple[float, int] | None = None
+    _mtime: tuple[int, ...] | None = None
 
     def group(self, name: str | None) -> GroupRules | None:
         return self.current.groups.get(name or DEFAULT_GROUP)
@@ -191,6 +192,12 @@ class Rules:
         self._report("applied", found.digest[:16])
         return True
 
+    def adopt(self, loaded: LoadedPolicy) -> None:
+        """Apply a policy just written to the file (`PUT /admin/policy`): the watcher will see no change."""
+        self.current = loaded
+        if self.path is not None:
+            self._mtime = _stamp(self.path)
+
     def _report(self, outcome: str, detail: str) -> None:
         if self.on_reload is not None:
             self.on_reload(outcome, detail)
@@ -202,12 +209,14 @@ class Rules:
             self._apply(await asyncio.to_thread(self._read_if_changed))
 
 
-def _stamp(path: Path) -> tuple[float, int] | None:
+def _stamp(path: Path) -> tuple[int, ...] | None:
+    """What tells a changed file: an editor that replaces the file changes its inode, one that writes in
+    place its modification time or size."""
     try:
         st = path.stat()
     except OSError:
         return None
-    return (st.st_mtime, st.st_size)
+    return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
 
 
 def policy_summary(loaded: LoadedPolicy) -> dict[str, Any]:
