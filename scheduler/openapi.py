@@ -32,6 +32,7 @@ from protocol.admin import (
 from protocol.envelope import MEDIA_TYPE as ENVELOPE
 from protocol.federation import NODE_ID_PATTERN, EnrollReply, EnrollRequest, HeartbeatReply, NodeStatus
 from protocol.frames import MEDIA_TYPE as FRAMES
+from protocol.policy import AdminEvent, CallerPolicy, PolicyState, PolicyUpdate
 from protocol.schemas import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -54,6 +55,7 @@ _REQUESTS: list[type[BaseModel]] = [
     EnrollmentCodeRequest,
     ApproveRequest,
     DrainRequest,
+    PolicyUpdate,
 ]
 _REPLIES: list[type[BaseModel]] = [
     ChatCompletion,
@@ -72,6 +74,9 @@ _REPLIES: list[type[BaseModel]] = [
     NodeList,
     ModelPlacements,
     AuthorityKeys,
+    CallerPolicy,
+    PolicyState,
+    AdminEvent,
 ]
 
 _STATUS = {
@@ -83,6 +88,9 @@ _STATUS = {
     409: "Conflict with the current state.",
     413: "The request body is over the size limit (payload_too_large).",
     422: "The request can never run here (model larger than every node, for example).",
+    429: "A limit of the token's group (docs/policies.md): requests or tokens per minute "
+    "(rate_limit_exceeded), requests in flight (concurrency_limit_exceeded) or a daily or monthly quota "
+    "(quota_exceeded); see Retry-After.",
     500: "An internal error (internal_error), or the model failed before its answer started "
     "(generation_failed).",
     502: "The node answered with something that is not a valid answer (node_failed).",
@@ -91,6 +99,19 @@ _STATUS = {
 }
 _RETRY_AFTER = {
     "Retry-After": {"description": "Seconds to wait before trying again.", "schema": {"type": "integer"}}
+}
+_RATE = {"type": "string"}
+# What every generation answer carries, as OpenAI sends them (a limit the group does not set is not sent).
+_ANSWER_HEADERS = {
+    "x-request-id": {"description": "The scheduler's id of this request (usage, audit).", "schema": _RATE},
+    **{
+        f"x-ratelimit-{part}-{what}": {
+            "description": f"The {part} of the token's {what} per minute.",
+            "schema": _RATE,
+        }
+        for what in ("requests", "tokens")
+        for part in ("limit", "remaining", "reset")
+    },
 }
 
 
@@ -109,7 +130,7 @@ def _errors(*statuses: int, **say: str) -> dict[str, Any]:
         out[str(status)] = {
             "description": say.get(f"e{status}", _STATUS[status]),
             "content": _json("ErrorResponse"),
-            **({"headers": _RETRY_AFTER} if status == 503 else {}),
+            **({"headers": _RETRY_AFTER} if status in (429, 503) else {}),
         }
     return out
 
@@ -158,6 +179,7 @@ def _generation(summary: str, request: str, response: str, chunk: str) -> dict[s
                     "description": f"A {response} (stream=false); server-sent events, each a {chunk} and the "
                     "last `data: [DONE]`, or an error event that ends the stream (stream=true); or, for a "
                     "sealed request, end-to-end encrypted frames (docs/protocol.md).",
+                    "headers": _ANSWER_HEADERS,
                     "content": {
                         **_json(response),
                         "text/event-stream": {"schema": _events(chunk)},
@@ -172,6 +194,7 @@ def _generation(summary: str, request: str, response: str, chunk: str) -> dict[s
                     409,
                     413,
                     422,
+                    429,
                     500,
                     502,
                     503,
@@ -287,6 +310,42 @@ def _admin_paths() -> dict[str, Any]:
     }
 
 
+def _policy_paths() -> dict[str, Any]:
+    return {
+        "/v1/policy": _get(
+            "The rules that apply to the caller: group, limits, course prompt, counters, terms.",
+            {**_ok("CallerPolicy"), **_errors(401, 403)},
+            security=[{"bearer": []}],
+        ),
+        "/admin/policy": {
+            "get": _admin("The policy in force, each group's rules as they apply.", _ok("PolicyState")),
+            "put": _admin(
+                "Replace the policy file: validated, written and applied at once (audited).",
+                _ok("PolicyState"),
+                body="PolicyUpdate",
+                errors={
+                    **_errors(400, 413, e400="Not a valid policy: the message names the line and field."),
+                    **_errors(409, e409="The policy changed since `digest` (policy_changed)."),
+                },
+            ),
+        },
+        "/admin/events": {
+            "get": _admin(
+                "Live events (server-sent events, metadata only): nodes joining, leaving and yielding, "
+                "requests admitted, refused and finished, policy reloads.",
+                {
+                    "200": {
+                        "description": "An endless stream; each event's `data` is an AdminEvent.",
+                        "content": {"text/event-stream": {"schema": {"type": "object", "properties": {
+                            "data": {"type": "string", "contentMediaType": "application/json",
+                                     "contentSchema": _ref("AdminEvent")}}}}},
+                    }
+                },
+            )
+        },
+    }  # fmt: skip
+
+
 @cache
 def openapi_document() -> dict[str, Any]:
     _, schemas = models_json_schema(
@@ -382,5 +441,6 @@ def openapi_document() -> dict[str, Any]:
                 }
             },
             **_admin_paths(),
+            **_policy_paths(),
         },
     }

@@ -149,6 +149,7 @@ def _sealed_resume(
 
 # Refusals that say nothing about the request itself, only about that node: another node may take it.
 FAILOVER_STATUSES = frozenset({401, 403, 404, 408, 429, 500, 502, 503, 504})
+QUOTA_EXCEEDED = "quota_exceeded"
 
 
 class _ClientStalled(Exception):
@@ -224,7 +225,8 @@ class Relay:
                     # A node's 400 is final (another node would refuse the same request), except an
                     # envelope this node cannot open: it may have lost its key, or opened this one before
                     # (a replay), and another candidate may open it. Neither learns which check failed.
-                    if resp.status in FAILOVER_STATUSES or (
+                    # A prompt larger than the quota reserved for it (node.rules) is too large anywhere.
+                    if (resp.status in FAILOVER_STATUSES and err.code != QUOTA_EXCEEDED) or (
                         content_type == SEALED_JOB and err.code == EnvelopeError.default_code
                     ):
                         raise Failover(err)
