@@ -85,8 +85,7 @@ def load_settings(config: Path | None = None, **overrides: Any) -> HearthSetting
         raise ConfigError(f"invalid setting {where}: {err['msg']}") from None
     except ValueError as exc:  # malformed TOML
         raise ConfigError(f"cannot read {config}: {exc}") from None
-    if config is not None and settings.scheduler.policy_file is None:
+    if config is not None:
         # The club's rules live beside the config that names the scheduler's other settings.
-        policy = config.parent / "policies.toml"
-        settings.scheduler = settings.scheduler.model_copy(update={"policy_file": policy})
+        settings.scheduler.config_dir = config.parent
     return settings

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from policies import Policy
 from protocol.server import ServerLimits
@@ -80,9 +80,23 @@ class SchedulerSettings(BaseModel):
     def db_path(self) -> Path:
         return self.data_dir / "hearth.db"
 
+    # Where the config file that named these settings lives (set by hearth.config.load_settings): the
+    # policy file's default place. Not a setting of its own.
+    _config_dir: Path | None = PrivateAttr(default=None)
+
+    @property
+    def config_dir(self) -> Path | None:
+        return self._config_dir
+
+    @config_dir.setter
+    def config_dir(self, value: Path | None) -> None:
+        self._config_dir = value
+
     @property
     def policy_path(self) -> Path:
-        return self.policy_file if self.policy_file is not None else self.data_dir / "policies.toml"
+        if self.policy_file is not None:
+            return self.policy_file
+        return (self._config_dir or self.data_dir) / "policies.toml"
 
     @property
     def key_path(self) -> Path:
