@@ -246,7 +246,15 @@ COMMANDS = list(_commands(main))
 
 def _user_docs() -> str:
     return "\n".join(
-        _read(p) for p in (QUICKSTART, API, CONFIGURATION, DOCS / "operators.md", DOCS / "volunteers.md")
+        _read(p)
+        for p in (
+            QUICKSTART,
+            API,
+            CONFIGURATION,
+            DOCS / "operators.md",
+            DOCS / "volunteers.md",
+            DOCS / "policies.md",
+        )
     )
 
 
