@@ -15,9 +15,9 @@
 "Scheduler only" means signed by the scheduler key this node pinned at enrollment, addressed to this node,
 fresh and never seen before (protocol.identity); anything else gets 401 and changes nothing.
 
-Only the node sees prompt text: it validates the request, renders the chat template, fits the context,
-generates, and writes the client's bytes itself. A sealed job (node.sealed) is opened here and its answer
-sealed here: the scheduler relays ciphertext.
+Only the node sees prompt text: it validates the request, applies the job's rules (node.rules), renders
+the chat template, fits the context (node.prepare), generates, and writes the client's bytes itself. A
+sealed job (node.sealed) is opened here and its answer sealed here: the scheduler relays ciphertext.
 """
 
 from __future__ import annotations
