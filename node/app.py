@@ -15,9 +15,9 @@
 "Scheduler only" means signed by the scheduler key this node pinned at enrollment, addressed to this node,
 fresh and never seen before (protocol.identity); anything else gets 401 and changes nothing.
 
-Only the node sees prompt text: it validates the request, renders the chat template, fits the context,
-generates, and writes the client's bytes itself. A sealed job (node.sealed) is opened here and its answer
-sealed here: the scheduler relays ciphertext.
+Only the node sees prompt text: it validates the request, applies the job's rules (node.rules), renders
+the chat template, fits the context (node.prepare), generates, and writes the client's bytes itself. A
+sealed job (node.sealed) is opened here and its answer sealed here: the scheduler relays ciphertext.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,33 +39,31 @@ from aiohttp import web
 from hardware.probe import NodeProbe
 from hardware.probe import probe as probe_gpus
 from node.backends import load_backend
-from node.backends.base import CacheScope, SamplingParams
-from node.context import fit_messages, fit_prompt
+from node.backends.base import CacheScope
 from node.keys import NodeKeys, ReplayMemory
 from node.metrics import NodeMetrics
 from node.openai_format import ResponseWriter
 from node.owner import OwnerFirst
 from node.plain import Resume, plain_job
-from node.pool import BackendLoader, ModelPool, ModelSlot
+from node.pool import BackendLoader, ModelPool
+from node.prepare import prepare
 from node.receipts import Receipts
-from node.runner import Job, JobRunner
+from node.runner import Job
 from node.sealed import SealedFrames, SealedJob, open_job
 from node.settings import ModelSettings, NodeSettings
-from node.templates import Message
 from node.trust import Enrollment, Trust
 from protocol import frames
 from protocol.directory import Directory
 from protocol.envelope import SEALED_JOB
 from protocol.errors import (
     AuthenticationFailed,
-    ContextLengthExceeded,
     HearthError,
     InvalidRequest,
     PermissionDenied,
     Unavailable,
 )
 from protocol.identity import RequestVerifier, b64d, b64e, fingerprint, verify_certificate, write_private
-from protocol.schemas import ChatCompletionRequest, CompletionRequest
+from protocol.rules import JobRules
 from protocol.web import error_middleware, is_loopback, json_response, parse_json, read_body
 
 log = logging.getLogger("hearth.node")
@@ -376,13 +374,6 @@ async def certificate(request: web.Request) -> web.Response:
     return json_response({"node_id": cert.node_id, "tier": cert.tier})
 
 
-@dataclass(frozen=True)
-class Prepared:
-    prompt_ids: list[int]
-    params: SamplingParams
-    resumed_tokens: int = 0  # of prompt_ids, the tail another node generated
-
-
 class PlainFrames:
     """Frames of an answer the scheduler may read (a plaintext request)."""
 
@@ -408,76 +399,6 @@ class SealedOut(SealedFrames):
 Out = PlainFrames | SealedOut
 
 
-def _prepare(
-    slot: ModelSlot, runner: JobRunner, req: ChatCompletionRequest | CompletionRequest, sent_text: str = ""
-) -> Prepared:
-    """Render, tokenize and fit the prompt (CPU work: runs in a thread). ``sent_text`` is what another
-    node already answered (blind failover): it goes on after the prompt, and counts against max_tokens.
-    ``runner`` is the slot's as the job arrived (the model may be unloaded meanwhile)."""
-    assert slot.template is not None
-    backend = runner.backend
-    context = backend.context_length
-    requested = req.requested_max_tokens
-    sent = backend.encode(sent_text, add_special_tokens=False) if sent_text else []
-    if requested is not None and sent:
-        requested = max(1, requested - len(sent))
-    if requested is not None and requested >= context:
-        raise ContextLengthExceeded(
-            f"max_tokens is {requested} but the model's context is {context} tokens, prompt included",
-            param="max_tokens",
-        )
-    budget = context - (requested if requested is not None else 1)
-    if isinstance(req, ChatCompletionRequest):
-        template = slot.template
-        messages: list[Message] = [
-            {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-            for m in req.messages
-        ]
-        # Fitting counts candidate conversations; keep each one's ids so the winner is not encoded twice.
-        encoded: dict[tuple[int, ...], list[int]] = {}
-
-        def count(candidate: Sequence[Message]) -> int:
-            ids = backend.encode(template.render(candidate), add_special_tokens=False)
-            encoded[tuple(map(id, candidate))] = ids
-            return len(ids)
-
-        truncate = (req.truncation or slot.settings.truncation) == "auto"
-        fitted = fit_messages(messages, count_tokens=count, budget=budget, truncate=truncate)
-        key = tuple(map(id, fitted.messages))
-        prompt_ids = (
-            encoded[key]
-            if key in encoded
-            else backend.encode(template.render(fitted.messages), add_special_tokens=False)
-        )
-        default = slot.settings.default_max_tokens
-    else:
-        prompt_ids = backend.encode(req.prompt_text(), add_special_tokens=True)
-        fit_prompt(len(prompt_ids), budget=budget)
-        default = 16
-    if not prompt_ids:
-        raise InvalidRequest("the prompt is empty", param="prompt")
-    if sent:
-        prompt_ids = prompt_ids + sent
-        if len(prompt_ids) >= context:
-            raise ContextLengthExceeded("the answer so far fills the model's context")
-    room = context - len(prompt_ids)
-    max_new = min(requested if requested is not None else default, room)
-    params = SamplingParams(
-        max_new_tokens=max_new,
-        temperature=req.temperature,
-        top_p=req.top_p,
-        top_k=max(0, req.top_k),
-        min_p=req.min_p,
-        repetition_penalty=req.repetition_penalty,
-        seed=req.seed,
-        stop_token_ids=tuple(req.stop_token_ids or ()),
-        presence_penalty=req.presence_penalty,
-        frequency_penalty=req.frequency_penalty,
-        ignore_eos=req.ignore_eos,
-    )
-    return Prepared(prompt_ids, params, len(sent))
-
-
 async def submit_job(request: web.Request) -> web.StreamResponse:
     raw = await read_body(request)
     state = await _authorize(request, raw)
@@ -493,13 +414,14 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
     scope: CacheScope | None = None
     out: Out | None = None  # a sealed job's is made below, while its prompt is prepared
     resume = Resume()
+    rules: JobRules | None = None  # the user's group's (node.rules)
     if request.content_type == SEALED_JOB:
         # Opening a chat-sized envelope takes ~0.2 ms: a thread hop would cost as much, and more under load.
         # A big one (up to 4 MiB of ciphertext) goes to a thread.
         opening = functools.partial(open_job, raw, node_id=node_id, keys=state.keys, replay=state.replay)
         sealed = opening() if len(raw) <= INLINE_OPEN_BYTES else await asyncio.to_thread(opening)
         endpoint, request_id, req, job_id = sealed.endpoint, sealed.request_id, sealed.request, sealed.job_id
-        resume = Resume(sealed.sent_text, sealed.created)
+        resume, rules = Resume(sealed.sent_text, sealed.created), sealed.rules
         if sealed.start_seq:
             log.info("resuming a sealed answer another node began (%d frames sent)", sealed.start_seq)
     else:
@@ -513,7 +435,8 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
         # A job carrying an answer to resume (up to a few MiB) is parsed in a thread, as a big envelope is.
         parsing = functools.partial(plain_job, raw)
         plain = parsing() if len(raw) <= INLINE_OPEN_BYTES else await asyncio.to_thread(parsing)
-        endpoint, request_id, req, job_id, scope, resume = plain
+        endpoint, request_id, req, job_id = plain.endpoint, plain.request_id, plain.request, plain.job_id
+        scope, resume, rules = plain.scope, plain.resume, plain.rules
         if resume.began:
             log.info("resuming an answer another node began")
         out = PlainFrames()
@@ -523,7 +446,7 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
         raise Unavailable(f"the model '{req.model}' is not loaded here ({slot.phase})", retry_after=5)
     slot.last_used = time.monotonic()
     preparing = asyncio.get_running_loop().run_in_executor(
-        None, functools.partial(_prepare, slot, runner, req, resume.text)
+        None, functools.partial(prepare, slot, runner, req, resume.text, rules)
     )
     if sealed is not None:
         out = SealedOut(sealed, node_id)  # its key derivation overlaps with the prompt's tokenizing

@@ -1,10 +1,10 @@
 """Plaintext jobs: what a scheduler that may read a request sends its node over loopback.
 
-A plaintext job is ``{"endpoint", "request_id", "job_id", "request", "cache_scope"?, "resume"?}``: the OpenAI
-request as the client sent it, the user's prefix-cache scope as the scheduler names it, and for an answer
-another node began and failed mid-stream, ``resume``: the SSE bytes the client already has (the scheduler
-relayed them, so it may read them), which this node continues (docs/protocol.md). Sealed jobs carry the same
-in sealed form (node.sealed).
+A plaintext job is ``{"endpoint", "request_id", "job_id", "request", "cache_scope"?, "resume"?, "rules"?}``:
+the OpenAI request as the client sent it, the user's prefix-cache scope as the scheduler names it, for an
+answer another node began and failed mid-stream ``resume``: the SSE bytes the client already has (the
+scheduler relayed them, so it may read them), which this node continues, and the rules of the user's group
+(node.rules) (docs/protocol.md). Sealed jobs carry the same in sealed form (node.sealed).
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from node.backends.base import CacheScope
+from node.rules import parse_rules
 from node.sealed import said
 from protocol.envelope import EnvelopeError
 from protocol.errors import InvalidRequest
+from protocol.rules import JobRules
 from protocol.schemas import ChatCompletionRequest, CompletionRequest, Endpoint, parse_request
 from protocol.web import parse_json
 
@@ -37,9 +39,18 @@ class Resume:
         return self.created is not None
 
 
-def plain_job(
-    raw: bytes,
-) -> tuple[Endpoint, str, ChatCompletionRequest | CompletionRequest, str, CacheScope | None, Resume]:
+@dataclass(frozen=True)
+class PlainJob:
+    endpoint: Endpoint
+    request_id: str
+    request: ChatCompletionRequest | CompletionRequest
+    job_id: str
+    scope: CacheScope | None  # None: a private one (shared with no other job)
+    resume: Resume
+    rules: JobRules | None
+
+
+def plain_job(raw: bytes) -> PlainJob:
     body: Any = parse_json(raw)
     if not isinstance(body, dict) or body.get("endpoint") not in ("chat", "completion"):
         raise InvalidRequest("a job needs an endpoint ('chat' or 'completion') and a request")
@@ -53,6 +64,7 @@ def plain_job(
     # The user's scope as the scheduler names it (it reads these requests anyway); none: shared with no one.
     cache = CacheScope(b"user:" + scope.encode()) if scope else None
     req = parse_request(endpoint, body.get("request"))
+    rules = parse_rules(body.get("rules"))
     # Blind failover's plaintext twin: the SSE bytes the client received from a node that failed mid-answer
     # (the scheduler relayed them, so it may read them), which this node continues.
     resume = Resume()
@@ -63,4 +75,4 @@ def plain_job(
             resume = Resume(*said(body["resume"].encode(), endpoint))
         except EnvelopeError:
             raise InvalidRequest("resume is not the events of an answer") from None
-    return endpoint, request_id, req, job_id, cache, resume
+    return PlainJob(endpoint, request_id, req, job_id, cache, resume, rules)

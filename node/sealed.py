@@ -1,7 +1,8 @@
 """Sealed jobs: the node opens the envelope before doing anything else, and seals every byte of the answer.
 
-A sealed job is ``{"envelope": …, "resume": null | [{"node_id", "frames"}, …], "job_id": …}``
-(docs/protocol.md; the job id is the scheduler's, for usage receipts). The node opens the envelope with one
+A sealed job is ``{"envelope": …, "resume": null | [{"node_id", "frames"}, …], "job_id": …, "rules"?: …}``
+(docs/protocol.md; the job id is the scheduler's, for usage receipts; the rules are the user's group's,
+beside the envelope because the scheduler adds them, node.rules). The node opens the envelope with one
 of its keys, refuses one it has opened before (across restarts too), parses the OpenAI request inside, and
 checks that the visible header told the truth about it (model, max_tokens, stream): the scheduler placed
 and billed the request by that header, so a mismatch is refused before any work. ``resume`` is blind
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from node.keys import NodeKeys, ReplayMemory
+from node.rules import parse_rules
 from protocol import frames
 from protocol.envelope import (
     FRAME_CHUNK,
@@ -31,10 +33,12 @@ from protocol.envelope import (
 )
 from protocol.errors import ProtocolError
 from protocol.identity import b64d, valid_node_id
+from protocol.rules import JobRules
 from protocol.schemas import ChatCompletionRequest, CompletionRequest, Endpoint, parse_request
 
 MAX_RESUME_FRAMES = 100_000
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_MEMBERS = {"envelope", "resume", "job_id"}
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,7 @@ class SealedJob:
     sent_text: str  # what those frames said
     created: int | None  # the "created" time the stream so far carried
     job_id: str  # the scheduler's id of this job (usage receipts)
+    rules: JobRules | None = None  # the user's group's (node.rules)
 
     @property
     def began(self) -> bool:
@@ -62,11 +67,13 @@ def open_job(raw: bytes, *, node_id: str, keys: NodeKeys, replay: ReplayMemory) 
         raise EnvelopeError() from None
     if (
         not isinstance(doc, dict)
-        or set(doc) != {"envelope", "resume", "job_id"}
+        or not _MEMBERS <= set(doc) <= _MEMBERS | {"rules"}
         or not isinstance(doc["job_id"], str)
         or _JOB_ID.fullmatch(doc["job_id"]) is None
     ):
         raise EnvelopeError()
+    # Before the envelope is opened: a job the node refuses leaves no trace in the replay memory.
+    rules = parse_rules(doc.get("rules"))
     sealed = from_wire(doc["envelope"])
     header = sealed.header
     now = time.time()
@@ -86,7 +93,10 @@ def open_job(raw: bytes, *, node_id: str, keys: NodeKeys, replay: ReplayMemory) 
     start, text, created = 0, "", None
     if doc["resume"] is not None:
         start, text, created = _resume(doc["resume"], seed, header.request_id, header.endpoint)
-    return SealedJob(header.endpoint, header.request_id, req, seed, start, text, created, doc["job_id"])  # type: ignore[arg-type]
+    return SealedJob(
+        header.endpoint,  # type: ignore[arg-type]
+        header.request_id, req, seed, start, text, created, doc["job_id"], rules,
+    )  # fmt: skip
 
 
 def _resume(doc: Any, seed: bytes, request_id: str, endpoint: str) -> tuple[int, str, int | None]:

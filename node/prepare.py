@@ -1,0 +1,110 @@
+"""From an opened request to what the model runs: the prompt's token ids and the sampling parameters.
+
+The node renders the chat template (or takes the raw prompt), applies the job's rules (node.rules: the
+course's system prompt first, the token budget last), fits the conversation into the model's context
+(node.context), and sizes the answer: the client's max_tokens (or the model's default), no more than the
+context has room for, no more than the budget leaves. CPU work: the caller runs it in a thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from node.backends.base import SamplingParams
+from node.context import fit_messages, fit_prompt
+from node.pool import ModelSlot
+from node.rules import course_messages, course_prompt, within_budget
+from node.runner import JobRunner
+from node.templates import Message
+from protocol.errors import ContextLengthExceeded, InvalidRequest
+from protocol.rules import JobRules
+from protocol.schemas import ChatCompletionRequest, CompletionRequest
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's
+
+
+@dataclass(frozen=True)
+class Prepared:
+    prompt_ids: list[int]
+    params: SamplingParams
+    resumed_tokens: int = 0  # of prompt_ids, the tail another node generated
+
+
+def prepare(
+    slot: ModelSlot,
+    runner: JobRunner,
+    req: ChatCompletionRequest | CompletionRequest,
+    sent_text: str = "",
+    rules: JobRules | None = None,
+) -> Prepared:
+    """Render, tokenize and fit the prompt. ``sent_text`` is what another node already answered (blind
+    failover): it goes on after the prompt, and counts against max_tokens. ``runner`` is the slot's as the
+    job arrived (the model may be unloaded meanwhile)."""
+    assert slot.template is not None
+    backend = runner.backend
+    context = backend.context_length
+    requested = req.requested_max_tokens
+    sent = backend.encode(sent_text, add_special_tokens=False) if sent_text else []
+    if requested is not None and sent:
+        requested = max(1, requested - len(sent))
+    if requested is not None and requested >= context:
+        raise ContextLengthExceeded(
+            f"max_tokens is {requested} but the model's context is {context} tokens, prompt included",
+            param="max_tokens",
+        )
+    budget = context - (requested if requested is not None else 1)
+    if isinstance(req, ChatCompletionRequest):
+        template = slot.template
+        client: list[Message] = [
+            {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+            for m in req.messages
+        ]
+        # The course's prompt leads as a system message, and fitting keeps leading system messages.
+        messages = course_messages(client, rules)
+        # Fitting counts candidate conversations; keep each one's ids so the winner is not encoded twice.
+        encoded: dict[tuple[int, ...], list[int]] = {}
+
+        def count(candidate: Sequence[Message]) -> int:
+            ids = backend.encode(template.render(candidate), add_special_tokens=False)
+            encoded[tuple(map(id, candidate))] = ids
+            return len(ids)
+
+        truncate = (req.truncation or slot.settings.truncation) == "auto"
+        fitted = fit_messages(messages, count_tokens=count, budget=budget, truncate=truncate)
+        key = tuple(map(id, fitted.messages))
+        prompt_ids = (
+            encoded[key]
+            if key in encoded
+            else backend.encode(template.render(fitted.messages), add_special_tokens=False)
+        )
+        default = slot.settings.default_max_tokens
+    else:
+        prompt_ids = backend.encode(course_prompt(req.prompt_text(), rules), add_special_tokens=True)
+        fit_prompt(len(prompt_ids), budget=budget)
+        default = COMPLETIONS_DEFAULT_MAX_TOKENS
+    if not prompt_ids:
+        raise InvalidRequest("the prompt is empty", param="prompt")
+    if sent:
+        prompt_ids = prompt_ids + sent
+        if len(prompt_ids) >= context:
+            raise ContextLengthExceeded("the answer so far fills the model's context")
+    room = context - len(prompt_ids)
+    max_new = min(requested if requested is not None else default, room)
+    # Every token the model reads counts against the job's budget, the answer so far included: the usage
+    # reported (prompt + completion) is then never more than the scheduler reserved.
+    max_new = within_budget(max_new, len(prompt_ids), rules, resumed=bool(sent))
+    params = SamplingParams(
+        max_new_tokens=max_new,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=max(0, req.top_k),
+        min_p=req.min_p,
+        repetition_penalty=req.repetition_penalty,
+        seed=req.seed,
+        stop_token_ids=tuple(req.stop_token_ids or ()),
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        ignore_eos=req.ignore_eos,
+    )
+    return Prepared(prompt_ids, params, len(sent))
