@@ -15,6 +15,7 @@ from scheduler.relay import Relay
 from scheduler.rules import Rules
 from scheduler.settings import SchedulerSettings
 from scheduler.store import AsyncStore, TokenRecord
+from scheduler.terms import TermsBook
 
 SETTINGS = web.AppKey("settings", SchedulerSettings)
 STORE = web.AppKey("store", AsyncStore)
@@ -32,6 +33,8 @@ SCOPE_KEY = web.AppKey("scope_key", bytes)
 # The policy in force (scheduler.rules), hot-reloaded from the policy file; the admin event stream.
 RULES = web.AppKey("rules", Rules)
 EVENTS = web.AppKey("events", EventBus)
+# Who accepted which version of the terms of use (scheduler.terms), read once at start.
+TERMS = web.AppKey("terms", TermsBook)
 
 
 async def authenticate(request: web.Request) -> TokenRecord:
