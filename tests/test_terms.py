@@ -7,6 +7,7 @@ The scheduler is a real one on 127.0.0.1 with a real policy file; no node is nee
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -110,6 +111,22 @@ def test_accepting_is_recorded_once_and_again_changes_nothing(club: Club) -> Non
     rows = _rows(club, token)
     assert [(r["version"], r["accepted_at"]) for r in rows] == [("2026-09", doc["accepted_at"])]
     assert rows[0]["origin"] == "127.0.0.1"
+
+
+def test_accepts_at_once_record_one_acceptance(servers: LoopThread, club: Club) -> None:
+    token = club.user("eager")
+
+    async def at_once() -> list[httpx.Response]:
+        headers = {"Authorization": f"Bearer {token}"}
+        body = {"version": "2026-09"}
+        async with httpx.AsyncClient(timeout=30) as client:
+            sent = [client.post(club.url + "/v1/terms/accept", json=body, headers=headers) for _ in range(8)]
+            return await asyncio.gather(*sent)
+
+    answers = servers.call(at_once())
+    assert [r.status_code for r in answers] == [200] * 8
+    assert len({r.json()["accepted_at"] for r in answers}) == 1
+    assert len(_rows(club, token)) == 1
 
 
 def _rows(club: Club, token: str) -> list[dict[str, Any]]:
