@@ -230,3 +230,22 @@ def test_the_how_to_line_without_a_version_still_says_what_to_run() -> None:
         "this token has not accepted the terms of use yet: read them with `hearth terms show`, then accept "
         "them with `hearth terms accept`"
     )
+
+
+def test_forwarding_to_a_scheduler_that_is_gone_is_a_503_with_retry_after(
+    servers: LoopThread, tmp_path: Path
+) -> None:
+    async def start() -> tuple[web.AppRunner, str, aiohttp.ClientSession]:
+        session = aiohttp.ClientSession()
+        client = SealedClient("http://127.0.0.1:9", "t", tmp_path / "pin.json", session)
+        runner, url = await serve(client, "127.0.0.1", 0)
+        return runner, url, session
+
+    runner, url, session = servers.call(start())
+    try:
+        r = httpx.get(url + "/v1/terms", timeout=30)
+    finally:
+        servers.call(runner.cleanup())
+        servers.call(session.close())
+    assert (r.status_code, r.json()["error"]["code"]) == (503, "scheduler_unreachable")
+    assert r.headers["Retry-After"] == "2"
