@@ -1,5 +1,6 @@
 """The operator's client for the scheduler's admin API, used by `hearth enroll`, `hearth node revoke|drain`
-and `hearth models`. Blocking (it runs in a CLI); errors come back as HearthError with the server's words.
+and `hearth models`, and with a user's token by `hearth terms`. Blocking (it runs in a CLI); errors come back
+as HearthError with the server's words.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ MAX_REPLY_BYTES = 8 * 1024 * 1024
 
 
 class AdminClient:
-    def __init__(self, url: str | None, token: str | None) -> None:
+    def __init__(self, url: str | None, token: str | None, *, needs: str = "an admin token") -> None:
         self.url = (url or os.environ.get("HEARTH_SCHEDULER_URL") or DEFAULT_URL).rstrip("/")
         if not self.url.startswith(("http://", "https://")):
             raise ConfigError(f"{self.url} is not a scheduler URL (it starts with http:// or https://)")
         token = token or os.environ.get("HEARTH_TOKEN")
         if not token:
-            raise ConfigError("this needs an admin token: pass --token or set HEARTH_TOKEN")
+            raise ConfigError(f"this needs {needs}: pass --token or set HEARTH_TOKEN")
         self.token = token
 
     def get(self, path: str) -> Any:

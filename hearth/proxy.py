@@ -15,8 +15,8 @@ finds no candidate in it (the nodes may have come back since: a scheduler restar
 nodes' next heartbeats). Errors the proxy makes itself have the scheduler's status and shape: a model that
 no node serves and the scheduler does not list is 404 ``model_not_found``; nodes that serve it but none this
 proxy can seal to now is 503 ``no_candidates`` with Retry-After; an unreachable scheduler is 503
-``scheduler_unreachable``. The scheduler's own refusals pass through with their Retry-After and
-x-ratelimit-* headers.
+``scheduler_unreachable``. The scheduler's own refusals pass through with their Retry-After, x-ratelimit-*
+and x-request-id headers, and so do its answers.
 """
 
 from __future__ import annotations
@@ -93,26 +93,50 @@ class NoCandidates(Unavailable):
     default_code = "no_candidates"
 
 
-def _unreachable() -> Unavailable:
+def unreachable() -> Unavailable:
     return Unavailable(
         "the scheduler could not be reached; try again shortly",
         code="scheduler_unreachable", retry_after=UNREACHABLE_RETRY_S,
     )  # fmt: skip
 
 
-def _scheduler_error(status: int, body: Any, headers: Mapping[str, str]) -> HearthError:
+def scheduler_error(status: int, body: Any, headers: Mapping[str, str]) -> HearthError:
     """The scheduler's refusal as the proxy's own answer: its status, body and come-back headers."""
     err = body.get("error") if isinstance(body, dict) else None
     if isinstance(err, dict):
-        return HearthError.from_body(status, body, headers)
+        refusal = HearthError.from_body(status, body, headers)
+        refusal.relayed_headers.update(_request_id(headers))
+        return refusal
     # Not the scheduler's own words: a gateway in front of it (a TLS proxy while the scheduler restarts).
     exc: HearthError = (
-        _unreachable() if status in (502, 503, 504)
+        unreachable() if status in (502, 503, 504)
         else UpstreamFailed(f"the scheduler answered {status} without an error Hearth can read",
                             code="scheduler_error")
     )  # fmt: skip
     exc.keep_headers(headers)
     return exc
+
+
+def relayed_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The headers of the scheduler's answer that the proxy's client gets too, refusal or not: when to
+    come back (Retry-After, x-ratelimit-*) and the scheduler's x-request-id, to quote when asking for help."""
+    out = come_back_headers(headers)
+    out.update(_request_id(headers))
+    return out
+
+
+def _request_id(headers: Mapping[str, str]) -> dict[str, str]:
+    return {name: value for name, value in headers.items() if name.lower() == "x-request-id"}
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A sealed request's answer: whether it streams, its plaintext payloads as they open, and the headers
+    of the scheduler's answer to pass on (``relayed_headers``)."""
+
+    stream: bool
+    payloads: AsyncGenerator[bytes, None]
+    headers: dict[str, str]
 
 
 @dataclass
@@ -204,11 +228,11 @@ class SealedClient:
             ) as resp:  # fmt: skip
                 raw = await read_capped(resp, MAX_DIRECTORY_BYTES)
                 if resp.status in (502, 503, 504):
-                    raise _scheduler_error(resp.status, _loads(raw), resp.headers)
+                    raise scheduler_error(resp.status, _loads(raw), resp.headers)
                 if resp.status != 200:
                     raise UpstreamFailed(f"the scheduler's directory answered {resp.status}")
         except (aiohttp.ClientError, TimeoutError):
-            raise _unreachable() from None
+            raise unreachable() from None
         except ValueError:
             raise UpstreamFailed("the scheduler's directory is over the size limit") from None
         doc = await asyncio.to_thread(_loads, raw)
@@ -217,8 +241,8 @@ class SealedClient:
         return doc
 
     async def models_document(self) -> tuple[bytes, dict[str, str]]:
-        """The scheduler's ``/v1/models`` as it answered (its body, and the headers that say when to come
-        back); its refusal as the error to answer with."""
+        """The scheduler's ``/v1/models`` as it answered (its body, and the headers to pass on); its refusal
+        as the error to answer with."""
         try:
             async with self.session.get(
                 self.scheduler_url + "/v1/models", headers=self.auth_headers(),
@@ -226,10 +250,10 @@ class SealedClient:
             ) as resp:  # fmt: skip
                 raw = await read_capped(resp, MAX_DIRECTORY_BYTES)
                 if resp.status != 200:
-                    raise _scheduler_error(resp.status, _loads(raw), resp.headers)
-                return raw, come_back_headers(resp.headers)
+                    raise scheduler_error(resp.status, _loads(raw), resp.headers)
+                return raw, relayed_headers(resp.headers)
         except (aiohttp.ClientError, TimeoutError):
-            raise _unreachable() from None
+            raise unreachable() from None
         except ValueError:
             raise UpstreamFailed("the scheduler's model list is over the size limit") from None
 
@@ -322,8 +346,8 @@ class SealedClient:
             f"the model '{model}' does not exist here; see /v1/models", param="model", code="model_not_found"
         )
 
-    async def send(self, endpoint: Endpoint, body: bytes) -> tuple[bool, AsyncGenerator[bytes, None]]:
-        """Seal ``body`` and send it; (stream?, the answer's plaintext payloads as they open)."""
+    async def send(self, endpoint: Endpoint, body: bytes) -> Answer:
+        """Seal ``body`` and send it; the answer, its plaintext payloads opened as they come."""
         if len(body) > MAX_BODY_BYTES // 2:
             raise InvalidRequest("the request body is too large to seal")
         req = parse_request(endpoint, parse_json(body))
@@ -351,7 +375,7 @@ class SealedClient:
                     timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=600),
                 )  # fmt: skip
             except (aiohttp.ClientError, TimeoutError):
-                raise _unreachable() from None
+                raise unreachable() from None
             if resp.status != 200:
                 refusal = await _error_body(resp)
                 err = refusal.get("error") if isinstance(refusal, dict) else None
@@ -359,9 +383,10 @@ class SealedClient:
                 if resp.status == 409 and isinstance(fresh, list):
                     prefer = [n for n in fresh if isinstance(n, str)]
                     continue
-                raise _scheduler_error(resp.status, refusal, resp.headers)
+                raise scheduler_error(resp.status, refusal, resp.headers)
             names = {c.node_id for c in chosen}
-            return req.stream, _open_stream(resp, seed, request_id, names, openers)
+            payloads = _open_stream(resp, seed, request_id, names, openers)
+            return Answer(req.stream, payloads, relayed_headers(resp.headers))
         raise Unavailable(
             "the scheduler kept asking to re-seal; try again",
             code="reseal_loop",

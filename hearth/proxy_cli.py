@@ -18,6 +18,7 @@ from hearth.cli_common import data_dir_option, one_line_errors
 from hearth.config import default_data_dir
 from hearth.proxy import DEFAULT_CANDIDATES, SealedClient, state_path
 from hearth.proxy_server import serve
+from hearth.terms_cli import how_to_accept
 from protocol.envelope import MAX_CANDIDATES
 from protocol.errors import ConfigError, HearthError
 from protocol.federation import TIERS
@@ -121,9 +122,12 @@ def chat(
                 history.append({"role": "user", "content": line})
                 body = {"model": name, "messages": history, "max_tokens": max_tokens, "stream": True}
                 try:
-                    _, payloads = await client.send("chat", json.dumps(body).encode())
-                    answer = await _print_stream(payloads)
+                    sent = await client.send("chat", json.dumps(body).encode())
+                    answer = await _print_stream(sent.payloads)
                 except HearthError as exc:
+                    if exc.code == "terms_not_accepted":  # every later line would be refused alike
+                        version = await _terms_version(client)
+                        raise ConfigError(how_to_accept(version, client.scheduler_url)) from None
                     click.echo(f"\n[error: {exc.message}]", err=True)
                     history.pop()
                     continue
@@ -131,6 +135,20 @@ def chat(
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run())
+
+
+async def _terms_version(client: SealedClient) -> str | None:
+    """The terms version in force, to name in the how-to line (None if the scheduler does not say)."""
+    try:
+        async with client.session.get(
+            client.scheduler_url + "/v1/terms", headers=client.auth_headers(),
+            timeout=aiohttp.ClientTimeout(total=30),
+        ) as resp:  # fmt: skip
+            doc = await resp.json() if resp.status == 200 else None
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return None
+    version = doc.get("version") if isinstance(doc, dict) else None
+    return version if isinstance(version, str) else None
 
 
 def _prompt() -> str:

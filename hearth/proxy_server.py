@@ -1,8 +1,11 @@
 """The local OpenAI-compatible server of `hearth proxy`: every request is sealed by a ``SealedClient``
-(hearth.proxy) and every answer opened by it; errors leave in OpenAI's shape, also mid-stream.
+(hearth.proxy) and every answer opened by it; errors leave in OpenAI's shape, also mid-stream. The
+scheduler's Retry-After, x-ratelimit-* and x-request-id headers reach the client, on answers and refusals.
 
     POST /v1/chat/completions, /v1/completions   sealed to the scheduler, answered in plaintext here
     GET  /v1/models                              the scheduler's list, as it answered
+    GET  /v1/terms, POST /v1/terms/accept,       passed to the scheduler with the user's token, and its
+    GET  /v1/policy                              answer back as it is (hearth.proxy_forward)
     GET  /healthz                                liveness
 """
 
@@ -13,6 +16,7 @@ import json
 
 from aiohttp import web
 
+from hearth import proxy_forward
 from hearth.proxy import MAX_ANSWER_BYTES, SealedClient
 from protocol.envelope import MAX_BODY_BYTES
 from protocol.errors import HearthError, UpstreamFailed
@@ -28,6 +32,7 @@ def create_app(client: SealedClient) -> web.Application:
     app.router.add_post("/v1/chat/completions", _chat)
     app.router.add_post("/v1/completions", _completion)
     app.router.add_get("/v1/models", _models)
+    proxy_forward.add_routes(app, client)
     app.router.add_get("/healthz", _healthz)
     return app
 
@@ -51,18 +56,20 @@ async def _models(request: web.Request) -> web.Response:
 
 async def _relay(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
     client = request.app[CLIENT]
-    stream, answer = await client.send(endpoint, await read_body(request))
+    answer = await client.send(endpoint, await read_body(request))
     # Closed as soon as this handler ends, also when its client leaves: the scheduler sees it go at once.
-    async with contextlib.aclosing(answer) as payloads:
-        if not stream:
+    async with contextlib.aclosing(answer.payloads) as payloads:
+        if not answer.stream:
             parts, size = [], 0
             async for payload in payloads:
                 size += len(payload)
                 if size > MAX_ANSWER_BYTES:
                     raise UpstreamFailed("the answer is over the size limit")
                 parts.append(payload)
-            return web.Response(body=b"".join(parts), content_type="application/json")
-        out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            return web.Response(body=b"".join(parts), content_type="application/json", headers=answer.headers)
+        out = web.StreamResponse(
+            headers={**answer.headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
         await out.prepare(request)
         try:
             async for payload in payloads:

@@ -77,7 +77,7 @@ class Meter(_Reply):
     tokens_this_month: int
 
 
-class TermsStatus(_Reply):
+class CallerTerms(_Reply):
     version: str | None = Field(description="The version in force; null: no terms to accept.")
     accepted: bool = Field(description="Whether this token's holder accepted that version.")
 
@@ -90,7 +90,7 @@ class CallerPolicy(_Reply):
     rules: GroupView
     usage: Meter = Field(description="This token's counters now.")
     group_usage: Meter = Field(description="The whole group's counters now.")
-    terms: TermsStatus
+    terms: CallerTerms
 
 
 class PolicyState(_Reply):

@@ -22,11 +22,11 @@ from protocol.errors import ConflictError, InvalidRequest, PermissionDenied
 from protocol.policy import (
     AdminEvent,
     CallerPolicy,
+    CallerTerms,
     GroupView,
     Meter,
     PolicyState,
     PolicyUpdate,
-    TermsStatus,
 )
 from scheduler.admin import _body as parse_body
 from scheduler.admin import _reply as reply
@@ -97,7 +97,7 @@ async def caller_policy(request: web.Request) -> web.Response:
             rules=group_view(group),
             usage=_meter(request, "token", token.id),
             group_usage=_meter(request, "group", name),
-            terms=TermsStatus(version=version, accepted=accepted),
+            terms=CallerTerms(version=version, accepted=accepted),
         )
     )
 

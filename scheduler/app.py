@@ -10,6 +10,7 @@ GET  /metrics                Prometheus metrics
 POST /v1/enroll              a node joins with a one-time code        (scheduler.federation)
 POST /v1/nodes/heartbeat     an approved node's signed status        (scheduler.federation)
      /admin/...              the operator's API                       (scheduler.admin)
+GET  /v1/terms, POST /v1/terms/accept, GET /admin/terms            (scheduler.terms_api)
 
 This module wires the long-lived parts together (store, registry, federation, admission, relay, the
 usage writer); the request path lives in scheduler.generation.
@@ -37,7 +38,7 @@ from protocol.web import (
     parse_json,
     read_body,
 )
-from scheduler import admin, admin_policy, generation
+from scheduler import admin, admin_policy, generation, terms_api
 from scheduler.admission import Admission
 from scheduler.directory import DirectoryLog
 from scheduler.directory import serve as serve_directory
@@ -68,9 +69,11 @@ from scheduler.state import (
     STARTED,
     STOPPING,
     STORE,
+    TERMS,
     authenticate,
 )
 from scheduler.store import AsyncStore, UsageRecord
+from scheduler.terms import TermsBook
 
 log = logging.getLogger("hearth.scheduler")
 
@@ -93,6 +96,7 @@ def create_app(settings: SchedulerSettings) -> web.Application:
     app.on_response_prepare.append(_answer_headers)
     app.on_shutdown.append(generation.drain)
     app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(_terms_ctx)
     app.cleanup_ctx.append(_rules_ctx)
     app.cleanup_ctx.append(_cluster_ctx)
     app.router.add_get("/healthz", healthz)
@@ -106,6 +110,7 @@ def create_app(settings: SchedulerSettings) -> web.Application:
     app.router.add_post("/v1/nodes/heartbeat", heartbeat)
     admin.add_routes(app)
     admin_policy.add_routes(app)
+    terms_api.add_routes(app)
     return app
 
 
@@ -115,6 +120,13 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     app[STORE] = store
     yield
     await store.close()
+
+
+async def _terms_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Who accepted which terms, read once at start: the request path checks it without the database."""
+    app[TERMS] = await TermsBook.open(app[STORE])
+    app[ENFORCER].terms_accepted = app[TERMS].accepted
+    yield
 
 
 async def _rules_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -45,6 +45,7 @@ from protocol.schemas import (
     Health,
     ModelList,
 )
+from protocol.terms import TermsAcceptRequest, TermsDocument, TermsStatusList
 
 VERSION = "0.1.0"
 _REQUESTS: list[type[BaseModel]] = [
@@ -56,6 +57,7 @@ _REQUESTS: list[type[BaseModel]] = [
     ApproveRequest,
     DrainRequest,
     PolicyUpdate,
+    TermsAcceptRequest,
 ]
 _REPLIES: list[type[BaseModel]] = [
     ChatCompletion,
@@ -77,6 +79,8 @@ _REPLIES: list[type[BaseModel]] = [
     CallerPolicy,
     PolicyState,
     AdminEvent,
+    TermsDocument,
+    TermsStatusList,
 ]
 
 _STATUS = {
@@ -346,6 +350,40 @@ def _policy_paths() -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _terms_paths() -> dict[str, Any]:
+    """The terms of use (scheduler.terms_api): any token reads and accepts them; admins see who did."""
+    return {
+        "/v1/terms": {
+            "get": {
+                "summary": "The terms of use in force, and whether this token accepted them.",
+                "security": [{"bearer": []}],
+                "responses": {**_ok("TermsDocument"), **_errors(401)},
+            }
+        },
+        "/v1/terms/accept": {
+            "post": {
+                "summary": "Accept the terms of use in force (accepting them again changes nothing).",
+                "security": [{"bearer": []}],
+                "requestBody": {"required": True, "content": _json("TermsAcceptRequest")},
+                "responses": {
+                    **_ok("TermsDocument", description="Accepted: the terms, as GET /v1/terms shows them."),
+                    **_errors(
+                        400,
+                        401,
+                        409,
+                        413,
+                        e409="The version is not the one in force (terms_version_changed: the message "
+                        "names it), or there are no terms to accept (no_terms).",
+                    ),
+                },
+            }
+        },
+        "/admin/terms": {
+            "get": _admin("Which version of the terms each token accepted.", _ok("TermsStatusList"))
+        },
+    }
+
+
 @cache
 def openapi_document() -> dict[str, Any]:
     _, schemas = models_json_schema(
@@ -442,5 +480,6 @@ def openapi_document() -> dict[str, Any]:
             },
             **_admin_paths(),
             **_policy_paths(),
+            **_terms_paths(),
         },
     }

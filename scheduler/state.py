@@ -16,6 +16,7 @@ from scheduler.relay import Relay
 from scheduler.rules import Rules
 from scheduler.settings import SchedulerSettings
 from scheduler.store import AsyncStore, TokenRecord
+from scheduler.terms import TermsBook
 
 SETTINGS = web.AppKey("settings", SchedulerSettings)
 STORE = web.AppKey("store", AsyncStore)
@@ -37,6 +38,8 @@ ENFORCER = web.AppKey("enforcer", Enforcer)
 # Headers every generation answer carries (x-request-id, x-ratelimit-*), set once the request is admitted and
 # added as the answer is prepared, whether it streams, is whole, or is an error.
 ANSWER_HEADERS = web.RequestKey("answer_headers", dict)
+# Who accepted which version of the terms of use (scheduler.terms), read once at start.
+TERMS = web.AppKey("terms", TermsBook)
 
 
 async def authenticate(request: web.Request) -> TokenRecord:

@@ -299,7 +299,7 @@ def test_candidates_that_cannot_take_it_get_a_reseal(e2e: E2E, servers: LoopThre
             one.fetched = time.monotonic()  # keep it: the proxy would re-read the directory otherwise
             body = {"model": "hearth-demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
                     "ignore_eos": True}  # fmt: skip
-            _, payloads = await one.send("chat", json.dumps(body).encode())
+            payloads = (await one.send("chat", json.dumps(body).encode())).payloads
             return b"".join([p async for p in payloads])
 
         before = len(e2e.scheduler_tap.seen)

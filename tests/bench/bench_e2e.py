@@ -71,7 +71,7 @@ async def _plain(session: aiohttp.ClientSession, url: str, token: str, body: byt
 async def _sealed(client: Any, body: bytes) -> tuple[float, int]:
     start = time.perf_counter()
     first, tokens = 0.0, 0
-    _, payloads = await client.send("chat", body)
+    payloads = (await client.send("chat", body)).payloads
     async for payload in payloads:
         n = payload.count(CONTENT_MARK)
         if n and not first:

@@ -127,6 +127,9 @@ ERRORS = {
     ("post", "/admin/nodes/{node_id}/drain"): {"400", "401", "403", "404", "413"},
     ("post", "/v1/enroll"): {"400", "403", "409", "413"},
     ("post", "/v1/nodes/heartbeat"): {"400", "401", "403", "413"},
+    ("get", "/v1/terms"): {"401"},
+    ("post", "/v1/terms/accept"): {"400", "401", "409", "413"},
+    ("get", "/admin/terms"): {"401", "403"},
 }
 
 
@@ -149,6 +152,8 @@ def test_every_status_a_route_answers_is_documented() -> None:
         ("get", "/admin/models", None, 200),
         ("get", "/admin/authority", None, 200),
         ("get", "/admin/enrollments", None, 200),
+        ("get", "/admin/terms", None, 200),
+        ("get", "/v1/terms", None, 200),
         ("post", "/admin/enrollment-codes", {"tier": "community"}, 201),
         ("get", "/v1/directory", None, 200),
         ("get", "/healthz", None, 200),
@@ -201,6 +206,10 @@ OPTIONS = [
     ("EnrollmentCodeRequest", {"tier": "club", "note": "x" * 201}, False),
     ("DrainRequest", {"drain": False}, True),
     ("DrainRequest", {"drain": "false"}, False),
+    ("TermsAcceptRequest", {"version": "2026-09"}, True),
+    ("TermsAcceptRequest", {"version": 2026}, False),
+    ("TermsAcceptRequest", {"version": "two words"}, False),
+    ("TermsAcceptRequest", {"version": "v" * 65}, False),
 ]
 # fmt: on
 
@@ -211,10 +220,10 @@ def test_the_document_allows_what_the_server_accepts(
 ) -> None:
     """Options Hearth accepts only "off" are documented so: a client (or a fuzzer) that follows the
     document never sends what is refused."""
-    from protocol import admin, schemas
+    from protocol import admin, schemas, terms
 
     documented = _validator(model).is_valid(body)
-    validated = getattr(schemas, model, None) or getattr(admin, model)
+    validated = getattr(schemas, model, None) or getattr(admin, model, None) or getattr(terms, model)
     try:
         validated.model_validate(body)
         served = True
