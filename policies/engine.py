@@ -236,24 +236,34 @@ def _counters(
 
 
 def _rates(group: GroupRules, window: UsageWindow, reserve: int) -> RateFigures:
-    """The per-minute limits the answer reports: the token's own, else its group's."""
-    rpm, requests, requests_free = group.each.requests_per_minute, window.each.requests_minute, window.each
-    if rpm is None and group.total.requests_per_minute is not None:
-        rpm, requests, requests_free = (
-            group.total.requests_per_minute,
-            window.total.requests_minute,
-            window.total,
+    """What the answer's x-ratelimit-* headers report: of the limits set on requests, and of those set on
+    tokens (per minute, then the day's and month's quotas), the one with the least left after this
+    request, the token's own or its group's. A dimension with no limit at all is not reported."""
+    requests = [
+        (limit, max(0, limit - meter.requests_minute - 1), meter.requests_free_in)
+        for limit, meter in ((group.each.requests_per_minute, window.each),
+                             (group.total.requests_per_minute, window.total))
+        if limit is not None
+    ]  # fmt: skip
+    tokens = [
+        (limit, max(0, limit - used - reserve), reset)
+        for lim, meter in ((group.each, window.each), (group.total, window.total))
+        for limit, used, reset in (
+            (lim.tokens_per_minute, meter.tokens_minute, meter.tokens_free_in),
+            (lim.tokens_per_day, meter.tokens_day, window.day_ends_in),
+            (lim.tokens_per_month, meter.tokens_month, window.month_ends_in),
         )
-    tpm, tokens, tokens_free = group.each.tokens_per_minute, window.each.tokens_minute, window.each
-    if tpm is None and group.total.tokens_per_minute is not None:
-        tpm, tokens, tokens_free = group.total.tokens_per_minute, window.total.tokens_minute, window.total
+        if limit is not None
+    ]
+    req = min(requests, key=lambda r: r[1], default=None)
+    tok = min(tokens, key=lambda t: t[1], default=None)
     return RateFigures(
-        limit_requests=rpm,
-        remaining_requests=None if rpm is None else max(0, rpm - requests - 1),
-        reset_requests=None if rpm is None else requests_free.requests_free_in,
-        limit_tokens=tpm,
-        remaining_tokens=None if tpm is None else max(0, tpm - tokens - reserve),
-        reset_tokens=None if tpm is None else tokens_free.tokens_free_in,
+        limit_requests=None if req is None else req[0],
+        remaining_requests=None if req is None else req[1],
+        reset_requests=None if req is None else req[2],
+        limit_tokens=None if tok is None else tok[0],
+        remaining_tokens=None if tok is None else tok[1],
+        reset_tokens=None if tok is None else tok[2],
     )
 
 

@@ -57,7 +57,9 @@ def proxied(
 ) -> Iterator[Proxied]:
     data = tmp_path_factory.mktemp("terms-proxy")
     policy = data / "policies.toml"
-    policy.write_text(f'[terms]\nversion = "{VERSION}"\ntext = "{TERMS}"\n', encoding="utf-8")
+    # Limits the answers report in their x-ratelimit-* headers, high enough never to refuse.
+    limits = "[groups.default]\nrequests_per_minute = 100000\ntokens_per_day = 100000000\n"
+    policy.write_text(f'{limits}[terms]\nversion = "{VERSION}"\ntext = "{TERMS}"\n', encoding="utf-8")
 
     async def start() -> Proxied:
         stack = await start_stack(data, [demo_model], scheduler={"policy_file": policy})
