@@ -48,6 +48,7 @@ from scheduler.registry import Registry
 from scheduler.relay import (
     Relay,
 )
+from scheduler.retention import keep_usage
 from scheduler.rules import Rules
 from scheduler.settings import SchedulerSettings
 from scheduler.state import (
@@ -180,13 +181,15 @@ async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
             on_dispatch=ledger.dispatched,
         )
         writer = asyncio.create_task(_write_usage(app, usage), name="hearth-usage")
+        retention = asyncio.create_task(keep_usage(app[STORE], app[RULES]), name="hearth-retention")
         health = asyncio.create_task(_watch_health(app, ledger), name="hearth-health")
         discovery = await _start_discovery(settings, federation)
         yield
         if discovery is not None:
             await discovery.close()
         health.cancel()
-        await asyncio.gather(health, return_exceptions=True)
+        retention.cancel()
+        await asyncio.gather(health, retention, return_exceptions=True)
         await federation.close()
         # The writer is told to finish rather than cancelled: a batch it holds is written, never dropped.
         usage.put_nowait(None)

@@ -14,7 +14,7 @@ from scheduler.metrics import Metrics
 from scheduler.relay import Relay
 from scheduler.rules import Rules
 from scheduler.settings import SchedulerSettings
-from scheduler.store import AsyncStore, TokenRecord
+from scheduler.store import AsyncStore, TokenRecord, TokenRefusal
 
 SETTINGS = web.AppKey("settings", SchedulerSettings)
 STORE = web.AppKey("store", AsyncStore)
@@ -42,10 +42,12 @@ async def authenticate(request: web.Request) -> TokenRecord:
         raise AuthenticationFailed("missing API token: send 'Authorization: Bearer <token>'")
     if not _could_be_a_token(token):
         # Refused before the store: such bytes could not hash, and no token was ever issued with them.
-        raise AuthenticationFailed("invalid or revoked API token")
+        raise AuthenticationFailed(TokenRefusal("unknown").message)
+    # Revoked and expired tokens say so (and when): their holder can act on it, and whoever learns it
+    # held a token that once worked, which is no secret.
     record = await request.app[STORE].verify_token(token)
-    if record is None:
-        raise AuthenticationFailed("invalid or revoked API token")
+    if isinstance(record, TokenRefusal):
+        raise AuthenticationFailed(record.message)
     return record
 
 
