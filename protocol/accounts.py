@@ -25,7 +25,7 @@ MAX_EXPIRY_S = 10 * 366 * 24 * 3600.0
 MAX_GRACE_S = 30 * 24 * 3600.0
 MAX_AUDIT_ROWS = 10_000
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([smhdw]?)\s*$")
 _UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 7 * 86400.0}
 
 
