@@ -180,7 +180,8 @@ def tokens_list(data_dir: Path | None, config: Path | None) -> None:
     emit([_token_row(s, now) for s in summaries], _TOKEN_COLUMNS, "table", _cell)
 
 
-_TOKEN_COLUMNS = ("id", "name", "scope", "group", "state", "expires", "last_used", "month_tokens", "tiers")
+# The name last: it is the one of any length, and scripts find a token's row by it.
+_TOKEN_COLUMNS = ("id", "scope", "group", "state", "expires", "last_used", "month_tokens", "tiers", "name")
 
 
 def _token_row(summary: TokenSummary, now: float) -> dict[str, Any]:

@@ -135,11 +135,23 @@ def test_list_shows_group_expiry_last_use_and_this_months_tokens(data: Path) -> 
     _ok(hearth("tokens", "revoke", record.id))
     lines = _ok(hearth("tokens", "list")).stdout.splitlines()
     header = lines[0].split()
-    assert header[:6] == ["ID", "NAME", "SCOPE", "GROUP", "STATE", "EXPIRES"]
+    assert header == [
+        "ID",
+        "SCOPE",
+        "GROUP",
+        "STATE",
+        "EXPIRES",
+        "LAST",
+        "USED",
+        "MONTH",
+        "TOKENS",
+        "TIERS",
+        "NAME",
+    ]
     row = next(line for line in lines if record.id in line)
     assert " faculty " in row and " revoked " in row and " 42 " in row
     assert time.strftime("%Y-%m-%d", time.gmtime(now - 5)) in row  # last used
-    idle = next(line for line in lines if " idle " in line)
+    idle = next(line for line in lines if line.endswith(" idle"))
     assert " active " in idle and " 0 " in idle
 
 
