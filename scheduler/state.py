@@ -43,8 +43,8 @@ async def authenticate(request: web.Request) -> TokenRecord:
     if not _could_be_a_token(token):
         # Refused before the store: such bytes could not hash, and no token was ever issued with them.
         raise AuthenticationFailed(TokenRefusal("unknown").message)
-    # Revoked and expired tokens say so (and when): their holder can act on it, and whoever learns it
-    # held a token that once worked, which is no secret.
+    # A revoked, expired or rotated token says which (and when it expired): its holder knows what to do,
+    # and only someone holding a secret that once worked can get those answers.
     record = await request.app[STORE].verify_token(token)
     if isinstance(record, TokenRefusal):
         raise AuthenticationFailed(record.message)
