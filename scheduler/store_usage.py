@@ -18,7 +18,7 @@ from typing import get_args
 import sqlite_utils
 
 from protocol.accounts import UsageDimension
-from scheduler.store_audit import AuditLog
+from scheduler.store_audit import LOCAL, SCHEDULER, AuditLog
 
 DIMENSIONS: tuple[UsageDimension, ...] = get_args(UsageDimension)
 # Outcomes that are no error of the service: the answer was given, or the client left or stopped reading.
@@ -162,8 +162,8 @@ class UsageBook(AuditLog):
             # Not self.audit(): sqlite-utils would commit this transaction half done.
             self.db.conn.execute(
                 "insert into audit (at, action, subject, detail, actor, origin) values (?, ?, ?, ?, ?, ?)",
-                [time.time(), "usage_folded", f"before {day_of(before)}", f"{count} rows", "scheduler",
-                 "local"],
+                [time.time(), "usage_folded", f"before {day_of(before)}", f"rows folded: {count}",
+                 SCHEDULER, LOCAL],
             )  # fmt: skip
         return int(count)
 

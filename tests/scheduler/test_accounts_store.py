@@ -3,6 +3,7 @@ its life, reports that read rows and folded daily totals alike, and a log nobody
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -11,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from scheduler.store import Store, TokenRecord, TokenRefusal, UsageRecord, UsageTotal, hash_token
+from scheduler.retention import cutoff, keep_usage
+from scheduler.rules import Rules, parse_policy
+from scheduler.store import AsyncStore, Store, TokenRecord, TokenRefusal, UsageRecord, UsageTotal, hash_token
 from scheduler.store_usage import DIMENSIONS
 
 DAY = 86400.0
@@ -373,3 +376,47 @@ def test_the_audit_log_reads_since_and_keeps_the_newest_within_its_limit(store: 
         store.audit("drain", f"n{i}")
     assert [e.subject for e in store.audit_log(limit=2)] == ["n3", "n4"]
     assert store.audit_log(since=4e9) == []
+
+
+# ----- retention -----
+
+
+@pytest.mark.parametrize(
+    ("now", "days", "cut"),
+    [
+        (NOW, 1, datetime(2026, 3, 14, tzinfo=UTC)),  # a day back, to that day's midnight
+        (NOW, 90, datetime(2025, 12, 15, tzinfo=UTC)),  # the default
+        (datetime(2026, 3, 15, tzinfo=UTC).timestamp(), 1, datetime(2026, 3, 14, tzinfo=UTC)),  # at midnight
+    ],
+)
+def test_retention_cuts_at_a_utc_midnight(now: float, days: int, cut: datetime) -> None:
+    assert cutoff(now, days) == cut.timestamp()
+
+
+async def test_the_retention_task_folds_with_the_policy_in_force(tmp_path: Path) -> None:
+    store = AsyncStore(tmp_path / "hearth.db")
+    await store.open()
+    try:
+        now = time.time()
+        old, recent = now - 10 * DAY, now - 3600
+        await store.record_usage([_row("old", "tok_a", started=old), _row("new", "tok_a", started=recent)])
+        rules = Rules(current=parse_policy("[retention]\nusage_days = 5\n", "policies.toml"))
+        task = asyncio.create_task(keep_usage(store, rules, interval_s=3600))
+        try:
+            for _ in range(400):  # its first pass runs at once
+                left = await store.run(
+                    lambda: store.store.db.execute("select count(*) from usage").fetchone()
+                )
+                if left[0] == 1:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        assert left[0] == 1, "the old row was not folded"
+        report = await store.run(lambda: store.store.usage_report("user", 0.0))
+        assert [(t.key, t.requests) for t in report] == [("tok_a", 2)]  # one row, one daily total
+        (entry,) = await store.run(lambda: store.store.audit_log())
+        assert (entry.action, entry.actor, entry.detail) == ("usage_folded", "scheduler", "rows folded: 1")
+    finally:
+        await store.close()
