@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import click
 
-from hearth import federation_cli, policy_cli, proxy_cli, terms_cli
+from hearth import accounts_cli, federation_cli, policy_cli, proxy_cli, terms_cli
 from hearth.cli_common import config_option, data_dir_option, one_line_errors, settings_for
 from protocol import logs
 from protocol.errors import ConfigError
-from protocol.federation import TIERS
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -23,6 +21,7 @@ def main() -> None:
 
 
 federation_cli.register(main)
+accounts_cli.register(main)
 policy_cli.register(main)
 proxy_cli.register(main)
 terms_cli.register(main)
@@ -72,68 +71,3 @@ def up(
     else:
         raise ConfigError("choose one: --demo, --model PATH_OR_HF_ID, or list [[node.models]] in the config")
     asyncio.run(serve_up(settings, models, out=lambda line: click.echo(line)))
-
-
-@main.group()
-def tokens() -> None:
-    """Create, list and revoke API tokens."""
-
-
-def _store(config: Path | None, data_dir: Path | None) -> Any:
-    from scheduler.store import Store
-
-    settings = settings_for(config, data_dir)
-    return Store(settings.data_dir / "hearth.db")
-
-
-@tokens.command("create")
-@click.option("--name", default="user", show_default=True, help="A label to recognise the token by.")
-@click.option("--admin", is_flag=True, help="Give the token admin scope.")
-@click.option(
-    "--tier",
-    "tiers",
-    multiple=True,
-    type=click.Choice(TIERS),
-    help="Node tiers this token's requests may reach (repeatable; default: those the policy allows).",
-)
-@data_dir_option
-@config_option
-@one_line_errors
-def tokens_create(
-    name: str, admin: bool, tiers: tuple[str, ...], data_dir: Path | None, config: Path | None
-) -> None:
-    """Create a token and print it alone on stdout (it is stored only as a hash)."""
-    store = _store(config, data_dir)
-    token, record = store.create_token(name, "admin" if admin else "user", tuple(sorted(set(tiers))) or None)
-    click.echo(token)
-    click.echo(f"created {record.id} ({record.scope})", err=True)
-
-
-@tokens.command("list")
-@data_dir_option
-@config_option
-@one_line_errors
-def tokens_list(data_dir: Path | None, config: Path | None) -> None:
-    """List tokens (ids and names; the tokens themselves are not stored)."""
-    rows = _store(config, data_dir).list_tokens()
-    click.echo(f"{'ID':<17} {'SCOPE':<6} {'TIERS':<16} {'CREATED':<20} {'REVOKED':<20} NAME")
-    for r in rows:
-        tiers = ",".join(r.tiers) if r.tiers else "all"
-        click.echo(
-            f"{r.id:<17} {r.scope:<6} {tiers:<16} {_when(r.created):<20} {_when(r.revoked):<20} {r.name}"
-        )
-
-
-@tokens.command("revoke")
-@click.argument("token_id")
-@data_dir_option
-@config_option
-@one_line_errors
-def tokens_revoke(token_id: str, data_dir: Path | None, config: Path | None) -> None:
-    """Revoke a token by its id; requests with it fail from now on."""
-    record = _store(config, data_dir).revoke_token(token_id)
-    click.echo(f"revoked {record.id} ({record.name})")
-
-
-def _when(ts: float | None) -> str:
-    return "-" if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")

@@ -9,6 +9,7 @@
     POST /admin/nodes/{node_id}/drain          {drain: true|false}: finish running jobs, take no new ones
     GET  /admin/models                         where each model runs
     GET  /admin/authority                      the authority key this scheduler trusts, and its own key
+         /admin/tokens, /admin/usage, /admin/audit  accounts (scheduler.admin_accounts)
 
 The scheduler cannot approve a node by itself: approval needs a certificate signed by the federation
 authority, whose private key stays with the operator (`hearth enroll approve` signs it on their machine).
@@ -17,10 +18,9 @@ authority, whose private key stays with the operator (`hearth enroll approve` si
 from __future__ import annotations
 
 import time
-from typing import Any, TypeVar, get_args
+from typing import Any, get_args
 
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
 
 from protocol.admin import (
     ApproveRequest,
@@ -38,13 +38,14 @@ from protocol.admin import (
     NodeList,
     NodeModel,
 )
-from protocol.errors import InvalidRequest, NotFound, PermissionDenied, ProtocolError
+from protocol.errors import InvalidRequest, NotFound, ProtocolError
 from protocol.identity import verify_certificate
-from protocol.schemas import validation_error
-from protocol.web import json_response, parse_json, read_body
-from scheduler.state import ADMISSION, FEDERATION, SETTINGS, STORE, authenticate
-
-B = TypeVar("B", bound=BaseModel)
+from scheduler import admin_accounts
+from scheduler.admin_http import admin_token as _admin
+from scheduler.admin_http import body as _body
+from scheduler.admin_http import origin
+from scheduler.admin_http import reply as _reply
+from scheduler.state import ADMISSION, FEDERATION, SETTINGS, STORE
 
 
 def add_routes(app: web.Application) -> None:
@@ -57,36 +58,17 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/admin/nodes/{node_id}/drain", drain)
     app.router.add_get("/admin/models", list_models)
     app.router.add_get("/admin/authority", authority)
-
-
-async def _admin(request: web.Request) -> None:
-    token = await authenticate(request)
-    if token.scope != "admin":
-        raise PermissionDenied("this needs an admin token (`hearth tokens create --admin`)")
-
-
-async def _body(request: web.Request, model: type[B]) -> B:
-    """The request's JSON body as ``model``; no body at all reads as {} (every field's default)."""
-    raw = await read_body(request)
-    doc = parse_json(raw) if raw else {}
-    if not isinstance(doc, dict):
-        raise InvalidRequest("the request body must be a JSON object")
-    try:
-        return model.model_validate(doc)
-    except ValidationError as exc:
-        raise validation_error(exc) from None
-
-
-def _reply(doc: BaseModel, status: int = 200) -> web.Response:
-    return json_response(doc.model_dump(mode="json"), status=status)
+    admin_accounts.add_routes(app)
 
 
 async def create_code(request: web.Request) -> web.Response:
-    await _admin(request)
+    token = await _admin(request)
     body = await _body(request, EnrollmentCodeRequest)
     ttl = body.ttl_seconds if body.ttl_seconds is not None else request.app[SETTINGS].enrollment_code_ttl
     store = request.app[STORE]
-    code, expires = await store.run(lambda: store.store.create_code(body.tier, ttl, body.note))
+    code, expires = await store.run(
+        lambda: store.store.create_code(body.tier, ttl, body.note, actor=token.id, origin=origin(request))
+    )
     return _reply(EnrollmentCode(code=code, tier=body.tier, expires=expires), status=201)
 
 
@@ -140,7 +122,7 @@ def _known(request: web.Request) -> str:
 
 
 async def approve(request: web.Request) -> web.Response:
-    await _admin(request)
+    token = await _admin(request)
     node_id = _known(request)
     fed = request.app[FEDERATION]
     if fed.authority_key is None:
@@ -162,7 +144,12 @@ async def approve(request: web.Request) -> web.Response:
     store = request.app[STORE]
     record = await store.run(
         lambda: store.store.set_node_state(
-            node_id, "approved", certificate=body.certificate, allowed_from=("pending",)
+            node_id,
+            "approved",
+            certificate=body.certificate,
+            allowed_from=("pending",),
+            actor=token.id,
+            origin=origin(request),
         )
     )
     fed.remember(record)
@@ -178,11 +165,15 @@ def _public_url(request: web.Request) -> str:
 async def _set_state(
     request: web.Request, state: EnrollmentState, allowed_from: tuple[EnrollmentState, ...]
 ) -> web.Response:
-    await _admin(request)
+    token = await _admin(request)
     node_id = _known(request)
     fed = request.app[FEDERATION]
     store = request.app[STORE]
-    record = await store.run(lambda: store.store.set_node_state(node_id, state, allowed_from=allowed_from))
+    record = await store.run(
+        lambda: store.store.set_node_state(
+            node_id, state, allowed_from=allowed_from, actor=token.id, origin=origin(request)
+        )
+    )
     fed.remember(record)
     if state == "revoked":
         await fed.directory.revoked(node_id)  # proxies stop sealing to it at their next fetch
@@ -199,12 +190,14 @@ async def revoke(request: web.Request) -> web.Response:
 
 
 async def drain(request: web.Request) -> web.Response:
-    await _admin(request)
+    token = await _admin(request)
     node_id = _known(request)
     flag = (await _body(request, DrainRequest)).drain
     store = request.app[STORE]
     fed = request.app[FEDERATION]
-    record = await store.run(lambda: store.store.set_node_drain(node_id, flag))
+    record = await store.run(
+        lambda: store.store.set_node_drain(node_id, flag, actor=token.id, origin=origin(request))
+    )
     fed.remember(record)
     fed.registry.set_drain(node_id, flag)
     return _reply(_enrollment(request, node_id))

@@ -18,7 +18,7 @@ from pathlib import Path
 from aiohttp import web
 
 from policies import GroupRules
-from protocol.errors import ConflictError, InvalidRequest, PermissionDenied
+from protocol.errors import ConflictError, InvalidRequest
 from protocol.policy import (
     AdminEvent,
     CallerPolicy,
@@ -28,11 +28,10 @@ from protocol.policy import (
     PolicyState,
     PolicyUpdate,
 )
-from scheduler.admin import _body as parse_body
-from scheduler.admin import _reply as reply
+from scheduler.admin_http import admin_token, reply
+from scheduler.admin_http import body as parse_body
 from scheduler.rules import PolicyFileError, parse_policy
 from scheduler.state import ENFORCER, EVENTS, RULES, STORE, authenticate
-from scheduler.store import TokenRecord
 
 KEEPALIVE_S = 15.0
 
@@ -42,13 +41,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/admin/policy", get_policy)
     app.router.add_put("/admin/policy", put_policy)
     app.router.add_get("/admin/events", events)
-
-
-async def admin_token(request: web.Request) -> TokenRecord:
-    token = await authenticate(request)
-    if token.scope != "admin":
-        raise PermissionDenied("this needs an admin token (`hearth tokens create --admin`)")
-    return token
 
 
 def group_view(group: GroupRules) -> GroupView:
@@ -80,7 +72,7 @@ def _meter(request: web.Request, kind: str, name: str) -> Meter:
 async def caller_policy(request: web.Request) -> web.Response:
     token = await authenticate(request)
     enforcer = request.app[ENFORCER]
-    name = getattr(token, "group", None) or "default"
+    name = token.group
     group = enforcer.group(name)
     if group is None:
         raise InvalidRequest(

@@ -52,6 +52,7 @@ from scheduler.registry import Registry
 from scheduler.relay import (
     Relay,
 )
+from scheduler.retention import keep_usage
 from scheduler.rules import Rules
 from scheduler.settings import SchedulerSettings
 from scheduler.state import (
@@ -214,13 +215,15 @@ async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
             on_dispatch=ledger.dispatched,
         )
         writer = asyncio.create_task(_write_usage(app, usage), name="hearth-usage")
+        retention = asyncio.create_task(keep_usage(app[STORE], app[RULES]), name="hearth-retention")
         health = asyncio.create_task(_watch_health(app, ledger), name="hearth-health")
         discovery = await _start_discovery(settings, federation)
         yield
         if discovery is not None:
             await discovery.close()
         health.cancel()
-        await asyncio.gather(health, return_exceptions=True)
+        retention.cancel()
+        await asyncio.gather(health, retention, return_exceptions=True)
         await federation.close()
         # The writer is told to finish rather than cancelled: a batch it holds is written, never dropped.
         usage.put_nowait(None)
@@ -243,8 +246,9 @@ def _usage_written(
             "finished", model=record.model, node_id=record.node_id, status=record.status,
             prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
         )  # fmt: skip
-    group = getattr(record, "group", "default")
-    app[ENFORCER].charged(record.request_id, record.token_id, group, record.started, tokens, delta=delta)
+    app[ENFORCER].charged(
+        record.request_id, record.token_id, record.group, record.started, tokens, delta=delta
+    )
 
 
 async def _start_discovery(settings: SchedulerSettings, federation: Federation) -> Any:

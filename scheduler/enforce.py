@@ -76,7 +76,7 @@ class Enforcer:
         return self._groups[1].get(name or "default")
 
     def admit(self, token: TokenRecord, visible: Visible, request_id: str) -> Grant:
-        group_name = getattr(token, "group", None) or "default"
+        group_name = token.group
         group = self.group(group_name)
         if group is None:
             raise PermissionDenied(

@@ -17,6 +17,17 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from protocol.accounts import (
+    MAX_AUDIT_ROWS,
+    AuditLog,
+    Token,
+    TokenCreateRequest,
+    TokenList,
+    TokenRotateRequest,
+    TokenSecret,
+    UsageDimension,
+    UsageReport,
+)
 from protocol.admin import (
     ApproveRequest,
     AuthorityKeys,
@@ -58,6 +69,9 @@ _REQUESTS: list[type[BaseModel]] = [
     DrainRequest,
     PolicyUpdate,
     TermsAcceptRequest,
+    # accounts (protocol.accounts)
+    TokenCreateRequest,
+    TokenRotateRequest,
 ]
 _REPLIES: list[type[BaseModel]] = [
     ChatCompletion,
@@ -81,12 +95,18 @@ _REPLIES: list[type[BaseModel]] = [
     AdminEvent,
     TermsDocument,
     TermsStatusList,
+    # accounts (protocol.accounts)
+    Token,
+    TokenList,
+    TokenSecret,
+    UsageReport,
+    AuditLog,
 ]
 
 _STATUS = {
     400: "Invalid request: the body is not JSON or not an object, or a field is missing, of the wrong type "
     "or out of range (`param` names it).",
-    401: "Missing, invalid or revoked token, or (a node's call) a bad signature.",
+    401: "Missing, invalid, revoked or expired token, or (a node's call) a bad signature.",
     403: "Refused: by policy, for the token's scope, or for the node's state (pending, revoked).",
     404: "Unknown model (model_not_found), node or enrollment (not_found).",
     409: "Conflict with the current state.",
@@ -384,6 +404,94 @@ def _terms_paths() -> dict[str, Any]:
     }
 
 
+# ----- accounts: tokens, usage, the audit log (scheduler.admin_accounts) -----
+
+_TOKEN_ID = [
+    {
+        "name": "token_id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "pattern": "^tok_[0-9a-f]{12}$"},
+    }
+]
+_SINCE = {
+    "name": "since",
+    "in": "query",
+    "required": False,
+    "description": 'How far back: seconds, or a duration such as "7d", "12h", "30m" (default 7d).',
+    "schema": {"type": "string", "pattern": r"^\s*[0-9]+(\.[0-9]+)?\s*[smhdw]?\s*$"},
+}
+
+
+def _accounts_paths() -> dict[str, Any]:
+    body_errors = _errors(400, 413)
+    dimensions: list[UsageDimension] = ["user", "group", "model", "node", "day"]
+    return {
+        "/admin/tokens": {
+            "post": _admin(
+                "Create an API token in a policy group.",
+                _ok("TokenSecret", 201, "Created; the secret is shown only now."),
+                body="TokenCreateRequest",
+                errors=_errors(400, 413, e400="A field is invalid, or the group is not in the policy."),
+            ),
+            "get": _admin(
+                "Every token: scope, group, state, expiry, last use, tokens used this month.",
+                _ok("TokenList"),
+            ),
+        },
+        "/admin/tokens/{token_id}/revoke": {
+            "post": _admin(
+                "Revoke a token: refused from its next request on.",
+                _ok("Token"),
+                parameters=_TOKEN_ID,
+                errors=_errors(404),
+            )
+        },
+        "/admin/tokens/{token_id}/rotate": {
+            "post": _admin(
+                "Give a token a new secret (same id, group and usage); the old one stops now or after a "
+                "grace period.",
+                _ok("TokenSecret", description="The new secret, shown only now."),
+                body="TokenRotateRequest",
+                body_required=False,  # no body: no grace
+                parameters=_TOKEN_ID,
+                errors={
+                    **body_errors,
+                    **_errors(404, 409, e409="The token is revoked (wrong_state)."),
+                },
+            )
+        },
+        "/admin/usage": {
+            "get": _admin(
+                "Usage totals by user (token), group, model, node or day (metadata only).",
+                _ok("UsageReport"),
+                errors=_errors(400, e400="An unknown dimension (by) or a malformed duration (since)."),
+                parameters=[
+                    {"name": "by", "in": "query", "required": False, "schema": {"enum": dimensions}},
+                    _SINCE,
+                ],
+            )
+        },
+        "/admin/audit": {
+            "get": _admin(
+                "The audit log: who changed what, when and from where (oldest first).",
+                _ok("AuditLog"),
+                errors=_errors(400, e400="A malformed duration (since) or limit."),
+                parameters=[
+                    _SINCE,
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "required": False,
+                        "description": "The newest this many entries at most (default 1000).",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_AUDIT_ROWS},
+                    },
+                ],
+            )
+        },
+    }
+
+
 @cache
 def openapi_document() -> dict[str, Any]:
     _, schemas = models_json_schema(
@@ -481,5 +589,6 @@ def openapi_document() -> dict[str, Any]:
             **_admin_paths(),
             **_policy_paths(),
             **_terms_paths(),
+            **_accounts_paths(),
         },
     }

@@ -242,11 +242,13 @@ class Relay:
             finally:
                 resp.close()
         finally:
+            first = stream.first_answer
             self._on_done(
                 job.job_id,
                 UsageRecord(
                     job.request_id, job.token_id, job.model, job.endpoint, node_id, status,
                     usage["prompt_tokens"], usage["completion_tokens"], job.started, time.time(),
+                    job.group, None if first is None else round((first - job.started) * 1000, 1),
                 )
             )  # fmt: skip
 
@@ -274,6 +276,8 @@ class Relay:
                 for frame in decoder.feed(chunk):
                     if frame.kind == frames.DATA:
                         payload = frame.payload if unsealer is None else unsealer.data(frame)
+                        if stream.first_answer is None and payload and not payload.startswith(b":"):
+                            stream.first_answer = time.time()  # an SSE comment is a keepalive
                         if not job.stream:
                             size += len(payload)
                             if size > MAX_BODY_BYTES:
@@ -406,6 +410,9 @@ async def _pump_sealed(
             relay_now: list[bytes] = []
             for frame in decoder.feed(chunk):
                 if frame.kind == frames.DATA:
+                    if stream.first_answer is None:
+                        # Sealed: the first frame may be a keepalive, sent only after seconds of prefill.
+                        stream.first_answer = time.time()
                     if route is not None:
                         relay_now.append(route)
                         route = None

@@ -15,7 +15,7 @@ from scheduler.metrics import Metrics
 from scheduler.relay import Relay
 from scheduler.rules import Rules
 from scheduler.settings import SchedulerSettings
-from scheduler.store import AsyncStore, TokenRecord
+from scheduler.store import AsyncStore, TokenRecord, TokenRefusal
 from scheduler.terms import TermsBook
 
 SETTINGS = web.AppKey("settings", SchedulerSettings)
@@ -50,10 +50,12 @@ async def authenticate(request: web.Request) -> TokenRecord:
         raise AuthenticationFailed("missing API token: send 'Authorization: Bearer <token>'")
     if not _could_be_a_token(token):
         # Refused before the store: such bytes could not hash, and no token was ever issued with them.
-        raise AuthenticationFailed("invalid or revoked API token")
+        raise AuthenticationFailed(TokenRefusal("unknown").message)
+    # A revoked, expired or rotated token says which (and when it expired): its holder knows what to do,
+    # and only someone holding a secret that once worked can get those answers.
     record = await request.app[STORE].verify_token(token)
-    if record is None:
-        raise AuthenticationFailed("invalid or revoked API token")
+    if isinstance(record, TokenRefusal):
+        raise AuthenticationFailed(record.message)
     return record
 
 

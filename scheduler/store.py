@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import json
 import secrets
 import time
@@ -20,58 +19,43 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import sqlite_utils
 
 from protocol.admin import EnrollmentState
 from protocol.directory import EMPTY, GENESIS, Head, Kind, entry_hash, make_entry
 from protocol.errors import ConfigError, ConflictError, NotFound
-
-TOKEN_PREFIX = "hth_"
-CODE_PREFIX = "hec"
-Scope = Literal["user", "admin"]
-T = TypeVar("T")
-
-
-def hash_token(token: str) -> str:
-    # Tokens carry 256 random bits, so a fast hash is enough: there is nothing to brute-force.
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-@dataclass(frozen=True, slots=True)
-class TokenRecord:
-    id: str
-    name: str
-    scope: Scope
-    created: float
-    revoked: float | None
-    tiers: tuple[str, ...] | None = None  # node tiers this token's requests may reach; None: the policy's
-
-    @classmethod
-    def from_row(cls, row: dict[str, Any]) -> TokenRecord:
-        tiers = tuple(row["tiers"].split(",")) if row.get("tiers") else None
-        return cls(row["id"], row["name"], row["scope"], row["created"], row["revoked"], tiers)
-
-
-@dataclass(frozen=True, slots=True)
-class UsageRecord:
-    request_id: str
-    token_id: str
-    model: str
-    endpoint: str
-    node_id: str
-    status: str
-    prompt_tokens: int
-    completion_tokens: int
-    started: float
-    ended: float
-
-
-# A usage row is replaced when its node's receipt corrects the counts (scheduler.ledger).
-_INSERT_USAGE = "INSERT OR REPLACE INTO usage ({}) VALUES ({})".format(
-    ", ".join(UsageRecord.__slots__), ", ".join("?" for _ in UsageRecord.__slots__)
+from scheduler.store_audit import LOCAL, SCHEDULER, AuditRecord
+from scheduler.store_tokens import (
+    TOKEN_PREFIX,
+    Scope,
+    TokenRecord,
+    TokenRefusal,
+    Tokens,
+    TokenSummary,
+    hash_token,
 )
+from scheduler.store_usage import UsageRecord, UsageTotal
+
+__all__ = [
+    "TOKEN_PREFIX",
+    "AsyncStore",
+    "AuditRecord",
+    "CodeRecord",
+    "NodeRecord",
+    "Scope",
+    "Store",
+    "TokenRecord",
+    "TokenRefusal",
+    "TokenSummary",
+    "UsageRecord",
+    "UsageTotal",
+    "hash_token",
+]
+
+CODE_PREFIX = "hec"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +99,10 @@ def new_enrollment_code() -> str:
     return f"{CODE_PREFIX}-" + "-".join(raw[i : i + 6] for i in range(0, 24, 6))
 
 
-class Store:
+class Store(Tokens):
+    """The database; its token, usage and audit parts are in scheduler.store_tokens, store_usage and
+    store_audit."""
+
     def __init__(self, path: Path) -> None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,34 +116,9 @@ class Store:
         self._migrate()
 
     def _migrate(self) -> None:
-        tokens = self.db.table("tokens")
-        if not tokens.exists():
-            tokens.create(
-                {"id": str, "name": str, "scope": str, "hash": str, "created": float, "revoked": float},
-                pk="id",
-                not_null={"name", "scope", "hash", "created"},
-            )
-            tokens.create_index(["hash"], unique=True)
-        if "tiers" not in tokens.columns_dict:  # databases from before per-token tiers
-            tokens.add_column("tiers", str)
-        usage = self.db.table("usage")
-        if not usage.exists():
-            usage.create(
-                {
-                    "request_id": str,
-                    "token_id": str,
-                    "model": str,
-                    "endpoint": str,
-                    "node_id": str,
-                    "status": str,
-                    "prompt_tokens": int,
-                    "completion_tokens": int,
-                    "started": float,
-                    "ended": float,
-                },
-                pk="request_id",
-            )
-            usage.create_index(["token_id", "started"])
+        self._migrate_audit()
+        self._migrate_tokens()
+        self._migrate_usage()
         nodes = self.db.table("nodes")
         if not nodes.exists():
             nodes.create(
@@ -175,9 +137,6 @@ class Store:
                  "used_by": str},
                 pk="hash",
             )  # fmt: skip
-        audit = self.db.table("audit")
-        if not audit.exists():
-            audit.create({"id": int, "at": float, "action": str, "subject": str, "detail": str}, pk="id")
         directory = self.db.table("directory")
         if not directory.exists():
             # The node directory's append-only log (protocol.directory): rows are never changed.
@@ -190,51 +149,11 @@ class Store:
     def close(self) -> None:
         self.db.close()
 
-    # tokens
-
-    def create_token(
-        self, name: str, scope: Scope = "user", tiers: tuple[str, ...] | None = None
-    ) -> tuple[str, TokenRecord]:
-        """Make a token; the clear text is returned once and never stored."""
-        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-        record = TokenRecord(f"tok_{secrets.token_hex(6)}", name, scope, time.time(), None, tiers or None)
-        self.db.table("tokens").insert(
-            {
-                "id": record.id,
-                "name": name,
-                "scope": scope,
-                "hash": hash_token(token),
-                "created": record.created,
-                "revoked": None,
-                "tiers": ",".join(tiers) if tiers else None,
-            }
-        )
-        return token, record
-
-    def verify_token(self, token: str) -> TokenRecord | None:
-        rows = list(
-            self.db.query("select * from tokens where hash = ? and revoked is null", [hash_token(token)])
-        )
-        return TokenRecord.from_row(rows[0]) if rows else None
-
-    def list_tokens(self) -> list[TokenRecord]:
-        return [TokenRecord.from_row(r) for r in self.db.table("tokens").rows_where(order_by="created")]
-
-    def revoke_token(self, token_id: str) -> TokenRecord:
-        table = self.db.table("tokens")
-        rows = list(table.rows_where("id = ?", [token_id]))
-        if not rows:
-            raise ConfigError(f"no token with id {token_id} (see `hearth tokens list`)")
-        if rows[0]["revoked"] is None:
-            table.update(token_id, {"revoked": time.time()})
-        return TokenRecord.from_row(next(iter(table.rows_where("id = ?", [token_id]))))
-
-    def has_admin_token(self) -> bool:
-        return self.db.table("tokens").count_where("scope = 'admin' and revoked is null") > 0
-
     # enrollment codes and nodes
 
-    def create_code(self, tier: str, ttl_s: float, note: str = "") -> tuple[str, float]:
+    def create_code(
+        self, tier: str, ttl_s: float, note: str = "", *, actor: str = SCHEDULER, origin: str = LOCAL
+    ) -> tuple[str, float]:
         """A one-time enrollment code for a node of ``tier``; only its hash is kept."""
         code = new_enrollment_code()
         now = time.time()
@@ -242,7 +161,7 @@ class Store:
         self.db.table("enrollment_codes").insert(
             {"hash": hash_token(code), "tier": tier, "note": note, "created": now, "expires": expires}
         )
-        self.audit("code_created", tier, note)
+        self.audit("code_created", tier, note, actor=actor, origin=origin)
         return code, expires
 
     def redeem_code(self, code: str, node_id: str) -> CodeRecord | None:
@@ -314,6 +233,8 @@ class Store:
         *,
         certificate: dict[str, Any] | None = None,
         allowed_from: tuple[EnrollmentState, ...] | None = None,
+        actor: str = SCHEDULER,
+        origin: str = LOCAL,
     ) -> NodeRecord:
         """Record the operator's decision; ConflictError if the node is in none of ``allowed_from``
         (checked and written in one step, so two decisions at once cannot both pass the check)."""
@@ -330,16 +251,18 @@ class Store:
         if certificate is not None or state != "approved":
             update["certificate"] = json.dumps(certificate) if certificate is not None else None
         self.db.table("nodes").update(node_id, update)
-        self.audit(state, node_id)
+        self.audit(state, node_id, actor=actor, origin=origin)
         record = self.node(node_id)
         assert record is not None
         return record
 
-    def set_node_drain(self, node_id: str, drain: bool) -> NodeRecord:
+    def set_node_drain(
+        self, node_id: str, drain: bool, *, actor: str = SCHEDULER, origin: str = LOCAL
+    ) -> NodeRecord:
         if self.node(node_id) is None:
             raise NotFound(f"no node called {node_id} (see `hearth enroll list`)")
         self.db.table("nodes").update(node_id, {"drain": int(drain), "updated": time.time()})
-        self.audit("drain" if drain else "undrain", node_id)
+        self.audit("drain" if drain else "undrain", node_id, actor=actor, origin=origin)
         record = self.node(node_id)
         assert record is not None
         return record
@@ -373,23 +296,6 @@ class Store:
         row = self.db.execute("select seq, hash from directory order by seq desc limit 1").fetchone()
         return Head(row[0] + 1, row[1]) if row else EMPTY
 
-    def audit(self, action: str, subject: str, detail: str = "") -> None:
-        self.db.table("audit").insert(
-            {"at": time.time(), "action": action, "subject": subject, "detail": detail}
-        )
-
-    # usage
-
-    def record_usage(self, records: Sequence[UsageRecord]) -> None:
-        # One single-row statement run once per record, not sqlite-utils' multi-row INSERT: that one's text
-        # changes with the batch size, and SQLite keeps a compiled statement (tens of KiB) for every size it
-        # has seen, up to the 128 that Python's sqlite3 caches. The soak benchmark saw that as the
-        # scheduler's memory creeping up long after its page cache was full (docs/benchmarks.md, "Soak").
-        with self.db.conn:
-            self.db.conn.executemany(
-                _INSERT_USAGE, ([getattr(r, f) for f in UsageRecord.__slots__] for r in records)
-            )
-
 
 class AsyncStore:
     """The Store behind two threads: one writer, and one reader for token checks.
@@ -420,7 +326,7 @@ class AsyncStore:
         assert self._store is not None, "AsyncStore.open() was not awaited"
         return self._store
 
-    async def verify_token(self, token: str) -> TokenRecord | None:
+    async def verify_token(self, token: str) -> TokenRecord | TokenRefusal:
         reader = self._read_store
         assert reader is not None, "AsyncStore.open() was not awaited"
         return await asyncio.get_running_loop().run_in_executor(

@@ -75,6 +75,7 @@ class PlainStream:
     body: web.Response | None = None
     size: int = 0
     sent: bytearray = field(default_factory=bytearray)  # the SSE bytes relayed, for a replacement node
+    first_answer: float | None = None  # when a node sent the answer's first bytes (time to first token)
 
     def relayed(self, payload: bytes) -> None:
         self.size += len(payload)
@@ -115,6 +116,7 @@ class SealedStream:
     size: int = 0
     seq: int = 0
     finished: bool = False
+    first_answer: float | None = None  # when the first frame of the answer came from a node
 
     def relayed(self, frames_: list[bytes], payload: bytes) -> None:
         self.seq += 1

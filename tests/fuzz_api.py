@@ -18,8 +18,10 @@ what is behind it; nothing else is changed, and no operation is left out:
   are placed on club nodes only (`scheduler.policy.tiers`), so whatever it claims to serve, no request is
   sent to it.
 - Kept whole: the node that serves the demo model and the signer are never named in a path (revoking or
-  draining them would leave nothing behind the routes to test), and tokens are not part of the API (only
-  `hearth tokens` revokes them), so the fuzzer cannot lock itself out.
+  draining them would leave nothing behind the routes to test), nor is the fuzzer's own token (revoking or
+  rotating it would lock the fuzzer out). Decoy tokens stand in: a token id in a path is the generated
+  one (unknown: 404), one read in an earlier answer, or a decoy's, so revocations and rotations meet real
+  tokens too; a new token names the default group half the time (the only group of `hearth up`'s policy).
 - The served model: a generation request names the demo model a third of the time (an unknown model is a
   404 before any node is reached) and asks for at most two tokens, so the random-weight model answers in
   milliseconds. Fresh enrollment codes let some enrollments through.
@@ -60,6 +62,7 @@ from tests.support import LoopThread
 
 SIGNER = "fuzz-signer"
 DECOYS = tuple(f"decoy-{i}" for i in range(8))
+TOKEN_DECOYS = 4
 CHECKS = (
     "not_a_server_error",
     "status_code_conformance",
@@ -81,6 +84,8 @@ class Target:
     model: str
     data_dir: Path
     machines: dict[str, tuple[Identity, str]] = field(default_factory=dict)  # keys, by node id
+    token_id: str = ""  # the fuzzer's own token's id
+    token_decoys: list[str] = field(default_factory=list)  # ids of tokens the fuzzer may revoke or rotate
 
     def admin(self, method: str, path: str, body: Any = None) -> Any:
         headers = {"Authorization": f"Bearer {self.token}"}
@@ -127,6 +132,13 @@ def hearth_up(servers: LoopThread, data_dir: Path, model: ModelSettings) -> Iter
         target.admin(
             "POST", f"/admin/enrollments/{SIGNER}/approve", {"certificate": target.certificate(SIGNER)}
         )
+        target.token_id = next(
+            t["id"] for t in target.admin("GET", "/admin/tokens")["tokens"] if t["scope"] == "admin"
+        )
+        target.token_decoys = [
+            target.admin("POST", "/admin/tokens", {"name": f"decoy-{i}"})["token"]["id"]
+            for i in range(TOKEN_DECOYS)
+        ]
         yield target
     finally:
         servers.loop.call_soon_threadsafe(stop.set)
@@ -235,6 +247,8 @@ def run(
         "HEARTH_FUZZ_MODEL": target.model,
         "HEARTH_FUZZ_KEEP": ",".join((target.node_id, SIGNER)),
         "HEARTH_FUZZ_DECOYS": ",".join(DECOYS),
+        "HEARTH_FUZZ_KEEP_TOKEN": target.token_id,
+        "HEARTH_FUZZ_TOKEN_DECOYS": ",".join(target.token_decoys),
         "HEARTH_FUZZ_SIGNER": SIGNER,
         "HEARTH_FUZZ_SIGNER_KEY": str(signer),
         "HEARTH_FUZZ_AUDIENCE": fingerprint(b64d(scheduler_key, length=32)),

@@ -32,6 +32,9 @@ MODEL = os.environ.get("HEARTH_FUZZ_MODEL", "hearth-demo")
 MAX_TOKENS = 2
 KEEP = frozenset(n for n in os.environ.get("HEARTH_FUZZ_KEEP", "").split(",") if n)
 DECOYS = tuple(n for n in os.environ.get("HEARTH_FUZZ_DECOYS", "").split(",") if n)
+TOKEN_PATHS = "/admin/tokens/{token_id}/"
+KEEP_TOKEN = os.environ.get("HEARTH_FUZZ_KEEP_TOKEN", "")
+TOKEN_DECOYS = tuple(t for t in os.environ.get("HEARTH_FUZZ_TOKEN_DECOYS", "").split(",") if t)
 SIGNER_ID = os.environ.get("HEARTH_FUZZ_SIGNER", "")
 AUDIENCE = os.environ.get("HEARTH_FUZZ_AUDIENCE", "")
 _signer_key = os.environ.get("HEARTH_FUZZ_SIGNER_KEY")
@@ -64,6 +67,13 @@ def map_case(ctx: HookContext, case: Case) -> Case:
         # Half the time a certificate the authority signed; else the generated one, read in any state.
         if path.endswith("/approve") and isinstance(body, dict) and signed and _pick(body, (False, True)):
             body["certificate"] = signed
+    if TOKEN_DECOYS and path.startswith(TOKEN_PATHS) and isinstance(params, dict) and "token_id" in params:
+        # The generated id, one read in an earlier answer, or a decoy's; never the fuzzer's own token.
+        chosen = _pick(params, (params["token_id"], *TOKEN_DECOYS))
+        params["token_id"] = TOKEN_DECOYS[0] if chosen == KEEP_TOKEN else chosen
+    new_token = path == "/admin/tokens" and case.method.upper() == "POST"
+    if new_token and isinstance(body, dict) and _pick(body, (False, True)):
+        body["group"] = "default"  # else the generated name: most likely not in the policy, 400
     if path in GENERATION and isinstance(body, dict):
         if _pick(body, (True, False, False)):
             body["model"] = MODEL  # else the generated name: most likely unknown, 404

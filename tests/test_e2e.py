@@ -184,6 +184,24 @@ def test_the_openai_client_works_through_the_proxy_and_the_canary_never_shows(
     assert CANARY not in server_log
 
 
+def test_a_sealed_requests_usage_row_has_its_time_to_first_token(e2e: E2E) -> None:
+    """The scheduler cannot read a sealed answer, but it sees when its first frame came."""
+    started = time.time()
+    _ask(e2e, stream=True)
+    deadline = time.monotonic() + 30  # the usage writer commits in batches, off the request path
+    rows: list[tuple[float | None, float, float, str]] = []
+    while not rows and time.monotonic() < deadline:
+        time.sleep(0.05)
+        with sqlite3.connect(e2e.stack.data_dir / "hearth.db") as db:
+            rows = db.execute(
+                "select ttft_ms, started, ended, status from usage where started >= ? and status = 'ok'",
+                [started - 1],
+            ).fetchall()
+    assert rows, "no usage row was written"
+    ttft_ms, begun, ended, _ = rows[0]
+    assert ttft_ms is not None and 0 < ttft_ms <= (ended - begun) * 1000
+
+
 def test_plaintext_is_refused_when_e2e_is_required(e2e: E2E) -> None:
     r = httpx.post(
         e2e.stack.api + "/chat/completions",

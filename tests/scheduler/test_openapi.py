@@ -112,7 +112,7 @@ def test_stream_events_are_not_described_by_the_non_streaming_schema() -> None:
 
 def test_created_answers_are_documented_as_201() -> None:
     paths = openapi_document()["paths"]
-    for path in ("/admin/enrollment-codes", "/v1/enroll"):
+    for path in ("/admin/enrollment-codes", "/v1/enroll", "/admin/tokens"):
         assert set(paths[path]["post"]["responses"]) & {"200", "201"} == {"201"}
 
 
@@ -130,6 +130,11 @@ ERRORS = {
     ("get", "/v1/terms"): {"401"},
     ("post", "/v1/terms/accept"): {"400", "401", "409", "413"},
     ("get", "/admin/terms"): {"401", "403"},
+    ("post", "/admin/tokens"): {"400", "401", "403", "413"},
+    ("post", "/admin/tokens/{token_id}/revoke"): {"401", "403", "404"},
+    ("post", "/admin/tokens/{token_id}/rotate"): {"400", "401", "403", "404", "409", "413"},
+    ("get", "/admin/usage"): {"400", "401", "403"},
+    ("get", "/admin/audit"): {"400", "401", "403"},
 }
 
 
@@ -155,6 +160,10 @@ def test_every_status_a_route_answers_is_documented() -> None:
         ("get", "/admin/terms", None, 200),
         ("get", "/v1/terms", None, 200),
         ("post", "/admin/enrollment-codes", {"tier": "community"}, 201),
+        ("post", "/admin/tokens", {"name": "schema", "expires_in_seconds": 60.0}, 201),
+        ("get", "/admin/tokens", None, 200),
+        ("get", "/admin/usage?by=day&since=30d", None, 200),
+        ("get", "/admin/audit?limit=5", None, 200),
         ("get", "/v1/directory", None, 200),
         ("get", "/healthz", None, 200),
     ],
@@ -166,7 +175,7 @@ def test_admin_and_service_answers_match_their_schemas(
         method.upper(), stack.base_url + path, json=body, headers={"Authorization": f"Bearer {stack.token}"}
     )
     assert r.status_code == status, r.text
-    answer = openapi_document()["paths"][path][method]["responses"][str(status)]
+    answer = openapi_document()["paths"][path.split("?")[0]][method]["responses"][str(status)]
     _validator(answer["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]).validate(r.json())
 
 
@@ -210,6 +219,14 @@ OPTIONS = [
     ("TermsAcceptRequest", {"version": 2026}, False),
     ("TermsAcceptRequest", {"version": "two words"}, False),
     ("TermsAcceptRequest", {"version": "v" * 65}, False),
+    ("TokenCreateRequest", {"name": "x", "expires_in_seconds": 1}, True),
+    ("TokenCreateRequest", {"name": "x", "expires_in_seconds": 0}, False),
+    ("TokenCreateRequest", {"name": ""}, False),
+    ("TokenCreateRequest", {"name": "x", "scope": "root"}, False),
+    ("TokenCreateRequest", {"name": 7}, False),
+    ("TokenRotateRequest", {"grace_seconds": 0}, True),
+    ("TokenRotateRequest", {"grace_seconds": -1}, False),
+    ("TokenRotateRequest", {"grace_seconds": "10m"}, False),
 ]
 # fmt: on
 
@@ -220,10 +237,13 @@ def test_the_document_allows_what_the_server_accepts(
 ) -> None:
     """Options Hearth accepts only "off" are documented so: a client (or a fuzzer) that follows the
     document never sends what is refused."""
-    from protocol import admin, schemas, terms
+    from protocol import accounts, admin, schemas, terms
 
     documented = _validator(model).is_valid(body)
-    validated = getattr(schemas, model, None) or getattr(admin, model, None) or getattr(terms, model)
+    validated = (
+        getattr(schemas, model, None) or getattr(admin, model, None) or getattr(accounts, model, None)
+        or getattr(terms, model)
+    )  # fmt: skip
     try:
         validated.model_validate(body)
         served = True

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from protocol.errors import ConfigError
-from scheduler.store import Store, UsageRecord
+from protocol.errors import NotFound
+from scheduler.store import Store, TokenRefusal, UsageRecord
 
 
 def test_tokens_are_random_hashed_and_revocable(tmp_path: Path) -> None:
@@ -17,11 +17,11 @@ def test_tokens_are_random_hashed_and_revocable(tmp_path: Path) -> None:
     other, _ = store.create_token("bob", "admin")
     assert token != other and len(token) > 40
     assert store.verify_token(token) == record
-    assert store.verify_token(token + "x") is None
+    assert store.verify_token(token + "x") == TokenRefusal("unknown")
     assert store.has_admin_token()
     store.revoke_token(record.id)
-    assert store.verify_token(token) is None
-    with pytest.raises(ConfigError):
+    assert store.verify_token(token) == TokenRefusal("revoked")
+    with pytest.raises(NotFound):
         store.revoke_token("tok_missing")
     store.close()
     raw = b"".join(p.read_bytes() for p in tmp_path.iterdir())
