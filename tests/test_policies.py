@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -82,18 +83,18 @@ def _client(stack: Stack, token: str, **kwargs: Any) -> openai.OpenAI:
 
 
 def test_answers_carry_the_rate_limits_and_a_request_id(policed: Stack) -> None:
-    client = _client(policed, _token(policed, "students"))
     seen = []
-    for _ in range(3):
-        raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=HELLO, max_tokens=4)
-        raw.parse()
-        seen.append(raw.headers)
+    with _client(policed, _token(policed, "students")) as client:
+        for _ in range(3):
+            raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=HELLO, max_tokens=4)
+            raw.parse()
+            seen.append(raw.headers)
+        with pytest.raises(openai.RateLimitError) as caught:
+            client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4)
     assert [h["x-ratelimit-limit-requests"] for h in seen] == ["3", "3", "3"]
     assert [h["x-ratelimit-remaining-requests"] for h in seen] == ["2", "1", "0"]
     assert all(h["x-ratelimit-reset-requests"].endswith("s") for h in seen)
     assert len({h["x-request-id"] for h in seen}) == 3
-    with pytest.raises(openai.RateLimitError) as caught:
-        client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4)
     err = caught.value
     assert err.code == "rate_limit_exceeded" and "3 requests per minute" in err.message
     retry = int(err.response.headers["retry-after"])
@@ -102,8 +103,10 @@ def test_answers_carry_the_rate_limits_and_a_request_id(policed: Stack) -> None:
 
 
 def test_a_model_outside_the_group_is_refused_on_its_field(policed: Stack) -> None:
-    client = _client(policed, _token(policed, "elsewhere"))
-    with pytest.raises(openai.PermissionDeniedError) as caught:
+    with (
+        _client(policed, _token(policed, "elsewhere")) as client,
+        pytest.raises(openai.PermissionDeniedError) as caught,
+    ):
         client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4)
     assert caught.value.code == "model_not_allowed"
     assert caught.value.body["param"] == "model"  # type: ignore[index]
@@ -111,26 +114,34 @@ def test_a_model_outside_the_group_is_refused_on_its_field(policed: Stack) -> No
 
 
 def test_the_openai_client_waits_as_retry_after_says(policed: Stack, servers: LoopThread) -> None:
-    """One request at a time: the second one is told to come back in a second; the client's own retry,
-    honouring Retry-After, gets through once the first has finished."""
+    """One request at a time: while the first waits for the (full) node, the second is told to come back
+    in a second; the client's own retries, honouring Retry-After, get through once the first has finished."""
     token = _token(policed, "one-at-a-time")
     statuses: list[int] = []
     hooks = {"response": [lambda response: statuses.append(response.status_code)]}
-    blocker = _client(policed, token).chat.completions.create(
-        model=MODEL, messages=HELLO, max_tokens=8, stream=True
-    )  # holds the only slot until it is read to the end
-    patient = _client(policed, token, max_retries=5, http_client=httpx.Client(event_hooks=hooks))
-    result: list[Any] = []
-    worker = threading.Thread(
-        target=lambda: result.append(
-            patient.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4)
-        )
-    )
-    worker.start()
-    servers.call(wait_for(lambda: _true(429 in statuses), within=60))
-    list(blocker)  # the first answer ends: its slot is free
-    worker.join(120)
-    assert result and result[0].choices[0].finish_reason in ("stop", "length")
+    assert policed.scheduler_app is not None
+    admission = policed.scheduler_app[ADMISSION]
+    ticket = servers.call(_hold_node(policed))
+    results: list[Any] = []
+
+    def ask(client: openai.OpenAI) -> None:
+        with client:
+            results.append(client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4))
+
+    first = threading.Thread(target=ask, args=(_client(policed, token),))
+    patient = _client(policed, token, max_retries=20, http_client=httpx.Client(event_hooks=hooks))
+    second = threading.Thread(target=ask, args=(patient,))
+    try:
+        first.start()
+        servers.call(wait_for(lambda: _true(admission.queued == 1), within=60))  # it holds the only slot
+        second.start()
+        servers.call(wait_for(lambda: _true(429 in statuses), within=60))
+    finally:
+        servers.call(_let_go(policed, ticket))
+    first.join(120)
+    second.join(120)
+    assert len(results) == 2
+    assert all(r.choices[0].finish_reason in ("stop", "length") for r in results)
     assert statuses[0] == 429 and statuses[-1] == 200
 
 
@@ -290,8 +301,8 @@ def test_a_restart_keeps_the_counters_and_releases_what_died_with_the_old_proces
     (tmp_path / "policies.toml").write_text("[groups.quota]\ntokens_per_day = 100000\n", encoding="utf-8")
     stack = servers.call(start_stack(tmp_path, [demo_model]))
     token = _token(stack, "quota", name="restart")
-    client = _client(stack, token)
-    done = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4)
+    with _client(stack, token) as client:
+        done = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4)
     assert done.usage is not None
     used = done.usage.total_tokens
     assert stack.scheduler_app is not None
@@ -317,13 +328,20 @@ def test_a_restart_keeps_the_counters_and_releases_what_died_with_the_old_proces
     servers.call(waiting())
     db = app[STORE]
     servers.call(wait_for(lambda: _reserved(db, 3), within=30))
-    servers.call(_let_go_never(ticket))
-    servers.call(stop_stack(stack))  # the three die with the process, their reservations on record
+    servers.call(wait_for(lambda: _rows(db, "usage", 1), within=30))
+    # What a crash leaves on disk: the database as it is now, three requests in flight. (A clean stop
+    # would end them, and their reservations, first.)
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    servers.call(db.run(lambda: _backup(db.store.db.conn, crashed / "hearth.db")))
+    (crashed / "policies.toml").write_text((tmp_path / "policies.toml").read_text())
+    del ticket  # the node stays full until the end
+    servers.call(stop_stack(stack))
 
-    again = servers.call(start_scheduler(tmp_path, discovery=False))
+    again = servers.call(start_scheduler(crashed, discovery=False))
     try:
         assert again.scheduler_app is not None
-        meter = again.scheduler_app[ENFORCER].meters.meter("token", _token_id(tmp_path, "restart"))
+        meter = again.scheduler_app[ENFORCER].meters.meter("token", _token_id(crashed, "restart"))
         assert meter.tokens_day == used and meter.in_flight == 0
         store = again.scheduler_app[STORE]
         assert servers.call(_reserved(store, 0))
@@ -347,8 +365,17 @@ async def _close_later(session: aiohttp.ClientSession, tasks: list[asyncio.Futur
         await session.close()
 
 
-async def _let_go_never(ticket: Ticket) -> None:
-    """The node stays full: the requests are still waiting when the scheduler stops."""
+def _backup(conn: sqlite3.Connection, to: Path) -> None:
+    target = sqlite3.connect(to)
+    try:
+        conn.backup(target)
+    finally:
+        target.close()
+
+
+async def _rows(store: Any, table: str, at_least: int) -> bool:
+    count = await store.run(lambda: store.store.db.execute(f"select count(*) from {table}").fetchone()[0])
+    return bool(count >= at_least)
 
 
 async def _reserved(store: Any, count: int) -> bool:
