@@ -41,7 +41,9 @@ def test_every_operation_answers_as_documented(target: fuzz_api.Target, tmp_path
     assert outcome.exit_code == 0, outcome.output[-12000:]
     report = outcome.report
     # Every documented operation but the document's own (GET /openapi.json: Schemathesis read it to start)
-    operations = sum(len(ops) for ops in openapi_document()["paths"].values()) - 1
+    # and the endless streams.
+    paths = openapi_document()["paths"]
+    operations = sum(len(ops) for path, ops in paths.items() if path not in fuzz_api.NOT_FUZZED) - 1
     assert report["operations"]["selected"] == report["operations"]["tested"] == operations, report
     assert report["operations"]["skipped"] == report["operations"]["errored"] == 0, report
     assert report["failures"] == [] and report["errors"] == [], report
