@@ -20,26 +20,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import psutil  # type: ignore[import-untyped]
 
-from tests.bench.bench_relay import (
-    CONTENT_MARK,
-    _cpu,
-    _pct,
-    _spawn,
-    _stop,
-    _wait_ready,
-    cpu_model,
-    source_revision,
-)
+from tests.bench.bench_relay import CONTENT_MARK, _cpu, _pct, _wait_ready, cluster, cpu_model, source_revision
 
 SLOTS = 10  # model slots on the node: one generation thread each, so each worker has its own
 # Plain and sealed blocks alternate this many times per level, so that drift (and the 10 ms resolution of
@@ -107,8 +95,8 @@ def _summary(blocks: list[dict[str, Any]]) -> dict[str, float]:
     ttft = sorted(t for b in blocks for t in b["ttft"])
     tokens = sum(b["tokens"] for b in blocks)
     return {
-        "ttft_p50_ms": _pct(ttft, 0.5) * 1e3,
-        "ttft_p99_ms": _pct(ttft, 0.99) * 1e3,
+        "ttft_p50_ms": _pct(ttft, 50) * 1e3,
+        "ttft_p99_ms": _pct(ttft, 99) * 1e3,
         "tok_per_s": tokens / sum(b["wall"] for b in blocks),
         "tok_per_sched_cpu_s": tokens / max(sum(b["cpu"] for b in blocks), 1e-9),
     }
@@ -116,61 +104,46 @@ def _summary(blocks: list[dict[str, Any]]) -> dict[str, float]:
 
 async def run(opts: argparse.Namespace) -> dict[str, Any]:
     from hearth.proxy import SealedClient
-    from hearth.up import certify_local_node
-    from scheduler.store import Store
 
     results: dict[str, Any] = {
         "machine": {"cpu": cpu_model(), "cores": psutil.cpu_count(), "revision": source_revision()}
     }
-    with tempfile.TemporaryDirectory(prefix="hearth-bench-e2e-") as tmp:
-        store = Store(Path(tmp) / "hearth.db")
-        token, _ = store.create_token("bench")
-        store.close()
-        certify_local_node(Path(tmp), "bench")
-        env = dict(os.environ)
-        sched_proc, sched_url = await _spawn(["--role", "scheduler", "--data-dir", tmp], env)
-        node_proc = None
-        try:
-            node_proc, _ = await _spawn(
-                ["--role", "node", "--slots", str(SLOTS), "--data-dir", tmp, "--node-url", sched_url], env
-            )
-            sched = psutil.Process(sched_proc.pid)
-            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-                await _wait_ready(session, sched_url, token, SLOTS)
-                client = SealedClient(sched_url, token, Path(tmp) / "pin.json", session)
-                deadline = time.monotonic() + 30
-                while not (await client.refresh(force=True)).usable(time.time()):
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("the node's key never reached the directory")
-                    await asyncio.sleep(0.3)
-                levels = []
-                quick = opts.quick
-                # (label, streams, ms per token, requests, pause after each request): "1 spaced" is a user
-                # chatting (a pause between requests), the others are closed loops (the next request
-                # starts as the last one ends, so each also pays for its predecessor's wind-down).
-                for label, concurrency, pace, total, gap in [
-                    ("1 spaced", 1, 5.0, 40 if quick else 150, 0.05),
-                    ("1", 1, 5.0, 40 if quick else 150, 0.0),
-                    ("10", 10, 5.0, 100 if quick else 300, 0.0),
-                    ("10 burst", 10, 0.0, 100 if quick else 800, 0.0),
-                ]:
-                    print(f"  {label} streams, {pace:g} ms/token…", file=sys.stderr, flush=True)
-                    plain, sealed = [], []
-                    for _ in range(ROUNDS):
-                        plain.append(await _block(
-                            lambda w, p=pace: _plain(session, sched_url, token, _body(w, p, opts.tokens)),
-                            concurrency, total // ROUNDS, sched, gap,
-                        ))  # fmt: skip
-                        sealed.append(await _block(
-                            lambda w, p=pace: _sealed(client, _body(w, p, opts.tokens)), concurrency,
-                            total // ROUNDS, sched, gap,
-                        ))  # fmt: skip
-                    levels.append({"label": label, "plain": _summary(plain), "sealed": _summary(sealed)})
-                results["levels"] = levels
-        finally:
-            if node_proc is not None:
-                await _stop(node_proc)
-            await _stop(sched_proc)
+    async with (
+        cluster(SLOTS, prefix="hearth-bench-e2e-") as c,
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session,
+    ):
+        sched_url, token, sched = c.scheduler_url, c.token, c.scheduler
+        await _wait_ready(session, sched_url, token, SLOTS)
+        client = SealedClient(sched_url, token, c.data_dir / "pin.json", session)
+        deadline = time.monotonic() + 30
+        while not (await client.refresh(force=True)).usable(time.time()):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the node's key never reached the directory")
+            await asyncio.sleep(0.3)
+        levels = []
+        quick = opts.quick
+        # (label, streams, ms per token, requests, pause after each request): "1 spaced" is a user
+        # chatting (a pause between requests), the others are closed loops (the next request
+        # starts as the last one ends, so each also pays for its predecessor's wind-down).
+        for label, concurrency, pace, total, gap in [
+            ("1 spaced", 1, 5.0, 40 if quick else 150, 0.05),
+            ("1", 1, 5.0, 40 if quick else 150, 0.0),
+            ("10", 10, 5.0, 100 if quick else 300, 0.0),
+            ("10 burst", 10, 0.0, 100 if quick else 800, 0.0),
+        ]:
+            print(f"  {label} streams, {pace:g} ms/token…", file=sys.stderr, flush=True)
+            plain, sealed = [], []
+            for _ in range(ROUNDS):
+                plain.append(await _block(
+                    lambda w, p=pace: _plain(session, sched_url, token, _body(w, p, opts.tokens)),
+                    concurrency, total // ROUNDS, sched, gap,
+                ))  # fmt: skip
+                sealed.append(await _block(
+                    lambda w, p=pace: _sealed(client, _body(w, p, opts.tokens)), concurrency,
+                    total // ROUNDS, sched, gap,
+                ))  # fmt: skip
+            levels.append({"label": label, "plain": _summary(plain), "sealed": _summary(sealed)})
+        results["levels"] = levels
     return results
 
 

@@ -44,7 +44,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -460,6 +460,53 @@ async def _wait_ready(session: aiohttp.ClientSession, url: str, token: str, slot
     raise RuntimeError("the scheduler did not see the node's models in time")
 
 
+@dataclass
+class Cluster:
+    """A scheduler and a node of scripted model slots, each a child process, on one fresh data directory."""
+
+    data_dir: Path
+    token: str  # a user token
+    admin_token: str
+    scheduler: psutil.Process
+    scheduler_url: str
+    node: psutil.Process
+    node_url: str
+
+
+@contextlib.asynccontextmanager
+async def cluster(
+    slots: int, *, profile: str | None = None, prefix: str = "hearth-bench-"
+) -> AsyncIterator[Cluster]:
+    """Start the two children (the node enrolled and approved as `hearth up` does it, its models listed by
+    the scheduler), and stop them on the way out. ``profile``: run the scheduler under cProfile, stats there."""
+    from hearth.up import certify_local_node
+    from scheduler.store import Store
+
+    env = dict(os.environ)
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        store = Store(Path(tmp) / "hearth.db")
+        token, _ = store.create_token("bench")
+        admin, _ = store.create_token("bench-admin", "admin")
+        store.close()
+        certify_local_node(Path(tmp), "bench")
+        sched_args = ["--role", "scheduler", "--data-dir", tmp]
+        if profile:
+            sched_args += ["--profile", profile]
+        sched_proc, sched_url = await _spawn(sched_args, env)
+        node_proc = None
+        try:
+            node_args = ["--role", "node", "--slots", str(slots), "--data-dir", tmp, "--node-url", sched_url]
+            node_proc, node_url = await _spawn(node_args, env)
+            yield Cluster(
+                Path(tmp), token, admin, psutil.Process(sched_proc.pid), sched_url,
+                psutil.Process(node_proc.pid), node_url,
+            )  # fmt: skip
+        finally:
+            if node_proc is not None:
+                await _stop(node_proc)
+            await _stop(sched_proc)
+
+
 def source_revision() -> str:
     """The commit measured, with "+changes" when the code under test differs from it."""
     import subprocess
@@ -510,11 +557,8 @@ def plan(opts: argparse.Namespace) -> list[tuple[str, int, float, int, float]]:
 
 
 async def run_bench(opts: argparse.Namespace) -> dict[str, Any]:
-    from hearth.up import certify_local_node
     from protocol.identity import load_or_create_identity, sign_request
-    from scheduler.store import Store
 
-    env = dict(os.environ)
     results: dict[str, Any] = {
         "machine": {
             "cpu": cpu_model(),
@@ -531,71 +575,45 @@ async def run_bench(opts: argparse.Namespace) -> dict[str, Any]:
             "quick": opts.quick,
         },
     }
-    with tempfile.TemporaryDirectory(prefix="hearth-bench-") as tmp:
-        store = Store(Path(tmp) / "hearth.db")
-        token, _ = store.create_token("bench")
-        store.close()
-        # The node is enrolled and approved as `hearth up` does it; the load generator signs direct calls
-        # with the scheduler's key, as the scheduler would.
-        certify_local_node(Path(tmp), "bench")
-        scheduler_key = load_or_create_identity(Path(tmp) / "scheduler.key")
-        sched_args = ["--role", "scheduler", "--data-dir", tmp]
-        if opts.profile:
-            sched_args += ["--profile", opts.profile]
-        sched_proc, sched_url = await _spawn(sched_args, env)
-        node_proc = None
-        try:
-            node_args = [
-                "--role",
-                "node",
-                "--slots",
-                str(opts.slots),
-                "--data-dir",
-                tmp,
-                "--node-url",
-                sched_url,
-            ]
-            node_proc, node_url = await _spawn(node_args, env)
-            connector = aiohttp.TCPConnector(limit=0)
-            timeout = aiohttp.ClientTimeout(total=120)
-            async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-                await _wait_ready(session, sched_url, token, opts.slots)
-                bench = Bench(
-                    node=psutil.Process(node_proc.pid),
-                    scheduler=psutil.Process(sched_proc.pid),
-                    direct=Target(
-                        "direct",
-                        node_url + "/jobs",
-                        {"Content-Type": "application/json"},
-                        True,
-                        lambda body: sign_request(scheduler_key, "POST", "/jobs", body, audience="bench"),
-                    ),
-                    via=Target(
-                        "scheduler",
-                        sched_url + "/v1/chat/completions",
-                        {"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-                        False,
-                    ),
-                    tokens=opts.tokens,
-                    delay_ms=0.0,
-                    slots=opts.slots,
-                    session=session,
-                )
-                levels = []
-                for label, concurrency, pace, total, budget in plan(opts):
-                    print(f"  {label} concurrent streams, {pace:g} ms/token…", file=sys.stderr, flush=True)
-                    level = await _level(bench, concurrency, pace, total, 2, budget)
-                    level["label"] = label
-                    levels.append(level)
-                results["levels"] = levels
-                if not opts.skip_memory:
-                    warmup, requests = (200, 2000) if opts.quick else (500, opts.memory_requests)
-                    print(f"  memory: {warmup} + {requests} requests…", file=sys.stderr, flush=True)
-                    results["memory"] = await _memory(bench, warmup, requests, 50, 10)
-        finally:
-            if node_proc is not None:
-                await _stop(node_proc)
-            await _stop(sched_proc)
+    async with cluster(opts.slots, profile=opts.profile) as c:
+        # The load generator signs direct calls with the scheduler's key, as the scheduler would.
+        scheduler_key = load_or_create_identity(c.data_dir / "scheduler.key")
+        connector = aiohttp.TCPConnector(limit=0)
+        timeout = aiohttp.ClientTimeout(total=120)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+            await _wait_ready(session, c.scheduler_url, c.token, opts.slots)
+            bench = Bench(
+                node=c.node,
+                scheduler=c.scheduler,
+                direct=Target(
+                    "direct",
+                    c.node_url + "/jobs",
+                    {"Content-Type": "application/json"},
+                    True,
+                    lambda body: sign_request(scheduler_key, "POST", "/jobs", body, audience="bench"),
+                ),
+                via=Target(
+                    "scheduler",
+                    c.scheduler_url + "/v1/chat/completions",
+                    {"Authorization": f"Bearer {c.token}", "Content-Type": "application/json"},
+                    False,
+                ),
+                tokens=opts.tokens,
+                delay_ms=0.0,
+                slots=opts.slots,
+                session=session,
+            )
+            levels = []
+            for label, concurrency, pace, total, budget in plan(opts):
+                print(f"  {label} concurrent streams, {pace:g} ms/token…", file=sys.stderr, flush=True)
+                level = await _level(bench, concurrency, pace, total, 2, budget)
+                level["label"] = label
+                levels.append(level)
+            results["levels"] = levels
+            if not opts.skip_memory:
+                warmup, requests = (200, 2000) if opts.quick else (500, opts.memory_requests)
+                print(f"  memory: {warmup} + {requests} requests…", file=sys.stderr, flush=True)
+                results["memory"] = await _memory(bench, warmup, requests, 50, 10)
     return results
 
 
@@ -669,6 +687,23 @@ def report(r: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def run_and_report(
+    run: Callable[[argparse.Namespace], Coroutine[Any, Any, dict[str, Any]]],
+    report: Callable[[dict[str, Any]], str],
+    opts: argparse.Namespace,
+) -> None:
+    """Run a benchmark and print its report and run time; write ``--json``, print ``--profile``'s stats."""
+    started = time.perf_counter()
+    results = asyncio.run(run(opts))
+    results["runtime_s"] = time.perf_counter() - started
+    print(report(results))
+    print(f"\n(total run time {results['runtime_s']:.0f} s)")
+    if opts.json:
+        Path(opts.json).write_text(json.dumps(results, indent=2))
+    if opts.profile:
+        _print_profile(opts.profile, 30)
+
+
 def _print_profile(path: str, limit: int) -> None:
     stats = pstats.Stats(path)
     stats.sort_stats("tottime").print_stats(limit)
@@ -712,15 +747,7 @@ def main(argv: list[str] | None = None) -> None:
     if opts.role == "scheduler":
         asyncio.run(_serve_scheduler(Path(opts.data_dir), opts.profile))
         return
-    started = time.perf_counter()
-    results = asyncio.run(run_bench(opts))
-    results["runtime_s"] = time.perf_counter() - started
-    print(report(results))
-    print(f"\n(total run time {results['runtime_s']:.0f} s)")
-    if opts.json:
-        Path(opts.json).write_text(json.dumps(results, indent=2))
-    if opts.profile:
-        _print_profile(opts.profile, 30)
+    run_and_report(run_bench, report, opts)
 
 
 if __name__ == "__main__":
