@@ -8,6 +8,7 @@ what differs from its parent; ``resolve`` turns the file into one flat ``GroupRu
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 from dataclasses import dataclass
 from typing import Annotated
@@ -157,6 +158,7 @@ class GroupRules:
         return self.models is None or any(_glob(p).match(model) for p in self.models)
 
 
+@functools.lru_cache(maxsize=1024)
 def _glob(pattern: str) -> re.Pattern[str]:
     return re.compile(fnmatch.translate(pattern))
 

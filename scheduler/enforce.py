@@ -165,6 +165,8 @@ class Enforcer:
 
 
 def _job_rules(decision: Allowed) -> bytes:
+    if decision.system_prompt is None and decision.max_total_tokens is None:
+        return b""  # the common case, without building a model
     rules = JobRules(system_prompt=decision.system_prompt, max_total_tokens=decision.max_total_tokens)
     return b"" if rules.empty else rules.model_dump_json(exclude_none=True).encode()
 

@@ -50,6 +50,9 @@ concurrent_requests = 10
 [groups.quota10]
 tokens_per_day = {11 * RESERVE - 1}
 
+[groups.team10.total]
+requests_per_minute = 10
+
 [groups.one-at-a-time]
 concurrent_requests = 1
 
@@ -165,20 +168,21 @@ async def _let_go(stack: Stack, ticket: Ticket) -> None:
     stack.scheduler_app[ADMISSION].wake()
 
 
-async def _fifty_at_once(stack: Stack, token: str, n: int = 50) -> list[int]:
+async def _fifty_at_once(stack: Stack, token: str | list[str], n: int = 50) -> list[int]:
     """``n`` requests sent together while the node is full; once every refusal is in, the node is let go,
     and every admitted request must then finish."""
     assert stack.scheduler_app is not None
     ticket = await _hold_node(stack)
-    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    tokens = [token] if isinstance(token, str) else token
     async with aiohttp.ClientSession() as session:
 
-        async def one() -> int:
+        async def one(token: str) -> int:
+            headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
             async with session.post(stack.api + "/chat/completions", data=BODY, headers=headers) as resp:
                 await resp.read()
                 return resp.status
 
-        tasks = [asyncio.ensure_future(one()) for _ in range(n)]
+        tasks = [asyncio.ensure_future(one(tokens[i % len(tokens)])) for i in range(n)]
         try:
             admission = stack.scheduler_app[ADMISSION]
             await wait_for(lambda: _true(sum(t.done() for t in tasks) + admission.queued == n), within=60)
@@ -187,11 +191,20 @@ async def _fifty_at_once(stack: Stack, token: str, n: int = 50) -> list[int]:
         return list(await asyncio.gather(*tasks))
 
 
-@pytest.mark.parametrize("group", ["rpm10", "conc10", "quota10"])
+@pytest.mark.parametrize(
+    ("group", "holders"),
+    [
+        ("rpm10", 1),  # one token's requests per minute
+        ("conc10", 1),  # one token's requests in flight
+        ("quota10", 1),  # one token's daily quota
+        ("team10", 5),  # five tokens sharing their group's requests per minute
+    ],
+)
 def test_fifty_simultaneous_requests_against_a_limit_of_ten_admit_ten(
-    policed: Stack, servers: LoopThread, group: str
+    policed: Stack, servers: LoopThread, group: str, holders: int
 ) -> None:
-    statuses = servers.call(_fifty_at_once(policed, _token(policed, group, name=f"burst-{group}")))
+    tokens = [_token(policed, group, name=f"burst-{group}-{i}") for i in range(holders)]
+    statuses = servers.call(_fifty_at_once(policed, tokens))
     assert statuses.count(200) == 10, statuses
     assert statuses.count(429) == 40, statuses
 
@@ -361,9 +374,13 @@ def test_a_restart_keeps_the_counters_and_releases_what_died_with_the_old_proces
 
 
 async def _close_later(session: aiohttp.ClientSession, tasks: list[asyncio.Future[int]]) -> None:
+    """End the waiting requests' client side with the stack: their tasks, then their session."""
     try:
         await asyncio.gather(*tasks, return_exceptions=True)
     finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await session.close()
 
 

@@ -315,7 +315,7 @@ def test_hearth_terms_accept_yes_and_version(club: Club) -> None:
 def test_hearth_terms_errors_are_one_line(club: Club) -> None:
     done = _hearth(club, "hth_not-a-token", "show")
     assert done.exit_code == 1
-    assert done.stderr == "hearth: error: invalid or revoked API token\n"
+    assert done.stderr == "hearth: error: invalid API token\n"
     gone = CliRunner().invoke(
         main, ["terms", "show", "--scheduler", "http://127.0.0.1:9", "--token", "t"], env={"HEARTH_TOKEN": ""}
     )

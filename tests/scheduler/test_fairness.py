@@ -76,3 +76,26 @@ def test_removed_requests_are_not_served() -> None:
     assert vtc.pop() == ("u", "y")
     assert vtc.pop() is None
     assert len(vtc) == 0
+
+
+@pytest.mark.parametrize(
+    ("weights", "expected"),
+    [
+        ({"a": 1.0, "b": 1.0}, {"a": 6, "b": 6}),  # equal weights: equal service
+        ({"a": 2.0, "b": 1.0}, {"a": 8, "b": 4}),  # a group of weight 2 gets twice the tokens while both wait
+        ({"a": 3.0, "b": 1.0}, {"a": 9, "b": 3}),  # and three times at weight 3
+    ],
+)
+def test_group_weights_share_the_queue(weights: dict[str, float], expected: dict[str, int]) -> None:
+    vtc: VirtualTokenCounter[int] = VirtualTokenCounter()
+    for i in range(20):
+        for user, weight in weights.items():
+            vtc.push(user, i, weight)
+    share = dict.fromkeys(weights, 0)
+    for _ in range(12):
+        popped = vtc.pop()
+        assert popped is not None
+        user = str(popped[0])
+        share[user] += 1
+        vtc.charge(user, 50, 50)  # every request costs the same
+    assert share == expected
