@@ -72,23 +72,16 @@ def _meter(request: web.Request, kind: str, name: str) -> Meter:
 async def caller_policy(request: web.Request) -> web.Response:
     token = await authenticate(request)
     enforcer = request.app[ENFORCER]
-    name = token.group
-    group = enforcer.group(name)
-    if group is None:
-        raise InvalidRequest(
-            f"this token belongs to the group {name}, which the policy in force no longer defines; ask an "
-            "operator to move it to another group",
-            code="unknown_group",
-        )
+    group = enforcer.group_of(token)
     version = request.app[RULES].current.terms_version
     accepted = version is None or enforcer.terms_accepted(token.id) == version
     return reply(
         CallerPolicy(
             token_id=token.id,
-            group=name,
+            group=group.name,
             rules=group_view(group),
             usage=_meter(request, "token", token.id),
-            group_usage=_meter(request, "group", name),
+            group_usage=_meter(request, "group", group.name),
             terms=CallerTerms(version=version, accepted=accepted),
         )
     )

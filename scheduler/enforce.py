@@ -75,15 +75,19 @@ class Enforcer:
             self._groups = (current, {k: effective(self.baseline, g) for k, g in current.groups.items()})
         return self._groups[1].get(name or "default")
 
-    def admit(self, token: TokenRecord, visible: Visible, request_id: str) -> Grant:
-        group_name = token.group
-        group = self.group(group_name)
+    def group_of(self, token: TokenRecord) -> GroupRules:
+        """The token's group's rules, or 403 when the policy in force no longer defines that group."""
+        group = self.group(token.group)
         if group is None:
             raise PermissionDenied(
-                f"this token belongs to the group {group_name}, which the policy in force no longer "
+                f"this token belongs to the group {token.group}, which the policy in force no longer "
                 "defines; ask an operator to move it to another group",
                 code="unknown_group",
             )
+        return group
+
+    def admit(self, token: TokenRecord, visible: Visible, request_id: str) -> Grant:
+        group = self.group_of(token)
         principal = Principal(
             token_id=token.id,
             group=group,

@@ -9,8 +9,9 @@ answer, and then breaks off: a scheduler failing on purpose, which no user runs.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -101,13 +102,18 @@ class Setup:
     proxy_url: str
 
 
-@pytest.fixture
-def setup(servers: LoopThread, tmp_path: Path) -> Iterator[Setup]:
-    node_key = X25519PrivateKey.generate()
-    scheduler = Breaking(node_key, make_directory(Identity.generate(), node_key))
+@contextlib.contextmanager
+def proxied(
+    servers: LoopThread,
+    directory: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    generate: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    tmp_path: Path,
+) -> Iterator[str]:
+    """A stand-in scheduler (its directory and chat routes) with the real `hearth proxy` in front of it:
+    the proxy's URL, until the block ends."""
     app = web.Application()
-    app.router.add_get("/v1/directory", scheduler.directory)
-    app.router.add_post("/v1/chat/completions", scheduler.generate)
+    app.router.add_get("/v1/directory", directory)
+    app.router.add_post("/v1/chat/completions", generate)
 
     async def start() -> tuple[web.AppRunner, web.AppRunner, aiohttp.ClientSession, str]:
         runner, url = await start_site(app, "127.0.0.1", 0)
@@ -118,10 +124,20 @@ def setup(servers: LoopThread, tmp_path: Path) -> Iterator[Setup]:
         return runner, proxy, session, proxy_url
 
     runner, proxy, session, proxy_url = servers.call(start())
-    yield Setup(scheduler, proxy_url + "/v1")
-    servers.call(proxy.cleanup())
-    servers.call(session.close())
-    servers.call(runner.cleanup())
+    try:
+        yield proxy_url
+    finally:
+        servers.call(proxy.cleanup())
+        servers.call(session.close())
+        servers.call(runner.cleanup())
+
+
+@pytest.fixture
+def setup(servers: LoopThread, tmp_path: Path) -> Iterator[Setup]:
+    node_key = X25519PrivateKey.generate()
+    scheduler = Breaking(node_key, make_directory(Identity.generate(), node_key))
+    with proxied(servers, scheduler.directory, scheduler.generate, tmp_path) as proxy_url:
+        yield Setup(scheduler, proxy_url + "/v1")
 
 
 @pytest.mark.parametrize("how", ["cut", "end"])

@@ -14,21 +14,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiohttp
 import openai
 import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from hearth.proxy import SealedClient
-from hearth.proxy_server import serve
 from protocol import frames
 from protocol.directory import key_id
 from protocol.envelope import ResponseSealer, from_wire, open_request, public_key_bytes, response_secret
 from protocol.identity import Identity
-from protocol.web import start_site
 from tests.support import LoopThread
-from tests.test_proxy_cut import FIRST_CHUNK, NODE, make_directory
+from tests.test_proxy_cut import FIRST_CHUNK, NODE, make_directory, proxied
 
 # What the scheduler sends on a generation answer (issue 13), and one header the proxy must not pass on.
 PASSED = {
@@ -78,23 +74,8 @@ class Answering:
 def proxy_url(servers: LoopThread, tmp_path: Path) -> Iterator[str]:
     node_key = X25519PrivateKey.generate()
     scheduler = Answering(node_key, make_directory(Identity.generate(), node_key))
-    app = web.Application()
-    app.router.add_get("/v1/directory", scheduler.directory)
-    app.router.add_post("/v1/chat/completions", scheduler.generate)
-
-    async def start() -> tuple[web.AppRunner, web.AppRunner, aiohttp.ClientSession, str]:
-        runner, url = await start_site(app, "127.0.0.1", 0)
-        session = aiohttp.ClientSession()
-        client = SealedClient(url, "t", tmp_path / "pin.json", session)
-        await client.refresh(force=True)
-        proxy, proxy_url = await serve(client, "127.0.0.1", 0)
-        return runner, proxy, session, proxy_url
-
-    runner, proxy, session, url = servers.call(start())
-    yield url + "/v1"
-    servers.call(proxy.cleanup())
-    servers.call(session.close())
-    servers.call(runner.cleanup())
+    with proxied(servers, scheduler.directory, scheduler.generate, tmp_path) as url:
+        yield url + "/v1"
 
 
 @pytest.mark.parametrize("stream", [False, True])
