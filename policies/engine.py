@@ -22,6 +22,7 @@ from protocol.policy import Limits
 RefusalKind = Literal[
     "terms", "e2e", "model", "tier", "max_tokens", "prompt", "concurrency", "requests", "tokens", "quota"
 ]
+COURSE_MARKERS = 16  # tokens a chat template may spend around the course prompt's message
 DEFAULT_MAX_TOKENS = (
     8192  # what a request without max_tokens reserves when neither group nor baseline caps it
 )
@@ -45,7 +46,10 @@ class Visible:
     model: str
     max_tokens: int | None
     sealed: bool
-    prompt_tokens: int = 0  # the scheduler's estimate (it cannot read a sealed prompt)
+    prompt_tokens: int = 0  # the scheduler's estimate (it cannot read a sealed prompt), for the caps
+    # The most tokens the prompt can be (its size in bytes: no tokenizer makes more tokens of text than it
+    # has bytes), for what a request reserves; None: the estimate.
+    prompt_bound: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +160,12 @@ def decide(principal: Principal, request: Visible, window: UsageWindow) -> Decis
             "prompt_too_long", param="messages",
         )  # fmt: skip
     max_new = request.max_tokens if request.max_tokens is not None else group.max_tokens or DEFAULT_MAX_TOKENS
-    reserve = request.prompt_tokens + max_new
+    # What the node may use, and so what is reserved: the prompt at its largest, the course prompt the node
+    # adds (and its message's markers), and the answer.
+    prompt = request.prompt_bound if request.prompt_bound is not None else request.prompt_tokens
+    if group.system_prompt is not None:
+        prompt += len(group.system_prompt.encode()) + COURSE_MARKERS
+    reserve = prompt + max_new
     rates = _rates(group, window, reserve)
     for scope, limits, meter in (("you", group.each, window.each), ("your group", group.total, window.total)):
         refused = _counters(

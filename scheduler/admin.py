@@ -66,8 +66,8 @@ async def create_code(request: web.Request) -> web.Response:
     body = await _body(request, EnrollmentCodeRequest)
     ttl = body.ttl_seconds if body.ttl_seconds is not None else request.app[SETTINGS].enrollment_code_ttl
     store = request.app[STORE]
-    code, expires = await store.run(
-        lambda: store.store.create_code(body.tier, ttl, body.note, actor=token.id, origin=origin(request))
+    code, expires = await store.write(
+        lambda db: db.create_code(body.tier, ttl, body.note, actor=token.id, origin=origin(request))
     )
     return _reply(EnrollmentCode(code=code, tier=body.tier, expires=expires), status=201)
 
@@ -142,8 +142,8 @@ async def approve(request: web.Request) -> web.Response:
     ) or cert.scheduler_key != fed.identity.public_b64:  # fmt: skip
         raise InvalidRequest("the certificate does not match this enrollment", param="certificate")
     store = request.app[STORE]
-    record = await store.run(
-        lambda: store.store.set_node_state(
+    record = await store.write(
+        lambda db: db.set_node_state(
             node_id,
             "approved",
             certificate=body.certificate,
@@ -169,8 +169,8 @@ async def _set_state(
     node_id = _known(request)
     fed = request.app[FEDERATION]
     store = request.app[STORE]
-    record = await store.run(
-        lambda: store.store.set_node_state(
+    record = await store.write(
+        lambda db: db.set_node_state(
             node_id, state, allowed_from=allowed_from, actor=token.id, origin=origin(request)
         )
     )
@@ -195,8 +195,8 @@ async def drain(request: web.Request) -> web.Response:
     flag = (await _body(request, DrainRequest)).drain
     store = request.app[STORE]
     fed = request.app[FEDERATION]
-    record = await store.run(
-        lambda: store.store.set_node_drain(node_id, flag, actor=token.id, origin=origin(request))
+    record = await store.write(
+        lambda db: db.set_node_drain(node_id, flag, actor=token.id, origin=origin(request))
     )
     fed.remember(record)
     fed.registry.set_drain(node_id, flag)

@@ -62,7 +62,7 @@ def token_doc(summary: TokenSummary, now: float) -> Token:
 async def _summary(request: web.Request, record: TokenRecord) -> Token:
     store = request.app[STORE]
     now = time.time()
-    activity = await store.run(lambda: store.store.token_activity(now))
+    activity = await store.write(lambda db: db.token_activity(now))
     return token_doc(TokenSummary(record, *activity.get(record.id, (None, 0))), now)
 
 
@@ -78,8 +78,8 @@ async def create_token(request: web.Request) -> web.Response:
     expires = time.time() + doc.expires_in_seconds if doc.expires_in_seconds is not None else None
     tiers = tuple(sorted(set(doc.tiers))) if doc.tiers else None
     store = request.app[STORE]
-    secret, record = await store.run(
-        lambda: store.store.create_token(
+    secret, record = await store.write(
+        lambda db: db.create_token(
             doc.name, doc.scope, tiers, group=doc.group, expires=expires, actor=admin.id,
             origin=origin(request),
         )
@@ -91,7 +91,7 @@ async def list_tokens(request: web.Request) -> web.Response:
     await admin_token(request)
     store = request.app[STORE]
     now = time.time()
-    summaries = await store.run(lambda: store.store.token_summaries(now))
+    summaries = await store.write(lambda db: db.token_summaries(now))
     return reply(TokenList(tokens=[token_doc(s, now) for s in summaries]))
 
 
@@ -99,9 +99,7 @@ async def revoke_token(request: web.Request) -> web.Response:
     admin = await admin_token(request)
     token_id = request.match_info["token_id"]
     store = request.app[STORE]
-    record = await store.run(
-        lambda: store.store.revoke_token(token_id, actor=admin.id, origin=origin(request))
-    )
+    record = await store.write(lambda db: db.revoke_token(token_id, actor=admin.id, origin=origin(request)))
     return reply(await _summary(request, record))
 
 
@@ -110,8 +108,8 @@ async def rotate_token(request: web.Request) -> web.Response:
     token_id = request.match_info["token_id"]
     grace = (await body(request, TokenRotateRequest)).grace_seconds
     store = request.app[STORE]
-    secret, record = await store.run(
-        lambda: store.store.rotate_token(token_id, grace, actor=admin.id, origin=origin(request))
+    secret, record = await store.write(
+        lambda db: db.rotate_token(token_id, grace, actor=admin.id, origin=origin(request))
     )
     return reply(TokenSecret(secret=secret, token=await _summary(request, record)))
 
@@ -139,7 +137,7 @@ async def usage(request: web.Request) -> web.Response:
     since = _since(request)
     store = request.app[STORE]
     dimension: UsageDimension = by  # type: ignore[assignment]  # checked above
-    totals = await store.run(lambda: store.store.usage_report(dimension, since))
+    totals = await store.write(lambda db: db.usage_report(dimension, since))
     rows = [UsageRow.model_validate(t, from_attributes=True) for t in totals]
     return reply(UsageReport(by=dimension, since=since, rows=rows))
 
@@ -152,6 +150,6 @@ async def audit(request: web.Request) -> web.Response:
         raise InvalidRequest(f"limit must be a whole number from 1 to {MAX_AUDIT_ROWS}", param="limit")
     limit = int(text)
     store = request.app[STORE]
-    rows = await store.run(lambda: store.store.audit_log(since, limit))
+    rows = await store.write(lambda db: db.audit_log(since, limit))
     entries = [AuditEntry.model_validate(r, from_attributes=True) for r in rows]
     return reply(AuditLog(entries=entries))

@@ -127,10 +127,8 @@ async def put_policy(request: web.Request) -> web.Response:
     rules.adopt(loaded)
     store = request.app[STORE]
     origin = request.remote or "-"
-    await store.run(
-        lambda: store.store.audit(
-            "policy_put", str(path), f"{loaded.digest[:16]} by {token.id} from {origin}"
-        )
+    await store.write(
+        lambda db: db.audit("policy_put", str(path), f"{loaded.digest[:16]} by {token.id} from {origin}")
     )
     request.app[EVENTS].publish("policy_reloaded", outcome="applied")
     return reply(_state(request))

@@ -143,7 +143,7 @@ async def _rules_ctx(app: web.Application) -> AsyncIterator[None]:
         events.publish("policy_reloaded", outcome=outcome)
         subject = str(rules.path)
         action = "policy_" + outcome
-        writes.append(asyncio.ensure_future(store.run(lambda: store.store.audit(action, subject, detail))))
+        writes.append(asyncio.ensure_future(store.write(lambda db: db.audit(action, subject, detail))))
         writes[:] = [w for w in writes if not w.done()]
 
     writes: list[asyncio.Future[None]] = []

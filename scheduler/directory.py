@@ -23,7 +23,7 @@ from aiohttp import web
 from protocol.directory import Head, KeyStatement, verify_key_statement
 from protocol.errors import HearthError, InvalidRequest
 from protocol.web import json_response
-from scheduler.store import AsyncStore, NodeRecord
+from scheduler.store import AsyncStore, NodeRecord, Store
 
 log = logging.getLogger("hearth.scheduler.directory")
 
@@ -41,15 +41,13 @@ class DirectoryLog:
         self.keys: dict[str, KeyStatement] = {}  # node id → its latest statement (for E2E placement)
 
     async def load(self) -> None:
-        store = self._store.store
-
-        def read_all() -> list[dict[str, Any]]:
+        def read_all(store: Store) -> list[dict[str, Any]]:
             out: list[dict[str, Any]] = []
             while len(page := store.directory_entries(len(out), PAGE)) == PAGE:
                 out += page
             return out + page
 
-        for entry in await self._store.run(read_all):
+        for entry in await self._store.write(read_all):
             self._note(entry["kind"], entry["doc"])
 
     def _note(self, kind: str, doc: dict[str, Any]) -> None:
@@ -70,9 +68,8 @@ class DirectoryLog:
             self.keys.pop(doc["node_id"], None)
 
     async def _append(self, kind: Any, node_id: str, doc: dict[str, Any]) -> None:
-        store = self._store.store
         at = int(time.time())
-        await self._store.run(lambda: store.append_directory(kind, node_id, doc, at))
+        await self._store.write(lambda db: db.append_directory(kind, node_id, doc, at))
         self._note(kind, doc)
 
     async def heard(self, record: NodeRecord, statement: dict[str, Any] | None) -> None:
@@ -104,12 +101,10 @@ class DirectoryLog:
                 await self._append("revoke", node_id, {"node_id": node_id})
 
     async def page(self, since: int) -> tuple[list[dict[str, Any]], Head]:
-        store = self._store.store
-
-        def read() -> tuple[list[dict[str, Any]], Head]:
+        def read(store: Store) -> tuple[list[dict[str, Any]], Head]:
             return store.directory_entries(since, PAGE), store.directory_head()
 
-        return await self._store.run(read)
+        return await self._store.write(read)
 
 
 async def serve(

@@ -31,7 +31,7 @@ from protocol.web import log_unexpected
 from scheduler import quota_store
 from scheduler.limits import Hold, Meters
 from scheduler.rules import LoadedPolicy, Rules
-from scheduler.store import AsyncStore, TokenRecord
+from scheduler.store import AsyncStore, Store, TokenRecord
 
 log = logging.getLogger("hearth.scheduler.policy")
 
@@ -126,9 +126,8 @@ class Enforcer:
 
     async def start(self, store: AsyncStore) -> None:
         """Rebuild the quota counters from the usage rows, and release what a dead process reserved."""
-        db = store.store
 
-        def load() -> tuple[list[quota_store.UsedTokens], tuple[int, int]]:
+        def load(db: Store) -> tuple[list[quota_store.UsedTokens], tuple[int, int]]:
             quota_store.migrate(db)
             orphans = quota_store.release_orphans(db)
             if orphans[0]:
@@ -139,7 +138,7 @@ class Enforcer:
                 )  # fmt: skip
             return quota_store.used_since(db, time.time()), orphans
 
-        used, orphans = await store.run(load)
+        used, orphans = await store.write(load)
         for row in used:
             self.meters.load_used(row.kind, row.name, row.period, row.tokens)
         if orphans[0]:
@@ -147,23 +146,22 @@ class Enforcer:
 
     async def persist(self, store: AsyncStore) -> None:
         """Write reservations taken and ended, in batches (runs until cancelled, then flushes)."""
-        db = store.store
         try:
             while True:
                 await self._dirty.wait()
                 await asyncio.sleep(FLUSH_S)
-                await self._flush(store, db)
+                await self._flush(store)
         finally:
-            await asyncio.shield(self._flush(store, db))
+            await asyncio.shield(self._flush(store))
 
-    async def _flush(self, store: AsyncStore, db: object) -> None:
+    async def _flush(self, store: AsyncStore) -> None:
         self._dirty.clear()
         taken, ended = self._taken, self._ended
         self._taken, self._ended = [], []
         if not taken and not ended:
             return
         try:
-            await store.run(lambda: quota_store.write_reservations(store.store, taken, ended))
+            await store.write(lambda db: quota_store.write_reservations(db, taken, ended))
         except Exception as exc:  # the counters in memory stay exact; only the restart record lags
             log_unexpected("recording quota reservations", exc)
 

@@ -91,8 +91,7 @@ class Federation:
 
     async def load(self) -> None:
         """Rebuild from the database: approved nodes are capacity again as soon as they are heard."""
-        store = self.store.store
-        records = await self.store.run(store.nodes)
+        records = await self.store.write(lambda db: db.nodes())
         for record in records:
             self.remember(record)
         await self.directory.load()
@@ -125,15 +124,14 @@ class Federation:
         known = self.records.get(req.node_id)
         if known is not None and known.identity_key != req.identity_key:
             raise ConflictError(f"the node id {req.node_id} belongs to another machine; choose another name")
-        store = self.store.store
-        code = await self.store.run(lambda: store.redeem_code(req.code, req.node_id))
+        code = await self.store.write(lambda db: db.redeem_code(req.code, req.node_id))
         if code is None:
             raise PermissionDenied(
                 "this enrollment code is unknown, used or expired; ask the operator for a new one",
                 code="invalid_enrollment_code",
             )
-        record = await self.store.run(
-            lambda: store.upsert_pending(
+        record = await self.store.write(
+            lambda db: db.upsert_pending(
                 node_id=req.node_id, source="code", tier=code.tier, identity_key=req.identity_key,
                 encryption_key=req.encryption_key, fingerprint=fingerprint(b64d(req.identity_key)),
                 url=req.url,
@@ -166,8 +164,7 @@ class Federation:
         if record.state != "approved":
             raise PermissionDenied(f"this node's enrollment was {record.state}", code=f"node_{record.state}")
         if record.url != status.url:
-            store = self.store.store
-            await self.store.run(lambda: store.set_node_url(record.node_id, status.url))
+            await self.store.write(lambda db: db.set_node_url(record.node_id, status.url))
             self.records[record.node_id] = record = replace(record, url=status.url)
         self.registry.heartbeat(record.node_id, status)
         self.on_receipts(record.node_id, status.usage)  # signed, like the whole heartbeat
@@ -203,10 +200,9 @@ class Federation:
         except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError, ProtocolError) as exc:
             log.warning("ignoring discovered node %s: %s", advert.node_id, type(exc).__name__)
             return
-        store = self.store.store
         try:
-            record = await self.store.run(
-                lambda: store.upsert_pending(
+            record = await self.store.write(
+                lambda db: db.upsert_pending(
                     node_id=advert.node_id, source="discovered", tier=advert.tier, identity_key=identity_key,
                     encryption_key=encryption_key, fingerprint=advert.fingerprint, url=url,
                 )

@@ -286,7 +286,9 @@ async def _admit_sealed(request: web.Request, endpoint: Endpoint) -> Admitted:
     # The usage row gets an id of the scheduler's own: the envelope's request id is the client's choice.
     request_id = secrets.token_hex(12)
     prompt_tokens = header.bucket // BYTES_PER_TOKEN_GUESS
-    visible = Visible(header.model, header.max_tokens, sealed=True, prompt_tokens=prompt_tokens)
+    visible = Visible(
+        header.model, header.max_tokens, sealed=True, prompt_tokens=prompt_tokens, prompt_bound=header.bucket
+    )
     grant = request.app[ENFORCER].admit(token, visible, request_id)
     preq = PlacementRequest(
         model=header.model, max_tokens=header.max_tokens, tiers=grant.tiers, prompt_tokens=prompt_tokens,
@@ -307,7 +309,7 @@ async def _admit(request: web.Request, endpoint: Endpoint) -> Admitted:
     max_tokens = req.requested_max_tokens
     request_id = secrets.token_hex(12)
     prompt_tokens = len(raw) // BYTES_PER_TOKEN_GUESS
-    visible = Visible(req.model, max_tokens, sealed=False, prompt_tokens=prompt_tokens)
+    visible = Visible(req.model, max_tokens, sealed=False, prompt_tokens=prompt_tokens, prompt_bound=len(raw))
     grant = request.app[ENFORCER].admit(token, visible, request_id)
     preq = PlacementRequest(
         model=req.model, max_tokens=max_tokens, prompt_tokens=prompt_tokens, tiers=grant.tiers

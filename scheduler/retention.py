@@ -14,7 +14,7 @@ from functools import partial
 
 from protocol.web import log_unexpected
 from scheduler.rules import Rules
-from scheduler.store import AsyncStore
+from scheduler.store import AsyncStore, Store
 from scheduler.store_usage import start_of_day
 
 log = logging.getLogger("hearth.scheduler")
@@ -35,10 +35,14 @@ async def keep_usage(store: AsyncStore, rules: Rules, interval_s: float = INTERV
     while True:
         days = rules.current.policy.retention.usage_days
         try:
-            folded = await store.run(partial(store.store.fold_usage, cutoff(time.time(), days)))
+            folded = await store.write(partial(_fold, before=cutoff(time.time(), days)))
         except Exception as exc:  # retention must never take the scheduler down
             log_unexpected("folding old usage rows", exc)
         else:
             if folded:
                 log.info("folded %d usage rows older than %d days into daily totals", folded, days)
         await asyncio.sleep(interval_s)
+
+
+def _fold(db: Store, *, before: float) -> int:
+    return db.fold_usage(before)

@@ -317,8 +317,14 @@ class AsyncStore:
         self._store = await loop.run_in_executor(self._writer, lambda: Store(self._path))
         self._read_store = await loop.run_in_executor(self._reader, lambda: Store(self._path))
 
+    async def write(self, fn: Callable[[Store], T]) -> T:
+        """Run ``fn`` on the writer thread, handing it the store there: callers never hold the connection
+        outside that thread, and every write comes from it."""
+        store = self.store
+        return await asyncio.get_running_loop().run_in_executor(self._writer, lambda: fn(store))
+
     async def run(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on the writer thread."""
+        """Run ``fn`` on the writer thread (tests; the server's code uses ``write``)."""
         return await asyncio.get_running_loop().run_in_executor(self._writer, fn)
 
     @property

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import sqlite_utils
 
-from scheduler.store import AsyncStore
+from scheduler.store import AsyncStore, Store
 
 TABLE = "terms_acceptances"
 
@@ -65,13 +65,12 @@ class TermsBook:
     async def open(cls, store: AsyncStore) -> TermsBook:
         """Create the table if it is missing, and read the latest acceptance of every token (on the
         store's writer thread, so the loop never waits on SQLite)."""
-        db = store.store.db
 
-        def load() -> dict[str, Acceptance]:
-            _migrate(db)
-            return _latest(db)
+        def load(db: Store) -> dict[str, Acceptance]:
+            _migrate(db.db)
+            return _latest(db.db)
 
-        return cls(store, await store.run(load))
+        return cls(store, await store.write(load))
 
     def accepted(self, token_id: str) -> str | None:
         """The version ``token_id`` accepted last, or None (no query: the request path calls this)."""
@@ -90,7 +89,6 @@ class TermsBook:
             if found is not None and found.version == version:
                 return found
             accepted = Acceptance(version, time.time())
-            db = self._store.store.db
-            await self._store.run(lambda: _append(db, token_id, version, accepted.at, origin[:200]))
+            await self._store.write(lambda db: _append(db.db, token_id, version, accepted.at, origin[:200]))
             self._latest[token_id] = accepted
             return accepted

@@ -74,7 +74,7 @@ async def status(request: web.Request) -> web.Response:
     if token.scope != "admin":
         raise PermissionDenied("this needs an admin token (`hearth tokens create --admin`)")
     store = request.app[STORE]
-    tokens = await store.run(lambda: store.store.list_tokens())
+    tokens = await store.write(lambda db: db.list_tokens())
     version = request.app[RULES].current.terms_version
     book = request.app[TERMS]
     rows = []

@@ -26,9 +26,9 @@ from tests.support import LoopThread, Stack, start_scheduler, start_stack, stop_
 
 MODEL = "hearth-demo"
 HELLO = [{"role": "user", "content": "Hello there"}]
-# One chat body, byte for byte: the scheduler estimates its prompt as len(body) // 4 tokens.
+# One chat body, byte for byte: its prompt can be no more tokens than the body has bytes.
 BODY = json.dumps({"model": MODEL, "messages": HELLO, "max_tokens": 8}).encode()
-RESERVE = len(BODY) // 4 + 8  # what one such request reserves
+RESERVE = len(BODY) + 8  # what one such request reserves
 
 POLICY = f"""\
 [groups.default]

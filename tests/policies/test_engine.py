@@ -112,6 +112,10 @@ ALLOWED = [
     (_group(max_tokens=256, each=Limits(tokens_per_day=10_000)), replace(ASK, max_tokens=None), 306, 306, None),
     # a request limit: the answer reports what is left of it
     (_each(requests_per_minute=10), ASK, 150, None, 9),
+    # the prompt's largest size is reserved when the scheduler knows it (its bytes), not the estimate
+    (_each(tokens_per_day=10_000), replace(ASK, prompt_bound=200), 300, 300, None),
+    # a course prompt the node will add is reserved too, with its message's markers
+    (_group(system_prompt="Ten bytes.", each=Limits(tokens_per_day=10_000)), ASK, 176, 176, None),
 ]  # fmt: skip
 
 
