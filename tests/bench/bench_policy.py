@@ -142,7 +142,9 @@ def micro(n: int, course_prompt: bool) -> dict[str, Any]:
     from scheduler.store import TokenRecord
 
     token = TokenRecord("tok_bench", "bench", "user", time.time(), None)
-    visible = Visible("bench-07", 16, sealed=False, prompt_tokens=40)
+    # As the scheduler sees a benchmark request: about 160 bytes, so an estimate of 40 tokens for the caps,
+    # and at most 160 for what it reserves.
+    visible = Visible("bench-07", 16, sealed=False, prompt_tokens=40, prompt_bound=160)
     out: dict[str, Any] = {"n": n}
     enforcers = {
         "off": Enforcer(Rules(current=builtin()), Policy()),
