@@ -23,7 +23,7 @@ import click
 
 from hearth.cli_common import config_option, data_dir_option, one_line_errors, settings_for
 from hearth.config import HearthSettings
-from protocol.accounts import UsageDimension, parse_duration
+from protocol.accounts import MAX_EXPIRY_S, MAX_SINCE_S, UsageDimension, parse_duration
 from protocol.errors import ConfigError
 from protocol.federation import TIERS
 from scheduler.rules import builtin, load_policy
@@ -63,13 +63,17 @@ def actor() -> str:
         return f"cli:uid-{os.getuid()}"
 
 
-def seconds(option: str, text: str) -> float:
+def seconds(option: str, text: str, most: float = MAX_EXPIRY_S) -> float:
+    """A duration given on the command line, in seconds: more than zero and at most ``most`` (ten years:
+    further than any date the machine can write is a mistake, not a wish)."""
     try:
         value = parse_duration(text)
     except ValueError as exc:
         raise ConfigError(f"{option}: {exc}") from None
     if value <= 0:
         raise ConfigError(f"{option}: {text!r} is no time at all")
+    if value > most:
+        raise ConfigError(f"{option}: {text!r} is longer than {most / 86400:.0f} days")
     return value
 
 
@@ -244,7 +248,7 @@ _KEY_COLUMN = {"user": "token_id", "group": "group", "model": "model", "node": "
 @one_line_errors
 def usage(by: UsageDimension, since: str, fmt: str, data_dir: Path | None, config: Path | None) -> None:
     """Tokens and requests per user, group, model, node or day (metadata only: never any text)."""
-    start = time.time() - seconds("--since", since)
+    start = time.time() - seconds("--since", since, MAX_SINCE_S)
     totals = _store(_settings(config, data_dir)).usage_report(by, start)
     key = _KEY_COLUMN[by]
     columns = [key, *(["name"] if by == "user" else []), "requests", "errors", "prompt_tokens",
@@ -268,7 +272,7 @@ def usage(by: UsageDimension, since: str, fmt: str, data_dir: Path | None, confi
 @one_line_errors
 def audit(since: str, limit: int, fmt: str, data_dir: Path | None, config: Path | None) -> None:
     """The audit log: who changed what, when and from where (oldest first)."""
-    start = time.time() - seconds("--since", since)
+    start = time.time() - seconds("--since", since, MAX_SINCE_S)
     entries = _store(_settings(config, data_dir)).audit_log(start, limit)
     columns = ("at", "actor", "origin", "action", "subject", "detail")
     rows = [{c: getattr(e, c) for c in columns} for e in entries]

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import click
 
 from hearth.cli_common import admin_command, one_line_errors
+from protocol.errors import ConfigError
+from protocol.policy import GroupView, PolicyState
 
 
 def register(main: click.Group) -> None:
@@ -44,28 +45,28 @@ def policy_show(as_json: bool, scheduler_url: str | None, token: str | None) -> 
     if as_json:
         click.echo(json.dumps(doc, indent=2))
         return
-    click.echo(f"source: {doc['source']}  digest: {doc['digest'][:16]}  terms: {doc['terms_version'] or '-'}")
-    for group in doc["groups"]:
+    state = PolicyState.model_validate(doc)
+    click.echo(f"source: {state.source}  digest: {state.digest[:16]}  terms: {state.terms_version or '-'}")
+    for group in state.groups:
         click.echo(_group_line(group))
 
 
-def _group_line(group: dict[str, Any]) -> str:
-    parts = [f"models={','.join(group['models']) if group['models'] else '*'}"]
-    parts.append(f"max_tokens={group['max_tokens']}")
-    if group["max_prompt_tokens"]:
-        parts.append(f"max_prompt_tokens={group['max_prompt_tokens']}")
-    parts.append(f"tiers={','.join(group['tiers'])}")
-    if group["require_e2e"]:
+def _group_line(group: GroupView) -> str:
+    parts = [f"models={','.join(group.models) if group.models else '*'}", f"max_tokens={group.max_tokens}"]
+    if group.max_prompt_tokens:
+        parts.append(f"max_prompt_tokens={group.max_prompt_tokens}")
+    parts.append(f"tiers={','.join(group.tiers)}")
+    if group.require_e2e:
         parts.append("e2e")
-    if group["weight"] != 1:
-        parts.append(f"weight={group['weight']:g}")
-    for scope in ("each", "total"):
-        limits = {k: v for k, v in group[scope].items() if v is not None}
-        if limits:
-            parts.append(f"{scope}:" + ",".join(f"{k}={v}" for k, v in limits.items()))
-    if group["system_prompt"]:
+    if group.weight != 1:
+        parts.append(f"weight={group.weight:g}")
+    for scope, limits in (("each", group.each), ("total", group.total)):
+        set_ = limits.model_dump(exclude_none=True)
+        if set_:
+            parts.append(f"{scope}:" + ",".join(f"{k}={v}" for k, v in set_.items()))
+    if group.system_prompt:
         parts.append("course prompt")
-    return f"{group['name']:<20} " + " ".join(parts)
+    return f"{group.name:<20} " + " ".join(parts)
 
 
 @policy.command("apply")
@@ -75,5 +76,9 @@ def policy_apply(file: Path, scheduler_url: str | None, token: str | None) -> No
     """Send FILE to the scheduler, which validates, writes and applies it (audited)."""
     from hearth.operator import AdminClient
 
-    doc = AdminClient(scheduler_url, token).put("/admin/policy", {"text": file.read_text(encoding="utf-8")})
-    click.echo(f"applied: {len(doc['groups'])} groups, digest {doc['digest'][:16]}")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{file}: not UTF-8 text") from None
+    state = PolicyState.model_validate(AdminClient(scheduler_url, token).put("/admin/policy", {"text": text}))
+    click.echo(f"applied: {len(state.groups)} groups, digest {state.digest[:16]}")

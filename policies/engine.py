@@ -87,8 +87,10 @@ class RateFigures:
 
 @dataclass(frozen=True, slots=True)
 class Allowed:
-    reserve: int  # tokens held against rate and quota until the answer ends
+    reserve: int  # tokens held against quotas until the answer ends (the most the node may use)
+    rate_tokens: int  # tokens counted against per-minute rates until the answer ends (the estimate)
     max_total_tokens: int | None  # the node may use no more (set when a token count is limited)
+    max_new_tokens: int | None  # the answer's cap when the request names no max_tokens
     tiers: frozenset[str]
     weight: float
     system_prompt: str | None
@@ -160,17 +162,17 @@ def decide(principal: Principal, request: Visible, window: UsageWindow) -> Decis
             "prompt_too_long", param="messages",
         )  # fmt: skip
     max_new = request.max_tokens if request.max_tokens is not None else group.max_tokens or DEFAULT_MAX_TOKENS
-    # What the node may use, and so what is reserved: the prompt at its largest, the course prompt the node
-    # adds (and its message's markers), and the answer.
-    prompt = request.prompt_bound if request.prompt_bound is not None else request.prompt_tokens
-    if group.system_prompt is not None:
-        prompt += len(group.system_prompt.encode()) + COURSE_MARKERS
-    reserve = prompt + max_new
-    rates = _rates(group, window, reserve)
+    # Quotas hold what the node may use at most: the prompt at its largest, the course prompt the node adds
+    # (and its message's markers), and the answer. Per-minute token rates count, like OpenAI's, the
+    # estimate: a rate is a pace, not a budget, and settles to what was used.
+    course = len(group.system_prompt.encode()) + COURSE_MARKERS if group.system_prompt is not None else 0
+    bound = request.prompt_bound if request.prompt_bound is not None else request.prompt_tokens
+    cost = Cost(
+        reserve=bound + course + max_new, rate=request.prompt_tokens + course // 4 + max_new, max_new=max_new
+    )
+    rates = _rates(group, window, cost)
     for scope, limits, meter in (("you", group.each, window.each), ("your group", group.total, window.total)):
-        refused = _counters(
-            scope, limits, meter, window, reserve, max_new, request.max_tokens is not None, rates
-        )
+        refused = _counters(scope, limits, meter, window, cost, request.max_tokens is not None, rates)
         if refused is not None:
             return refused
     counted = any(
@@ -179,8 +181,10 @@ def decide(principal: Principal, request: Visible, window: UsageWindow) -> Decis
         for name in ("tokens_per_minute", "tokens_per_day", "tokens_per_month")
     )
     return Allowed(
-        reserve=reserve,
-        max_total_tokens=reserve if counted else None,
+        reserve=cost.reserve,
+        rate_tokens=cost.rate,
+        max_total_tokens=cost.reserve if counted else None,
+        max_new_tokens=max_new if request.max_tokens is None else None,
         tiers=tiers,
         weight=group.weight,
         system_prompt=group.system_prompt,
@@ -188,13 +192,21 @@ def decide(principal: Principal, request: Visible, window: UsageWindow) -> Decis
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Cost:
+    """What one request counts: against quotas (at most), against per-minute rates (as estimated)."""
+
+    reserve: int
+    rate: int
+    max_new: int
+
+
 def _counters(
     scope: str,
     limits: Limits,
     meter: Meter,
     window: UsageWindow,
-    reserve: int,
-    max_new: int,
+    cost: Cost,
     asked: bool,
     rates: RateFigures,
 ) -> Refused | None:
@@ -211,25 +223,32 @@ def _counters(
             "requests", 429, f"{scope} reached {limits.requests_per_minute} requests per minute",
             "rate_limit_exceeded", retry_after=meter.requests_free_in, rates=rates,
         )  # fmt: skip
-    for limit, used, name, free_in in (
-        (limits.tokens_per_minute, meter.tokens_minute, "per minute", meter.tokens_free_in),
-        (limits.tokens_per_day, meter.tokens_day, "today", window.day_ends_in),
-        (limits.tokens_per_month, meter.tokens_month, "this month", window.month_ends_in),
+    for limit, used, need, name, free_in in (
+        (limits.tokens_per_minute, meter.tokens_minute, cost.rate, "per minute", meter.tokens_free_in),
+        (limits.tokens_per_day, meter.tokens_day, cost.reserve, "today", window.day_ends_in),
+        (limits.tokens_per_month, meter.tokens_month, cost.reserve, "this month", window.month_ends_in),
     ):
-        if limit is None or used + reserve <= limit:
+        if limit is None or used + need <= limit:
             continue
         kind: RefusalKind = "tokens" if name == "per minute" else "quota"
         code = "rate_limit_exceeded" if kind == "tokens" else "quota_exceeded"
         what = f"{limit} tokens {name}" if kind == "tokens" else f"the quota of {limit} tokens {name}"
-        if reserve > limit:
+        prompt = need - cost.max_new
+        if prompt >= limit:  # no max_tokens could make it fit: the prompt is too large for this limit
             return Refused(
                 kind, 400,
-                f"this request could use {reserve} tokens (its prompt and max_tokens), more than {what} "
-                f"that {scope} may use; ask for fewer max_tokens",
+                f"this request's prompt counts as up to {prompt} tokens, more than {what} that {scope} may "
+                "use; send a shorter prompt",
+                "prompt_too_long", param="messages", rates=rates,
+            )  # fmt: skip
+        if need > limit:
+            return Refused(
+                kind, 400,
+                f"this request could use {need} tokens (its prompt and max_tokens), more than {what} that "
+                f"{scope} may use; ask for at most {limit - prompt} max_tokens",
                 "max_tokens_over_limit", param="max_tokens", rates=rates,
             )  # fmt: skip
         left = max(0, limit - used)
-        prompt = reserve - max_new
         smaller = left - prompt if asked else 0  # the max_tokens that would fit now
         hint = (
             f"; {left} are left: a request with max_tokens of at most {smaller} fits now"
@@ -238,29 +257,30 @@ def _counters(
         )
         return Refused(
             kind, 429,
-            f"this request could use {reserve} tokens, which would take {scope} past {what}{hint}",
+            f"this request could use {need} tokens, which would take {scope} past {what}{hint}",
             code, param="max_tokens" if hint else None, retry_after=free_in, rates=rates,
         )  # fmt: skip
     return None
 
 
-def _rates(group: GroupRules, window: UsageWindow, reserve: int) -> RateFigures:
+def _rates(group: GroupRules, window: UsageWindow, cost: Cost) -> RateFigures:
     """What the answer's x-ratelimit-* headers report: of the limits set on requests, and of those set on
     tokens (per minute, then the day's and month's quotas), the one with the least left after this
     request, the token's own or its group's. A dimension with no limit at all is not reported."""
     requests = [
-        (limit, max(0, limit - meter.requests_minute - 1), meter.requests_free_in)
+        # An empty window resets a minute after this request, which opens it.
+        (limit, max(0, limit - meter.requests_minute - 1), meter.requests_free_in or 60.0)
         for limit, meter in ((group.each.requests_per_minute, window.each),
                              (group.total.requests_per_minute, window.total))
         if limit is not None
     ]  # fmt: skip
     tokens = [
-        (limit, max(0, limit - used - reserve), reset)
+        (limit, max(0, limit - used - need), reset)
         for lim, meter in ((group.each, window.each), (group.total, window.total))
-        for limit, used, reset in (
-            (lim.tokens_per_minute, meter.tokens_minute, meter.tokens_free_in),
-            (lim.tokens_per_day, meter.tokens_day, window.day_ends_in),
-            (lim.tokens_per_month, meter.tokens_month, window.month_ends_in),
+        for limit, used, need, reset in (
+            (lim.tokens_per_minute, meter.tokens_minute, cost.rate, meter.tokens_free_in or 60.0),
+            (lim.tokens_per_day, meter.tokens_day, cost.reserve, window.day_ends_in),
+            (lim.tokens_per_month, meter.tokens_month, cost.reserve, window.month_ends_in),
         )
         if limit is not None
     ]

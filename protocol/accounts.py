@@ -22,6 +22,8 @@ UsageDimension = Literal["user", "group", "model", "node", "day"]
 MAX_NAME = 200
 MAX_GROUP = 64
 MAX_EXPIRY_S = 10 * 366 * 24 * 3600.0
+# Far enough back for any "since" (an epoch of 0 is 1970); past it a number is a typo, not a time.
+MAX_SINCE_S = 100 * 366 * 86400.0
 MAX_GRACE_S = 30 * 24 * 3600.0
 MAX_AUDIT_ROWS = 10_000
 

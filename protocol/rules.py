@@ -30,6 +30,12 @@ class JobRules(BaseModel):
         "larger (429 quota_exceeded).",
     )
 
+    max_new_tokens: Annotated[StrictInt, Field(ge=1)] | None = Field(
+        default=None,
+        description="The most tokens the answer may have when the request names no max_tokens: the group's "
+        "cap. The node uses it in place of its own default when that is larger.",
+    )
+
     @property
     def empty(self) -> bool:
-        return self.system_prompt is None and self.max_total_tokens is None
+        return self.system_prompt is None and self.max_total_tokens is None and self.max_new_tokens is None

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from protocol.accounts import (
     MAX_AUDIT_ROWS,
+    MAX_SINCE_S,
     AuditEntry,
     AuditLog,
     Token,
@@ -37,8 +38,6 @@ from scheduler.state import RULES, STORE
 from scheduler.store import TokenRecord, TokenSummary
 
 DEFAULT_SINCE_S = 7 * 86400.0
-# Far enough back for any "since" (an epoch of 0 is 1970); past it a number is a typo, not a time.
-MAX_SINCE_S = 100 * 366 * 86400.0
 
 
 def add_routes(app: web.Application) -> None:

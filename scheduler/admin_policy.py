@@ -28,7 +28,7 @@ from protocol.policy import (
     PolicyState,
     PolicyUpdate,
 )
-from scheduler.admin_http import admin_token, reply
+from scheduler.admin_http import admin_token, origin, reply
 from scheduler.admin_http import body as parse_body
 from scheduler.rules import PolicyFileError, parse_policy
 from scheduler.state import ENFORCER, EVENTS, RULES, STORE, authenticate
@@ -113,22 +113,23 @@ async def put_policy(request: web.Request) -> web.Response:
     rules = request.app[RULES]
     if rules.path is None:
         raise ConflictError("this scheduler has no policy file to write", code="no_policy_file")
-    if body.digest is not None and body.digest != rules.current.digest:
-        raise ConflictError(
-            "the policy changed since you read it; read it again (GET /admin/policy) and redo the change",
-            code="policy_changed",
-        )
-    path = rules.path
-    try:
-        loaded = parse_policy(body.text, str(path), path.parent)
-    except PolicyFileError as exc:
-        raise InvalidRequest(exc.message, param="text", code="invalid_policy") from None
-    await asyncio.to_thread(_write_atomically, path, body.text)
-    rules.adopt(loaded)
+    async with rules.writing:
+        if body.digest is not None and body.digest != rules.current.digest:
+            raise ConflictError(
+                "the policy changed since you read it; read it again (GET /admin/policy) and redo the change",
+                code="policy_changed",
+            )
+        path = rules.path
+        try:
+            loaded = await asyncio.to_thread(parse_policy, body.text, str(path), path.parent)
+        except PolicyFileError as exc:
+            raise InvalidRequest(exc.message, param="text", code="invalid_policy") from None
+        await asyncio.to_thread(_write_atomically, path, body.text)
+        rules.adopt(loaded)
     store = request.app[STORE]
-    origin = request.remote or "-"
+    where = origin(request)
     await store.write(
-        lambda db: db.audit("policy_put", str(path), f"{loaded.digest[:16]} by {token.id} from {origin}")
+        lambda db: db.audit("policy_put", str(path), loaded.digest[:16], actor=token.id, origin=where)
     )
     request.app[EVENTS].publish("policy_reloaded", outcome="applied")
     return reply(_state(request))

@@ -167,9 +167,17 @@ class Enforcer:
 
 
 def _job_rules(decision: Allowed) -> bytes:
-    if decision.system_prompt is None and decision.max_total_tokens is None:
-        return b""  # the common case, without building a model
-    rules = JobRules(system_prompt=decision.system_prompt, max_total_tokens=decision.max_total_tokens)
+    if (
+        decision.system_prompt is None
+        and decision.max_total_tokens is None
+        and decision.max_new_tokens is None
+    ):
+        return b""  # without building a model
+    rules = JobRules(
+        system_prompt=decision.system_prompt,
+        max_total_tokens=decision.max_total_tokens,
+        max_new_tokens=decision.max_new_tokens,
+    )
     return b"" if rules.empty else rules.model_dump_json(exclude_none=True).encode()
 
 

@@ -121,7 +121,7 @@ class Meters:
             return decision
         hold = Hold(request_id, keys, decision.reserve, day, month, [], decision=decision)
         for key in keys:
-            hold.entries.append(self._minutes.setdefault(key, _Minute()).add(now, decision.reserve))
+            hold.entries.append(self._minutes.setdefault(key, _Minute()).add(now, decision.rate_tokens))
             self._in_flight[key] += 1
             self._quota[key, day] += decision.reserve
             self._quota[key, month] += decision.reserve

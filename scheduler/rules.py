@@ -10,21 +10,23 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from pydantic import ValidationError
 
-from policies.schema import DEFAULT_GROUP, GroupRules, PolicyFile, resolve
+from policies.schema import DEFAULT_GROUP, MAX_TERMS_CHARS, GroupRules, PolicyFile, resolve
 from protocol.errors import ConfigError
 
 log = logging.getLogger("hearth.scheduler.rules")
 
 MAX_POLICY_BYTES = 1024 * 1024
+MAX_TERMS_BYTES = 4 * MAX_TERMS_CHARS  # UTF-8: at most 4 bytes a character
 POLL_S = 1.0
 
 
@@ -70,20 +72,37 @@ def parse_policy(text: str, name: str, base: Path | None = None) -> LoadedPolicy
     terms_text = None
     if policy.terms is not None:
         if policy.terms.file is not None:
-            path = Path(policy.terms.file)
-            if not path.is_absolute() and base is not None:
-                path = base / path
+            where = f"{name}, line {_line_of(text, ('terms', 'file'))}, terms.file"
+            raw = _read_terms(policy.terms.file, base, where)
             try:
-                raw = path.read_bytes()[: 4 * 1024 * 1024]
                 terms_text = raw.decode()
-            except (OSError, UnicodeDecodeError) as exc:
-                why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-                line = _line_of(text, ("terms", "file"))
-                raise PolicyFileError(f"{name}, line {line}, terms.file: cannot read {path}: {why}") from None
+            except UnicodeDecodeError:
+                raise PolicyFileError(f"{where}: not UTF-8 text") from None
             digest.update(raw)
         else:
             terms_text = policy.terms.text
     return LoadedPolicy(policy, resolve(policy), terms_text, name, text, digest.hexdigest())
+
+
+def _read_terms(name: str, base: Path | None, where: str) -> bytes:
+    """The terms file: a regular file in the policy file's folder (or below it), of bounded size. Anything
+    else is refused: the terms are shown to every user, so the policy must not be able to publish another
+    file the scheduler can read, or hang it on a device or a pipe."""
+    folder = (base or Path.cwd()).resolve()
+    path = (folder / name).resolve()
+    if Path(name).is_absolute() or not path.is_relative_to(folder):
+        raise PolicyFileError(f"{where}: {name} must be a file in the policy file's folder")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise PolicyFileError(f"{where}: cannot read {name}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise PolicyFileError(f"{where}: {name} is not a regular file")
+        raw = f.read(MAX_TERMS_BYTES + 1)
+    if len(raw) > MAX_TERMS_BYTES:
+        raise PolicyFileError(f"{where}: {name} is larger than {MAX_TERMS_BYTES} bytes")
+    return raw
 
 
 def load_policy(path: Path) -> LoadedPolicy:
@@ -145,6 +164,9 @@ class Rules:
     current: LoadedPolicy = field(default_factory=builtin)
     path: Path | None = None
     on_reload: Callable[[str, str], None] | None = None  # (outcome, detail) for the audit log and events
+    # Held from the digest check to the swap of `PUT /admin/policy`, so two changes made from the same
+    # version cannot both pass.
+    writing: asyncio.Lock = field(default_factory=asyncio.Lock)
     _mtime: tuple[int, ...] | None = None
 
     def group(self, name: str | None) -> GroupRules | None:
@@ -217,8 +239,3 @@ def _stamp(path: Path) -> tuple[int, ...] | None:
     except OSError:
         return None
     return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
-
-
-def policy_summary(loaded: LoadedPolicy) -> dict[str, Any]:
-    """What `hearth policy show` prints: the file's own document, as validated."""
-    return loaded.policy.model_dump(mode="json", exclude_none=True)

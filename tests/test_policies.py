@@ -58,6 +58,9 @@ concurrent_requests = 1
 
 [groups.course]
 system_prompt = "Answer in French."
+
+[groups.capped]
+max_tokens = 4
 """
 
 
@@ -105,6 +108,15 @@ def test_answers_carry_the_rate_limits_and_a_request_id(policed: Stack) -> None:
     retry = int(err.response.headers["retry-after"])
     assert 1 <= retry <= 60
     assert err.response.headers["x-ratelimit-remaining-requests"] == "0"
+
+
+def test_the_groups_cap_holds_for_a_request_that_names_no_max_tokens(policed: Stack) -> None:
+    with _client(policed, _token(policed, "capped")) as client:
+        answer = client.chat.completions.create(model=MODEL, messages=HELLO)  # no max_tokens at all
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=5)
+    assert answer.usage is not None and answer.usage.completion_tokens <= 4
+    assert caught.value.code == "max_tokens_over_cap"
 
 
 def test_a_model_outside_the_group_is_refused_on_its_field(policed: Stack) -> None:

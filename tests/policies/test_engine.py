@@ -75,8 +75,10 @@ REFUSALS = [
     # the whole group's daily quota, though this token used nothing
     (Principal("t", _total(tokens_per_day=1000)), ASK, UsageWindow(total=Meter(tokens_day=950)), 429,
      "quota_exceeded", "your group"),
-    # one request larger than the whole quota can never run: 400, not a wait
-    (Principal("t", _each(tokens_per_day=100)), ASK, IDLE, 400, "max_tokens_over_limit", "fewer max_tokens"),
+    # one request larger than the whole quota can never run: 400, not a wait, and the max_tokens that fits
+    (Principal("t", _each(tokens_per_day=100)), ASK, IDLE, 400, "max_tokens_over_limit", "at most 50 max_tokens"),
+    # a prompt larger than the whole quota: no max_tokens can help, so the prompt is at fault
+    (Principal("t", _each(tokens_per_day=40)), ASK, IDLE, 400, "prompt_too_long", "shorter prompt"),
 ]  # fmt: skip
 
 
@@ -105,28 +107,45 @@ def test_rate_refusal_waits_until_the_oldest_request_leaves() -> None:
 
 ALLOWED = [
     # nothing limited: reserve prompt + max_tokens, no budget for the node, no rate figures
-    (OPEN, ASK, 150, None, None),
+    (OPEN, ASK, 150, 150, None, None),
     # a daily quota: the node may use no more than was reserved
-    (_each(tokens_per_day=10_000), ASK, 150, 150, None),
+    (_each(tokens_per_day=10_000), ASK, 150, 150, 150, None),
     # no max_tokens asked: the group's cap is what may be used
-    (_group(max_tokens=256, each=Limits(tokens_per_day=10_000)), replace(ASK, max_tokens=None), 306, 306, None),
+    (_group(max_tokens=256, each=Limits(tokens_per_day=10_000)), replace(ASK, max_tokens=None), 306, 306, 306,
+     None),
     # a request limit: the answer reports what is left of it
-    (_each(requests_per_minute=10), ASK, 150, None, 9),
+    (_each(requests_per_minute=10), ASK, 150, 150, None, 9),
     # the prompt's largest size is reserved when the scheduler knows it (its bytes), not the estimate
-    (_each(tokens_per_day=10_000), replace(ASK, prompt_bound=200), 300, 300, None),
-    # a course prompt the node will add is reserved too, with its message's markers
-    (_group(system_prompt="Ten bytes.", each=Limits(tokens_per_day=10_000)), ASK, 176, 176, None),
+    (_each(tokens_per_day=10_000), replace(ASK, prompt_bound=200), 300, 150, 300, None),
+    # a course prompt the node will add is reserved too, with its message's markers (26 bytes: ~6 tokens)
+    (_group(system_prompt="Ten bytes.", each=Limits(tokens_per_day=10_000)), ASK, 176, 156, 176, None),
+    # a per-minute token rate counts the estimate, so a prompt whose bytes exceed it still runs
+    (_each(tokens_per_minute=500), replace(ASK, prompt_bound=5000), 5100, 150, 5100, None),
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("group", "visible", "reserve", "budget", "remaining"), ALLOWED)
+@pytest.mark.parametrize(("group", "visible", "reserve", "rate", "budget", "remaining"), ALLOWED)
 def test_allowed(
-    group: GroupRules, visible: Visible, reserve: int, budget: int | None, remaining: int | None
+    group: GroupRules, visible: Visible, reserve: int, rate: int, budget: int | None, remaining: int | None
 ) -> None:
     decision = decide(Principal("t", group), visible, IDLE)
     assert isinstance(decision, Allowed), decision
-    assert (decision.reserve, decision.max_total_tokens) == (reserve, budget)
+    assert (decision.reserve, decision.rate_tokens, decision.max_total_tokens) == (reserve, rate, budget)
     assert decision.rates.remaining_requests == remaining
+
+
+def test_a_request_without_max_tokens_carries_the_groups_cap_to_the_node() -> None:
+    capped = _group(max_tokens=4)
+    asked = decide(Principal("t", capped), ASK, IDLE)
+    unasked = decide(Principal("t", capped), replace(ASK, max_tokens=None), IDLE)
+    assert isinstance(asked, Refused) and asked.code == "max_tokens_over_cap"  # 100 > 4, named
+    assert isinstance(unasked, Allowed) and unasked.max_new_tokens == 4  # none named: the node caps it
+
+
+def test_an_empty_window_resets_a_minute_after_this_request() -> None:
+    decision = decide(Principal("t", _each(requests_per_minute=5, tokens_per_minute=1000)), ASK, IDLE)
+    assert isinstance(decision, Allowed)
+    assert decision.rates.reset_requests == 60.0 and decision.rates.reset_tokens == 60.0
 
 
 def test_terms_accepted_and_course_prompt_carried() -> None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from policies import DEFAULT_GROUP, PolicyFile, resolve
-from scheduler.rules import PolicyFileError, Rules, load_policy, parse_policy
+from scheduler.rules import MAX_TERMS_BYTES, PolicyFileError, Rules, load_policy, parse_policy
 
 CLUB = """\
 [groups.students]
@@ -105,3 +106,28 @@ def test_reload_applies_a_good_file_and_keeps_the_policy_on_a_bad_one(tmp_path: 
     assert rules.reload() is True and seen[-1][0] == "applied"
     now = rules.group("students")
     assert now is not None and now.each.tokens_per_day == 30000
+
+
+@pytest.mark.parametrize(
+    ("name", "says"),
+    [
+        ("/etc/passwd", "must be a file in the policy file's folder"),  # no publishing another file
+        ("../secrets.txt", "must be a file in the policy file's folder"),  # nor one outside the folder
+        ("/dev/zero", "must be a file in the policy file's folder"),  # nor a device that never ends
+        ("fifo", "is not a regular file"),  # nor a pipe that would hang the reload
+        ("big.md", "is larger than"),  # nor more text than anyone reads
+        ("latin1.md", "not UTF-8 text"),
+    ],
+)
+def test_a_terms_file_must_be_a_readable_text_file_beside_the_policy(
+    tmp_path: Path, name: str, says: str
+) -> None:
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "big.md").write_bytes(b"x" * (MAX_TERMS_BYTES + 1))
+    (tmp_path / "latin1.md").write_bytes("caf\u00e9".encode("latin-1"))
+    (tmp_path.parent / "secrets.txt").write_text("not for users", encoding="utf-8")
+    path = tmp_path / "policies.toml"
+    path.write_text(f'[terms]\nversion = "1"\nfile = "{name}"\n', encoding="utf-8")
+    with pytest.raises(PolicyFileError) as caught:
+        load_policy(path)
+    assert says in caught.value.message and "line 3, terms.file" in caught.value.message
