@@ -90,9 +90,10 @@ def prepare(
         if len(prompt_ids) >= context:
             raise ContextLengthExceeded("the answer so far fills the model's context")
     room = context - len(prompt_ids)
-    if requested is None and rules is not None and rules.max_new_tokens is not None:
-        default = min(default, rules.max_new_tokens)  # the group's cap holds for a request that names none
     max_new = min(requested if requested is not None else default, room)
+    if rules is not None and rules.max_new_tokens is not None:
+        # The group's cap, sent for a request that names no max_tokens (a completion's default of 16 too).
+        max_new = min(max_new, rules.max_new_tokens)
     # Every token the model reads counts against the job's budget, the answer so far included: the usage
     # reported (prompt + completion) is then never more than the scheduler reserved.
     max_new = within_budget(max_new, len(prompt_ids), rules, resumed=bool(sent))

@@ -50,6 +50,9 @@ class Visible:
     # The most tokens the prompt can be (its size in bytes: no tokenizer makes more tokens of text than it
     # has bytes), for what a request reserves; None: the estimate.
     prompt_bound: int | None = None
+    # What the endpoint gives a request that names no max_tokens (completions: 16, as OpenAI); None: the
+    # group's cap.
+    default_max_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +164,11 @@ def decide(principal: Principal, request: Visible, window: UsageWindow) -> Decis
             f"{group.max_prompt_tokens}",
             "prompt_too_long", param="messages",
         )  # fmt: skip
-    max_new = request.max_tokens if request.max_tokens is not None else group.max_tokens or DEFAULT_MAX_TOKENS
+    cap = group.max_tokens or DEFAULT_MAX_TOKENS
+    if request.max_tokens is not None:
+        max_new = request.max_tokens
+    else:
+        max_new = min(cap, request.default_max_tokens) if request.default_max_tokens is not None else cap
     # Quotas hold what the node may use at most: the prompt at its largest, the course prompt the node adds
     # (and its message's markers), and the answer. Per-minute token rates count, like OpenAI's, the
     # estimate: a rate is a pace, not a budget, and settles to what was used.

@@ -32,8 +32,8 @@ class JobRules(BaseModel):
 
     max_new_tokens: Annotated[StrictInt, Field(ge=1)] | None = Field(
         default=None,
-        description="The most tokens the answer may have when the request names no max_tokens: the group's "
-        "cap. The node uses it in place of its own default when that is larger.",
+        description="The group's cap on the answer, sent for a request that names no max_tokens (a "
+        "completion's default of 16 included): the node generates no more.",
     )
 
     @property

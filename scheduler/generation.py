@@ -36,7 +36,7 @@ from policies import Visible
 from protocol.envelope import MEDIA_TYPE as ENVELOPE
 from protocol.envelope import EnvelopeError, peek
 from protocol.errors import HearthError, Reseal, Unavailable
-from protocol.schemas import Endpoint, parse_request
+from protocol.schemas import CompletionRequest, Endpoint, parse_request
 from protocol.web import error_response, is_loopback, log_unexpected, parse_json, read_body
 from scheduler.admission import exclude
 from scheduler.enforce import Grant
@@ -307,12 +307,19 @@ async def _admit(request: web.Request, endpoint: Endpoint) -> Admitted:
     raw = await read_body(request)
     req = parse_request(endpoint, parse_json(raw))
     max_tokens = req.requested_max_tokens
+    default = None
+    if isinstance(req, CompletionRequest) and "max_tokens" not in req.model_fields_set:
+        # OpenAI's default of 16 is the endpoint's, not the client's: under a smaller cap, the cap holds.
+        max_tokens, default = None, max_tokens
     request_id = secrets.token_hex(12)
     prompt_tokens = len(raw) // BYTES_PER_TOKEN_GUESS
-    visible = Visible(req.model, max_tokens, sealed=False, prompt_tokens=prompt_tokens, prompt_bound=len(raw))
+    visible = Visible(
+        req.model, max_tokens, sealed=False, prompt_tokens=prompt_tokens, prompt_bound=len(raw),
+        default_max_tokens=default,
+    )  # fmt: skip
     grant = request.app[ENFORCER].admit(token, visible, request_id)
     preq = PlacementRequest(
-        model=req.model, max_tokens=max_tokens, prompt_tokens=prompt_tokens, tiers=grant.tiers
+        model=req.model, max_tokens=req.requested_max_tokens, prompt_tokens=prompt_tokens, tiers=grant.tiers
     )
     # The body was just parsed as JSON, so it can be spliced in as is instead of serialized again.
     body = b'{"endpoint":"%s","request_id":"%s","request":%s}' % (endpoint.encode(), request_id.encode(), raw)

@@ -115,7 +115,9 @@ def test_the_groups_cap_holds_for_a_request_that_names_no_max_tokens(policed: St
         answer = client.chat.completions.create(model=MODEL, messages=HELLO)  # no max_tokens at all
         with pytest.raises(openai.BadRequestError) as caught:
             client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=5)
+        completion = client.completions.create(model=MODEL, prompt="Once upon a time")  # 16 by default
     assert answer.usage is not None and answer.usage.completion_tokens <= 4
+    assert completion.usage is not None and completion.usage.completion_tokens <= 4
     assert caught.value.code == "max_tokens_over_cap"
 
 

@@ -140,6 +140,13 @@ def test_a_request_without_max_tokens_carries_the_groups_cap_to_the_node() -> No
     unasked = decide(Principal("t", capped), replace(ASK, max_tokens=None), IDLE)
     assert isinstance(asked, Refused) and asked.code == "max_tokens_over_cap"  # 100 > 4, named
     assert isinstance(unasked, Allowed) and unasked.max_new_tokens == 4  # none named: the node caps it
+    # a completion that names none has the endpoint's default of 16, under the cap
+    defaulted = decide(Principal("t", capped), replace(ASK, max_tokens=None, default_max_tokens=16), IDLE)
+    assert isinstance(defaulted, Allowed) and (defaulted.max_new_tokens, defaulted.reserve) == (4, 54)
+    roomy = decide(
+        Principal("t", _group(max_tokens=64)), replace(ASK, max_tokens=None, default_max_tokens=16), IDLE
+    )
+    assert isinstance(roomy, Allowed) and roomy.reserve == 66  # 16, not the cap, is what it can use
 
 
 def test_an_empty_window_resets_a_minute_after_this_request() -> None:
