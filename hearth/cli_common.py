@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
 from hearth.config import HearthSettings, load_settings
-from protocol.errors import HearthError
+from protocol.errors import ConfigError, HearthError
+from tui.client import ConsoleClient
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+ADMIN_TIMEOUT_S = 30.0  # a CLI waits longer than the console, which refreshes anyway
 
 
 def one_line_errors(fn: F) -> F:
@@ -65,3 +72,33 @@ _token = click.option("--token", default=None, help="An admin token (default: $H
 def admin_command(fn: F) -> F:
     """A command that calls the scheduler's admin API: --scheduler and --token, errors in one line."""
     return _scheduler_url(_token(one_line_errors(fn)))  # type: ignore[no-any-return]
+
+
+def scheduler_url(url: str | None) -> str:
+    """--scheduler, else $HEARTH_SCHEDULER_URL, else the local default; refused unless http(s)."""
+    resolved = (url or os.environ.get("HEARTH_SCHEDULER_URL") or DEFAULT_URL).rstrip("/")
+    if not resolved.startswith(("http://", "https://")):
+        raise ConfigError(f"{resolved} is not a scheduler URL (it starts with http:// or https://)")
+    return resolved
+
+
+def run_admin(
+    url: str | None,
+    token: str | None,
+    fn: Callable[[ConsoleClient], Awaitable[T]],
+    *,
+    needs: str = "an admin token",
+) -> T:
+    """Run ``fn`` with the console's client for the scheduler at ``url`` (or $HEARTH_SCHEDULER_URL) and
+    ``token`` (or $HEARTH_TOKEN), from a blocking command. ``needs`` names the token in the error when none
+    is given (the terms commands take a user's own token)."""
+    base = scheduler_url(url)
+    secret = token or os.environ.get("HEARTH_TOKEN")
+    if not secret:
+        raise ConfigError(f"this needs {needs}: pass --token or set HEARTH_TOKEN")
+
+    async def session() -> T:
+        async with ConsoleClient(base, secret, timeout=ADMIN_TIMEOUT_S) as client:
+            return await fn(client)
+
+    return asyncio.run(session())

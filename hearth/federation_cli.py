@@ -16,12 +16,13 @@ from hearth.cli_common import (
     data_dir_option,
     gib,
     one_line_errors,
+    run_admin,
     settings_for,
 )
-from hearth.operator import AdminClient
 from protocol import logs
+from protocol.admin import Node
 from protocol.errors import ConfigError
-from protocol.federation import TIERS
+from protocol.federation import TIERS, Tier
 
 
 def _logging(level: str) -> None:
@@ -154,13 +155,12 @@ def node_enroll(
 @admin_command
 def node_list(scheduler_url: str | None, token: str | None) -> None:
     """Approved nodes: health, drain, owner first, models, their current encryption key and any alarm."""
-    rows = AdminClient(scheduler_url, token).get("/admin/nodes")["nodes"]
+    rows = run_admin(scheduler_url, token, lambda c: c.nodes()).nodes
     _echo_rows(
         [
             [
-                r["node_id"], r["tier"], "yes" if r["healthy"] else "no", "yes" if r["draining"] else "no",
-                _yielding(r), ",".join(m["id"] for m in r["models"]) or "-", r.get("key_id") or "-",
-                r.get("alarm") or "-",
+                r.node_id, r.tier, "yes" if r.healthy else "no", "yes" if r.draining else "no",
+                _yielding(r), ",".join(m.id for m in r.models) or "-", r.key_id or "-", r.alarm or "-",
             ]
             for r in rows
         ],
@@ -168,10 +168,10 @@ def node_list(scheduler_url: str | None, token: str | None) -> None:
     )  # fmt: skip
 
 
-def _yielding(row: dict[str, Any]) -> str:
-    if not row.get("yielding"):
+def _yielding(row: Node) -> str:
+    if not row.yielding:
         return "no"
-    return f"yes: {row['yield_reason']}" if row.get("yield_reason") else "yes"
+    return f"yes: {row.yield_reason}" if row.yield_reason else "yes"
 
 
 @node.command("revoke")
@@ -179,7 +179,7 @@ def _yielding(row: dict[str, Any]) -> str:
 @admin_command
 def node_revoke(node_id: str, scheduler_url: str | None, token: str | None) -> None:
     """Take a node out of the cluster now; it learns of it at its next heartbeat."""
-    AdminClient(scheduler_url, token).post(f"/admin/nodes/{node_id}/revoke")
+    run_admin(scheduler_url, token, lambda c: c.revoke_node(node_id))
     click.echo(f"revoked {node_id}: it gets no more work")
 
 
@@ -189,7 +189,7 @@ def node_revoke(node_id: str, scheduler_url: str | None, token: str | None) -> N
 @admin_command
 def node_drain(node_id: str, undo: bool, scheduler_url: str | None, token: str | None) -> None:
     """Let a node finish its running jobs and take no new ones (e.g. before maintenance)."""
-    AdminClient(scheduler_url, token).post(f"/admin/nodes/{node_id}/drain", {"drain": not undo})
+    run_admin(scheduler_url, token, lambda c: c.drain(node_id, not undo))
     click.echo(f"{node_id} {'takes work again' if undo else 'is draining: no new work'}")
 
 
@@ -268,12 +268,10 @@ def enroll_create(
     tier: str, ttl: float | None, note: str, scheduler_url: str | None, token: str | None
 ) -> None:
     """Create a one-time enrollment code and print it alone on stdout."""
-    doc: dict[str, Any] = {"tier": tier, "note": note}
-    if ttl is not None:
-        doc["ttl_seconds"] = ttl
-    reply = AdminClient(scheduler_url, token).post("/admin/enrollment-codes", doc)
-    click.echo(reply["code"])
-    expires = time.strftime("%Y-%m-%d %H:%M", time.localtime(reply["expires"]))
+    which: Tier = tier  # type: ignore[assignment]  # click.Choice(TIERS) checked it
+    reply = run_admin(scheduler_url, token, lambda c: c.create_code(which, ttl, note))
+    click.echo(reply.code)
+    expires = time.strftime("%Y-%m-%d %H:%M", time.localtime(reply.expires))
     click.echo(f"one-time code for a {tier} node, valid until {expires}", err=True)
 
 
@@ -282,19 +280,20 @@ def enroll_create(
 @admin_command
 def enroll_list(show_all: bool, scheduler_url: str | None, token: str | None) -> None:
     """Nodes waiting for approval (enrolled with a code, or discovered on the LAN)."""
-    path = "/admin/enrollments" + ("" if show_all else "?state=pending")
-    rows = AdminClient(scheduler_url, token).get(path)["enrollments"]
+    rows = run_admin(
+        scheduler_url, token, lambda c: c.enrollments(None if show_all else "pending")
+    ).enrollments
     _echo_rows(
         [
             [
-                r["node_id"],
-                r["state"],
-                r["tier"],
-                r["source"],
-                r["fingerprint"],
-                r.get("gpus", "-"),
-                gib(r.get("memory_total_bytes")),
-                r.get("url") or "-",
+                r.node_id,
+                r.state,
+                r.tier,
+                r.source,
+                r.fingerprint,
+                r.gpus or "-",
+                gib(r.memory_total_bytes),
+                r.url or "-",
             ]
             for r in rows
         ],
@@ -310,26 +309,11 @@ def enroll_approve(
     node_id: str, directory: Path | None, scheduler_url: str | None, token: str | None
 ) -> None:
     """Approve a node: the authority key signs its certificate here, on the operator's machine."""
-    from protocol.identity import default_authority_dir, issue_certificate, load_authority
+    from tui.authority import approve_enrollment, default_authority_dir
 
-    key = load_authority(directory or default_authority_dir())
-    client = AdminClient(scheduler_url, token)
-    keys = client.get("/admin/authority")
-    if keys["authority_key"] != key.public_b64:
-        raise ConfigError(
-            "this scheduler trusts another authority key (or none): set its authority_key to "
-            f"{key.public_b64} and restart it"
-        )
-    rows = client.get("/admin/enrollments")["enrollments"]
-    record = next((r for r in rows if r["node_id"] == node_id), None)
-    if record is None:
-        raise ConfigError(f"no enrollment called {node_id} (see `hearth enroll list`)")
-    cert = issue_certificate(
-        key, node_id=node_id, tier=record["tier"], identity_key=record["identity_key"],
-        encryption_key=record["encryption_key"], scheduler_key=keys["scheduler_key"],
-    )  # fmt: skip
-    client.post(f"/admin/enrollments/{node_id}/approve", {"certificate": cert})
-    click.echo(f"approved {node_id} ({record['tier']}, key {record['fingerprint']})")
+    where = directory or default_authority_dir()
+    record = run_admin(scheduler_url, token, lambda c: approve_enrollment(c, where, node_id))
+    click.echo(f"approved {node_id} ({record.tier}, key {record.fingerprint})")
 
 
 @enroll.command("reject")
@@ -337,7 +321,7 @@ def enroll_approve(
 @admin_command
 def enroll_reject(node_id: str, scheduler_url: str | None, token: str | None) -> None:
     """Refuse a pending node."""
-    AdminClient(scheduler_url, token).post(f"/admin/enrollments/{node_id}/reject")
+    run_admin(scheduler_url, token, lambda c: c.reject(node_id))
     click.echo(f"rejected {node_id}")
 
 
@@ -348,10 +332,10 @@ def enroll_reject(node_id: str, scheduler_url: str | None, token: str | None) ->
 @admin_command
 def models(scheduler_url: str | None, token: str | None) -> None:
     """Where each model runs: node, state and jobs in flight."""
-    doc = AdminClient(scheduler_url, token).get("/admin/models")
+    doc = run_admin(scheduler_url, token, lambda c: c.models())
     rows = [
-        [m["id"], n["node_id"], n["phase"], str(n["active"]), "yes" if n["healthy"] else "no"]
-        for m in doc["models"]
-        for n in m["nodes"]
+        [m.id, n.node_id, n.phase, str(n.active), "yes" if n.healthy else "no"]
+        for m in doc.models
+        for n in m.nodes
     ]
     _echo_rows(rows, ["MODEL", "NODE", "STATE", "ACTIVE", "HEALTHY"])

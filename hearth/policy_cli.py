@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 
-from hearth.cli_common import admin_command, one_line_errors
+from hearth.cli_common import admin_command, one_line_errors, run_admin
 from protocol.errors import ConfigError
-from protocol.policy import GroupView, PolicyState
+from protocol.policy import GroupView
 
 
 def register(main: click.Group) -> None:
@@ -39,13 +39,10 @@ def policy_check(file: Path) -> None:
 @admin_command
 def policy_show(as_json: bool, scheduler_url: str | None, token: str | None) -> None:
     """Print the policy the scheduler has in force, each group's rules as they apply."""
-    from hearth.operator import AdminClient
-
-    doc = AdminClient(scheduler_url, token).get("/admin/policy")
+    state = run_admin(scheduler_url, token, lambda c: c.policy())
     if as_json:
-        click.echo(json.dumps(doc, indent=2))
+        click.echo(json.dumps(state.model_dump(mode="json"), indent=2))
         return
-    state = PolicyState.model_validate(doc)
     click.echo(f"source: {state.source}  digest: {state.digest[:16]}  terms: {state.terms_version or '-'}")
     for group in state.groups:
         click.echo(_group_line(group))
@@ -74,11 +71,9 @@ def _group_line(group: GroupView) -> str:
 @admin_command
 def policy_apply(file: Path, scheduler_url: str | None, token: str | None) -> None:
     """Send FILE to the scheduler, which validates, writes and applies it (audited)."""
-    from hearth.operator import AdminClient
-
     try:
         text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{file}: not UTF-8 text") from None
-    state = PolicyState.model_validate(AdminClient(scheduler_url, token).put("/admin/policy", {"text": text}))
+    state = run_admin(scheduler_url, token, lambda c: c.put_policy(text))
     click.echo(f"applied: {len(state.groups)} groups, digest {state.digest[:16]}")

@@ -7,16 +7,17 @@ here when the scheduler refuses for that reason (403 terms_not_accepted).
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import click
-from pydantic import ValidationError
 
-from hearth.cli_common import one_line_errors
-from hearth.operator import DEFAULT_URL, AdminClient
-from protocol.errors import ConfigError
-from protocol.terms import TermsDocument
+from hearth.cli_common import DEFAULT_URL, one_line_errors, run_admin
+from protocol.errors import ConfigError, ProtocolError
+from tui.client import ConsoleClient
+
+T = TypeVar("T")
 
 
 def how_to_accept(version: str | None, scheduler_url: str) -> str:
@@ -37,14 +38,11 @@ def _options(fn: Any) -> Any:
     )(fn)  # fmt: skip
 
 
-def _client(scheduler_url: str | None, token: str | None) -> AdminClient:
-    return AdminClient(scheduler_url, token, needs="your API token")
-
-
-def _document(raw: Any) -> TermsDocument:
+def _call(scheduler_url: str | None, token: str | None, fn: Callable[[ConsoleClient], Awaitable[T]]) -> T:
+    """``fn`` with the user's own token (the terms routes are a user's, not the admin API)."""
     try:
-        return TermsDocument.model_validate(raw)
-    except ValidationError:
+        return run_admin(scheduler_url, token, fn, needs="your API token")
+    except ProtocolError:
         raise ConfigError("the answer is not a terms document: is the URL a Hearth scheduler?") from None
 
 
@@ -62,7 +60,7 @@ def terms() -> None:
 @one_line_errors
 def terms_show(scheduler_url: str | None, token: str | None) -> None:
     """Print the terms of use in force and whether your token accepted them."""
-    doc = _document(_client(scheduler_url, token).get("/v1/terms"))
+    doc = _call(scheduler_url, token, lambda c: c.terms())
     if doc.version is None:
         click.echo("This scheduler has no terms of use: there is nothing to accept.")
         return
@@ -86,8 +84,7 @@ def terms_show(scheduler_url: str | None, token: str | None) -> None:
 @one_line_errors
 def terms_accept(scheduler_url: str | None, token: str | None, version: str | None, yes: bool) -> None:
     """Accept the terms of use in force, after reading them (asks first unless --yes)."""
-    client = _client(scheduler_url, token)
-    doc = _document(client.get("/v1/terms"))
+    doc = _call(scheduler_url, token, lambda c: c.terms())
     if doc.version is None:
         raise ConfigError("this scheduler has no terms of use to accept")
     if version is not None and version != doc.version:
@@ -107,7 +104,8 @@ def terms_accept(scheduler_url: str | None, token: str | None, version: str | No
             agreed = False
         if not agreed:
             raise ConfigError("not accepted: nothing was recorded")
-    _document(client.post("/v1/terms/accept", {"version": doc.version}))
+    in_force = doc.version
+    _call(scheduler_url, token, lambda c: c.accept_terms(in_force))
     click.echo(f"Accepted version {doc.version} of the terms of use.")
 
 
