@@ -1,0 +1,277 @@
+"""The console application: ``make_app(client)`` builds it for `hearth tui` and for the tests alike.
+
+Workers do every call to the scheduler through the headless ``ConsoleClient`` and post typed messages
+(``tui.messages``); the screens only render them. One worker polls the admin documents every
+``refresh_s`` seconds, another follows the event stream and reconnects with backoff; while the scheduler
+cannot be reached a banner says so, and both keep trying until it answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import ClassVar
+
+from textual import work
+from textual.app import App, ComposeResult, SystemCommand
+from textual.binding import Binding, BindingType
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Header, Static, TabbedContent, TabPane
+
+from protocol.errors import HearthError
+from protocol.identity import AUTHORITY_FILE
+from protocol.policy import AdminEvent
+from tui.actions import perform
+from tui.client import ConsoleClient, Unreachable
+from tui.messages import (
+    ActionDone,
+    ActionRequested,
+    EnrollmentsLoaded,
+    EventsArrived,
+    ModelsLoaded,
+    NodesLoaded,
+    OpenNode,
+    PolicyLoaded,
+    Reachability,
+    RefreshRequested,
+    Request,
+    SecretIssued,
+    TokensLoaded,
+)
+from tui.screens.approvals import ApprovalsView
+from tui.screens.events import EventsView
+from tui.screens.models import ModelsView
+from tui.screens.node_detail import NodeDetailScreen
+from tui.screens.nodes import NodesView
+from tui.screens.overview import OverviewView
+from tui.screens.policy import PolicyView
+from tui.screens.secret import SecretScreen
+from tui.screens.users import UsersView
+
+# (tab id, title): the number keys follow this order.
+TABS = (
+    ("overview", "Overview"), ("nodes", "Nodes"), ("approvals", "Approvals"), ("models", "Models"),
+    ("users", "Users"), ("policy", "Policy"), ("events", "Events"),
+)  # fmt: skip
+EVENT_BATCH_S = 0.1  # events arriving closer together than this repaint once
+MAX_BACKOFF_S = 10.0
+
+
+class HearthConsole(App[None]):
+    CSS_PATH = "console.tcss"
+    TITLE = "Hearth console"
+    BINDINGS: ClassVar[list[BindingType]] = [
+        *(Binding(str(i), f"show_tab('{tab}')", title, show=False) for i, (tab, title) in enumerate(TABS, 1)),
+        Binding("question_mark", "toggle_keys", "Keys", key_display="?"),
+        Binding("q", "quit", "Quit"),
+    ]
+
+    def __init__(
+        self, client: ConsoleClient, *, read_only: bool, refresh_s: float, authority_dir: Path | None
+    ) -> None:
+        super().__init__()
+        self.client = client
+        self.read_only = read_only
+        self.refresh_s = refresh_s
+        self.authority_dir = authority_dir
+        self.reachable: bool | None = None
+        self.loads = 0  # node lists rendered so far (tests wait for fresh reads by it)
+        self._pending_events: list[AdminEvent] = []
+        self._tokens_since_sample = 0
+        self._last_sample = time.monotonic()
+        self.sub_title = client.url + ("  (read-only)" if read_only else "")
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield Static("", id="banner")
+        with TabbedContent(initial="nodes"):
+            with TabPane("Overview", id="overview"):
+                yield OverviewView()
+            with TabPane("Nodes", id="nodes"):
+                yield NodesView(read_only=self.read_only)
+            with TabPane("Approvals", id="approvals"):
+                yield ApprovalsView(read_only=self.read_only)
+            with TabPane("Models", id="models"):
+                yield ModelsView()
+            with TabPane("Users", id="users"):
+                yield UsersView(read_only=self.read_only)
+            with TabPane("Policy", id="policy"):
+                yield PolicyView(read_only=self.read_only)
+            with TabPane("Events", id="events"):
+                yield EventsView()
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.poll()
+        self.follow_events()
+        self.query_one(NodesView).table.focus()
+
+    # ----- workers: all I/O -----
+
+    @work(exclusive=True, group="poll")
+    async def poll(self) -> None:
+        """Every ``refresh_s``, the documents the screens show; the banner while the scheduler is away."""
+        while True:
+            await self.refresh_documents()
+            await asyncio.sleep(self.refresh_s)
+
+    async def refresh_documents(self) -> None:
+        try:
+            self.post_message(NodesLoaded(await self.client.nodes()))
+            pending = await self.client.enrollments("pending")
+            why_not = await asyncio.to_thread(self._why_no_authority)
+            self.post_message(EnrollmentsLoaded(pending, can_sign=why_not is None, why_not=why_not))
+            self.post_message(ModelsLoaded(await self.client.models()))
+            self.post_message(TokensLoaded(await self.client.tokens()))
+            self.post_message(PolicyLoaded(await self.client.policy()))
+        except Unreachable as exc:
+            self.post_message(Reachability(False, exc.message))
+            return
+        except HearthError as exc:  # reachable, but refusing (a wrong or revoked admin token)
+            self.post_message(Reachability(False, f"the scheduler refused: {exc.message}"))
+            return
+        self.post_message(Reachability(True))
+
+    def _why_no_authority(self) -> str | None:
+        if self.authority_dir is None:
+            return "approving needs the authority key: start the console with --authority DIR"
+        if not (self.authority_dir / AUTHORITY_FILE).is_file():
+            return f"no authority key in {self.authority_dir}: approve on the machine that holds it"
+        return None
+
+    @work(exclusive=True, group="events")
+    async def follow_events(self) -> None:
+        """The live event stream; reconnects with backoff when it ends or the scheduler is away."""
+        backoff = 0.5
+        while True:
+            try:
+                async for event in self.client.events():
+                    backoff = 0.5
+                    if not self._pending_events:
+                        self.set_timer(EVENT_BATCH_S, self._flush_events)
+                    self._pending_events.append(event)
+            except HearthError:
+                pass  # the poll worker shows the banner; here we only reconnect
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF_S)
+
+    def _flush_events(self) -> None:
+        batch, self._pending_events = self._pending_events, []
+        if batch:
+            self.post_message(EventsArrived(batch))
+
+    @work(group="actions")
+    async def run_request(self, request: Request) -> None:
+        try:
+            text, secret = await perform(self.client, request, self.authority_dir)
+        except HearthError as exc:
+            self.post_message(ActionDone(exc.message, error=True))
+            return
+        if secret is not None:
+            self.post_message(SecretIssued(secret, text))
+        self.post_message(ActionDone(text))
+        await self.refresh_documents()
+
+    # ----- messages: render -----
+
+    def on_nodes_loaded(self, message: NodesLoaded) -> None:
+        self.loads += 1
+        self.query_one(NodesView).update(message.nodes)
+        now = time.monotonic()
+        rate = self._tokens_since_sample / max(now - self._last_sample, 1e-3)
+        self._tokens_since_sample, self._last_sample = 0, now
+        self.query_one(OverviewView).update_nodes(message.nodes, tokens_per_s=rate)
+        top = self.screen
+        if isinstance(top, NodeDetailScreen):
+            for node in message.nodes.nodes:
+                if node.node_id == top.node.node_id:
+                    top.update(node)
+
+    def on_enrollments_loaded(self, message: EnrollmentsLoaded) -> None:
+        self.query_one(ApprovalsView).update(message.enrollments, message.why_not)
+
+    def on_models_loaded(self, message: ModelsLoaded) -> None:
+        self.query_one(ModelsView).update(message.models)
+
+    def on_tokens_loaded(self, message: TokensLoaded) -> None:
+        self.query_one(UsersView).update(message.tokens)
+
+    def on_policy_loaded(self, message: PolicyLoaded) -> None:
+        self.query_one(PolicyView).update(message.policy)
+
+    def on_events_arrived(self, message: EventsArrived) -> None:
+        self.query_one(EventsView).add(message.events)
+        self._tokens_since_sample += sum(
+            e.completion_tokens or 0 for e in message.events if e.kind == "finished"
+        )
+
+    def on_reachability(self, message: Reachability) -> None:
+        if message.reachable == self.reachable and message.reachable:
+            return
+        self.reachable = message.reachable
+        banner = self.query_one("#banner", Static)
+        banner.set_class(not message.reachable, "-shown")
+        if not message.reachable:
+            banner.update(f"Cannot reach the scheduler at {self.client.url}: {message.reason}. Retrying…")
+
+    def on_action_done(self, message: ActionDone) -> None:
+        self.notify(message.text, severity="error" if message.error else "information")
+
+    def on_secret_issued(self, message: SecretIssued) -> None:
+        self.push_screen(SecretScreen(message.secret, message.verb))
+
+    def on_open_node(self, message: OpenNode) -> None:
+        node = self.query_one(NodesView).nodes.get(message.node_id)
+        if node is not None:
+            self.push_screen(NodeDetailScreen(node))
+
+    def on_refresh_requested(self, message: RefreshRequested) -> None:
+        self.refresh_now()
+
+    @work(group="refresh")
+    async def refresh_now(self) -> None:
+        await self.refresh_documents()
+        self.post_message(ActionDone("read again from the scheduler"))
+
+    def on_action_requested(self, message: ActionRequested) -> None:
+        if self.read_only:
+            self.notify("read-only console: actions are off", severity="warning")
+            return
+        self.run_request(message.request)
+
+    # ----- keys -----
+
+    def action_show_tab(self, tab: str) -> None:
+        if isinstance(self.screen, NodeDetailScreen):
+            return
+        self.query_one(TabbedContent).active = tab
+        tables = self.query_one(f"#{tab}", TabPane).query(DataTable)
+        if tables:
+            tables.first().focus()
+
+    def action_toggle_keys(self) -> None:
+        if self.screen.query("HelpPanel"):
+            self.action_hide_help_panel()
+        else:
+            self.action_show_help_panel()
+
+    def get_system_commands(self, screen: Screen[object]) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        for tab, title in TABS:
+            yield SystemCommand(title, f"Show the {title} screen", lambda tab=tab: self.action_show_tab(tab))
+
+
+def make_app(
+    client: ConsoleClient,
+    *,
+    read_only: bool = False,
+    refresh_s: float = 2.0,
+    authority_dir: Path | None = None,
+) -> HearthConsole:
+    """The console over ``client``: what `hearth tui` runs and what the tests drive."""
+    return HearthConsole(client, read_only=read_only, refresh_s=refresh_s, authority_dir=authority_dir)
+
+
+__all__ = ["HearthConsole", "make_app"]

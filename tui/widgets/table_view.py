@@ -1,0 +1,109 @@
+"""A DataTable with a filter line: `/` opens it, typing narrows the rows, Escape clears and closes it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Vertical
+from textual.widgets import DataTable, Input
+
+Cell = str | Text
+Row = tuple[str, Sequence[Cell]]  # (row key, cells)
+
+
+class TableView(Vertical):
+    """The rows it is given, those matching the filter shown; the cursor stays on the same key."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("slash", "filter", "Filter", key_display="/")]
+    DEFAULT_CSS = """
+    TableView > Input.filter { display: none; }
+    TableView > Input.filter.-open { display: block; }
+    """
+
+    def __init__(self, columns: Sequence[str], *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self._columns = list(columns)
+        self._rows: list[Row] = []
+
+    def compose(self) -> ComposeResult:
+        yield Input(placeholder="filter (Escape clears)", classes="filter")
+        table: DataTable[Cell] = DataTable(cursor_type="row", zebra_stripes=True)
+        table.add_columns(*self._columns)
+        yield table
+
+    @property
+    def table(self) -> DataTable[Cell]:
+        return self.query_one(DataTable)
+
+    @property
+    def filter_text(self) -> str:
+        return self.query_one(Input).value.strip().lower()
+
+    def selected_key(self) -> str | None:
+        table = self.table
+        if table.row_count == 0:
+            return None
+        key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+        return None if key is None else str(key)
+
+    def set_rows(self, rows: Sequence[Row]) -> None:
+        self._rows = list(rows)
+        self._render_rows()
+
+    def append_rows(self, rows: Sequence[Row], *, keep: int) -> None:
+        """Add rows at the end (a live tail), dropping the oldest beyond ``keep``; follows the end when the
+        cursor was on the last row."""
+        table = self.table
+        following = table.row_count == 0 or table.cursor_row >= table.row_count - 1
+        self._rows.extend(rows)
+        for key, cells in rows:
+            if self._matches(cells):
+                table.add_row(*cells, key=key)
+        while len(self._rows) > keep:
+            old, _ = self._rows.pop(0)
+            if old in table.rows:
+                table.remove_row(old)
+        if following and table.row_count:
+            table.move_cursor(row=table.row_count - 1)
+
+    def all_text(self) -> str:
+        """Every cell this view holds, shown or filtered out (tests read what the console could show)."""
+        return "\n".join(" ".join(str(cell) for cell in cells) for _, cells in self._rows)
+
+    def _matches(self, cells: Sequence[Cell]) -> bool:
+        needle = self.filter_text
+        return not needle or any(needle in str(cell).lower() for cell in cells)
+
+    def _render_rows(self) -> None:
+        table = self.table
+        keep = self.selected_key()
+        table.clear()
+        for key, cells in self._rows:
+            if self._matches(cells):
+                table.add_row(*cells, key=key)
+        if keep is not None and keep in table.rows:
+            table.move_cursor(row=table.get_row_index(keep))
+
+    def action_filter(self) -> None:
+        box = self.query_one(Input)
+        box.add_class("-open")
+        box.focus()
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        event.stop()
+        self._render_rows()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        self.table.focus()
+
+    def key_escape(self) -> None:
+        box = self.query_one(Input)
+        if box.has_class("-open"):
+            box.value = ""
+            box.remove_class("-open")
+            self.table.focus()
