@@ -9,14 +9,18 @@ cannot be reached a banner says so, and both keep trying until it answers again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from textual import work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding, BindingType
+from textual.css.query import NoMatches
+from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static, TabbedContent, TabPane
 
@@ -57,6 +61,21 @@ TABS = (
 )  # fmt: skip
 EVENT_BATCH_S = 0.1  # events arriving closer together than this repaint once
 MAX_BACKOFF_S = 10.0
+
+
+M = TypeVar("M", bound=Message)
+
+
+def _while_shown(handler: Callable[[Any, M], None]) -> Callable[[Any, M], None]:
+    """A document that arrives while the views are not there (the console is closing, or not yet
+    composed) has nothing to draw on: it is dropped, the next one redraws everything."""
+
+    @functools.wraps(handler)
+    def handle(app: Any, message: M) -> None:
+        with contextlib.suppress(NoMatches):
+            handler(app, message)
+
+    return handle
 
 
 class HearthConsole(App[None]):
@@ -176,6 +195,7 @@ class HearthConsole(App[None]):
 
     # ----- messages: render -----
 
+    @_while_shown
     def on_nodes_loaded(self, message: NodesLoaded) -> None:
         self.loads += 1
         self.query_one(NodesView).update(message.nodes)
@@ -189,24 +209,30 @@ class HearthConsole(App[None]):
                 if node.node_id == top.node.node_id:
                     top.update(node)
 
+    @_while_shown
     def on_enrollments_loaded(self, message: EnrollmentsLoaded) -> None:
         self.query_one(ApprovalsView).update(message.enrollments, message.why_not)
 
+    @_while_shown
     def on_models_loaded(self, message: ModelsLoaded) -> None:
         self.query_one(ModelsView).update(message.models)
 
+    @_while_shown
     def on_tokens_loaded(self, message: TokensLoaded) -> None:
         self.query_one(UsersView).update(message.tokens)
 
+    @_while_shown
     def on_policy_loaded(self, message: PolicyLoaded) -> None:
         self.query_one(PolicyView).update(message.policy)
 
+    @_while_shown
     def on_events_arrived(self, message: EventsArrived) -> None:
         self.query_one(EventsView).add(message.events)
         self._tokens_since_sample += sum(
             e.completion_tokens or 0 for e in message.events if e.kind == "finished"
         )
 
+    @_while_shown
     def on_reachability(self, message: Reachability) -> None:
         if message.reachable == self.reachable and message.reachable:
             return

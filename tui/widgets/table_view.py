@@ -50,6 +50,15 @@ class TableView(Vertical):
         key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
         return None if key is None else str(key)
 
+    def _shown(self) -> DataTable[Cell] | None:
+        """The table, or None while it is not there (rows that arrive before the view is composed, or as
+        the app closes, are kept and drawn when it is)."""
+        found = list(self.query(DataTable))
+        return found[0] if found else None
+
+    def on_mount(self) -> None:
+        self._render_rows()
+
     def set_rows(self, rows: Sequence[Row]) -> None:
         self._rows = list(rows)
         self._render_rows()
@@ -57,9 +66,12 @@ class TableView(Vertical):
     def append_rows(self, rows: Sequence[Row], *, keep: int) -> None:
         """Add rows at the end (a live tail), dropping the oldest beyond ``keep``; follows the end when the
         cursor was on the last row."""
-        table = self.table
-        following = table.row_count == 0 or table.cursor_row >= table.row_count - 1
+        table = self._shown()
         self._rows.extend(rows)
+        if table is None:
+            del self._rows[: max(0, len(self._rows) - keep)]
+            return
+        following = table.row_count == 0 or table.cursor_row >= table.row_count - 1
         for key, cells in rows:
             if self._matches(cells):
                 table.add_row(*cells, key=key)
@@ -75,11 +87,14 @@ class TableView(Vertical):
         return "\n".join(" ".join(str(cell) for cell in cells) for _, cells in self._rows)
 
     def _matches(self, cells: Sequence[Cell]) -> bool:
-        needle = self.filter_text
+        boxes = list(self.query(Input))
+        needle = boxes[0].value.strip().lower() if boxes else ""
         return not needle or any(needle in str(cell).lower() for cell in cells)
 
     def _render_rows(self) -> None:
-        table = self.table
+        table = self._shown()
+        if table is None:
+            return
         keep = self.selected_key()
         table.clear()
         for key, cells in self._rows:
