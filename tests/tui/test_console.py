@@ -7,23 +7,20 @@ the `servers` loop thread, and the two meet only over HTTP.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import openai
-import pytest
 from textual.widgets import DataTable, Static, TabbedContent
 
 from node.demo import DEMO_MODEL_ID
-from node.settings import ModelSettings
 from protocol.identity import load_authority
 from protocol.server import start_site
 from scheduler.app import create_app as create_scheduler_app
 from scheduler.settings import SchedulerSettings
 from scheduler.state import EVENTS
-from tests.support import FAST_SCHEDULER, LoopThread, Stack, port_of, start_scheduler, start_stack, stop_stack
-from tests.tui.pilot import until
+from tests.support import FAST_SCHEDULER, LoopThread, Stack, port_of, start_scheduler, stop_stack
+from tests.tui.pilot import SIZE, admin_call, until
 from tui.app import HearthConsole, make_app
 from tui.client import ConsoleClient
 from tui.messages import ActionRequested, Request
@@ -32,28 +29,11 @@ from tui.screens.nodes import NodesView
 from tui.screens.users import UsersView
 from tui.widgets.table_view import TableView
 
-SIZE = (160, 48)
 CANARY = "quokka-canary-8c41f7"
 
 
-@pytest.fixture(scope="module")
-def cluster(
-    servers: LoopThread, demo_model: ModelSettings, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Stack]:
-    stack = servers.call(start_stack(tmp_path_factory.mktemp("console-app"), [demo_model]))
-    yield stack
-    servers.call(stop_stack(stack))
-
-
-async def _admin(stack: Stack, method: str, path: str, doc: object = None) -> httpx.Response:
-    """The admin API as anyone would call it, apart from the console."""
-    async with httpx.AsyncClient(base_url=stack.base_url) as http:
-        headers = {"Authorization": f"Bearer {stack.token}"}
-        return await http.request(method, path, json=doc, headers=headers)
-
-
 async def _draining(stack: Stack) -> bool:
-    (node,) = (await _admin(stack, "GET", "/admin/nodes")).json()["nodes"]
+    (node,) = (await admin_call(stack, "GET", "/admin/nodes")).json()["nodes"]
     return bool(node["draining"])
 
 
@@ -94,7 +74,7 @@ async def test_the_nodes_screen_shows_the_real_node_and_drains_it(cluster: Stack
 
 
 async def test_a_token_revoked_from_the_users_screen_stops_working(cluster: Stack) -> None:
-    made = (await _admin(cluster, "POST", "/admin/tokens", {"name": "to-revoke"})).json()
+    made = (await admin_call(cluster, "POST", "/admin/tokens", {"name": "to-revoke"})).json()
     token_id, secret = made["token"]["id"], made["secret"]
 
     async def answers(status: int) -> bool:
@@ -116,7 +96,7 @@ async def test_a_token_revoked_from_the_users_screen_stops_working(cluster: Stac
 
 
 async def test_the_events_screen_shows_a_request_finish_and_never_its_prompt(cluster: Stack) -> None:
-    made = (await _admin(cluster, "POST", "/admin/tokens", {"name": "asker"})).json()
+    made = (await admin_call(cluster, "POST", "/admin/tokens", {"name": "asker"})).json()
     assert cluster.scheduler_app is not None
     bus = cluster.scheduler_app[EVENTS]
     async with ConsoleClient(cluster.base_url, cluster.token) as client:

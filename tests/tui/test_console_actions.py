@@ -3,48 +3,29 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 from textual.widgets import Static
 
 from node.enroll import enroll
-from node.settings import ModelSettings
-from tests.support import LoopThread, Stack, start_stack, stop_stack
-from tests.tui.pilot import until
+from tests.support import Stack
+from tests.tui.pilot import SIZE, admin_call, until
 from tui.app import make_app
 from tui.client import ConsoleClient
 from tui.screens.approvals import ApprovalsView
 from tui.screens.secret import SecretScreen
 from tui.screens.users import UsersView
 
-SIZE = (160, 48)
-
-
-@pytest.fixture(scope="module")
-def cluster(
-    servers: LoopThread, demo_model: ModelSettings, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Stack]:
-    stack = servers.call(start_stack(tmp_path_factory.mktemp("console-actions"), [demo_model]))
-    yield stack
-    servers.call(stop_stack(stack))
-
-
-async def _admin(stack: Stack, method: str, path: str, doc: object = None) -> httpx.Response:
-    async with httpx.AsyncClient(base_url=stack.base_url) as http:
-        return await http.request(method, path, json=doc, headers={"Authorization": f"Bearer {stack.token}"})
-
 
 async def _pending(stack: Stack, tmp_path: Path, node_id: str) -> None:
     """A machine enrolls with a code, as `hearth node enroll` does."""
-    code = (await _admin(stack, "POST", "/admin/enrollment-codes", {"tier": "club"})).json()["code"]
+    code = (await admin_call(stack, "POST", "/admin/enrollment-codes", {"tier": "club"})).json()["code"]
     await asyncio.to_thread(enroll, tmp_path / node_id, stack.base_url, code, node_id, None)
 
 
 async def _state(stack: Stack, node_id: str) -> str:
-    rows = (await _admin(stack, "GET", "/admin/enrollments")).json()["enrollments"]
+    rows = (await admin_call(stack, "GET", "/admin/enrollments")).json()["enrollments"]
     return str(next(e["state"] for e in rows if e["node_id"] == node_id))
 
 
