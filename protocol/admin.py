@@ -138,3 +138,60 @@ class ModelPlacements(_Reply):
 class AuthorityKeys(_Reply):
     authority_key: str | None = Field(description="The authority key this scheduler trusts (null: none).")
     scheduler_key: str = Field(description="The scheduler's own public key, which certificates name.")
+
+
+class ModelActionRequest(_Body):
+    evict: list[str] = Field(
+        default=[], max_length=64, description="load: models to unload first to make room (none by default)."
+    )
+
+
+class ModelAction(_Reply):
+    """What a node answered the operator's load or unload of one of its models."""
+
+    node_id: str
+    model: str
+    phase: ModelPhase | None = Field(description="The model's phase on the node after the call, if it said.")
+
+
+# ----- the queue: metadata only, never a prompt -----
+
+JobState = Literal["waiting", "running"]
+
+
+class QueueJob(_Reply):
+    request_id: str = Field(description="The id the answer's x-request-id header carries.")
+    token_id: str = Field(description="The token it came with: the fair queue's user.")
+    group: str | None = Field(description="The token's policy group.")
+    model: str
+    sealed: bool = Field(description="End-to-end encrypted: the scheduler cannot read it.")
+    state: JobState
+    node_id: str | None = Field(description="The node running it (null while it waits).")
+    age_seconds: float = Field(description="Since the scheduler admitted it.")
+    waited_seconds: float = Field(description="In the fair queue: so far, or until it started.")
+    streamed: int = Field(
+        description="Answer chunks relayed so far (about one token each when streaming; 0 until the end "
+        "otherwise)."
+    )
+    attempts: int = Field(description="Nodes tried, counting this one (more than 1 after a failover).")
+
+
+class QueueUser(_Reply):
+    """One user's fair-share standing (scheduler.fairness): who is served next, and by how far."""
+
+    token_id: str
+    group: str | None
+    weight: float = Field(description="Their share of the queue (their group's weight).")
+    waiting: int
+    running: int
+    ahead_tokens: float = Field(
+        description="Weighted tokens of service this user has had beyond the least-served user who waits: "
+        "0 is next in line, larger waits longer."
+    )
+
+
+class QueueState(_Reply):
+    waiting: list[QueueJob] = Field(description="Oldest first.")
+    running: list[QueueJob] = Field(description="Oldest first.")
+    users: list[QueueUser] = Field(description="Users with work waiting or running, next in line first.")
+    max_queued: int = Field(description="scheduler.max_queued: beyond this, requests get 503 queue_full.")

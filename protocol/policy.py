@@ -101,6 +101,12 @@ class PolicyState(_Reply):
     text: str | None = Field(description="The file as loaded (null when built in).")
     terms_version: str | None
     groups: list[GroupView]
+    loaded_at: float | None = Field(default=None, description="Unix time this policy was put in force.")
+    last_error: str | None = Field(
+        default=None,
+        description="Why the last reload was refused (file, line and field), while the file still has it: "
+        "the policy in force is then the earlier one.",
+    )
 
 
 class PolicyUpdate(BaseModel):
@@ -139,5 +145,6 @@ class AdminEvent(BaseModel):
     refusal: str | None = Field(default=None, description="The kind of limit that refused a request.")
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    ttft_ms: float | None = Field(default=None, description="finished: time to the answer's first token.")
     outcome: str | None = Field(default=None, description="policy_reloaded: applied or refused.")
     count: int | None = Field(default=None, description="dropped: events this stream lost (it fell behind).")
