@@ -146,5 +146,6 @@ class AdminEvent(BaseModel):
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     ttft_ms: float | None = Field(default=None, description="finished: time to the answer's first token.")
+    request_id: str | None = Field(default=None, description="finished: the answer's x-request-id.")
     outcome: str | None = Field(default=None, description="policy_reloaded: applied or refused.")
     count: int | None = Field(default=None, description="dropped: events this stream lost (it fell behind).")

@@ -30,6 +30,16 @@ async def perform(
         return f"{target}: rejected", None
     if kind == "approve":
         return await _approve(client, target, authority_dir), None
+    if kind in ("load_model", "unload_model"):
+        model = dict(request.fields).get("model", "")
+        if kind == "load_model":
+            done = await client.load_model(target, model)
+            return f"{target}: loading {done.model}", None
+        done = await client.unload_model(target, model)
+        return f"{target}: {done.model} unloaded", None
+    if kind == "reload_policy":
+        policy = await client.reload_policy()
+        return f"policy reloaded from {policy.source}", None
     if kind == "revoke_token":
         token = await client.revoke_token(target)
         return f"token {token.name} ({token.id}): revoked", None

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -24,7 +24,8 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static, TabbedContent, TabPane
 
-from protocol.errors import HearthError
+from protocol.admin import QueueJob
+from protocol.errors import HearthError, NotFound
 from protocol.identity import AUTHORITY_FILE
 from protocol.policy import AdminEvent
 from tui.actions import perform
@@ -32,38 +33,38 @@ from tui.client import ConsoleClient, Unreachable
 from tui.messages import (
     ActionDone,
     ActionRequested,
-    EnrollmentsLoaded,
+    Cluster,
+    ClusterLoaded,
     EventsArrived,
-    ModelsLoaded,
-    NodesLoaded,
     OpenNode,
-    PolicyLoaded,
     Reachability,
     RefreshRequested,
     Request,
     SecretIssued,
-    TokensLoaded,
 )
+from tui.rates import Rates
 from tui.screens.approvals import ApprovalsView
 from tui.screens.events import EventsView
 from tui.screens.models import ModelsView
 from tui.screens.node_detail import NodeDetailScreen
 from tui.screens.nodes import NodesView
-from tui.screens.overview import OverviewView
+from tui.screens.overview import Figures, OverviewView
 from tui.screens.policy import PolicyView
+from tui.screens.queue import QueueView
 from tui.screens.secret import SecretScreen
-from tui.screens.users import UsersView
+from tui.screens.users import Accounts, UsersView
 
 # (tab id, title): the number keys follow this order.
 TABS = (
     ("overview", "Overview"), ("nodes", "Nodes"), ("approvals", "Approvals"), ("models", "Models"),
-    ("users", "Users"), ("policy", "Policy"), ("events", "Events"),
+    ("queue", "Queue"), ("users", "Users"), ("policy", "Policy"), ("events", "Events"),
 )  # fmt: skip
 EVENT_BATCH_S = 0.1  # events arriving closer together than this repaint once
 MAX_BACKOFF_S = 10.0
 
 
 M = TypeVar("M", bound=Message)
+D = TypeVar("D")
 
 
 def _while_shown(handler: Callable[[Any, M], None]) -> Callable[[Any, M], None]:
@@ -84,6 +85,7 @@ class HearthConsole(App[None]):
     BINDINGS: ClassVar[list[BindingType]] = [
         *(Binding(str(i), f"show_tab('{tab}')", title, show=False) for i, (tab, title) in enumerate(TABS, 1)),
         Binding("question_mark", "toggle_keys", "Keys", key_display="?"),
+        Binding("ctrl+r", "read_again", "Read again", show=False),
         Binding("q", "quit", "Quit"),
     ]
 
@@ -98,8 +100,8 @@ class HearthConsole(App[None]):
         self.reachable: bool | None = None
         self.loads = 0  # node lists rendered so far (tests wait for fresh reads by it)
         self._pending_events: list[AdminEvent] = []
-        self._tokens_since_sample = 0
-        self._last_sample = time.monotonic()
+        self.rates = Rates()
+        self.cluster: Cluster | None = None
         self.sub_title = client.url + ("  (read-only)" if read_only else "")
 
     def compose(self) -> ComposeResult:
@@ -114,6 +116,8 @@ class HearthConsole(App[None]):
                 yield ApprovalsView(read_only=self.read_only)
             with TabPane("Models", id="models"):
                 yield ModelsView()
+            with TabPane("Queue", id="queue"):
+                yield QueueView()
             with TabPane("Users", id="users"):
                 yield UsersView(read_only=self.read_only)
             with TabPane("Policy", id="policy"):
@@ -138,20 +142,28 @@ class HearthConsole(App[None]):
 
     async def refresh_documents(self) -> None:
         try:
-            self.post_message(NodesLoaded(await self.client.nodes()))
-            pending = await self.client.enrollments("pending")
-            why_not = await asyncio.to_thread(self._why_no_authority)
-            self.post_message(EnrollmentsLoaded(pending, can_sign=why_not is None, why_not=why_not))
-            self.post_message(ModelsLoaded(await self.client.models()))
-            self.post_message(TokensLoaded(await self.client.tokens()))
-            self.post_message(PolicyLoaded(await self.client.policy()))
+            cluster = await self.read_cluster()
         except Unreachable as exc:
             self.post_message(Reachability(False, exc.message))
             return
         except HearthError as exc:  # reachable, but refusing (a wrong or revoked admin token)
             self.post_message(Reachability(False, f"the scheduler refused: {exc.message}"))
             return
+        self.post_message(ClusterLoaded(cluster))
         self.post_message(Reachability(True))
+
+    async def read_cluster(self) -> Cluster:
+        """Every document the screens show, read together."""
+        c = self.client
+        midnight = time.time() // 86400 * 86400
+        nodes, pending, models, tokens, policy = await asyncio.gather(
+            c.nodes(), c.enrollments("pending"), c.models(), c.tokens(), c.policy()
+        )
+        queue, terms, today, why_not = await asyncio.gather(
+            _optional(c.queue()), _optional(c.terms_status()), _optional(c.usage("user", f"{midnight:.0f}")),
+            asyncio.to_thread(self._why_no_authority),
+        )  # fmt: skip
+        return Cluster(nodes, pending, models, tokens, policy, queue, terms, today, why_not)
 
     def _why_no_authority(self) -> str | None:
         if self.authority_dir is None:
@@ -196,41 +208,45 @@ class HearthConsole(App[None]):
     # ----- messages: render -----
 
     @_while_shown
-    def on_nodes_loaded(self, message: NodesLoaded) -> None:
+    def on_cluster_loaded(self, message: ClusterLoaded) -> None:
+        self.cluster = cluster = message.cluster
         self.loads += 1
-        self.query_one(NodesView).update(message.nodes)
-        now = time.monotonic()
-        rate = self._tokens_since_sample / max(now - self._last_sample, 1e-3)
-        self._tokens_since_sample, self._last_sample = 0, now
-        self.query_one(OverviewView).update_nodes(message.nodes, tokens_per_s=rate)
+        if cluster.queue is not None:
+            self.rates.queue(cluster.queue)
+        rates = {n.node_id: self.rates.tokens_per_s(n.node_id) for n in cluster.nodes.nodes}
+        names = {t.id: t.name for t in cluster.tokens.tokens}
+        running = None if cluster.queue is None else len(cluster.queue.running)
+        figures = Figures(
+            tokens_per_s=self.rates.tokens_per_s(), ttft_ms=self.rates.ttft_ms(),
+            refusals=self.rates.refusals_per_min(), running=running,
+        )  # fmt: skip
+        self.query_one(OverviewView).update_nodes(cluster.nodes, figures)
+        self.query_one(NodesView).update(cluster.nodes, rates)
+        self.query_one(ApprovalsView).update(cluster.enrollments, cluster.why_no_authority)
+        queued: dict[str, int] = {}
+        for job in cluster.queue.waiting if cluster.queue is not None else ():
+            queued[job.model] = queued.get(job.model, 0) + 1
+        self.query_one(ModelsView).update(cluster.models, queued)
+        if cluster.queue is not None:
+            self.query_one(QueueView).update(cluster.queue, names)
+        today = {row.key: row.total_tokens for row in cluster.today.rows} if cluster.today else {}
+        groups = {g.name: g for g in cluster.policy.groups}
+        self.query_one(UsersView).update(Accounts(cluster.tokens, cluster.terms, today, groups))
+        self.query_one(PolicyView).update(cluster.policy)
         top = self.screen
         if isinstance(top, NodeDetailScreen):
-            for node in message.nodes.nodes:
+            for node in cluster.nodes.nodes:
                 if node.node_id == top.node.node_id:
-                    top.update(node)
+                    top.update(node, self._jobs_on(node.node_id), tokens_per_s=rates.get(node.node_id, 0.0))
 
-    @_while_shown
-    def on_enrollments_loaded(self, message: EnrollmentsLoaded) -> None:
-        self.query_one(ApprovalsView).update(message.enrollments, message.why_not)
-
-    @_while_shown
-    def on_models_loaded(self, message: ModelsLoaded) -> None:
-        self.query_one(ModelsView).update(message.models)
-
-    @_while_shown
-    def on_tokens_loaded(self, message: TokensLoaded) -> None:
-        self.query_one(UsersView).update(message.tokens)
-
-    @_while_shown
-    def on_policy_loaded(self, message: PolicyLoaded) -> None:
-        self.query_one(PolicyView).update(message.policy)
+    def _jobs_on(self, node_id: str) -> list[QueueJob]:
+        queue = self.cluster.queue if self.cluster is not None else None
+        return [j for j in queue.running if j.node_id == node_id] if queue is not None else []
 
     @_while_shown
     def on_events_arrived(self, message: EventsArrived) -> None:
         self.query_one(EventsView).add(message.events)
-        self._tokens_since_sample += sum(
-            e.completion_tokens or 0 for e in message.events if e.kind == "finished"
-        )
+        self.rates.events(message.events)
 
     @_while_shown
     def on_reachability(self, message: Reachability) -> None:
@@ -251,9 +267,17 @@ class HearthConsole(App[None]):
     def on_open_node(self, message: OpenNode) -> None:
         node = self.query_one(NodesView).nodes.get(message.node_id)
         if node is not None:
-            self.push_screen(NodeDetailScreen(node))
+            self.push_screen(
+                NodeDetailScreen(
+                    node, self._jobs_on(node.node_id), tokens_per_s=self.rates.tokens_per_s(node.node_id),
+                    read_only=self.read_only,
+                )
+            )  # fmt: skip
 
     def on_refresh_requested(self, message: RefreshRequested) -> None:
+        self.refresh_now()
+
+    def action_read_again(self) -> None:
         self.refresh_now()
 
     @work(group="refresh")
@@ -287,6 +311,14 @@ class HearthConsole(App[None]):
         yield from super().get_system_commands(screen)
         for tab, title in TABS:
             yield SystemCommand(title, f"Show the {title} screen", lambda tab=tab: self.action_show_tab(tab))
+
+
+async def _optional(call: Awaitable[D]) -> D | None:
+    """A document an older scheduler may not serve (404): the screen that shows it stays as it was."""
+    try:
+        return await call
+    except NotFound:
+        return None
 
 
 def make_app(

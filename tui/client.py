@@ -39,6 +39,7 @@ from protocol.admin import (
     EnrollmentState,
     ModelPlacements,
     NodeList,
+    QueueState,
 )
 from protocol.errors import HearthError, ProtocolError
 from protocol.federation import Tier
@@ -112,6 +113,9 @@ class ConsoleClient:
 
     async def policy(self) -> PolicyState:
         return await self._get("/admin/policy", PolicyState)
+
+    async def queue(self) -> QueueState:
+        return await self._get("/admin/queue", QueueState)
 
     async def terms_status(self) -> TermsStatusList:
         return await self._get("/admin/terms", TermsStatusList)

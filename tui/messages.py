@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 from textual.message import Message
 
-from protocol.accounts import TokenList, TokenSecret
-from protocol.admin import EnrollmentList, ModelPlacements, NodeList
+from protocol.accounts import TokenList, TokenSecret, UsageReport
+from protocol.admin import EnrollmentList, ModelPlacements, NodeList, QueueState
 from protocol.policy import AdminEvent, PolicyState
+from protocol.terms import TermsStatusList
 
 
 class _Snapshot(Message):
@@ -23,36 +24,26 @@ class _Snapshot(Message):
         return type(message) is type(self)
 
 
-class NodesLoaded(_Snapshot):
-    def __init__(self, nodes: NodeList) -> None:
+@dataclass(frozen=True)
+class Cluster:
+    """Everything one poll read, at once: the screens join documents (the queue names tokens, the users
+    screen shows quotas from the policy), so they are drawn from one consistent read."""
+
+    nodes: NodeList
+    enrollments: EnrollmentList
+    models: ModelPlacements
+    tokens: TokenList
+    policy: PolicyState
+    queue: QueueState | None  # None: a scheduler older than the queue route
+    terms: TermsStatusList | None
+    today: UsageReport | None  # tokens by user since midnight UTC
+    why_no_authority: str | None  # None: approvals can be signed here
+
+
+class ClusterLoaded(_Snapshot):
+    def __init__(self, cluster: Cluster) -> None:
         super().__init__()
-        self.nodes = nodes
-
-
-class EnrollmentsLoaded(_Snapshot):
-    def __init__(self, enrollments: EnrollmentList, *, can_sign: bool, why_not: str | None) -> None:
-        super().__init__()
-        self.enrollments = enrollments
-        self.can_sign = can_sign
-        self.why_not = why_not
-
-
-class ModelsLoaded(_Snapshot):
-    def __init__(self, models: ModelPlacements) -> None:
-        super().__init__()
-        self.models = models
-
-
-class TokensLoaded(_Snapshot):
-    def __init__(self, tokens: TokenList) -> None:
-        super().__init__()
-        self.tokens = tokens
-
-
-class PolicyLoaded(_Snapshot):
-    def __init__(self, policy: PolicyState) -> None:
-        super().__init__()
-        self.policy = policy
+        self.cluster = cluster
 
 
 class EventsArrived(Message):
@@ -94,8 +85,9 @@ class SecretIssued(Message):
 class Request:
     """An action a screen asks for (widgets do no I/O): the app checks read-only mode and runs it.
 
-    ``kind``: drain, undrain, revoke_node, approve, reject, revoke_token, rotate_token, create_token,
-    reload_policy. ``target``: the node or token id. ``fields``: what a form gathered."""
+    ``kind``: drain, undrain, revoke_node, approve, reject, load_model, unload_model, revoke_token,
+    rotate_token, create_token, reload_policy.
+    ``target``: the node or token id. ``fields``: what a form gathered."""
 
     kind: str
     target: str = ""

@@ -86,7 +86,7 @@ async def test_a_token_revoked_from_the_users_screen_stops_working(cluster: Stac
     async with ConsoleClient(cluster.base_url, cluster.token) as client:
         app = make_app(client, refresh_s=0.2)
         async with app.run_test(size=SIZE) as pilot:
-            await pilot.press("5")
+            await pilot.press("6")
             users = app.query_one(UsersView)
             await until(pilot, lambda: token_id in users.table.rows, "the token")
             users.table.move_cursor(row=users.table.get_row_index(token_id))
@@ -103,7 +103,7 @@ async def test_the_events_screen_shows_a_request_finish_and_never_its_prompt(clu
         app = make_app(client, refresh_s=0.2)
         before = bus.watchers
         async with app.run_test(size=SIZE) as pilot:
-            await pilot.press("7")
+            await pilot.press("8")
             await until(pilot, lambda: bus.watchers > before, "the event stream connected")
             ask = openai.AsyncOpenAI(base_url=cluster.api, api_key=made["secret"], max_retries=0)
             answer = await ask.chat.completions.create(

@@ -71,7 +71,7 @@ async def test_a_token_created_in_the_console_shows_its_secret_once_and_works(cl
     async with ConsoleClient(cluster.base_url, cluster.token) as client:
         app = make_app(client, refresh_s=0.2)
         async with app.run_test(size=SIZE) as pilot:
-            await pilot.press("5")
+            await pilot.press("6")
             await pilot.press("n")
             await pilot.press(*"made-in-console")
             await pilot.press("enter")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import ClassVar
 
 from rich.text import Text
@@ -14,7 +15,7 @@ from tui.messages import ActionRequested, OpenNode, Request
 from tui.screens.confirm import ConfirmScreen
 from tui.widgets.table_view import Cell, Row, TableView
 
-COLUMNS = ("Name", "Tier", "State", "GPUs", "VRAM", "Models", "Jobs", "Heartbeat")
+COLUMNS = ("Name", "Tier", "State", "GPUs", "VRAM", "Busy", "Models", "Jobs", "Tokens/s", "Heartbeat")
 ACTIONS = {"drain", "revoke"}
 
 
@@ -39,7 +40,14 @@ def _dim(cell: Cell) -> Text:
     return text
 
 
-def node_row(node: Node) -> Row:
+def busy(node: Node) -> str:
+    """Utilisation as placement sees it: jobs running of the sequences its loaded models can run at once."""
+    slots = sum(m.max_sequences for m in node.models if m.phase == "ready")
+    jobs = sum(m.active for m in node.models)
+    return f"{jobs}/{slots}" if slots else "-"
+
+
+def node_row(node: Node, tokens_per_s: float = 0.0) -> Row:
     state = node_state(node)
     used = None
     if node.memory_total_bytes is not None and node.memory_free_bytes is not None:
@@ -50,8 +58,10 @@ def node_row(node: Node) -> Row:
         Text(state, style="bold red" if state == "offline" else "yellow" if state != "serving" else "green"),
         node.gpus or "-",
         bar(used, node.memory_total_bytes),
-        ", ".join(m.id for m in node.models) or "-",
+        busy(node),
+        ", ".join(m.id for m in node.models if m.phase in ("ready", "loading")) or "-",
         str(sum(m.active for m in node.models)),
+        f"{tokens_per_s:,.1f}",
         age(node.last_heartbeat_seconds),
     ]
     beat = node.last_heartbeat_seconds
@@ -72,9 +82,10 @@ class NodesView(TableView):
         self.read_only = read_only
         self.nodes: dict[str, Node] = {}
 
-    def update(self, nodes: NodeList) -> None:
+    def update(self, nodes: NodeList, rates: Mapping[str, float] | None = None) -> None:
         self.nodes = {n.node_id: n for n in nodes.nodes}
-        self.set_rows([node_row(n) for n in nodes.nodes])
+        rates = rates or {}
+        self.set_rows([node_row(n, rates.get(n.node_id, 0.0)) for n in nodes.nodes])
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         return not (self.read_only and action in ACTIONS)

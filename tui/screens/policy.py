@@ -1,16 +1,33 @@
-"""Policy: the policy in force (its file, digest, terms version, groups and text); `R` re-reads it."""
+"""Policy: the policy in force (its file, digest, terms version, when it was put in force, the error of a
+reload that was refused, its groups and text); `R` reloads the file now."""
 
 from __future__ import annotations
 
+import time
 from typing import ClassVar
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import VerticalScroll
 from textual.widgets import DataTable, Static
 
 from protocol.policy import PolicyState
-from tui.messages import RefreshRequested
+from tui.messages import ActionRequested, Request
+
+
+def head(policy: PolicyState) -> Text:
+    loaded = "-"
+    if policy.loaded_at is not None:
+        loaded = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(policy.loaded_at))
+    out = Text.assemble(
+        f"Source: {policy.source}\nDigest: {policy.digest}\n",
+        f"Terms version: {policy.terms_version or '-'}   in force since {loaded}",
+    )
+    if policy.last_error:
+        refused = f"\nThe last reload was refused (the policy above stays in force): {policy.last_error}"
+        out.append(refused, "red")
+    return out
 
 
 class PolicyView(VerticalScroll):
@@ -27,10 +44,11 @@ class PolicyView(VerticalScroll):
         yield table
         yield Static("", id="policy-text", markup=False)
 
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        return not (self.read_only and action == "reload")
+
     def update(self, policy: PolicyState) -> None:
-        self.query_one("#policy-head", Static).update(
-            f"Source: {policy.source}\nDigest: {policy.digest}\nTerms version: {policy.terms_version or '-'}"
-        )
+        self.query_one("#policy-head", Static).update(head(policy))
         table = self.query_one(DataTable)
         table.clear()
         for g in policy.groups:
@@ -42,5 +60,4 @@ class PolicyView(VerticalScroll):
         self.query_one("#policy-text", Static).update(policy.text or "(built-in policy)")
 
     def action_reload(self) -> None:
-        # Reading is no action: a read-only console may re-read too.
-        self.post_message(RefreshRequested())
+        self.post_message(ActionRequested(Request("reload_policy")))

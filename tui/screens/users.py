@@ -1,22 +1,69 @@
-"""Users: tokens with group, state, expiry, last use and usage this month; create `n` (the secret is shown
-once), revoke `r` and rotate `o` (both confirmed)."""
+"""Users: tokens with group, state, expiry, terms accepted, usage today and this month against their
+group's quota, and last use; create `n` (the secret is shown once), revoke `r` and rotate `o` (confirmed)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from rich.text import Text
 from textual.binding import Binding, BindingType
 
-from protocol.accounts import TokenList
+from protocol.accounts import Token, TokenList
+from protocol.policy import GroupView
+from protocol.terms import TermsStatusList
 from tui.format import since, until
 from tui.messages import ActionRequested, Request
 from tui.screens.confirm import ConfirmScreen
 from tui.screens.token_form import TokenForm
 from tui.widgets.table_view import Cell, Row, TableView
 
-COLUMNS = ("Id", "Name", "Scope", "Group", "State", "Expires", "Last used", "Tokens this month")
+COLUMNS = ("Id", "Name", "Scope", "Group", "State", "Expires", "Terms", "Today", "This month", "Last used")
 ACTIONS = {"create", "revoke", "rotate"}
+
+
+@dataclass(frozen=True)
+class Accounts:
+    """What the Users screen joins: the tokens, and beside them what the scheduler knows of each."""
+
+    tokens: TokenList
+    terms: TermsStatusList | None = None
+    today: Mapping[str, int] = field(default_factory=dict)  # token id → tokens since midnight UTC
+    groups: Mapping[str, GroupView] = field(default_factory=dict)
+
+
+def against(used: int, quota: int | None) -> Cell:
+    """ "1,234 / 50,000" (red at the quota, yellow past 80 %), or the count alone when there is no quota."""
+    if not quota:
+        return f"{used:,}"
+    share = used / quota
+    style = "red" if share >= 1 else "yellow" if share >= 0.8 else ""
+    return Text(f"{used:,} / {quota:,}", style=style)
+
+
+def terms_cell(token: Token, terms: TermsStatusList | None) -> Cell:
+    if terms is None or terms.version is None:
+        return "-"
+    status = next((t for t in terms.tokens if t.token_id == token.id), None)
+    if status is not None and status.current:
+        return Text(f"accepted {terms.version}", style="green")
+    if status is not None and status.accepted_version:
+        return Text(f"old ({status.accepted_version})", style="yellow")
+    return Text("not yet", style="yellow")
+
+
+def token_row(token: Token, accounts: Accounts) -> Row:
+    group = accounts.groups.get(token.group)
+    day = group.each.tokens_per_day if group is not None else None
+    month = group.each.tokens_per_month if group is not None else None
+    state: Cell = token.state if token.state == "active" else Text(token.state, style="dim")
+    cells: list[Cell] = [
+        token.id, token.name, token.scope, token.group, state, until(token.expires),
+        terms_cell(token, accounts.terms), against(accounts.today.get(token.id, 0), day),
+        against(token.tokens_this_month, month), since(token.last_used),
+    ]  # fmt: skip
+    return token.id, cells
 
 
 class UsersView(TableView):
@@ -30,16 +77,8 @@ class UsersView(TableView):
         super().__init__(COLUMNS, id="users-view")
         self.read_only = read_only
 
-    def update(self, tokens: TokenList) -> None:
-        rows: list[Row] = []
-        for t in tokens.tokens:
-            state: Cell = t.state if t.state == "active" else Text(t.state, style="dim")
-            cells: list[Cell] = [
-                t.id, t.name, t.scope, t.group, state, until(t.expires),
-                since(t.last_used), f"{t.tokens_this_month:,}",
-            ]  # fmt: skip
-            rows.append((t.id, cells))
-        self.set_rows(rows)
+    def update(self, accounts: Accounts) -> None:
+        self.set_rows([token_row(t, accounts) for t in accounts.tokens.tokens])
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         return not (self.read_only and action in ACTIONS)

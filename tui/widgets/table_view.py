@@ -95,11 +95,19 @@ class TableView(Vertical):
         table = self._shown()
         if table is None:
             return
+        wanted = [(key, cells) for key, cells in self._rows if self._matches(cells)]
+        if [key for key, _ in wanted] == [k.value for k in table.rows]:
+            # The same rows in the same order (a poll where little changed): only changed cells repaint.
+            columns = list(table.columns)
+            for key, cells in wanted:
+                for column, old, new in zip(columns, table.get_row(key), cells, strict=False):
+                    if old != new:
+                        table.update_cell(key, column, new)
+            return
         keep = self.selected_key()
         table.clear()
-        for key, cells in self._rows:
-            if self._matches(cells):
-                table.add_row(*cells, key=key)
+        for key, cells in wanted:
+            table.add_row(*cells, key=key)
         if keep is not None and keep in table.rows:
             table.move_cursor(row=table.get_row_index(keep))
 
