@@ -90,7 +90,13 @@ class HearthConsole(App[None]):
     ]
 
     def __init__(
-        self, client: ConsoleClient, *, read_only: bool, refresh_s: float, authority_dir: Path | None
+        self,
+        client: ConsoleClient,
+        *,
+        read_only: bool,
+        refresh_s: float,
+        authority_dir: Path | None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__()
         self.client = client
@@ -100,7 +106,7 @@ class HearthConsole(App[None]):
         self.reachable: bool | None = None
         self.loads = 0  # node lists rendered so far (tests wait for fresh reads by it)
         self._pending_events: list[AdminEvent] = []
-        self.rates = Rates()
+        self.rates = Rates(clock)
         self.cluster: Cluster | None = None
         self.sub_title = client.url + ("  (read-only)" if read_only else "")
 
@@ -327,9 +333,13 @@ def make_app(
     read_only: bool = False,
     refresh_s: float = 2.0,
     authority_dir: Path | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> HearthConsole:
-    """The console over ``client``: what `hearth tui` runs and what the tests drive."""
-    return HearthConsole(client, read_only=read_only, refresh_s=refresh_s, authority_dir=authority_dir)
+    """The console over ``client``: what `hearth tui` runs and what the tests drive (``clock``: the
+    monotonic clock its rates are measured with; snapshots fix it)."""
+    return HearthConsole(
+        client, read_only=read_only, refresh_s=refresh_s, authority_dir=authority_dir, clock=clock
+    )
 
 
 __all__ = ["HearthConsole", "make_app"]

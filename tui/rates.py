@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from protocol.admin import QueueState
 from protocol.policy import AdminEvent
@@ -23,17 +23,18 @@ MAX_SAMPLES = 50_000  # bounded memory, whatever the event rate
 
 
 class Rates:
-    def __init__(self, clock: float | None = None) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
         self._tokens: deque[tuple[float, str, int]] = deque(maxlen=MAX_SAMPLES)  # (at, node, tokens)
         self._ttft: deque[tuple[float, float]] = deque(maxlen=MAX_SAMPLES)  # (at, milliseconds)
         self._refusals: deque[tuple[float, str]] = deque(maxlen=MAX_SAMPLES)  # (at, kind)
         # request id → (node, chunks counted so far, when last seen running): kept a while after the job
         # leaves the queue, until its finished event says how many tokens it had in all.
         self._streamed: dict[str, tuple[str, int, float]] = {}
-        self._started = time.monotonic() if clock is None else clock
+        self._started = clock()
 
     def events(self, events: Iterable[AdminEvent], now: float | None = None) -> None:
-        at = time.monotonic() if now is None else now
+        at = self._clock() if now is None else now
         for event in events:
             if event.kind == "finished":
                 node = event.node_id or ""
@@ -48,10 +49,13 @@ class Rates:
                 self._refusals.append((at, event.refusal or str(event.status or "refused")))
 
     def queue(self, queue: QueueState, now: float | None = None) -> None:
-        at = time.monotonic() if now is None else now
+        at = self._clock() if now is None else now
         for job in queue.running:
             node = job.node_id or ""
-            before = self._streamed.get(job.request_id, (node, 0, at))[1]
+            if job.request_id in self._streamed:
+                before = self._streamed[job.request_id][1]
+            else:  # first seen: what it streamed counts if it streamed it within the window
+                before = 0 if job.age_seconds <= WINDOW_S else job.streamed
             if job.streamed > before:
                 self._tokens.append((at, node, job.streamed - before))
             self._streamed[job.request_id] = (node, max(before, job.streamed), at)
@@ -59,20 +63,20 @@ class Rates:
             del self._streamed[request_id]
 
     def tokens_per_s(self, node_id: str | None = None, now: float | None = None) -> float:
-        at = time.monotonic() if now is None else now
+        at = self._clock() if now is None else now
         self._trim(at)
         total = sum(n for _, node, n in self._tokens if node_id is None or node == node_id)
         return total / min(WINDOW_S, max(at - self._started, 1.0))
 
     def ttft_ms(self, now: float | None = None) -> float | None:
         """The median time to first token of the answers that finished in the window, or None."""
-        at = time.monotonic() if now is None else now
+        at = self._clock() if now is None else now
         self._trim(at)
         values = sorted(ms for t, ms in self._ttft if at - t <= REFUSAL_WINDOW_S)
         return values[len(values) // 2] if values else None
 
     def refusals_per_min(self, now: float | None = None) -> dict[str, int]:
-        at = time.monotonic() if now is None else now
+        at = self._clock() if now is None else now
         self._trim(at)
         return dict(Counter(kind for _, kind in self._refusals).most_common())
 

@@ -15,7 +15,9 @@ from tui.messages import ActionRequested, OpenNode, Request
 from tui.screens.confirm import ConfirmScreen
 from tui.widgets.table_view import Cell, Row, TableView
 
-COLUMNS = ("Name", "Tier", "State", "GPUs", "VRAM", "Busy", "Models", "Jobs", "Tokens/s", "Heartbeat")
+# The columns an operator scans first come first: on an 80-column terminal the rest scroll into view.
+COLUMNS = ("Name", "State", "VRAM", "Busy", "Jobs", "Tokens/s", "Heartbeat", "Tier", "GPUs", "Models")
+STATE_WIDTH = 28  # a long yielding reason is cut here; the node's detail shows it whole
 ACTIONS = {"drain", "revoke"}
 
 
@@ -52,17 +54,19 @@ def node_row(node: Node, tokens_per_s: float = 0.0) -> Row:
     used = None
     if node.memory_total_bytes is not None and node.memory_free_bytes is not None:
         used = node.memory_total_bytes - node.memory_free_bytes
+    shown = state if len(state) <= STATE_WIDTH else state[: STATE_WIDTH - 1] + "…"
+    style = "bold red" if state == "offline" else "yellow" if state != "serving" else "green"
     cells: list[Cell] = [
         node.node_id,
-        node.tier,
-        Text(state, style="bold red" if state == "offline" else "yellow" if state != "serving" else "green"),
-        node.gpus or "-",
+        Text(shown, style=style),
         bar(used, node.memory_total_bytes),
         busy(node),
-        ", ".join(m.id for m in node.models if m.phase in ("ready", "loading")) or "-",
         str(sum(m.active for m in node.models)),
         f"{tokens_per_s:,.1f}",
         age(node.last_heartbeat_seconds),
+        node.tier,
+        node.gpus or "-",
+        ", ".join(m.id for m in node.models if m.phase in ("ready", "loading")) or "-",
     ]
     beat = node.last_heartbeat_seconds
     if state == "offline" or (beat is not None and beat > STALE_AFTER_S):
