@@ -26,7 +26,7 @@ from protocol.errors import (
     Unavailable,
     Unprocessable,
 )
-from scheduler.fairness import VirtualTokenCounter
+from scheduler.fairness import Standing, VirtualTokenCounter
 from scheduler.placement import ClusterSnapshot, Placement, PlacementRequest, Refusal, place
 from scheduler.placement.filters.cache import tokens_needed
 from scheduler.registry import Registry, Ticket
@@ -82,6 +82,10 @@ class Admission:
     @property
     def queued(self) -> int:
         return len(self._fair)
+
+    def standing(self, user: str) -> Standing | None:
+        """``user``'s fair-share standing (scheduler.fairness), for the operator's view of the queue."""
+        return self._fair.standing(user)
 
     async def acquire(self, user: str, request: PlacementRequest, weight: float = 1.0) -> Ticket:
         """Wait for a node that can run ``request``; raise the refusal's HearthError when none will.

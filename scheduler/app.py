@@ -45,6 +45,7 @@ from scheduler.directory import serve as serve_directory
 from scheduler.enforce import Enforcer
 from scheduler.events import EventBus, NodeWatch
 from scheduler.federation import Federation
+from scheduler.jobs import JobBoard
 from scheduler.ledger import Correction, Ledger
 from scheduler.metrics import Metrics
 from scheduler.openapi import openapi_document
@@ -62,6 +63,7 @@ from scheduler.state import (
     EVENTS,
     FEDERATION,
     IN_FLIGHT,
+    JOBS,
     METRICS,
     RELAY,
     RULES,
@@ -90,6 +92,7 @@ def create_app(settings: SchedulerSettings) -> web.Application:
     app[STARTED] = int(time.time())
     app[SCOPE_KEY] = secrets.token_bytes(32)
     app[IN_FLIGHT] = set()
+    app[JOBS] = JobBoard()
     app[STOPPING] = asyncio.Event()
     app[EVENTS] = EventBus()
     app[RULES] = Rules(path=settings.policy_path)

@@ -31,6 +31,16 @@ class _User(Generic[T]):
     weight: float = 1.0  # the user's share: service counts 1/weight against them (their group's weight)
 
 
+@dataclass(frozen=True, slots=True)
+class Standing:
+    """One user's place in the queue, as the operator sees it (a copy: reading it changes nothing)."""
+
+    counter: float
+    weight: float
+    waiting: int
+    ahead: float  # weighted tokens of service beyond the user served next: 0 is next in line
+
+
 class VirtualTokenCounter(Generic[T]):
     def __init__(self, *, prompt_weight: float = 1.0, completion_weight: float = 2.0) -> None:
         self.prompt_weight = prompt_weight
@@ -47,13 +57,29 @@ class VirtualTokenCounter(Generic[T]):
     def _backlogged(self) -> list[_User[T]]:
         return [u for u in self._users.values() if u.waiting]
 
+    def _floor(self) -> float:
+        """The counter a user who starts waiting now is lifted to: the smallest among the backlogged, or
+        the last served user's when nobody waits."""
+        backlogged = self._backlogged()
+        return min(u.counter for u in backlogged) if backlogged else self._last_served
+
+    def standing(self, user: Hashable) -> Standing | None:
+        """``user``'s counter, weight and requests waiting, and how far they are behind the user served
+        next; None for a user the counter does not know (never seen, or forgotten as idle: such a user
+        would be lifted to the floor, next in line)."""
+        state = self._users.get(user)
+        if state is None:
+            return None
+        # A user who waits is compared with the other waiters; one who does not would be lifted to the
+        # floor by their next request, so only service beyond the floor puts them behind.
+        ahead = max(0.0, state.counter - self._floor())
+        return Standing(state.counter, state.weight, len(state.waiting), ahead)
+
     def push(self, user: Hashable, item: T, weight: float = 1.0) -> None:
         state = self._users.setdefault(user, _User())
         state.weight = weight
         if not state.waiting:
-            backlogged = self._backlogged()
-            floor = min(u.counter for u in backlogged) if backlogged else self._last_served
-            state.counter = max(state.counter, floor)
+            state.counter = max(state.counter, self._floor())
         state.waiting.append(item)
 
     def pop(self) -> tuple[Hashable, T] | None:

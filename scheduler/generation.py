@@ -41,6 +41,7 @@ from protocol.web import error_response, is_loopback, log_unexpected, parse_json
 from scheduler.admission import exclude
 from scheduler.enforce import Grant
 from scheduler.federation import Federation
+from scheduler.jobs import Job
 from scheduler.placement import Placement, PlacementRequest, place
 from scheduler.relay import RelayJob, Target, Unsealer, seal_toward
 from scheduler.state import (
@@ -50,6 +51,7 @@ from scheduler.state import (
     EVENTS,
     FEDERATION,
     IN_FLIGHT,
+    JOBS,
     METRICS,
     RELAY,
     SCOPE_KEY,
@@ -113,13 +115,19 @@ async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamRespo
     app[IN_FLIGHT].add(task)
     stream: Stream | None = None
     admitted: Admitted | None = None
+    job: Job | None = None
     try:
         admitted = await (_admit_sealed if request.content_type == ENVELOPE else _admit)(request, endpoint)
         # The answer carries the request's id and the x-ratelimit-* figures, whatever it turns out to be.
         request[ANSWER_HEADERS] = admitted.grant.headers
         app[EVENTS].publish("admitted", group=admitted.grant.group, model=admitted.job.model)
+        grant = admitted.grant
+        job = app[JOBS].add(
+            grant.request_id, admitted.user, grant.group, admitted.job.model, sealed=admitted.sealed,
+            weight=grant.weight,
+        )  # fmt: skip
         stream = SealedStream() if admitted.sealed else PlainStream(admitted.job.stream)
-        return await _serve(request, endpoint, admitted, stream)
+        return await _serve(request, endpoint, admitted, stream, job)
     except HearthError as exc:
         if stream is None:
             app[METRICS].requests.labels(endpoint, f"refused_{exc.status}").inc()
@@ -138,22 +146,26 @@ async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamRespo
         return stream.out
     finally:
         app[IN_FLIGHT].discard(task)
+        if job is not None:
+            app[JOBS].remove(job)
         if admitted is not None:
             app[ENFORCER].release(admitted.grant.request_id)
 
 
 async def _serve(
-    request: web.Request, endpoint: Endpoint, admitted: Admitted, stream: Stream
+    request: web.Request, endpoint: Endpoint, admitted: Admitted, stream: Stream, job: Job
 ) -> web.StreamResponse:
-    """Queue, place and relay one admitted request, failing over until a node finishes it."""
+    """Queue, place and relay one admitted request, failing over until a node finishes it; ``job`` is
+    its entry on the operator's board (scheduler.jobs)."""
     app = request.app
-    federation, admission, relay = app[FEDERATION], app[ADMISSION], app[RELAY]
+    federation, admission, relay, jobs = app[FEDERATION], app[ADMISSION], app[RELAY], app[JOBS]
     preq = admitted.preq
     failed: Failover | MidStream | None = None
     unopened = False  # a candidate could not open it: no 409 then (every failure to open answers alike)
     for _ in range(app[SETTINGS].failover_attempts):
         try:
             try:
+                jobs.waiting(job)
                 ticket = await admission.acquire(admitted.user, preq, admitted.grant.weight)
             except HearthError:
                 if admitted.sealed and stream.out is None and not unopened:
@@ -168,10 +180,11 @@ async def _serve(
             break  # no other node to go on with: say what went wrong on the last one
         usage = {"prompt_tokens": 0, "completion_tokens": 0}
         node_id = ticket.node_id
+        jobs.running(job, node_id)
         try:
             target, sent, unsealer = await _attempt(request, admitted, node_id, stream)
             with contextlib.suppress(ConnectionResetError):  # the client left while we were writing
-                await relay.run(request, target, sent, usage, stream, unsealer)
+                await relay.run(request, target, sent, usage, stream, unsealer, job.relayed)
             return stream.response() or web.Response(status=499)
         except (Failover, MidStream) as exc:
             log.info("node %s failed a request; trying another", node_id)

@@ -36,6 +36,7 @@ from protocol.admin import (
     EnrollmentList,
     ModelPlacements,
     NodeList,
+    QueueState,
 )
 from protocol.envelope import MEDIA_TYPE as ENVELOPE
 from protocol.federation import EnrollReply, EnrollRequest, HeartbeatReply, NodeStatus
@@ -89,6 +90,7 @@ _REPLIES: list[type[BaseModel]] = [
     NodeList,
     ModelPlacements,
     AuthorityKeys,
+    QueueState,
     CallerPolicy,
     PolicyState,
     AdminEvent,

@@ -81,6 +81,13 @@ def _admin_paths() -> dict[str, Any]:
         "/admin/authority": {
             "get": admin_op("The authority key this scheduler trusts, and its own key.", ok("AuthorityKeys"))
         },
+        "/admin/queue": {
+            "get": admin_op(
+                "Requests waiting in the fair queue and running on nodes, and each user's fair-share "
+                "standing (metadata only, never a prompt).",
+                ok("QueueState"),
+            )
+        },
     }
 
 

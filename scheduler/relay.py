@@ -185,9 +185,11 @@ class Relay:
         usage: dict[str, int],
         stream: Stream,
         unsealer: Unsealer | None = None,
+        on_data: Callable[[int], None] = lambda chunks: None,
     ) -> None:
         """Relay one node's part of ``job``'s answer into ``stream``; ``usage`` receives the token counts.
-        A plaintext job may be sealed toward its node (``unsealer`` opens the answer). Raises Failover when
+        A plaintext job may be sealed toward its node (``unsealer`` opens the answer). ``on_data`` is told
+        how many DATA frames each write sent the client (a count: it never sees them). Raises Failover when
         the node failed before sending the client anything, MidStream when it failed after."""
         if isinstance(stream, SealedStream):
             content_type = SEALED_JOB
@@ -196,8 +198,8 @@ class Relay:
 
         async def pump(resp: aiohttp.ClientResponse) -> str:
             if isinstance(stream, SealedStream):
-                return await _pump_sealed(self, request, resp, usage, stream, target.node_id)
-            return await self._pump(request, resp, job, usage, target.node_id, stream, unsealer)
+                return await _pump_sealed(self, request, resp, usage, stream, target.node_id, on_data)
+            return await self._pump(request, resp, job, usage, target.node_id, stream, unsealer, on_data)
 
         node_id = target.node_id
         status = "cancelled"
@@ -261,6 +263,7 @@ class Relay:
         node_id: str,
         stream: PlainStream,
         unsealer: Unsealer | None,
+        on_data: Callable[[int], None],
     ) -> str:
         decoder = frames.FrameDecoder()
         collected: list[bytes] = []
@@ -289,10 +292,10 @@ class Relay:
                         usage.update(_usage(frame))
                     else:
                         err = _error(frame)
-                        await self._relay_plain(request, stream, node_id, relay_now)
+                        await self._relay_plain(request, stream, relay_now, on_data)
                         raise failed(stream.size > start, err, FAILOVER_STATUSES)
                 # One write for everything one read brought: a burst of tokens costs one syscall.
-                await self._relay_plain(request, stream, node_id, relay_now)
+                await self._relay_plain(request, stream, relay_now, on_data)
             decoder.close()
             if unsealer is not None:
                 unsealer.finish()
@@ -318,12 +321,13 @@ class Relay:
         return "ok"
 
     async def _relay_plain(
-        self, request: web.Request, stream: PlainStream, node_id: str, payloads: list[bytes]
+        self, request: web.Request, stream: PlainStream, payloads: list[bytes], on_data: Callable[[int], None]
     ) -> None:
         if payloads:
             data = b"".join(payloads)
             await stream.send(self._write, request, data)
             stream.relayed(data)
+            on_data(len(payloads))
 
     async def _write(self, request: web.Request, out: web.StreamResponse, payload: bytes) -> None:
         transport = request.transport
@@ -395,6 +399,7 @@ async def _pump_sealed(
     usage: dict[str, int],
     stream: SealedStream,
     node_id: str,
+    on_data: Callable[[int], None],
 ) -> str:
     decoder = frames.FrameDecoder()
     mine: list[bytes] = []
@@ -408,8 +413,10 @@ async def _pump_sealed(
     try:
         async for chunk in resp.content.iter_any():
             relay_now: list[bytes] = []
+            data = 0  # DATA frames among relay_now (a ROUTE frame may lead them)
             for frame in decoder.feed(chunk):
                 if frame.kind == frames.DATA:
+                    data += 1
                     if stream.first_answer is None:
                         # Sealed: the first frame may be a keepalive, sent only after seconds of prefill.
                         stream.first_answer = time.time()
@@ -424,9 +431,11 @@ async def _pump_sealed(
                     err = _error(frame) if frame.kind == frames.ERROR else ProtocolError("unexpected frame")
                     if relay_now:
                         await stream.send(relay._write, request, b"".join(relay_now))
+                        on_data(data)
                     raise failed(stream.seq > start, err, FAILOVER_STATUSES)
             if relay_now:
                 await stream.send(relay._write, request, b"".join(relay_now))
+                on_data(data)
         decoder.close()
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError, ProtocolError):
         relay._on_node_failed(node_id)

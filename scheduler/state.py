@@ -11,6 +11,7 @@ from scheduler.admission import Admission
 from scheduler.enforce import Enforcer
 from scheduler.events import EventBus
 from scheduler.federation import Federation
+from scheduler.jobs import JobBoard
 from scheduler.metrics import Metrics
 from scheduler.relay import Relay
 from scheduler.rules import Rules
@@ -29,6 +30,8 @@ STARTED = web.AppKey("started", int)
 # shutdown they are drained, then ended with an error (scheduler.generation.drain).
 IN_FLIGHT = web.AppKey("in_flight", set)
 STOPPING = web.AppKey("stopping", asyncio.Event)
+# Each of those requests from admission to its end, metadata only, for the operator (GET /admin/queue).
+JOBS = web.AppKey("jobs", JobBoard)
 # Keys each user's per-node prefix-cache scope (scheduler.generation._cache_scope); new at every start.
 SCOPE_KEY = web.AppKey("scope_key", bytes)
 # The policy in force (scheduler.rules), hot-reloaded from the policy file; the admin event stream.

@@ -99,3 +99,62 @@ def test_group_weights_share_the_queue(weights: dict[str, float], expected: dict
         share[user] += 1
         vtc.charge(user, 50, 50)  # every request costs the same
     assert share == expected
+
+
+def _served(
+    vtc: VirtualTokenCounter[int], user: str, prompt: int, completion: int, weight: float = 1.0
+) -> None:
+    """``user`` sends one request, it is dispatched and charged."""
+    vtc.push(user, 0, weight)
+    assert vtc.pop_user(user) == 0
+    vtc.charge(user, prompt, completion)
+
+
+@pytest.mark.parametrize(
+    ("history", "expected"),
+    [
+        # one user served once, nobody waiting: ahead of a newcomer by the whole charge
+        ([("served", "a", 10, 5)], {"a": (20.0, 0, 20.0)}),
+        # the same user waits again: the floor is now their own counter, so they are next
+        ([("served", "a", 10, 5), ("push", "a")], {"a": (20.0, 1, 0.0)}),
+        # a light and then a heavy user wait: the light one is next, the heavy one behind by the difference
+        (
+            [("served", "h", 0, 100), ("served", "l", 0, 10), ("push", "l"), ("push", "h")],
+            {"h": (200.0, 1, 180.0), "l": (20.0, 1, 0.0)},
+        ),
+        # a newcomer is lifted to the floor: next in line, beside whoever waits with the smallest counter
+        (
+            [("served", "h", 0, 100), ("push", "h"), ("push", "new")],
+            {"h": (200.0, 1, 0.0), "new": (200.0, 1, 0.0)},
+        ),
+        # a user who waits nothing is compared with the floor the waiters set
+        (
+            [("served", "l", 0, 10), ("served", "h", 0, 100), ("push", "l")],
+            {"h": (200.0, 0, 180.0), "l": (20.0, 1, 0.0)},
+        ),
+    ],
+)
+def test_standing_says_who_is_next_and_by_how_far(
+    history: list[tuple[str, ...]], expected: dict[str, tuple[float, int, float]]
+) -> None:
+    vtc: VirtualTokenCounter[int] = VirtualTokenCounter()
+    for step in history:
+        if step[0] == "served":
+            _served(vtc, step[1], int(step[2]), int(step[3]))
+        else:
+            vtc.push(step[1], 1)
+    for user, (counter, waiting, ahead) in expected.items():
+        standing = vtc.standing(user)
+        assert standing is not None
+        assert (standing.counter, standing.waiting, standing.ahead) == (counter, waiting, ahead)
+
+
+def test_standing_of_an_unknown_user_and_a_weighted_one() -> None:
+    vtc: VirtualTokenCounter[int] = VirtualTokenCounter()
+    assert vtc.standing("nobody") is None
+    _served(vtc, "double", 0, 100, weight=2.0)
+    standing = vtc.standing("double")
+    assert standing is not None
+    assert (standing.weight, standing.counter, standing.ahead) == (2.0, 100.0, 100.0)  # charged half
+    # Reading a standing changes nothing: the counter still serves the same way.
+    assert vtc.counter("double") == 100.0 and len(vtc) == 0
