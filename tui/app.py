@@ -59,7 +59,7 @@ TABS = (
     ("overview", "Overview"), ("nodes", "Nodes"), ("approvals", "Approvals"), ("models", "Models"),
     ("queue", "Queue"), ("users", "Users"), ("policy", "Policy"), ("events", "Events"),
 )  # fmt: skip
-EVENT_BATCH_S = 0.1  # events arriving closer together than this repaint once
+EVENT_BATCH_S = 0.5  # events arriving closer together than this repaint once (a tail at 2 Hz)
 MAX_BACKOFF_S = 10.0
 
 
@@ -80,7 +80,7 @@ def _while_shown(handler: Callable[[Any, M], None]) -> Callable[[Any, M], None]:
 
 
 class HearthConsole(App[None]):
-    CSS_PATH = "console.tcss"
+    CSS_PATH = Path(__file__).parent / "console.tcss"  # absolute: a subclass elsewhere finds it too
     TITLE = "Hearth console"
     BINDINGS: ClassVar[list[BindingType]] = [
         *(Binding(str(i), f"show_tab('{tab}')", title, show=False) for i, (tab, title) in enumerate(TABS, 1)),
@@ -215,35 +215,54 @@ class HearthConsole(App[None]):
 
     @_while_shown
     def on_cluster_loaded(self, message: ClusterLoaded) -> None:
+        """A poll's documents: the figures are sampled every time (the sparklines' history), and only
+        what is on screen is drawn; a tab draws the newest documents when it is shown."""
         self.cluster = cluster = message.cluster
         self.loads += 1
         if cluster.queue is not None:
             self.rates.queue(cluster.queue)
-        rates = {n.node_id: self.rates.tokens_per_s(n.node_id) for n in cluster.nodes.nodes}
-        names = {t.id: t.name for t in cluster.tokens.tokens}
         running = None if cluster.queue is None else len(cluster.queue.running)
         figures = Figures(
             tokens_per_s=self.rates.tokens_per_s(), ttft_ms=self.rates.ttft_ms(),
             refusals=self.rates.refusals_per_min(), running=running,
         )  # fmt: skip
-        self.query_one(OverviewView).update_nodes(cluster.nodes, figures)
-        self.query_one(NodesView).update(cluster.nodes, rates)
-        self.query_one(ApprovalsView).update(cluster.enrollments, cluster.why_no_authority)
-        queued: dict[str, int] = {}
-        for job in cluster.queue.waiting if cluster.queue is not None else ():
-            queued[job.model] = queued.get(job.model, 0) + 1
-        self.query_one(ModelsView).update(cluster.models, queued)
-        if cluster.queue is not None:
-            self.query_one(QueueView).update(cluster.queue, names)
-        today = {row.key: row.total_tokens for row in cluster.today.rows} if cluster.today else {}
-        groups = {g.name: g for g in cluster.policy.groups}
-        self.query_one(UsersView).update(Accounts(cluster.tokens, cluster.terms, today, groups))
-        self.query_one(PolicyView).update(cluster.policy)
+        self.query_one(OverviewView).sample(cluster.nodes, figures)
+        self._draw(self.query_one(TabbedContent).active)
         top = self.screen
         if isinstance(top, NodeDetailScreen):
             for node in cluster.nodes.nodes:
                 if node.node_id == top.node.node_id:
-                    top.update(node, self._jobs_on(node.node_id), tokens_per_s=rates.get(node.node_id, 0.0))
+                    rate = self.rates.tokens_per_s(node.node_id)
+                    top.update(node, self._jobs_on(node.node_id), tokens_per_s=rate)
+
+    def _draw(self, tab: str) -> None:
+        cluster = self.cluster
+        if cluster is None:
+            return
+        if tab == "overview":
+            self.query_one(OverviewView).draw()
+        elif tab == "nodes":
+            self.query_one(NodesView).update(cluster.nodes, self.rates.per_node())
+        elif tab == "approvals":
+            self.query_one(ApprovalsView).update(cluster.enrollments, cluster.why_no_authority)
+        elif tab == "models":
+            queued: dict[str, int] = {}
+            for job in cluster.queue.waiting if cluster.queue is not None else ():
+                queued[job.model] = queued.get(job.model, 0) + 1
+            self.query_one(ModelsView).update(cluster.models, queued)
+        elif tab == "queue" and cluster.queue is not None:
+            self.query_one(QueueView).update(cluster.queue, {t.id: t.name for t in cluster.tokens.tokens})
+        elif tab == "users":
+            today = {row.key: row.total_tokens for row in cluster.today.rows} if cluster.today else {}
+            groups = {g.name: g for g in cluster.policy.groups}
+            self.query_one(UsersView).update(Accounts(cluster.tokens, cluster.terms, today, groups))
+        elif tab == "policy":
+            self.query_one(PolicyView).update(cluster.policy)
+
+    @_while_shown
+    def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
+        if event.pane.id is not None:
+            self._draw(event.pane.id)
 
     def _jobs_on(self, node_id: str) -> list[QueueJob]:
         queue = self.cluster.queue if self.cluster is not None else None

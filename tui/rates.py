@@ -68,6 +68,16 @@ class Rates:
         total = sum(n for _, node, n in self._tokens if node_id is None or node == node_id)
         return total / min(WINDOW_S, max(at - self._started, 1.0))
 
+    def per_node(self, now: float | None = None) -> dict[str, float]:
+        """Every node's tokens per second at once (a node with none is absent)."""
+        at = self._clock() if now is None else now
+        self._trim(at)
+        totals: dict[str, int] = {}
+        for _, node, n in self._tokens:
+            totals[node] = totals.get(node, 0) + n
+        span = min(WINDOW_S, max(at - self._started, 1.0))
+        return {node: n / span for node, n in totals.items()}
+
     def ttft_ms(self, now: float | None = None) -> float | None:
         """The median time to first token of the answers that finished in the window, or None."""
         at = self._clock() if now is None else now

@@ -146,6 +146,7 @@ class FixedClient(ConsoleClient):
         events: list[AdminEvent] | None = None,
         event_rate: float = 0.0,
         hold_first_read: bool = False,
+        churn: bool = False,
     ) -> None:
         super().__init__("http://scheduler.club.example:8000", "fixed")
         now = time.time()
@@ -155,6 +156,7 @@ class FixedClient(ConsoleClient):
         self._events = events if events is not None else sample_events()
         self._event_rate = event_rate
         self.reads = 0
+        self.churn = churn  # documents that change from read to read (the benchmark), or not (snapshots)
         # Set by the caller to let the first read through: the snapshots draw the node list only after the
         # console has the events, so the first samples of the sparklines are the same on every run.
         self.answer = asyncio.Event()
@@ -164,7 +166,15 @@ class FixedClient(ConsoleClient):
     async def nodes(self) -> NodeList:
         await self.answer.wait()
         self.reads += 1
-        return NodeList(nodes=self._nodes, queued=(3, 5, 8, 6, 4, 2, 1, 0, 2, 3)[self.reads % 10])
+        nodes = self._nodes
+        if self.churn:  # a live cluster: heartbeats age and come in, jobs start and end
+            nodes = [self._churned(n, i) for i, n in enumerate(nodes)]
+        return NodeList(nodes=nodes, queued=(3, 5, 8, 6, 4, 2, 1, 0, 2, 3)[self.reads % 10])
+
+    def _churned(self, node: Node, i: int) -> Node:
+        step = self.reads + i
+        models = [node.models[0].model_copy(update={"active": step % 5}), *node.models[1:]]
+        return node.model_copy(update={"last_heartbeat_seconds": float(step % 3), "models": models})
 
     async def enrollments(self, state: EnrollmentState | None = None) -> EnrollmentList:
         return self._pending
@@ -180,7 +190,16 @@ class FixedClient(ConsoleClient):
         return ModelPlacements(models=[ModelPlacement(id=k, nodes=where[k]) for k in sorted(where)])
 
     async def tokens(self) -> TokenList:
-        return self._tokens
+        if not self.churn:
+            return self._tokens
+        return TokenList(
+            tokens=[
+                t.model_copy(update={"tokens_this_month": t.tokens_this_month + self.reads * 100})
+                if i % 10 == self.reads % 10
+                else t
+                for i, t in enumerate(self._tokens.tokens)
+            ]
+        )
 
     async def policy(self) -> PolicyState:
         default = GroupView(

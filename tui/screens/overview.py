@@ -69,6 +69,7 @@ class OverviewView(Vertical):
         self.queue: deque[float] = deque([0.0], maxlen=HISTORY)
         self.rate: deque[float] = deque([0.0], maxlen=HISTORY)
         self.ttft: deque[float] = deque([0.0], maxlen=HISTORY)
+        self._latest: tuple[NodeList, Figures] | None = None
 
     def compose(self) -> ComposeResult:
         yield Static("waiting for the scheduler…", id="summary", markup=False)
@@ -79,11 +80,17 @@ class OverviewView(Vertical):
         yield Label("Time to first token (median of the last minute, ms)")
         yield Sparkline(list(self.ttft), id="ttft-spark")
 
-    def update_nodes(self, nodes: NodeList, figures: Figures) -> None:
+    def sample(self, nodes: NodeList, figures: Figures) -> None:
+        """One poll's figures into the history (every poll, shown or not)."""
         self.queue.append(float(nodes.queued))
         self.rate.append(figures.tokens_per_s)
         self.ttft.append(figures.ttft_ms or 0.0)
-        self.query_one("#summary", Static).update(summary(nodes, figures))
+        self._latest = (nodes, figures)
+
+    def draw(self) -> None:
+        if self._latest is None:
+            return
+        self.query_one("#summary", Static).update(summary(*self._latest))
         self.query_one("#queue-spark", Sparkline).data = list(self.queue)
         self.query_one("#rate-spark", Sparkline).data = list(self.rate)
         self.query_one("#ttft-spark", Sparkline).data = list(self.ttft)

@@ -12,7 +12,7 @@ from textual.binding import Binding, BindingType
 
 from protocol.accounts import Token, TokenList
 from protocol.policy import GroupView
-from protocol.terms import TermsStatusList
+from protocol.terms import TermsStatus, TermsStatusList
 from tui.format import since, until
 from tui.messages import ActionRequested, Request
 from tui.screens.confirm import ConfirmScreen
@@ -42,10 +42,9 @@ def against(used: int, quota: int | None) -> Cell:
     return Text(f"{used:,} / {quota:,}", style=style)
 
 
-def terms_cell(token: Token, terms: TermsStatusList | None) -> Cell:
+def terms_cell(token: Token, terms: TermsStatusList | None, status: TermsStatus | None) -> Cell:
     if terms is None or terms.version is None:
         return "-"
-    status = next((t for t in terms.tokens if t.token_id == token.id), None)
     if status is not None and status.current:
         return Text(f"accepted {terms.version}", style="green")
     if status is not None and status.accepted_version:
@@ -53,14 +52,14 @@ def terms_cell(token: Token, terms: TermsStatusList | None) -> Cell:
     return Text("not yet", style="yellow")
 
 
-def token_row(token: Token, accounts: Accounts) -> Row:
+def token_row(token: Token, accounts: Accounts, status: TermsStatus | None = None) -> Row:
     group = accounts.groups.get(token.group)
     day = group.each.tokens_per_day if group is not None else None
     month = group.each.tokens_per_month if group is not None else None
     state: Cell = token.state if token.state == "active" else Text(token.state, style="dim")
     cells: list[Cell] = [
         token.id, token.name, token.scope, token.group, state, until(token.expires),
-        terms_cell(token, accounts.terms), against(accounts.today.get(token.id, 0), day),
+        terms_cell(token, accounts.terms, status), against(accounts.today.get(token.id, 0), day),
         against(token.tokens_this_month, month), since(token.last_used),
     ]  # fmt: skip
     return token.id, cells
@@ -78,7 +77,8 @@ class UsersView(TableView):
         self.read_only = read_only
 
     def update(self, accounts: Accounts) -> None:
-        self.set_rows([token_row(t, accounts) for t in accounts.tokens.tokens])
+        statuses = {s.token_id: s for s in accounts.terms.tokens} if accounts.terms is not None else {}
+        self.set_rows([token_row(t, accounts, statuses.get(t.id)) for t in accounts.tokens.tokens])
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         return not (self.read_only and action in ACTIONS)

@@ -28,6 +28,7 @@ class TableView(Vertical):
         super().__init__(id=id)
         self._columns = list(columns)
         self._rows: list[Row] = []
+        self._drawn: dict[str, Sequence[Cell]] = {}  # what the table shows now, by row key
 
     def compose(self) -> ComposeResult:
         yield Input(placeholder="filter (Escape clears)", classes="filter")
@@ -72,13 +73,16 @@ class TableView(Vertical):
             del self._rows[: max(0, len(self._rows) - keep)]
             return
         following = table.row_count == 0 or table.cursor_row >= table.row_count - 1
+        needle = self._needle()
         for key, cells in rows:
-            if self._matches(cells):
+            if self._matches(cells, needle):
                 table.add_row(*cells, key=key)
+                self._drawn[key] = cells
         while len(self._rows) > keep:
             old, _ = self._rows.pop(0)
             if old in table.rows:
                 table.remove_row(old)
+                self._drawn.pop(old, None)
         if following and table.row_count:
             table.move_cursor(row=table.row_count - 1)
 
@@ -86,28 +90,36 @@ class TableView(Vertical):
         """Every cell this view holds, shown or filtered out (tests read what the console could show)."""
         return "\n".join(" ".join(str(cell) for cell in cells) for _, cells in self._rows)
 
-    def _matches(self, cells: Sequence[Cell]) -> bool:
+    def _needle(self) -> str:
         boxes = list(self.query(Input))
-        needle = boxes[0].value.strip().lower() if boxes else ""
+        return boxes[0].value.strip().lower() if boxes else ""
+
+    @staticmethod
+    def _matches(cells: Sequence[Cell], needle: str) -> bool:
         return not needle or any(needle in str(cell).lower() for cell in cells)
 
     def _render_rows(self) -> None:
         table = self._shown()
         if table is None:
             return
-        wanted = [(key, cells) for key, cells in self._rows if self._matches(cells)]
-        if [key for key, _ in wanted] == [k.value for k in table.rows]:
+        needle = self._needle()
+        wanted = [(key, cells) for key, cells in self._rows if self._matches(cells, needle)]
+        drawn = self._drawn
+        if len(wanted) == table.row_count and [key for key, _ in wanted] == [k.value for k in table.rows]:
             # The same rows in the same order (a poll where little changed): only changed cells repaint.
             columns = list(table.columns)
             for key, cells in wanted:
-                for column, old, new in zip(columns, table.get_row(key), cells, strict=False):
-                    if old != new:
-                        table.update_cell(key, column, new)
+                before = drawn.get(key, ())
+                for i, cell in enumerate(cells):
+                    if i >= len(before) or before[i] != cell:
+                        table.update_cell(key, columns[i], cell)
+                drawn[key] = cells
             return
         keep = self.selected_key()
         table.clear()
         for key, cells in wanted:
             table.add_row(*cells, key=key)
+        self._drawn = dict(wanted)
         if keep is not None and keep in table.rows:
             table.move_cursor(row=table.get_row_index(keep))
 
