@@ -9,6 +9,7 @@
     POST /admin/nodes/{node_id}/drain          {drain: true|false}: finish running jobs, take no new ones
     GET  /admin/models                         where each model runs
     GET  /admin/authority                      the authority key this scheduler trusts, and its own key
+         /admin/nodes/{node_id}/models/{model_id}/load, …/unload   (scheduler.admin_models)
          /admin/tokens, /admin/usage, /admin/audit  accounts (scheduler.admin_accounts)
 
 The scheduler cannot approve a node by itself: approval needs a certificate signed by the federation
@@ -40,7 +41,7 @@ from protocol.admin import (
 )
 from protocol.errors import InvalidRequest, NotFound, ProtocolError
 from protocol.identity import verify_certificate
-from scheduler import admin_accounts
+from scheduler import admin_accounts, admin_models
 from scheduler.admin_http import admin_token as _admin
 from scheduler.admin_http import body as _body
 from scheduler.admin_http import origin
@@ -59,6 +60,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/admin/models", list_models)
     app.router.add_get("/admin/authority", authority)
     admin_accounts.add_routes(app)
+    admin_models.add_routes(app)
 
 
 async def create_code(request: web.Request) -> web.Response:
