@@ -328,7 +328,7 @@ async def unload_model(request: web.Request) -> web.Response:
     state, _ = await _object(request)
     slot = state.pool.get(request.match_info["model_id"])
     if slot.busy:
-        raise Unavailable(f"{slot.id} has work running; drain first", retry_after=5)
+        raise Unavailable(f"{slot.id} has work running; drain first", code="model_busy", retry_after=5)
     state.pool.unload(slot.id)
     return json_response({"phase": slot.phase})
 

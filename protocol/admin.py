@@ -142,7 +142,10 @@ class AuthorityKeys(_Reply):
 
 class ModelActionRequest(_Body):
     evict: list[str] = Field(
-        default=[], max_length=64, description="load: models to unload first to make room (none by default)."
+        default=[],
+        max_length=64,
+        description="load: models of the node to unload first if its memory is short (by default the node "
+        "unloads idle ones, least recently used first).",
     )
 
 
@@ -151,7 +154,10 @@ class ModelAction(_Reply):
 
     node_id: str
     model: str
-    phase: ModelPhase | None = Field(description="The model's phase on the node after the call, if it said.")
+    phase: ModelPhase | None = Field(
+        description="The model's phase on the node after the call, if it said: a load answers loading (or "
+        "ready, when it already was), an unload available."
+    )
 
 
 # ----- the queue: metadata only, never a prompt -----

@@ -10,6 +10,7 @@
     GET  /admin/models                         where each model runs
     GET  /admin/authority                      the authority key this scheduler trusts, and its own key
     GET  /admin/queue                          requests waiting and running, fair shares (admin_queue)
+         /admin/nodes/{node_id}/models/{model_id}/load, …/unload   (scheduler.admin_models)
          /admin/tokens, /admin/usage, /admin/audit  accounts (scheduler.admin_accounts)
 
 The scheduler cannot approve a node by itself: approval needs a certificate signed by the federation
@@ -41,7 +42,7 @@ from protocol.admin import (
 )
 from protocol.errors import InvalidRequest, NotFound, ProtocolError
 from protocol.identity import verify_certificate
-from scheduler import admin_accounts, admin_queue
+from scheduler import admin_accounts, admin_models, admin_queue
 from scheduler.admin_http import admin_token as _admin
 from scheduler.admin_http import body as _body
 from scheduler.admin_http import origin
@@ -61,6 +62,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/admin/authority", authority)
     admin_accounts.add_routes(app)
     admin_queue.add_routes(app)
+    admin_models.add_routes(app)
 
 
 async def create_code(request: web.Request) -> web.Response:

@@ -1,8 +1,10 @@
 """The policy over HTTP: what applies to a caller, the policy in force for operators, and the live events.
 
 GET  /v1/policy        the caller's group, its rules (course prompt included), counters and terms
-GET  /admin/policy     the policy in force: its file, digest and every group's effective rules
+GET  /admin/policy     the policy in force: its file, digest, every group's effective rules, when it was
+                       put in force and why the file was last refused
 PUT  /admin/policy     {text, digest?}: validate, write the file, apply it (audited); 400 names the line
+POST /admin/policy/reload   read the file now, as the watcher would (audited); 400 names the line
 GET  /admin/events     server-sent events: nodes, requests admitted, refused and finished, reloads
 """
 
@@ -40,6 +42,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/policy", caller_policy)
     app.router.add_get("/admin/policy", get_policy)
     app.router.add_put("/admin/policy", put_policy)
+    app.router.add_post("/admin/policy/reload", reload_policy)
     app.router.add_get("/admin/events", events)
 
 
@@ -89,7 +92,8 @@ async def caller_policy(request: web.Request) -> web.Response:
 
 def _state(request: web.Request) -> PolicyState:
     enforcer = request.app[ENFORCER]
-    current = request.app[RULES].current
+    rules = request.app[RULES]
+    current = rules.current
     groups = [enforcer.group(name) for name in sorted(current.groups)]
     return PolicyState(
         source=current.source,
@@ -97,6 +101,8 @@ def _state(request: web.Request) -> PolicyState:
         text=current.text,
         terms_version=current.terms_version,
         groups=[group_view(g) for g in groups if g is not None],
+        loaded_at=rules.loaded_at,
+        last_error=rules.last_error,
     )
 
 
@@ -132,6 +138,26 @@ async def put_policy(request: web.Request) -> web.Response:
         lambda db: db.audit("policy_put", str(path), loaded.digest[:16], actor=token.id, origin=where)
     )
     request.app[EVENTS].publish("policy_reloaded", outcome="applied")
+    return reply(_state(request))
+
+
+async def reload_policy(request: web.Request) -> web.Response:
+    """Read the policy file now, changed or not, and apply it as the watcher would: the operator need not
+    wait for the watcher, nor touch the file to have a changed terms file read. A bad file is refused (400,
+    the line and field named) and the policy in force stays; either is audited with who asked."""
+    token = await admin_token(request)
+    rules = request.app[RULES]
+    if rules.path is None:
+        raise ConflictError("this scheduler has no policy file to read", code="no_policy_file")
+    outcome, detail = await rules.reload_now()
+    if outcome != "unchanged":
+        subject, where = str(rules.path), origin(request)
+        await request.app[STORE].write(
+            lambda db: db.audit("policy_" + outcome, subject, detail, actor=token.id, origin=where)
+        )
+        request.app[EVENTS].publish("policy_reloaded", outcome=outcome)
+    if outcome == "refused":
+        raise InvalidRequest(f"{detail}; the policy in force stays", code="invalid_policy")
     return reply(_state(request))
 
 

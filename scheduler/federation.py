@@ -12,13 +12,16 @@ addresses, but a node the operator has not approved is a pending enrollment, nev
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, cast, get_args
+from urllib.parse import quote
 
 import aiohttp
+from yarl import URL
 
 from protocol.errors import (
     AuthenticationFailed,
@@ -26,11 +29,13 @@ from protocol.errors import (
     InvalidRequest,
     PermissionDenied,
     ProtocolError,
+    Unavailable,
 )
 from protocol.federation import (
     EnrollReply,
     EnrollRequest,
     HeartbeatReply,
+    ModelPhase,
     NodeStatus,
     UsageReceipt,
     parse,
@@ -56,6 +61,19 @@ log = logging.getLogger("hearth.scheduler.federation")
 
 MAX_IDENTITY_BYTES = 16 * 1024
 LOAD_CALL_TIMEOUT_S = 10.0
+UNREACHABLE_RETRY_S = 5.0  # a node that is back is heard from within a few heartbeats
+
+
+def answered_phase(doc: Any) -> ModelPhase | None:
+    """The model's phase a node's answer to a load or unload states (None: it did not say)."""
+    phase = doc.get("phase") if isinstance(doc, dict) else None
+    return cast(ModelPhase, phase) if phase in get_args(ModelPhase) else None
+
+
+def model_path(model: str, action: Literal["load", "unload"]) -> str:
+    """A node's route for one of its models. The id is one path segment, whatever it holds: a Hugging Face
+    id has a "/", and nothing in an id may reach another route."""
+    return f"/models/{quote(model, safe='')}/{action}"
 
 
 @dataclass
@@ -225,6 +243,9 @@ class Federation:
         url = (runtime.url if runtime else None) or (record.url if record else None)
         if url is None:
             raise ProtocolError(f"no address known for {node_id}")
+        # The path as the request line will carry it (the client requotes it: "%21" goes as "!"), since
+        # the node checks the signature against what it receives.
+        path = str(URL(path))
         body = json.dumps(doc).encode()
         headers = {**self.signed_headers(node_id, "POST", path, body), "Content-Type": "application/json"}
         timeout = aiohttp.ClientTimeout(total=LOAD_CALL_TIMEOUT_S)
@@ -237,19 +258,50 @@ class Federation:
                 return r.status, None
 
     def load_model(self, node_id: str, model: str, evict: tuple[str, ...]) -> None:
+        """A cold load placement asked for (admission): in the background, its outcome in the registry."""
         self._spawn(self._load(node_id, model, evict))
 
     async def _load(self, node_id: str, model: str, evict: tuple[str, ...]) -> None:
+        with contextlib.suppress(Unavailable):  # logged, and in the registry: the requests learn of it
+            await self.ask_load(node_id, model, evict)
+
+    async def ask_load(self, node_id: str, model: str, evict: tuple[str, ...]) -> tuple[int, Any]:
+        """Ask a node to load one of its models, once ``registry.start_load`` noted that a load is under way
+        (a cold load, or the operator's): the node's (status, body). A refusal or a node that cannot be
+        reached ends the load in the registry, so nothing waits for it; the latter raises Unavailable."""
         try:
-            status, _ = await self.call(node_id, f"/models/{model}/load", {"evict": list(evict)})
-        except (aiohttp.ClientError, TimeoutError, ProtocolError) as exc:
-            log.warning("load of %s on %s failed: %s", model, node_id, type(exc).__name__)
+            status, doc = await self._model_call(node_id, model, "load", {"evict": list(evict)})
+        except Unavailable:
             self.registry.load_refused(node_id, model)
-            self.registry.mark_failed(node_id)
-            return
+            raise
         if status not in (200, 202):
             log.warning("node %s refused to load %s (status %d)", node_id, model, status)
             self.registry.load_refused(node_id, model)
+        # A load taken needs no more here: the registry shows it loading until a heartbeat says how it
+        # went (the answer "loading" may arrive after a heartbeat that says "ready", and must not undo it).
+        return status, doc
+
+    async def ask_unload(self, node_id: str, model: str) -> tuple[int, Any]:
+        """Ask a node to unload one of its models (the operator's call): the node's (status, body); raises
+        Unavailable when it cannot be reached."""
+        status, doc = await self._model_call(node_id, model, "unload", {})
+        if status == 200 and answered_phase(doc) == "available":
+            self.registry.reported_phase(node_id, model, "available")
+        return status, doc
+
+    async def _model_call(
+        self, node_id: str, model: str, action: Literal["load", "unload"], doc: dict[str, Any]
+    ) -> tuple[int, Any]:
+        try:
+            return await self.call(node_id, model_path(model, action), doc)
+        except (aiohttp.ClientError, TimeoutError, ProtocolError) as exc:
+            log.warning("%s of %s on %s failed: %s", action, model, node_id, type(exc).__name__)
+            self.registry.mark_failed(node_id)  # no new work until it is heard from again
+            raise Unavailable(
+                f"the node {node_id} cannot be reached ({type(exc).__name__}); try again once it is back",
+                code="node_unreachable",
+                retry_after=UNREACHABLE_RETRY_S,
+            ) from None
 
     def push_certificate(self, node_id: str, public_url: str) -> None:
         """Hand an approved LAN node its certificate (a node enrolled with a code fetches it itself)."""

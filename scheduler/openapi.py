@@ -34,6 +34,8 @@ from protocol.admin import (
     EnrollmentCode,
     EnrollmentCodeRequest,
     EnrollmentList,
+    ModelAction,
+    ModelActionRequest,
     ModelPlacements,
     NodeList,
     QueueState,
@@ -55,7 +57,13 @@ from protocol.schemas import (
     ModelList,
 )
 from protocol.terms import TermsAcceptRequest, TermsDocument, TermsStatusList
-from scheduler.openapi_admin import _accounts_paths, _admin_paths, _policy_paths, _terms_paths
+from scheduler.openapi_admin import (
+    _accounts_paths,
+    _admin_paths,
+    _model_paths,
+    _policy_paths,
+    _terms_paths,
+)
 from scheduler.openapi_parts import ANSWER_HEADERS, errors, get_operation, json_body, ok, ref
 
 VERSION = "0.1.0"
@@ -72,6 +80,8 @@ _REQUESTS: list[type[BaseModel]] = [
     # accounts (protocol.accounts)
     TokenCreateRequest,
     TokenRotateRequest,
+    # a model on a node (scheduler.admin_models)
+    ModelActionRequest,
 ]
 _REPLIES: list[type[BaseModel]] = [
     ChatCompletion,
@@ -102,6 +112,8 @@ _REPLIES: list[type[BaseModel]] = [
     TokenSecret,
     UsageReport,
     AuditLog,
+    # a model on a node (scheduler.admin_models)
+    ModelAction,
 ]
 
 
@@ -271,6 +283,7 @@ def openapi_document() -> dict[str, Any]:
                 }
             },
             **_admin_paths(),
+            **_model_paths(),
             **_policy_paths(),
             **_terms_paths(),
             **_accounts_paths(),

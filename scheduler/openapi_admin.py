@@ -7,8 +7,10 @@ from typing import Any
 
 from protocol.accounts import MAX_AUDIT_ROWS, UsageDimension
 from protocol.admin import EnrollmentState
+from protocol.schemas import MAX_MODEL_ID_LENGTH
 from scheduler.openapi_parts import (
     DECIDED,
+    NODE_ID,
     admin_op,
     errors,
     get_operation,
@@ -91,6 +93,71 @@ def _admin_paths() -> dict[str, Any]:
     }
 
 
+# A model id as one path segment ("/" in a Hugging Face id written %2F); one the node did not report is a 404.
+_MODEL_ID = {
+    "name": "model_id",
+    "in": "path",
+    "required": True,
+    "description": "A model the node reported (GET /admin/nodes), percent-encoded as one segment.",
+    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_MODEL_ID_LENGTH},
+}
+
+
+def _model_paths() -> dict[str, Any]:
+    """The operator loads or unloads a model on a node (scheduler.admin_models)."""
+    node = {
+        **errors(404, e404="No such node (not_found), or the node has no such model (model_not_found)."),
+        **errors(502, e502="The node answered with something else than an answer or a refusal."),
+    }
+    return {
+        "/admin/nodes/{node_id}/models/{model_id}/load": {
+            "post": admin_op(
+                "Load one of a node's models now, unloading idle ones first if its memory is short.",
+                ok("ModelAction", description="The node took the load: the model's phase now (loading)."),
+                body="ModelActionRequest",
+                body_required=False,  # no body: no preference of what to evict
+                parameters=[*NODE_ID, _MODEL_ID],
+                errors={
+                    **node,
+                    **errors(
+                        400,
+                        409,
+                        413,
+                        503,
+                        e400="Not a model id, or `evict` names a model the node does not have.",
+                        e409="The node is not approved (wrong_state) or not heard from since the scheduler "
+                        "started (node_not_heard), or cannot make room for the model (insufficient_memory: "
+                        "its other models are busy).",
+                        e503="The node is unhealthy or cannot be reached (node_unavailable, "
+                        "node_unreachable), or yields to its owner (node_yielding).",
+                    ),
+                },
+            )
+        },
+        "/admin/nodes/{node_id}/models/{model_id}/unload": {
+            "post": admin_op(
+                "Unload one of a node's models, freeing its memory.",
+                ok("ModelAction", description="Unloaded: the model's phase now (available)."),
+                parameters=[*NODE_ID, _MODEL_ID],
+                errors={
+                    **node,
+                    **errors(
+                        400,
+                        409,
+                        503,
+                        e400="Not a model id.",
+                        e409="The node is not approved (wrong_state) or not heard from (node_not_heard), "
+                        "or the model is loading (model_loading) or has work running or waiting "
+                        "(model_busy): drain the node first.",
+                        e503="The node is unhealthy or cannot be reached (node_unavailable, "
+                        "node_unreachable).",
+                    ),
+                },
+            )
+        },
+    }
+
+
 def _policy_paths() -> dict[str, Any]:
     return {
         "/v1/policy": get_operation(
@@ -109,6 +176,19 @@ def _policy_paths() -> dict[str, Any]:
                     **errors(409, e409="The policy changed since `digest` (policy_changed)."),
                 },
             ),
+        },
+        "/admin/policy/reload": {
+            "post": admin_op(
+                "Read the policy file now, as the watcher would, and apply it if it is good (audited).",
+                ok("PolicyState", description="The policy in force after the reload."),
+                errors=errors(
+                    400,
+                    409,
+                    e400="The file is not a valid policy (invalid_policy): the message names the line and "
+                    "field, and the policy in force stays.",
+                    e409="This scheduler has no policy file (no_policy_file).",
+                ),
+            )
         },
         "/admin/events": {
             "get": admin_op(

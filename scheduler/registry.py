@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from protocol.federation import ModelStatus, NodeStatus
+from protocol.federation import ModelPhase, ModelStatus, NodeStatus
 from protocol.identity import b64d
 from scheduler.placement import ClusterSnapshot, ModelState, NodeState
 from scheduler.store import NodeRecord
@@ -149,6 +149,18 @@ class Registry:
         runtime.load_failed.discard(model)
         self._touch(node_id)
         return True
+
+    def reported_phase(self, node_id: str, model: str, phase: ModelPhase) -> None:
+        """A node answered a call with the model's phase (an unload: available): that stands until its next
+        heartbeat, so an unloaded model gets no more work in between."""
+        runtime = self.nodes.get(node_id)
+        if runtime is None or runtime.status is None:
+            return
+        models = [
+            m.model_copy(update={"phase": phase}) if m.id == model else m for m in runtime.status.models
+        ]
+        runtime.status = runtime.status.model_copy(update={"models": models})
+        self._touch(node_id)
 
     def load_refused(self, node_id: str, model: str) -> None:
         runtime = self.nodes.get(node_id)

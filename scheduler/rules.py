@@ -2,7 +2,8 @@
 
 ``load_policy`` reads and validates a file without applying it (`hearth policy check` uses it too). A bad
 file is refused with its name, line and field in one message (``PolicyFileError``), and whatever policy was
-in force stays. ``Rules`` holds the policy the scheduler applies; ``watch`` reloads it when the file changes.
+in force stays. ``Rules`` holds the policy the scheduler applies, when it was put in force and why the file
+on disk was last refused; ``watch`` reloads it when the file changes, ``reload_now`` when an operator asks.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import logging
 import os
 import re
 import stat
+import time
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from pydantic import ValidationError
 
@@ -28,6 +31,9 @@ log = logging.getLogger("hearth.scheduler.rules")
 MAX_POLICY_BYTES = 1024 * 1024
 MAX_TERMS_BYTES = 4 * MAX_TERMS_CHARS  # UTF-8: at most 4 bytes a character
 POLL_S = 1.0
+
+# What a reload did: put a new policy in force, refused the file (the old one stays), or found nothing new.
+Outcome = Literal["applied", "refused", "unchanged"]
 
 
 class PolicyFileError(ConfigError):
@@ -164,9 +170,12 @@ class Rules:
     current: LoadedPolicy = field(default_factory=builtin)
     path: Path | None = None
     on_reload: Callable[[str, str], None] | None = None  # (outcome, detail) for the audit log and events
-    # Held from the digest check to the swap of `PUT /admin/policy`, so two changes made from the same
-    # version cannot both pass.
+    # Held from the digest check to the swap of `PUT /admin/policy`, and around every reload, so two
+    # changes made from the same version cannot both pass and a reload never sees half of a change.
     writing: asyncio.Lock = field(default_factory=asyncio.Lock)
+    loaded_at: float | None = None  # Unix time the policy in force was put in force
+    # Why the file on disk was refused, while it still is so; None once a good file is read again.
+    last_error: str | None = None
     _mtime: tuple[int, ...] | None = None
 
     def group(self, name: str | None) -> GroupRules | None:
@@ -176,47 +185,68 @@ class Rules:
         """Load the file at start: a missing file means the built-in policy; a bad one stops the start."""
         if self.path is None or not self.path.exists():
             self.current = builtin()
-            return
-        self._mtime = _stamp(self.path)
-        self.current = load_policy(self.path)
+        else:
+            self._mtime = _stamp(self.path)
+            self.current = load_policy(self.path)
+        self.loaded_at = time.time()
 
     def reload(self) -> bool:
         """Apply the file if it changed; False when it did not or was refused (the old policy stays)."""
-        return self._apply(self._read_if_changed())
+        return self._apply(self._read(force=False)) == "applied"
 
-    def _read_if_changed(self) -> LoadedPolicy | PolicyFileError | None:
-        """The file's new policy, or why it was refused, or None when it has not changed (I/O only: runs
-        in a thread)."""
+    async def reload_now(self) -> tuple[Outcome, str]:
+        """Read the file now, changed or not (`POST /admin/policy/reload`: the terms file it names, which the
+        watcher does not watch, is read again too), and apply it as the watcher would: (outcome, the new
+        digest or why the file was refused). The caller reports it, with who asked."""
+        async with self.writing:
+            found = await asyncio.to_thread(self._read, True)
+            outcome = self._apply(found, report=False)
+        if isinstance(found, PolicyFileError):
+            return outcome, found.message
+        return outcome, self.current.digest[:16]
+
+    def _read(self, force: bool) -> LoadedPolicy | PolicyFileError | None:
+        """The file's policy, or why it was refused, or None when it has not changed since it was last read
+        (unless ``force``). I/O only: runs in a thread."""
         if self.path is None:
             return None
         stamp = _stamp(self.path)
-        if stamp == self._mtime:
+        if stamp == self._mtime and not force:
             return None
         self._mtime = stamp
         if stamp is None:
+            if self.current.text is None:
+                return builtin()  # no file, as at a start without one: the built-in policy, still in force
             return PolicyFileError(f"{self.path} is gone")
         try:
             return load_policy(self.path)
         except PolicyFileError as exc:
             return exc
 
-    def _apply(self, found: LoadedPolicy | PolicyFileError | None) -> bool:
+    def _apply(self, found: LoadedPolicy | PolicyFileError | None, *, report: bool = True) -> Outcome:
         if found is None:
-            return False
+            return "unchanged"
         if isinstance(found, PolicyFileError):
             log.warning("policy file refused, the policy in force stays: %s", found.message)
-            self._report("refused", found.message)
-            return False
+            self.last_error = found.message
+            if report:
+                self._report("refused", found.message)
+            return "refused"
+        self.last_error = None  # the file is good again, even if it is the policy already in force
         if found.digest == self.current.digest:
-            return False
+            return "unchanged"
         self.current = found
+        self.loaded_at = time.time()
         log.info("policy reloaded from %s", found.source)
-        self._report("applied", found.digest[:16])
-        return True
+        if report:
+            self._report("applied", found.digest[:16])
+        return "applied"
 
     def adopt(self, loaded: LoadedPolicy) -> None:
         """Apply a policy just written to the file (`PUT /admin/policy`): the watcher will see no change."""
         self.current = loaded
+        self.loaded_at = time.time()
+        self.last_error = None
         if self.path is not None:
             self._mtime = _stamp(self.path)
 
@@ -228,7 +258,8 @@ class Rules:
         """Poll the file's modification time (cheap, and works on every filesystem and editor)."""
         while True:
             await asyncio.sleep(interval)
-            self._apply(await asyncio.to_thread(self._read_if_changed))
+            async with self.writing:
+                self._apply(await asyncio.to_thread(self._read, False))
 
 
 def _stamp(path: Path) -> tuple[int, ...] | None:

@@ -14,7 +14,7 @@ Only the operator's token travels; the client keeps no state beyond its connecti
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, ClassVar, TypeVar
 from urllib.parse import quote
@@ -37,6 +37,7 @@ from protocol.admin import (
     EnrollmentCode,
     EnrollmentList,
     EnrollmentState,
+    ModelAction,
     ModelPlacements,
     NodeList,
     QueueState,
@@ -143,6 +144,17 @@ class ConsoleClient:
     async def drain(self, node_id: str, drain: bool = True) -> Enrollment:
         return await self._post(f"/admin/nodes/{_segment(node_id)}/drain", Enrollment, {"drain": drain})
 
+    async def load_model(self, node_id: str, model: str, evict: Sequence[str] = ()) -> ModelAction:
+        """Have a node load one of its models now, unloading ``evict`` first if its memory is short."""
+        path = f"/admin/nodes/{_segment(node_id)}/models/{_segment(model)}/load"
+        return await self._post(path, ModelAction, {"evict": list(evict)})
+
+    async def unload_model(self, node_id: str, model: str) -> ModelAction:
+        """Unload a node's model; ConflictError (model_busy) while it has work: drain the node first."""
+        return await self._post(
+            f"/admin/nodes/{_segment(node_id)}/models/{_segment(model)}/unload", ModelAction
+        )
+
     async def create_code(
         self, tier: Tier, ttl_seconds: float | None = None, note: str = ""
     ) -> EnrollmentCode:
@@ -168,6 +180,11 @@ class ConsoleClient:
         if digest is not None:
             doc["digest"] = digest
         return await self._call("PUT", "/admin/policy", PolicyState, json_body=doc)
+
+    async def reload_policy(self) -> PolicyState:
+        """Read the policy file now; InvalidRequest (invalid_policy) names the line of a bad one, which
+        leaves the policy in force as it was."""
+        return await self._post("/admin/policy/reload", PolicyState)
 
     # ----- a user's own routes (any token): the terms of use -----
 
