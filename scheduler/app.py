@@ -248,7 +248,7 @@ def _usage_written(
         app[EVENTS].publish(
             "finished", model=record.model, node_id=record.node_id, status=record.status,
             prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
-            ttft_ms=record.ttft_ms,
+            ttft_ms=record.ttft_ms, request_id=record.request_id,
         )  # fmt: skip
     app[ENFORCER].charged(
         record.request_id, record.token_id, record.group, record.started, tokens, delta=delta
