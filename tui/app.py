@@ -38,7 +38,6 @@ from tui.messages import (
     EventsArrived,
     OpenNode,
     Reachability,
-    RefreshRequested,
     Request,
     SecretIssued,
 )
@@ -298,9 +297,6 @@ class HearthConsole(App[None]):
                     read_only=self.read_only,
                 )
             )  # fmt: skip
-
-    def on_refresh_requested(self, message: RefreshRequested) -> None:
-        self.refresh_now()
 
     def action_read_again(self) -> None:
         self.refresh_now()

@@ -106,7 +106,3 @@ class ActionRequested(Message):
     def __init__(self, request: Request) -> None:
         super().__init__()
         self.request = request
-
-
-class RefreshRequested(Message):
-    """Read everything again now (the policy screen's reload): reading is allowed in read-only mode."""

@@ -2,10 +2,8 @@
 node, user, group and the chunks relayed so far, users with their fair-share standing; every request
 leaves the board when it ends, however it ends; no prompt text is ever in the reply.
 
-The node's backend is the real demo model, except that a job asking for exactly HELD_TOKENS tokens writes
-each token after its first only when the test lets it through (``Gate``): the test decides when such a job
-moves on and when it ends, instead of racing a fast model. (The first token goes at once: an answer's
-headers leave with its first chunk, and the test's client waits for them.)
+The node's backend is the real demo model with held jobs (tests.held): the test decides when a job moves on
+and when it ends, instead of racing a fast model.
 """
 
 from __future__ import annotations
@@ -14,9 +12,8 @@ import asyncio
 import contextlib
 import json
 import socket
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -29,58 +26,17 @@ import pytest
 from hearth.proxy import SealedClient, state_path
 from hearth.proxy_server import serve
 from node.app import load_transformers
-from node.backends.base import Backend, SamplingParams
+from node.backends.base import Backend
 from node.settings import ModelSettings, NodeSettings
 from protocol.admin import QueueState
 from scheduler.state import ADMISSION, JOBS
-from tests.support import LoopThread, Stack, WrappedBackend, port_of, start_stack, stop_stack
+from tests.held import GATE, HELD_TOKENS, Gate, Held
+from tests.support import LoopThread, Stack, port_of, start_stack, stop_stack
 
 MODEL = "hearth-demo"
-HELD_TOKENS = 48  # a job asking for this many tokens is held by the gate; any other runs freely
 CANARY = "ocelot-canary-51d9e2"
 MAX_QUEUED = 1  # so that a third request is refused while one runs and one waits
 WITHIN_S = 60.0  # a bound on waiting for the servers, never a timing assertion
-
-
-class Gate:
-    """The tokens held jobs may write: none until the test allows some, all once it opens the gate."""
-
-    def __init__(self) -> None:
-        self._permits = threading.Semaphore(0)
-        self._open = threading.Event()
-
-    def allow(self, tokens: int) -> None:
-        self._permits.release(tokens)
-
-    def open(self) -> None:
-        self._open.set()
-
-    def reset(self) -> None:
-        self._permits = threading.Semaphore(0)
-        self._open.clear()
-
-    def through(self, cancelled: threading.Event) -> bool:
-        """Wait for the next token's turn (on the node's generation thread); False if the job ended."""
-        while not self._open.is_set():
-            if cancelled.is_set():
-                return False
-            if self._permits.acquire(timeout=0.02):
-                return True
-        return True
-
-
-GATE = Gate()
-
-
-class Held(WrappedBackend):
-    def generate(
-        self, prompt_ids: Sequence[int], params: SamplingParams, cancelled: threading.Event
-    ) -> Iterator[int]:
-        held = params.max_new_tokens == HELD_TOKENS
-        for n, token in enumerate(super().generate(prompt_ids, params, cancelled)):
-            if held and n > 0 and not GATE.through(cancelled):
-                return
-            yield token
 
 
 @pytest.fixture(scope="module")
