@@ -22,7 +22,7 @@ from textual.binding import Binding, BindingType
 from textual.css.query import NoMatches
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Header, Static, TabbedContent, TabPane
+from textual.widgets import Footer, Header, Static, TabbedContent, TabPane
 
 from protocol.admin import QueueJob
 from protocol.errors import HearthError, NotFound
@@ -111,7 +111,7 @@ class HearthConsole(App[None]):
 
     def compose(self) -> ComposeResult:
         yield Header()
-        yield Static("", id="banner")
+        yield Static("", id="banner", markup=False)
         with TabbedContent(initial="nodes"):
             with TabPane("Overview", id="overview"):
                 yield OverviewView()
@@ -269,8 +269,8 @@ class HearthConsole(App[None]):
 
     @_while_shown
     def on_events_arrived(self, message: EventsArrived) -> None:
-        self.query_one(EventsView).add(message.events)
         self.rates.events(message.events)
+        self.query_one(EventsView).add(message.events)
 
     @_while_shown
     def on_reachability(self, message: Reachability) -> None:
@@ -283,7 +283,7 @@ class HearthConsole(App[None]):
             banner.update(f"Cannot reach the scheduler at {self.client.url}: {message.reason}. Retrying…")
 
     def on_action_done(self, message: ActionDone) -> None:
-        self.notify(message.text, severity="error" if message.error else "information")
+        self.notify(message.text, severity="error" if message.error else "information", markup=False)
 
     def on_secret_issued(self, message: SecretIssued) -> None:
         self.push_screen(SecretScreen(message.secret, message.verb))
@@ -318,9 +318,9 @@ class HearthConsole(App[None]):
         if isinstance(self.screen, NodeDetailScreen):
             return
         self.query_one(TabbedContent).active = tab
-        tables = self.query_one(f"#{tab}", TabPane).query(DataTable)
-        if tables:
-            tables.first().focus()
+        focusable = self.query_one(f"#{tab}", TabPane).query("DataTable, RichLog")
+        if focusable:
+            focusable.first().focus()
 
     def action_toggle_keys(self) -> None:
         if self.screen.query("HelpPanel"):

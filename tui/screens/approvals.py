@@ -29,7 +29,7 @@ class ApprovalsView(TableView):
         self.read_only = read_only
 
     def compose(self) -> ComposeResult:
-        yield Static("", id="authority-note")
+        yield Static("", id="authority-note", markup=False)
         yield from super().compose()
 
     def update(self, enrollments: EnrollmentList, why_not: str | None) -> None:

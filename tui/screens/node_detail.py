@@ -17,6 +17,7 @@ from tui.format import age, bar
 from tui.messages import ActionRequested, Request
 from tui.screens.confirm import ConfirmScreen
 from tui.screens.nodes import busy, node_state
+from tui.widgets.table_view import plain
 
 ACTIONS = {"load", "unload"}
 
@@ -40,11 +41,11 @@ class NodeDetailScreen(Screen[None]):
     def compose(self) -> ComposeResult:
         yield Static(id="node-summary")
         yield Label("Models")
-        models: DataTable[str] = DataTable(cursor_type="row", id="node-models")
+        models: DataTable[Text] = DataTable(cursor_type="row", id="node-models")
         models.add_columns("Model", "State", "Jobs", "Context", "Cache tokens", "Page", "Max sequences")
         yield models
         yield Label("Jobs running here (no prompt or answer text, ever)")
-        jobs: DataTable[str] = DataTable(cursor_type="row", id="node-jobs")
+        jobs: DataTable[Text] = DataTable(cursor_type="row", id="node-jobs")
         jobs.add_columns("Request", "Token", "Group", "Model", "Streamed", "Age", "E2E")
         yield jobs
         yield Footer()
@@ -77,26 +78,28 @@ class NodeDetailScreen(Screen[None]):
         if node.alarm:
             summary.append(f"\nalarm: {node.alarm}", style="red")
         self.query_one("#node-summary", Static).update(summary)
-        table: DataTable[str] = self.query_one("#node-models", DataTable)
+        table: DataTable[Text] = self.query_one("#node-models", DataTable)
         keep = table.cursor_row
         table.clear()
         for m in node.models:
-            table.add_row(
+            cells = [
                 m.id, m.phase, str(m.active), str(m.context_length or "-"), f"{m.cache_tokens:,}",
-                str(m.page_tokens), str(m.max_sequences), key=m.id,
-            )  # fmt: skip
+                str(m.page_tokens), str(m.max_sequences),
+            ]  # fmt: skip
+            table.add_row(*plain(cells), key=m.id)
         if table.row_count:
             table.move_cursor(row=min(keep, table.row_count - 1))
-        running: DataTable[str] = self.query_one("#node-jobs", DataTable)
+        running: DataTable[Text] = self.query_one("#node-jobs", DataTable)
         running.clear()
         for j in self.jobs:
-            running.add_row(
+            cells = [
                 j.request_id, j.token_id, j.group or "-", j.model, f"{j.streamed:,}", age(j.age_seconds),
-                "yes" if j.sealed else "no", key=j.request_id,
-            )  # fmt: skip
+                "yes" if j.sealed else "no",
+            ]  # fmt: skip
+            running.add_row(*plain(cells), key=j.request_id)
 
     def _selected_model(self) -> str | None:
-        table: DataTable[str] = self.query_one("#node-models", DataTable)
+        table: DataTable[Text] = self.query_one("#node-models", DataTable)
         if table.row_count == 0:
             return None
         key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value

@@ -14,6 +14,7 @@ from textual.widgets import DataTable, Static
 
 from protocol.policy import PolicyState
 from tui.messages import ActionRequested, Request
+from tui.widgets.table_view import plain
 
 
 def head(policy: PolicyState) -> Text:
@@ -53,9 +54,9 @@ class PolicyView(VerticalScroll):
         table.clear()
         for g in policy.groups:
             table.add_row(
-                g.name, ", ".join(g.models) if g.models is not None else "all", ", ".join(g.tiers),
+                *plain([g.name, ", ".join(g.models) if g.models is not None else "all", ", ".join(g.tiers),
                 str(g.max_tokens or "-"), f"{g.weight:g}", "yes" if g.require_e2e else "no",
-                str(g.each.tokens_per_day or "-"), key=g.name,
+                str(g.each.tokens_per_day or "-")]), key=g.name,
             )  # fmt: skip
         self.query_one("#policy-text", Static).update(policy.text or "(built-in policy)")
 

@@ -26,7 +26,8 @@ class SecretScreen(ModalScreen[None]):
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
-            yield Label(f"{self.verb}. Copy the secret now: it is not shown again.", classes="question")
+            said = f"{self.verb}. Copy the secret now: it is not shown again."
+            yield Label(said, classes="question", markup=False)
             yield Static(self.secret.secret, id="secret", markup=False)
             yield Label("Enter or Escape closes.")
 

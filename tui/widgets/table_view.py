@@ -15,6 +15,13 @@ Cell = str | Text
 Row = tuple[str, Sequence[Cell]]  # (row key, cells)
 
 
+def plain(cells: Sequence[Cell]) -> list[Text]:
+    """Cells as Text, never as markup: DataTable reads a str cell as Rich markup, and what nodes and
+    operators name things ("[/]" in a GPU summary, "[red]" in a token's name) must print as written, not
+    restyle the table or raise. Text is also cheaper for it to draw."""
+    return [Text(c) if isinstance(c, str) else c for c in cells]
+
+
 class TableView(Vertical):
     """The rows it is given, those matching the filter shown; the cursor stays on the same key."""
 
@@ -61,13 +68,14 @@ class TableView(Vertical):
         self._render_rows()
 
     def set_rows(self, rows: Sequence[Row]) -> None:
-        self._rows = list(rows)
+        self._rows = [(key, plain(cells)) for key, cells in rows]
         self._render_rows()
 
     def append_rows(self, rows: Sequence[Row], *, keep: int) -> None:
         """Add rows at the end (a live tail), dropping the oldest beyond ``keep``; follows the end when the
         cursor was on the last row."""
         table = self._shown()
+        rows = [(key, plain(cells)) for key, cells in rows]
         self._rows.extend(rows)
         if table is None:
             del self._rows[: max(0, len(self._rows) - keep)]
