@@ -23,7 +23,8 @@ def register(main: click.Group) -> None:
 def tui_command(
     read_only: bool, authority_dir: Path | None, scheduler_url: str | None, token: str | None
 ) -> None:
-    """The operator console: nodes, approvals, models, users, policy and live events, in the terminal."""
+    """The operator console: nodes, approvals, models, queue, users, policy and live events, in the
+    terminal."""
     from protocol.identity import default_authority_dir
     from tui.app import make_app
     from tui.client import ConsoleClient

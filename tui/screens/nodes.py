@@ -42,6 +42,14 @@ def _dim(cell: Cell) -> Text:
     return text
 
 
+def heartbeat(seconds: float | None) -> str:
+    """How long ago the node was heard: "<5s" while it beats on time (a count that changes at every
+    poll says nothing and redraws the row), its age once it is late."""
+    if seconds is not None and seconds < STALE_AFTER_S:
+        return f"<{STALE_AFTER_S:.0f}s"
+    return age(seconds)
+
+
 def busy(node: Node) -> str:
     """Utilisation as placement sees it: jobs running of the sequences its loaded models can run at once."""
     slots = sum(m.max_sequences for m in node.models if m.phase == "ready")
@@ -63,7 +71,7 @@ def node_row(node: Node, tokens_per_s: float = 0.0) -> Row:
         busy(node),
         str(sum(m.active for m in node.models)),
         f"{tokens_per_s:,.1f}",
-        age(node.last_heartbeat_seconds),
+        heartbeat(node.last_heartbeat_seconds),
         node.tier,
         node.gpus or "-",
         ", ".join(m.id for m in node.models if m.phase in ("ready", "loading")) or "-",

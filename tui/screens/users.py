@@ -3,6 +3,7 @@ group's quota, and last use; create `n` (the secret is shown once), revoke `r` a
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -75,10 +76,27 @@ class UsersView(TableView):
     def __init__(self, *, read_only: bool) -> None:
         super().__init__(COLUMNS, id="users-view")
         self.read_only = read_only
+        self._cache: dict[str, tuple[tuple[object, ...], Row]] = {}
 
     def update(self, accounts: Accounts) -> None:
         statuses = {s.token_id: s for s in accounts.terms.tokens} if accounts.terms is not None else {}
-        self.set_rows([token_row(t, accounts, statuses.get(t.id)) for t in accounts.tokens.tokens])
+        now = time.time()
+        cache, self._cache = self._cache, {}
+        rows: list[Row] = []
+        for t in accounts.tokens.tokens:
+            # A row is rebuilt only when what it shows changed (a thousand tokens, most idle, every poll).
+            group = accounts.groups.get(t.group)
+            inputs = (
+                t, statuses.get(t.id), accounts.today.get(t.id, 0), group, accounts.terms is None,
+                accounts.terms.version if accounts.terms is not None else None,
+                since(t.last_used, now), until(t.expires, now),
+            )  # fmt: skip
+            kept = cache.get(t.id)
+            fresh = kept is None or kept[0] != inputs
+            row = token_row(t, accounts, statuses.get(t.id)) if fresh or kept is None else kept[1]
+            self._cache[t.id] = (inputs, row)
+            rows.append(row)
+        self.set_rows(rows)
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         return not (self.read_only and action in ACTIONS)
