@@ -21,7 +21,7 @@ from textual.widgets import Input, RichLog, Static
 from protocol.policy import AdminEvent
 
 KEEP = 2000  # the tail's length: enough for minutes of a busy cluster, bounded memory
-WIDTHS = (8, 16, 20, 12, 24)  # time, kind, node, group, model; the detail takes the rest
+WIDTHS = (8, 15, 20, 12, 24)  # time, kind, node, group, model; the detail takes the rest
 HEADER = ("Time", "Kind", "Node", "Group", "Model", "Detail")
 _STYLES = {
     "refused": "yellow", "node_left": "red", "node_unhealthy": "red", "node_yielding": "yellow",
@@ -47,7 +47,8 @@ def detail(event: AdminEvent) -> str:
 
 
 def _cell(value: str, width: int) -> str:
-    return (value if len(value) < width else value[: width - 2] + "…").ljust(width)
+    """``value`` in ``width`` characters (cut with … when longer), then the gap to the next column."""
+    return (value if len(value) <= width else value[: width - 1] + "…").ljust(width) + " "
 
 
 def event_line(event: AdminEvent) -> Text:
