@@ -30,7 +30,8 @@ def tui_command(
     from tui.client import ConsoleClient
 
     async def run(client: ConsoleClient) -> None:
-        app = make_app(client, read_only=read_only, authority_dir=authority_dir or default_authority_dir())
+        where = authority_dir or default_authority_dir()
+        app = make_app(client, read_only=read_only, authority_dir=where, settle_gc=True)
         await app.run_async()
 
     run_admin(scheduler_url, token, run)  # the URL and token, from the options or the environment

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
@@ -96,8 +97,10 @@ class HearthConsole(App[None]):
         refresh_s: float,
         authority_dir: Path | None,
         clock: Callable[[], float] = time.monotonic,
+        settle_gc: bool = False,
     ) -> None:
         super().__init__()
+        self.settle_gc = settle_gc
         self.client = client
         self.read_only = read_only
         self.refresh_s = refresh_s
@@ -132,6 +135,8 @@ class HearthConsole(App[None]):
         yield Footer()
 
     def on_mount(self) -> None:
+        if self.settle_gc:
+            self.call_after_refresh(_settle_gc)
         self.poll()
         self.follow_events()
         self.query_one(NodesView).table.focus()
@@ -334,6 +339,14 @@ class HearthConsole(App[None]):
             yield SystemCommand(title, f"Show the {title} screen", lambda tab=tab: self.action_show_tab(tab))
 
 
+def _settle_gc() -> None:
+    """Once the console is up, what it has built (Textual's widgets, the modules) lives as long as it does:
+    moved out of the collector's way, a full collection scans only the documents of recent polls and no
+    longer stalls a frame by a tenth of a second or more (tests/bench/bench_tui.py)."""
+    gc.collect()
+    gc.freeze()
+
+
 async def _optional(call: Awaitable[D]) -> D | None:
     """A document an older scheduler may not serve (404): the screen that shows it stays as it was."""
     try:
@@ -349,12 +362,15 @@ def make_app(
     refresh_s: float = 2.0,
     authority_dir: Path | None = None,
     clock: Callable[[], float] = time.monotonic,
+    settle_gc: bool = False,
 ) -> HearthConsole:
     """The console over ``client``: what `hearth tui` runs and what the tests drive (``clock``: the
-    monotonic clock its rates are measured with; snapshots fix it)."""
+    monotonic clock its rates are measured with; snapshots fix it. ``settle_gc``: freeze what is built
+    once the console is up, for a process that runs only the console, as `hearth tui` does)."""
     return HearthConsole(
-        client, read_only=read_only, refresh_s=refresh_s, authority_dir=authority_dir, clock=clock
-    )
+        client, read_only=read_only, refresh_s=refresh_s, authority_dir=authority_dir, clock=clock,
+        settle_gc=settle_gc,
+    )  # fmt: skip
 
 
 __all__ = ["HearthConsole", "make_app"]

@@ -83,7 +83,7 @@ def _ms(values: list[float]) -> str:
 
 async def per_screen(polls: int) -> None:
     client = FixedClient(nodes=NODES, tokens=TOKENS, event_rate=EVENTS_PER_S, churn=True)
-    app = TimedConsole(client, read_only=False, refresh_s=3600, authority_dir=None)
+    app = TimedConsole(client, read_only=False, refresh_s=3600, authority_dir=None, settle_gc=True)
     async with app.run_test(size=SIZE) as pilot:
         while app.loads < 1:
             await pilot.pause(0.05)
@@ -122,7 +122,7 @@ async def per_screen(polls: int) -> None:
 
 async def steady_cpu(seconds: float) -> None:
     client = FixedClient(nodes=NODES, tokens=TOKENS, event_rate=EVENTS_PER_S, churn=True)
-    app = TimedConsole(client, read_only=False, refresh_s=2.0, authority_dir=None)
+    app = TimedConsole(client, read_only=False, refresh_s=2.0, authority_dir=None, settle_gc=True)
     async with app.run_test(size=SIZE) as pilot:
         while app.loads < 1:
             await pilot.pause(0.05)
