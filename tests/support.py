@@ -321,6 +321,15 @@ class WrappedBackend:
     def __init__(self, inner: Backend) -> None:
         self._inner = inner
 
+    @classmethod
+    def loader(cls) -> BackendLoader:
+        """A node's loader that serves each model (the demo model, in the tests) through this wrapper."""
+
+        def load(model: ModelSettings, settings: NodeSettings) -> Backend:
+            return cls(load_transformers(model, settings))  # type: ignore[return-value]
+
+        return load
+
     def __getattr__(self, name: str) -> object:
         return getattr(self._inner, name)
 

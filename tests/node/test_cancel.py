@@ -10,9 +10,8 @@ from collections.abc import Iterator, Sequence
 import httpx
 import pytest
 
-from node.app import load_transformers
-from node.backends.base import Backend, SamplingParams
-from node.settings import ModelSettings, NodeSettings
+from node.backends.base import SamplingParams
+from node.settings import ModelSettings
 from scheduler.state import ADMISSION
 from tests.support import LoopThread, Stack, WrappedBackend, start_stack, stop_stack
 
@@ -35,10 +34,7 @@ class Paced(WrappedBackend):
 def stack(
     servers: LoopThread, demo_model: ModelSettings, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
-    def loader(model: ModelSettings, settings: NodeSettings) -> Backend:
-        return Paced(load_transformers(model, settings))  # type: ignore[return-value]
-
-    s = servers.call(start_stack(tmp_path_factory.mktemp("paced"), [demo_model], loader=loader))
+    s = servers.call(start_stack(tmp_path_factory.mktemp("paced"), [demo_model], loader=Paced.loader()))
     yield s
     servers.call(stop_stack(s))
 

@@ -25,9 +25,7 @@ import pytest
 
 from hearth.proxy import SealedClient, state_path
 from hearth.proxy_server import serve
-from node.app import load_transformers
-from node.backends.base import Backend
-from node.settings import ModelSettings, NodeSettings
+from node.settings import ModelSettings
 from protocol.admin import QueueState
 from scheduler.state import ADMISSION, JOBS
 from tests.held import GATE, HELD_TOKENS, Gate, Held
@@ -43,12 +41,9 @@ WITHIN_S = 60.0  # a bound on waiting for the servers, never a timing assertion
 def stack(
     servers: LoopThread, demo_model: ModelSettings, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
-    def loader(model: ModelSettings, settings: NodeSettings) -> Backend:
-        return Held(load_transformers(model, settings))  # type: ignore[return-value]
-
     s = servers.call(
         start_stack(
-            tmp_path_factory.mktemp("queue"), [demo_model], loader=loader,
+            tmp_path_factory.mktemp("queue"), [demo_model], loader=Held.loader(),
             scheduler={"max_queued": MAX_QUEUED},
         )
     )  # fmt: skip

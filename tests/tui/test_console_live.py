@@ -14,7 +14,6 @@ import pytest
 from textual.widgets import DataTable, Static
 
 from node.app import load_transformers, start_node
-from node.backends.base import Backend
 from node.enroll import enroll
 from node.settings import ModelSettings, NodeSettings
 from node.trust import Trust
@@ -38,10 +37,7 @@ T = TypeVar("T")
 def live(
     servers: LoopThread, demo_model: ModelSettings, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
-    def loader(model: ModelSettings, settings: NodeSettings) -> Backend:
-        return Held(load_transformers(model, settings))  # type: ignore[return-value]
-
-    stack = servers.call(start_stack(tmp_path_factory.mktemp("live"), [demo_model], loader=loader))
+    stack = servers.call(start_stack(tmp_path_factory.mktemp("live"), [demo_model], loader=Held.loader()))
     yield stack
     servers.call(stop_stack(stack))
 

@@ -10,15 +10,14 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Sequence
-from typing import ClassVar
 
 from rich.text import Text
 from textual.app import ComposeResult
-from textual.binding import Binding, BindingType
-from textual.containers import Vertical
+from textual.widget import Widget
 from textual.widgets import Input, RichLog, Static
 
 from protocol.policy import AdminEvent
+from tui.widgets.filtered import Filtered
 
 KEEP = 2000  # the tail's length: enough for minutes of a busy cluster, bounded memory
 WIDTHS = (8, 15, 20, 12, 24)  # time, kind, node, group, model; the detail takes the rest
@@ -69,11 +68,8 @@ def header_line() -> Text:
     return line
 
 
-class EventsView(Vertical):
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("slash", "filter", "Filter", key_display="/")]
+class EventsView(Filtered):
     DEFAULT_CSS = """
-    EventsView > Input.filter { display: none; }
-    EventsView > Input.filter.-open { display: block; }
     EventsView > RichLog { height: 1fr; }
     """
 
@@ -88,11 +84,7 @@ class EventsView(Vertical):
         yield RichLog(max_lines=KEEP, wrap=False, markup=False, auto_scroll=True)
 
     def on_mount(self) -> None:
-        self._redraw()  # what arrived before the log was there
-
-    @property
-    def needle(self) -> str:
-        return self.query_one(Input).value.strip().lower()
+        self.refilter()  # what arrived before the log was there
 
     def add(self, events: Sequence[AdminEvent]) -> None:
         lines = [event_line(e) for e in events]
@@ -108,7 +100,7 @@ class EventsView(Vertical):
         """Every line this view keeps, shown or filtered out (tests read what the console could show)."""
         return "\n".join(line.plain for line in self._lines)
 
-    def _redraw(self) -> None:
+    def refilter(self) -> None:
         log = self.query_one(RichLog)
         log.clear()
         needle = self.needle
@@ -116,22 +108,5 @@ class EventsView(Vertical):
             if not needle or needle in line.plain.lower():
                 log.write(line)
 
-    def action_filter(self) -> None:
-        box = self.query_one(Input)
-        box.add_class("-open")
-        box.focus()
-
-    def on_input_changed(self, event: Input.Changed) -> None:
-        event.stop()
-        self._redraw()
-
-    def on_input_submitted(self, event: Input.Submitted) -> None:
-        event.stop()
-        self.query_one(RichLog).focus()
-
-    def key_escape(self) -> None:
-        box = self.query_one(Input)
-        if box.has_class("-open"):
-            box.value = ""
-            box.remove_class("-open")
-            self.query_one(RichLog).focus()
+    def body(self) -> Widget:
+        return self.query_one(RichLog)

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar, Self
+from typing import Any, Self
 
 from rich.style import Style
 from rich.text import Text
 from textual.app import ComposeResult
-from textual.binding import Binding, BindingType
-from textual.containers import Vertical
 from textual.coordinate import Coordinate
+from textual.widget import Widget
 from textual.widgets import DataTable, Input
 from textual.widgets.data_table import RowKey
+
+from tui.widgets.filtered import Filtered
 
 Cell = str | Text
 Row = tuple[str, Sequence[Cell]]  # (row key, cells)
@@ -69,14 +70,8 @@ class CachedTable(DataTable[Cell]):
         super().remove_row(row_key)
 
 
-class TableView(Vertical):
+class TableView(Filtered):
     """The rows it is given, those matching the filter shown; the cursor stays on the same key."""
-
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("slash", "filter", "Filter", key_display="/")]
-    DEFAULT_CSS = """
-    TableView > Input.filter { display: none; }
-    TableView > Input.filter.-open { display: block; }
-    """
 
     def __init__(self, columns: Sequence[str], *, id: str | None = None) -> None:
         super().__init__(id=id)
@@ -139,7 +134,7 @@ class TableView(Vertical):
             del self._rows[: max(0, len(self._rows) - keep)]
             return
         following = table.row_count == 0 or table.cursor_row >= table.row_count - 1
-        needle = self._needle()
+        needle = self.needle
         for key, cells in rows:
             if self._matches(cells, needle):
                 table.add_row(*cells, key=key)
@@ -156,10 +151,6 @@ class TableView(Vertical):
         """Every cell this view holds, shown or filtered out (tests read what the console could show)."""
         return "\n".join(" ".join(str(cell) for cell in cells) for _, cells in self._rows)
 
-    def _needle(self) -> str:
-        boxes = list(self.query(Input))
-        return boxes[0].value.strip().lower() if boxes else ""
-
     @staticmethod
     def _matches(cells: Sequence[Cell], needle: str) -> bool:
         return not needle or any(needle in str(cell).lower() for cell in cells)
@@ -168,7 +159,7 @@ class TableView(Vertical):
         table = self._shown()
         if table is None:
             return
-        needle = self._needle()
+        needle = self.needle
         wanted = [(key, cells) for key, cells in self._rows if self._matches(cells, needle)]
         drawn = self._drawn
         if len(wanted) == table.row_count and [key for key, _ in wanted] == [k.value for k in table.rows]:
@@ -191,22 +182,8 @@ class TableView(Vertical):
         if keep is not None and keep in table.rows:
             table.move_cursor(row=table.get_row_index(keep))
 
-    def action_filter(self) -> None:
-        box = self.query_one(Input)
-        box.add_class("-open")
-        box.focus()
-
-    def on_input_changed(self, event: Input.Changed) -> None:
-        event.stop()
+    def refilter(self) -> None:
         self._render_rows()
 
-    def on_input_submitted(self, event: Input.Submitted) -> None:
-        event.stop()
-        self.table.focus()
-
-    def key_escape(self) -> None:
-        box = self.query_one(Input)
-        if box.has_class("-open"):
-            box.value = ""
-            box.remove_class("-open")
-            self.table.focus()
+    def body(self) -> Widget:
+        return self.table
