@@ -225,7 +225,10 @@ def test_the_event_stream_shows_a_request_served_and_never_its_prompt(cluster: S
         await wait_for(lambda: _true(bus.watchers > before), within=60)  # subscribed: nothing is missed
         ask = openai.AsyncOpenAI(base_url=cluster.api, api_key=secret, max_retries=0)
         answer = await ask.chat.completions.create(
-            model=DEMO_MODEL_ID, messages=[{"role": "user", "content": f"Say {CANARY}."}], max_tokens=4
+            model=DEMO_MODEL_ID,
+            messages=[{"role": "user", "content": f"Say {CANARY}."}],
+            max_tokens=4,
+            extra_body={"ignore_eos": True},  # the random demo model may otherwise end at once
         )
         await ask.close()
         assert answer.choices
@@ -235,7 +238,8 @@ def test_the_event_stream_shows_a_request_served_and_never_its_prompt(cluster: S
     events = with_client(cluster, watch)
     kinds = [e.kind for e in events]
     assert "admitted" in kinds and kinds[-1] == "finished"
-    assert events[-1].model == DEMO_MODEL_ID and (events[-1].completion_tokens or 0) > 0
+    assert events[-1].model == DEMO_MODEL_ID and events[-1].completion_tokens == 4
+    assert events[-1].request_id and events[-1].ttft_ms is not None
     assert all(CANARY not in e.model_dump_json() for e in events)
 
 
