@@ -1,10 +1,11 @@
 """GPUs and open models the planner and placement know by name.
 
 GPU figures come from NVIDIA's product datasheets and architecture whitepapers (GA102/GA106, AD102/AD106,
-GB202, A100, H100, H200, L4, L40S); the 4090 and 5090 tensor figures were cross-checked against published
-spec tables. `fp16_tflops` is the dense fp16 tensor rate with fp32 accumulation, the mode PyTorch and
-exllamav2 GEMMs run in: GeForce cards do it at half their fp16-accumulate rate, the pro and datacenter
-cards at full rate, which is why an A6000 out-computes a 3090 on paper. Memory sizes are the nominal ones
+GB202, A100, H100, H200, L4, L40S), boost clocks included; the 4090 and 5090 tensor figures were
+cross-checked against published spec tables. `fp16_tflops` is the dense fp16 tensor rate with fp32
+accumulation, the mode PyTorch and exllamav2 GEMMs run in: GeForce cards do it at half their
+fp16-accumulate rate, the pro and datacenter cards at full rate, which is why an A6000 out-computes a 3090
+on paper. Memory sizes are the nominal ones
 (GDDR sizes are binary: "24 GB" is 24 GiB); a node's probe reports what is really usable.
 
 Prices are rough street figures in US dollars, each with the month it refers to and whether new or used.
@@ -45,6 +46,9 @@ class GpuSpec:
     price_date: str  # the month the price refers to, YYYY-MM
     price_note: str  # new / used / MSRP, so nobody mistakes the figure for a quote
     aliases: tuple[str, ...] = ()  # other spellings, including the names NVML reports
+    # The SM boost clock from the datasheet: a decode step's fixed cost (small kernels, launches) runs at
+    # its pace (see estimator.Engine). 1.8 GHz, a middling figure, for cards built without one.
+    boost_clock_ghz: float = 1.8
 
     @property
     def vram_bytes(self) -> int:
@@ -53,32 +57,32 @@ class GpuSpec:
 
 GPUS: tuple[GpuSpec, ...] = (
     # Volunteers' and clubs' desktop cards.
-    GpuSpec("RTX 3060 12GB", 12, 360, 25.5, 170, 290, "2025-01", "new", ("NVIDIA GeForce RTX 3060",)),
-    GpuSpec("RTX 3090", 24, 936, 71.0, 350, 850, "2025-01", "used", ("NVIDIA GeForce RTX 3090",)),
+    GpuSpec("RTX 3060 12GB", 12, 360, 25.5, 170, 290, "2025-01", "new", ("NVIDIA GeForce RTX 3060",), 1.78),
+    GpuSpec("RTX 3090", 24, 936, 71.0, 350, 850, "2025-01", "used", ("NVIDIA GeForce RTX 3090",), 1.7),
     GpuSpec(
-        "RTX 4060 Ti 16GB", 16, 288, 44.1, 165, 450, "2025-01", "new", ("NVIDIA GeForce RTX 4060 Ti",)
+        "RTX 4060 Ti 16GB", 16, 288, 44.1, 165, 450, "2025-01", "new", ("NVIDIA GeForce RTX 4060 Ti",), 2.54
     ),
-    GpuSpec("RTX 4090", 24, 1008, 165.2, 450, 2000, "2025-01", "new", ("NVIDIA GeForce RTX 4090",)),
+    GpuSpec("RTX 4090", 24, 1008, 165.2, 450, 2000, "2025-01", "new", ("NVIDIA GeForce RTX 4090",), 2.52),
     GpuSpec(
         "RTX 5090", 32, 1792, 209.5, 575, 2000, "2025-01", "launch MSRP; street higher",
-        ("NVIDIA GeForce RTX 5090",),
+        ("NVIDIA GeForce RTX 5090",), 2.41,
     ),
     # Workstation cards, common in labs.
-    GpuSpec("RTX A4000", 16, 448, 76.7, 140, 1000, "2025-01", "new", ("NVIDIA RTX A4000",)),
-    GpuSpec("RTX A6000", 48, 768, 154.8, 300, 4500, "2025-01", "new", ("NVIDIA RTX A6000",)),
+    GpuSpec("RTX A4000", 16, 448, 76.7, 140, 1000, "2025-01", "new", ("NVIDIA RTX A4000",), 1.56),
+    GpuSpec("RTX A6000", 48, 768, 154.8, 300, 4500, "2025-01", "new", ("NVIDIA RTX A6000",), 1.8),
     # Datacenter cards. A100 figures are for the SXM4 modules; the PCIe cards have less bandwidth.
-    GpuSpec("L4", 24, 300, 121.0, 72, 2500, "2025-01", "new", ("NVIDIA L4",)),
-    GpuSpec("L40S", 48, 864, 362.05, 350, 8000, "2025-01", "new", ("NVIDIA L40S",)),
+    GpuSpec("L4", 24, 300, 121.0, 72, 2500, "2025-01", "new", ("NVIDIA L4",), 2.04),
+    GpuSpec("L40S", 48, 864, 362.05, 350, 8000, "2025-01", "new", ("NVIDIA L40S",), 2.52),
     GpuSpec(
         "A100 40GB", 40, 1555, 312.0, 400, 8000, "2025-01", "used",
-        ("NVIDIA A100-SXM4-40GB", "NVIDIA A100-PCIE-40GB"),
+        ("NVIDIA A100-SXM4-40GB", "NVIDIA A100-PCIE-40GB"), 1.41,
     ),
     GpuSpec(
         "A100 80GB", 80, 2039, 312.0, 400, 15000, "2025-01", "used",
-        ("NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB PCIe"),
+        ("NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB PCIe"), 1.41,
     ),
-    GpuSpec("H100 SXM", 80, 3350, 989.0, 700, 30000, "2025-01", "new", ("NVIDIA H100 80GB HBM3",)),
-    GpuSpec("H200", 141, 4800, 989.0, 700, 35000, "2025-01", "new", ("NVIDIA H200",)),
+    GpuSpec("H100 SXM", 80, 3350, 989.0, 700, 30000, "2025-01", "new", ("NVIDIA H100 80GB HBM3",), 1.98),
+    GpuSpec("H200", 141, 4800, 989.0, 700, 35000, "2025-01", "new", ("NVIDIA H200",), 1.98),
 )  # fmt: skip
 
 # Instruct-tuned releases share the base model's architecture, so one spec serves both spellings.

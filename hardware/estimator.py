@@ -26,7 +26,9 @@ __all__ = [
     "COMPUTE_EFFICIENCY",
     "DECODE_BANDWIDTH_EFFICIENCY",
     "DEFAULT_RESERVE_BYTES",
+    "ENGINES",
     "Accelerator",
+    "Engine",
     "Footprint",
     "ModelConfigError",
     "ModelSpec",
@@ -59,9 +61,11 @@ _Q_CACHE_SCALE_BITS = 0.5
 # scratch buffers for a prefill chunk and the logits. 1 GiB is a rough, deliberately generous default.
 DEFAULT_RESERVE_BYTES = 1 << 30
 
-# Batch-1 decode is a stream of matrix-vector products, bounded by memory bandwidth. Such kernels reach
-# roughly 60-80% of the datasheet figure once per-layer launches and dequantization are paid for.
-DECODE_BANDWIDTH_EFFICIENCY = 0.7
+# Batch-1 decode is a stream of matrix-vector products, bounded by memory bandwidth. The weight stream itself
+# reaches ~87% of the datasheet figure; what made older, single-factor estimates look like "60-80%" is the
+# fixed per-step cost below, which a single factor cannot follow from 1B to 70B. Calibrated against
+# published measurements (docs/planning-accuracy.md, tests/hardware/test_published.py).
+DECODE_BANDWIDTH_EFFICIENCY = 0.87
 # Large GEMMs reach 60-80% of dense tensor peak on paper; prefill also pays for attention, norms and, for
 # quantized weights, dequantizing into fp16 before cuBLAS runs. Half of peak is a fair middle.
 COMPUTE_EFFICIENCY = 0.5
@@ -75,6 +79,34 @@ class Accelerator(Protocol):
 
     @property
     def fp16_tflops(self) -> float: ...  # dense fp16 tensor TFLOPS with fp32 accumulation
+
+    @property
+    def boost_clock_ghz(self) -> float: ...  # the SM boost clock: small kernels run at its pace
+
+
+@dataclass(frozen=True, slots=True)
+class Engine:
+    """The fixed cost an inference engine pays per decode step, in GPU clock cycles.
+
+    At batch 1 a layer is a handful of small kernels (norm, qkv, rope, attention, output, gate/up, down)
+    plus their launches; once the weights are small those take longer than streaming the weights, and
+    their length follows the SM clock, not the memory. The host adds a per-step cost (sampling, the head,
+    Python). Cycles rather than seconds, so one engine's constants carry across cards of any clock.
+    """
+
+    name: str
+    cycles_per_layer: float
+    cycles_per_step: float
+
+
+# exllamav2: fitted to the 22 rows of its own README table (1.1B to 70B, RTX 3090 Ti and 4090) together
+# with DECODE_BANDWIDTH_EFFICIENCY: 90k cycles (~36-48 us) a layer, 250k (~0.1 ms) a step, all rows within
+# ±10%. transformers (eager PyTorch, SDPA, no CUDA graphs): one kernel launch per op from Python, ~0.45 ms
+# a layer on an H100; from the arXiv 2605.30571 H100 row (27% of the memory floor), checked on its L4 row.
+ENGINES: dict[str, Engine] = {
+    "exllamav2": Engine("exllamav2", 90_000, 250_000),
+    "transformers": Engine("transformers", 880_000, 250_000),
+}
 
 
 def _check_bits(bits_per_weight: float) -> float:
@@ -244,22 +276,32 @@ def decode_tokens_per_s(
     *,
     cache_bits: int = 16,
     head_bits: float | None = None,
+    engine: str = "exllamav2",
 ) -> float:
     """Generated tokens per second, summed over `batch` sequences that each hold `context` tokens.
 
-    Each step reads every weight once for the whole batch, plus each sequence's own cache; at large
-    batches the arithmetic catches up, so the step takes the longer of the memory and compute times. A
-    model split over several GPUs runs its layers one GPU after another: estimate with the slowest card.
+    A step reads every weight once for the whole batch, plus each sequence's own cache, at
+    DECODE_BANDWIDTH_EFFICIENCY of the datasheet bandwidth; at large batches the arithmetic catches up, so
+    the streaming part takes the longer of the memory and compute times. On top comes the engine's fixed
+    cost, layers × cycles per layer + cycles per step, at the card's boost clock: it is what keeps a 1B
+    model from running 20× faster than an 8B one. A model split over several GPUs runs its layers one GPU
+    after another: estimate with the slowest card.
     """
     if batch < 1 or context < 0:
         raise ValueError("batch must be at least 1 and context cannot be negative")
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; known: {', '.join(ENGINES)}")
+    fixed = ENGINES[engine]
     read = weight_bytes(spec, bits_per_weight, head_bits=head_bits, embeddings_on_gpu=False)
     read += batch * context * kv_bytes_per_token(spec, cache_bits)
     memory_s = read / (gpu.bandwidth_gbs * 1e9 * DECODE_BANDWIDTH_EFFICIENCY)
     attention_flops = 4.0 * spec.num_layers * spec.num_heads * spec.head_dim * context
     flops = batch * (_matmul_flops_per_token(spec, with_head=True) + attention_flops)
     compute_s = flops / (gpu.fp16_tflops * 1e12 * COMPUTE_EFFICIENCY)
-    return batch / max(memory_s, compute_s)
+    overhead_s = (spec.num_layers * fixed.cycles_per_layer + fixed.cycles_per_step) / (
+        gpu.boost_clock_ghz * 1e9
+    )
+    return batch / (max(memory_s, compute_s) + overhead_s)
 
 
 def prefill_tokens_per_s(spec: ModelSpec, gpu: Accelerator) -> float:
