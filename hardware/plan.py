@@ -154,7 +154,8 @@ class PlanResult:
 
     def to_dict(self) -> dict[str, Any]:
         """The result as plain JSON types (infinities, from runs where nothing completed, become null)."""
-        return _finite(dataclasses.asdict(self))
+        plain: dict[str, Any] = _finite(dataclasses.asdict(self))
+        return plain
 
 
 def _finite(value: Any) -> Any:
@@ -276,8 +277,8 @@ def _nice(n: float) -> int:
     """A round user count near n (two significant figures)."""
     if n < 10:
         return max(1, round(n))
-    step = 10 ** (len(str(int(n))) - 2)
-    return max(1, round(n / step) * step)
+    step = int(10 ** (len(str(int(n))) - 2))
+    return max(1, round(n / step)) * step
 
 
 def plan(p: PlanInput, progress: Callable[[int, int], None] | None = None) -> PlanResult:
@@ -380,7 +381,10 @@ def _verdict(
         if bad.ttft_p99_s > p.slo.ttft_p99_s:
             why = f"TTFT p99 exceeds {p.slo.ttft_p99_s:g} s ({_s(bad.ttft_p99_s)})"
         else:
-            why = f"only {bad.within_slo:.0%} of requests get {stream} and a first token within {p.slo.ttft_p99_s:g} s"
+            why = (
+                f"only {bad.within_slo:.0%} of requests get {stream} "
+                f"and a first token within {p.slo.ttft_p99_s:g} s"
+            )
     if lo == 0:
         assert hi is not None
         sentence = f"{fleet} cannot serve {what} within the service level even to {hi} users: {why}"
