@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -227,13 +228,18 @@ def plan(
 
 
 def _run(request: Any) -> Any:
-    """The plan, with a progress bar on stderr while the sweep's simulations run."""
+    """The plan, with a progress bar on stderr once the sweep's simulations start (not before an error)."""
     from hardware.plan import plan as compute
 
-    with click.progressbar(length=1, label="simulating", file=sys.stderr) as bar:
+    with contextlib.ExitStack() as stack:
+        bars: list[Any] = []
 
         def tick(done: int, total: int) -> None:
-            bar.length = total
-            bar.update(done - bar.pos)
+            if not bars:
+                bars.append(
+                    stack.enter_context(click.progressbar(length=total, label="simulating", file=sys.stderr))
+                )
+            bars[0].length = total
+            bars[0].update(done - bars[0].pos)
 
         return compute(request, tick)
