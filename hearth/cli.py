@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from hearth import accounts_cli, federation_cli, policy_cli, proxy_cli, terms_cli, tui_cli
+from hearth import accounts_cli, federation_cli, plan_cli, policy_cli, proxy_cli, terms_cli, tui_cli
 from hearth.cli_common import config_option, data_dir_option, one_line_errors, settings_for
 from protocol import logs
 from protocol.errors import ConfigError
@@ -22,6 +22,7 @@ def main() -> None:
 
 federation_cli.register(main)
 accounts_cli.register(main)
+plan_cli.register(main)
 policy_cli.register(main)
 proxy_cli.register(main)
 terms_cli.register(main)

@@ -254,6 +254,7 @@ def _user_docs() -> str:
             DOCS / "operators.md",
             DOCS / "volunteers.md",
             DOCS / "policies.md",
+            DOCS / "planning.md",
         )
     )
 

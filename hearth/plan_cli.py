@@ -1,0 +1,245 @@
+"""`hearth plan`: which GPUs, how many, at what cost, for N users of model M (docs/planning.md)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from protocol.errors import HearthError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# The traces ship beside the repository (../shared/traces), not inside the package; $HEARTH_TRACE_DIR or
+# --trace-dir points elsewhere.
+_DEFAULT_TRACE_DIR = Path(__file__).resolve().parents[2] / "shared" / "traces"
+
+
+def register(main: click.Group) -> None:
+    main.add_command(plan)
+
+
+class _OneLineCommand(click.Command):
+    """Usage errors (a word where a number goes) as one line and exit 2, like the planner's own errors."""
+
+    def make_context(
+        self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any
+    ) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as exc:
+            click.echo(f"hearth: error: {exc.format_message()}", err=True)
+            sys.exit(2)
+
+
+def _errors_exit_2(fn: F) -> F:
+    """A bad input is the user's to fix: one line on stderr, exit status 2 (as for usage errors)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except HearthError as exc:
+            click.echo(f"hearth: error: {exc.message}", err=True)
+            sys.exit(2)
+        except ValueError as exc:  # the estimator's own checks (bits, cache bits, prices)
+            click.echo(f"hearth: error: {exc}", err=True)
+            sys.exit(2)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _prices_by_card(values: Sequence[str], option: str) -> dict[str, float]:
+    from hardware.catalog import UnknownHardware, gpu
+    from hardware.plan_inputs import PlanInputError
+
+    table: dict[str, float] = {}
+    for value in values:
+        name, sep, amount = value.rpartition("=")
+        try:
+            price = float(amount)
+            card = gpu(name)
+        except ValueError:
+            raise PlanInputError(
+                f"{option} {value!r}: write CARD=PRICE, e.g. '{option} \"RTX 4090=1800\"'"
+            ) from None
+        except UnknownHardware as exc:
+            raise PlanInputError(f"{option} {value!r}: {exc.message}") from None
+        if not sep:
+            raise PlanInputError(f"{option} {value!r}: write CARD=PRICE")
+        table[card.name] = price
+    return table
+
+
+def _hf_caches() -> list[Path]:
+    hub = os.environ.get("HF_HUB_CACHE") or str(
+        Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface") / "hub"
+    )
+    data = os.environ.get("HEARTH_DATA_DIR") or str(
+        Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "hearth"
+    )
+    return [Path(hub), Path(data) / "hf"]
+
+
+@click.command(cls=_OneLineCommand)
+@click.option(
+    "--model",
+    "model_name",
+    required=True,
+    metavar="NAME_OR_PATH",
+    help="A catalog model (Llama-3.1-70B), a model directory or config.json, or a cached HF id.",
+)
+@click.option(
+    "--gpus", required=True, metavar="LIST", help='Cards and counts, e.g. "4090x3,3090x4,A100-80GBx1".'
+)
+@click.option("--bits", type=float, default=4.0, show_default=True, help="Bits per weight (EXL2 2-8, or 16).")
+@click.option("--cache-bits", type=int, default=16, show_default=True, help="Cache precision: 16, 8, 6 or 4.")
+@click.option("--context", type=int, default=8192, show_default=True, help="Context length per sequence.")
+@click.option(
+    "--users", type=int, default=None, help="Users to plan for (the verdict says whether they fit)."
+)
+@click.option("--rate", type=float, default=6.0, show_default=True, help="Requests per user-hour at peak.")
+@click.option(
+    "--trace",
+    default=None,
+    metavar="NAME_OR_CSV",
+    help="Demand shape: azure-conv, azure-code or a CSV (default: Poisson arrivals of one size).",
+)
+@click.option(
+    "--trace-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where the named traces are (default: $HEARTH_TRACE_DIR, else ../shared/traces).",
+)
+@click.option(
+    "--requests",
+    type=int,
+    default=2000,
+    show_default=True,
+    help="Requests replayed per simulated user count (at most 10000 recommended).",
+)
+@click.option(
+    "--prompt-tokens", type=int, default=1000, show_default=True, help="Prompt size without --trace."
+)
+@click.option(
+    "--output-tokens", type=int, default=250, show_default=True, help="Answer size without --trace."
+)
+@click.option("--slo-ttft", type=float, default=2.0, show_default=True, help="TTFT p99 target in seconds.")
+@click.option(
+    "--slo-tps", type=float, default=10.0, show_default=True, help="Tokens per second each stream must get."
+)
+@click.option("--price-card", multiple=True, metavar="CARD=USD", help="A card's price (repeatable).")
+@click.option(
+    "--price-cloud", multiple=True, metavar="CARD=USD", help="A card's rental per GPU-hour (repeatable)."
+)
+@click.option("--price-kwh", type=float, default=None, help="Electricity in $ per kWh (default 0.17).")
+@click.option("--price-api", type=float, default=None, help="An API's $ per million tokens (default 0.88).")
+@click.option("--hours", type=float, default=None, help="Hours of use per day (default 24).")
+@click.option("--years", type=float, default=None, help="Years the cards are amortised over (default 3).")
+@click.option(
+    "--json",
+    "json_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the whole result as JSON to this file.",
+)
+@_errors_exit_2
+def plan(
+    model_name: str,
+    gpus: str,
+    bits: float,
+    cache_bits: int,
+    context: int,
+    users: int | None,
+    rate: float,
+    trace: str | None,
+    trace_dir: Path | None,
+    requests: int,
+    prompt_tokens: int,
+    output_tokens: int,
+    slo_ttft: float,
+    slo_tps: float,
+    price_card: tuple[str, ...],
+    price_cloud: tuple[str, ...],
+    price_kwh: float | None,
+    price_api: float | None,
+    hours: float | None,
+    years: float | None,
+    json_file: Path | None,
+) -> None:
+    """Whether a fleet of GPUs serves a model to N users within a service level, and what it costs."""
+    from hardware import plan_inputs as inputs
+    from hardware.plan import PlanInput, ServiceLevel
+    from hardware.prices import Prices
+
+    if requests < 1 or prompt_tokens < 1 or output_tokens < 1:
+        raise inputs.PlanInputError("--requests, --prompt-tokens and --output-tokens must be at least 1")
+    given = {
+        "electricity_usd_per_kwh": price_kwh,
+        "api_usd_per_million_tokens": price_api,
+        "hours_per_day": hours,
+        "amortisation_years": years,
+    }
+    prices = Prices(
+        card_usd=_prices_by_card(price_card, "--price-card"),
+        cloud_usd_per_gpu_hour=_prices_by_card(price_cloud, "--price-cloud"),
+        **{k: v for k, v in given.items() if v is not None},
+    )
+    if trace is None:
+        shape = inputs.poisson_trace(requests, prompt_tokens, output_tokens)
+        demand = f"Poisson arrivals, {prompt_tokens}-token prompts, {output_tokens}-token answers"
+    else:
+        where = trace_dir or Path(os.environ.get("HEARTH_TRACE_DIR") or _DEFAULT_TRACE_DIR)
+        shape = inputs.load_trace(inputs.resolve_trace(trace, where), requests)
+        demand = f"trace {trace}, {len(shape)} requests"
+    spec = inputs.resolve_model(model_name, _hf_caches())
+    request = PlanInput(
+        model=spec,
+        fleet=inputs.parse_fleet(gpus),
+        trace=tuple(shape),
+        demand=demand,
+        bits=bits,
+        cache_bits=cache_bits,
+        context=context,
+        users=users,
+        requests_per_user_hour=rate,
+        slo=ServiceLevel(slo_ttft, slo_tps),
+        prices=prices,
+    )
+    result = _run(request)
+    doc = result.to_dict()
+    if json_file is not None:
+        try:
+            json_file.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+        except OSError as exc:
+            raise inputs.PlanInputError(f"cannot write {json_file}: {exc.strerror}") from None
+    from hearth.plan_tables import tables
+
+    click.echo(result.verdict)
+    for line in tables(doc):
+        click.echo(line)
+
+
+def _run(request: Any) -> Any:
+    """The plan, with a progress bar on stderr once the sweep's simulations start (not before an error)."""
+    from hardware.plan import plan as compute
+
+    with contextlib.ExitStack() as stack:
+        bars: list[Any] = []
+
+        def tick(done: int, total: int) -> None:
+            if not bars:
+                bars.append(
+                    stack.enter_context(click.progressbar(length=total, label="simulating", file=sys.stderr))
+                )
+            bars[0].length = total
+            bars[0].update(done - bars[0].pos)
+
+        return compute(request, tick)

@@ -1,0 +1,100 @@
+"""The terminal tables of `hearth plan`, drawn from its JSON-ready result document."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+
+def _table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> Iterator[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    yield ""
+    yield title
+    yield "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()
+    for row in rows:
+        yield "  ".join(
+            c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        )
+
+
+def _n(value: Any, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def tables(doc: dict[str, Any]) -> Iterator[str]:
+    """Fit, speed, the simulation sweep and cost, in that order."""
+    yield from _table(
+        "Fit (each copy of the model, split over its cards)",
+        ["copy", "GiB per card", "weights GiB", "cache GiB", "cache tokens", "full contexts", "batch"],
+        [
+            [
+                f["copy"],
+                " / ".join(f"{g:.1f}" for g in f["gib_per_card"]),
+                f"{f['weights_gib']:.1f}",
+                f"{f['cache_gib']:.1f}",
+                str(f["cache_tokens"]),
+                str(f["sequences_at_context"]),
+                str(f["batch"]),
+            ]
+            for f in doc["fit"]
+        ],
+    )
+    if doc["unused_cards"]:
+        yield "unused: " + ", ".join(doc["unused_cards"]) + " (too small to add a copy)"
+    yield from _table(
+        "Speed (tokens per second, estimated)",
+        ["copy", "prefill", "decode batch 1", "batch", "decode at batch", "per stream"],
+        [
+            [
+                s["copy"],
+                f"{s['prefill_tokens_per_s']:.0f}",
+                f"{s['decode_batch1_tokens_per_s']:.1f}",
+                str(s["batch"]),
+                f"{s['decode_batch_tokens_per_s']:.0f}",
+                f"{s['stream_tokens_per_s_at_batch']:.1f}",
+            ]
+            for s in doc["speed"]
+        ],
+    )
+    yield from _table(
+        f"Simulation ({doc['inputs']['demand']}; {doc['inputs']['requests_per_user_hour']:g} requests per "
+        "user-hour)",
+        [
+            "users",
+            "req/s",
+            "TTFT p50",
+            "TTFT p99",
+            "latency p50",
+            "latency p99",
+            "goodput/s",
+            "within SLO",
+            "",
+        ],
+        [
+            [
+                str(p["users"]),
+                f"{p['requests_per_s']:.2f}",
+                _n(p["ttft_p50_s"], ".2f"),
+                _n(p["ttft_p99_s"], ".2f"),
+                _n(p["latency_p50_s"], ".1f"),
+                _n(p["latency_p99_s"], ".1f"),
+                f"{p['goodput_rps']:.2f}",
+                f"{p['within_slo']:.1%}",
+                "ok" if p["ok"] else "no",
+            ]
+            for p in doc["sweep"]
+        ],
+    )
+    yield f"most users within the service level: {doc['max_users']}"
+    if doc["dropped_requests"]:
+        yield f"{doc['dropped_requests']} requests had prompts longer than the context and were left out"
+    cost = doc["cost"]
+    yield from _table(
+        f"Cost for {doc['cost_users']} users ({cost['tokens_per_month'] / 1e6:,.0f} M tokens a month, "
+        f"cards {cost['utilisation']:.0%} busy)",
+        ["option", "$ per month", "$ per M tokens", "how"],
+        [
+            [o["name"], _n(o["usd_per_month"], ",.0f"), _n(o["usd_per_million_tokens"], ".2f"), o["note"]]
+            for o in cost["options"]
+        ],
+    )
