@@ -64,7 +64,7 @@ DEFAULT_RESERVE_BYTES = 1 << 30
 # Batch-1 decode is a stream of matrix-vector products, bounded by memory bandwidth. The weight stream itself
 # reaches ~87% of the datasheet figure; what made older, single-factor estimates look like "60-80%" is the
 # fixed per-step cost below, which a single factor cannot follow from 1B to 70B. Calibrated against
-# published measurements (docs/planning-accuracy.md, tests/hardware/test_published.py).
+# published measurements (docs/planning.md, "Accuracy", tests/hardware/test_published.py).
 DECODE_BANDWIDTH_EFFICIENCY = 0.87
 # Large GEMMs reach 60-80% of dense tensor peak on paper; prefill also pays for attention, norms and, for
 # quantized weights, dequantizing into fp16 before cuBLAS runs. Half of peak is a fair middle.

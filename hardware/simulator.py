@@ -86,13 +86,14 @@ class _Node:
     decode: dict[int, float]  # batch size -> tokens per second, summed over the batch
     running: list[_Job] = field(default_factory=list)
     admitted: list[_Job] = field(default_factory=list)  # placed, prefilled at the next iteration
+    prefilling: list[_Job] = field(default_factory=list)  # admitted when this iteration began: its prefill
     local: deque[_Job] = field(default_factory=deque)  # baselines: the node's own queue
     reserved: int = 0
     busy_until: float | None = None
 
     @property
     def active(self) -> int:
-        return len(self.running) + len(self.admitted)
+        return len(self.running) + len(self.prefilling) + len(self.admitted)
 
     def fits(self, job: _Job) -> bool:
         return self.active < self.spec.max_sequences and self.reserved + job.reserved <= self.cache_tokens
@@ -101,7 +102,8 @@ class _Node:
         return self.decode[1]
 
     def outstanding(self) -> int:
-        return sum(j.request.output_tokens - j.produced for j in (*self.running, *self.admitted))
+        jobs = (*self.running, *self.prefilling, *self.admitted)
+        return sum(j.request.output_tokens - j.produced for j in jobs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +170,9 @@ class Simulation:
         def start(node_index: int) -> None:
             node = nodes[node_index]
             if node.busy_until is None and (node.running or node.admitted):
+                # The iteration prefills what is admitted now; a job placed while it runs waits for the
+                # next one (its prompt is not in this step's time).
+                node.prefilling, node.admitted = node.admitted, []
                 node.busy_until = now + self._iteration(node)
                 heapq.heappush(events, (node.busy_until, next(counter), 1, node_index))
 
@@ -217,17 +222,17 @@ class Simulation:
         return self._result(policy, jobs)
 
     def _iteration(self, node: _Node) -> float:
-        """Prefill what was admitted, then one decode step for the whole batch."""
-        prefill = sum(j.request.prompt_tokens for j in node.admitted) / node.prefill_tps
-        batch = min(len(node.running) + len(node.admitted), node.spec.max_sequences)
+        """Prefill what was admitted when the iteration began, then one decode step for the whole batch."""
+        prefill = sum(j.request.prompt_tokens for j in node.prefilling) / node.prefill_tps
+        batch = min(len(node.running) + len(node.prefilling), node.spec.max_sequences)
         return prefill + batch / node.decode[max(1, batch)]
 
     def _advance(self, node: _Node, now: float) -> None:
-        for job in node.admitted:
+        for job in node.prefilling:
             job.first_token = now
             job.produced = 1
-        node.running.extend(node.admitted)
-        node.admitted.clear()
+        node.running.extend(node.prefilling)
+        node.prefilling = []
         still: list[_Job] = []
         for job in node.running:
             if job.first_token != now:

@@ -4,7 +4,7 @@ Every row names its source (URL and which table/row) and the exact conditions. T
 these rows are few and global (DECODE_BANDWIDTH_EFFICIENCY, the engines' cycles per layer and per step,
 each card's datasheet bandwidth and boost clock); no row has a constant of its own. Rows that the model
 cannot meet honestly stay in the table, marked `in_band=False` with the reason, and the test checks they are
-still outside, so fixing the model means updating the table (and docs/planning-accuracy.md) on purpose.
+still outside, so fixing the model means updating the table (and docs/planning.md, "Accuracy") on purpose.
 """
 
 from __future__ import annotations
