@@ -62,3 +62,18 @@ def test_one_card_one_sequence_at_a_time_is_an_m_m_1_queue() -> None:
     drain = 1 / mean_service - rate  # mu - lambda
     assert result.latency_p50 == pytest.approx(math.log(2) / drain, rel=0.08)
     assert result.latency_p99 == pytest.approx(math.log(100) / drain, rel=0.15)
+
+
+def test_a_request_placed_during_an_iteration_waits_for_its_own_prefill() -> None:
+    # Two 4,000-token prompts, the second arriving while the first one's prefill runs: it joins the next
+    # iteration, whose time includes its own prefill, so its first token comes at least two prefills after
+    # the start. (The simulator once counted a request placed mid-iteration as prefilled when that iteration
+    # ended, so time to first token fell as the load rose.)
+    prefill = prefill_tokens_per_s(LLAMA, CARD)
+    first_prefill = 4000 / prefill
+    trace = [TraceRequest(0.0, 4000, 1), TraceRequest(first_prefill / 2, 4000, 1)]
+    sim = Simulation([NodeSpec("one", CARD, max_sequences=8)], LLAMA, context=8192)
+    result = sim.run(trace, "hearth")
+    assert result.completed == 2
+    # The second request's time to first token: the rest of the first iteration, then its own prefill.
+    assert result.ttft_p99 >= first_prefill / 2 + 4000 / prefill
