@@ -150,6 +150,14 @@ def _hf_caches() -> list[Path]:
     default=None,
     help="Also write the whole result as JSON to this file.",
 )
+@click.option(
+    "--report",
+    "report_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    metavar="DIR",
+    help="Also write an HTML report with plots (report.html, plan.json, *.png) into this directory.",
+)
 @_errors_exit_2
 def plan(
     model_name: str,
@@ -173,6 +181,7 @@ def plan(
     hours: float | None,
     years: float | None,
     json_file: Path | None,
+    report_dir: Path | None,
 ) -> None:
     """Whether a fleet of GPUs serves a model to N users within a service level, and what it costs."""
     from hardware import plan_inputs as inputs
@@ -213,13 +222,23 @@ def plan(
         slo=ServiceLevel(slo_ttft, slo_tps),
         prices=prices,
     )
+    if report_dir is not None:  # a directory that cannot be made fails now, not after the simulation
+        try:
+            report_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise inputs.PlanInputError(f"cannot write the report to {report_dir}: {exc.strerror}") from None
     result = _run(request)
     doc = result.to_dict()
+    json_text = json.dumps(doc, indent=2) + "\n"
     if json_file is not None:
         try:
-            json_file.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+            json_file.write_text(json_text, encoding="utf-8")
         except OSError as exc:
             raise inputs.PlanInputError(f"cannot write {json_file}: {exc.strerror}") from None
+    if report_dir is not None:
+        from hearth.plan_report import decode_curves, write_report
+
+        write_report(report_dir, doc, json_text, decode_curves(request, doc))
     from hearth.plan_tables import tables
 
     click.echo(result.verdict)

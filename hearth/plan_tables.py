@@ -3,7 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Section:
+    """One answer of the plan as a table, and the lines that follow it (the HTML report draws the same)."""
+
+    title: str
+    header: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+    notes: tuple[str, ...] = ()
 
 
 def _table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> Iterator[str]:
@@ -23,11 +34,18 @@ def _n(value: Any, fmt: str) -> str:
 
 def tables(doc: dict[str, Any]) -> Iterator[str]:
     """Fit, speed, the simulation sweep and cost, in that order."""
-    yield from _table(
+    for section in sections(doc):
+        yield from _table(section.title, section.header, section.rows)
+        yield from section.notes
+
+
+def sections(doc: dict[str, Any]) -> tuple[Section, Section, Section, Section]:
+    """The fit, speed, simulation and cost tables of a plan's result document, formatted."""
+    fit = Section(
         "Fit (each copy of the model, split over its cards)",
-        ["copy", "GiB per card", "weights GiB", "cache GiB", "cache tokens", "full contexts", "batch"],
-        [
-            [
+        ("copy", "GiB per card", "weights GiB", "cache GiB", "cache tokens", "full contexts", "batch"),
+        tuple(
+            (
                 f["copy"],
                 " / ".join(f"{g:.1f}" for g in f["gib_per_card"]),
                 f"{f['weights_gib']:.1f}",
@@ -35,31 +53,37 @@ def tables(doc: dict[str, Any]) -> Iterator[str]:
                 str(f["cache_tokens"]),
                 str(f["sequences_at_context"]),
                 str(f["batch"]),
-            ]
+            )
             for f in doc["fit"]
-        ],
+        ),
+        ("unused: " + ", ".join(doc["unused_cards"]) + " (too small to add a copy)",)
+        if doc["unused_cards"]
+        else (),
     )
-    if doc["unused_cards"]:
-        yield "unused: " + ", ".join(doc["unused_cards"]) + " (too small to add a copy)"
-    yield from _table(
+    speed = Section(
         "Speed (tokens per second, estimated)",
-        ["copy", "prefill", "decode batch 1", "batch", "decode at batch", "per stream"],
-        [
-            [
+        ("copy", "prefill", "decode batch 1", "batch", "decode at batch", "per stream"),
+        tuple(
+            (
                 s["copy"],
                 f"{s['prefill_tokens_per_s']:.0f}",
                 f"{s['decode_batch1_tokens_per_s']:.1f}",
                 str(s["batch"]),
                 f"{s['decode_batch_tokens_per_s']:.0f}",
                 f"{s['stream_tokens_per_s_at_batch']:.1f}",
-            ]
+            )
             for s in doc["speed"]
-        ],
+        ),
     )
-    yield from _table(
+    notes = [f"most users within the service level: {doc['max_users']}"]
+    if doc["dropped_requests"]:
+        notes.append(
+            f"{doc['dropped_requests']} requests had prompts longer than the context and were left out"
+        )
+    simulation = Section(
         f"Simulation ({doc['inputs']['demand']}; {doc['inputs']['requests_per_user_hour']:g} requests per "
         "user-hour)",
-        [
+        (
             "users",
             "req/s",
             "TTFT p50",
@@ -69,9 +93,9 @@ def tables(doc: dict[str, Any]) -> Iterator[str]:
             "goodput/s",
             "within SLO",
             "",
-        ],
-        [
-            [
+        ),
+        tuple(
+            (
                 str(p["users"]),
                 f"{p['requests_per_s']:.2f}",
                 _n(p["ttft_p50_s"], ".2f"),
@@ -81,20 +105,19 @@ def tables(doc: dict[str, Any]) -> Iterator[str]:
                 f"{p['goodput_rps']:.2f}",
                 f"{p['within_slo']:.1%}",
                 "ok" if p["ok"] else "no",
-            ]
+            )
             for p in doc["sweep"]
-        ],
+        ),
+        tuple(notes),
     )
-    yield f"most users within the service level: {doc['max_users']}"
-    if doc["dropped_requests"]:
-        yield f"{doc['dropped_requests']} requests had prompts longer than the context and were left out"
     cost = doc["cost"]
-    yield from _table(
+    money = Section(
         f"Cost for {doc['cost_users']} users ({cost['tokens_per_month'] / 1e6:,.0f} M tokens a month, "
         f"cards {cost['utilisation']:.0%} busy)",
-        ["option", "$ per month", "$ per M tokens", "how"],
-        [
-            [o["name"], _n(o["usd_per_month"], ",.0f"), _n(o["usd_per_million_tokens"], ".2f"), o["note"]]
+        ("option", "$ per month", "$ per M tokens", "how"),
+        tuple(
+            (o["name"], _n(o["usd_per_month"], ",.0f"), _n(o["usd_per_million_tokens"], ".2f"), o["note"])
             for o in cost["options"]
-        ],
+        ),
     )
+    return fit, speed, simulation, money
