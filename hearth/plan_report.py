@@ -199,9 +199,11 @@ def _vram(ax: Axes, doc: dict[str, Any]) -> None:
         stacks["free"].append(gpu(card).vram_gib)
     bottom = [0.0] * len(labels)
     colours = {"weights": "#3b6ea5", "cache": "#6ab187", "reserve": "#d9a441", "free": "#dddddd"}
+    where = range(len(labels))  # positions, not the labels: the two cards of one copy share a label
     for key, values in stacks.items():
-        ax.bar(labels, values, bottom=bottom, label=key, color=colours[key])
+        ax.bar(where, values, bottom=bottom, label=key, color=colours[key])
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    ax.set_xticks(where, labels)
     ax.set_ylabel("GiB")
     ax.set_title("VRAM per card")
     ax.tick_params(axis="x", labelsize=8)
