@@ -4,9 +4,9 @@ The target (issue 15): a sweep over 10 fleet sizes on 10,000 requests of the azu
 under 60 s on the 2-core development machine. Each fleet size is one `hardware.plan.plan` call, as
 `hearth plan` makes it (the trace loaded and parsed by `hardware.plan_inputs` as the command does, the
 default sweep of user counts and its bisection), for Llama-3.1-8B at 4 bpw on 1 to 10 RTX 4090s (one copy
-each), 6 requests per user-hour, the default service level. (Llama-3.1-70B on pairs of RTX 3090s, with
-`--model Llama-3.1-70B --card 3090 --per-copy 2`, serves no users of this trace within the default service
-level, so its sweeps stop short of the work a served fleet's do.)
+each), 6 requests per user-hour, the default service level. (Llama-3.1-70B on pairs of RTX 3090s,
+`--model Llama-3.1-70B --card 3090 --per-copy 2`, misses the 2 s TTFT p99 even for one user of this trace,
+whose longest prompts take about 16 s to prefill there, so every fleet size reports 0 users.)
 
     .venv/bin/python -m tests.bench.bench_plan            # 10 fleets, 10,000 requests
     .venv/bin/python -m tests.bench.bench_plan --quick    # 3 fleets, 2,000 requests (a smoke run)
