@@ -144,6 +144,11 @@ def _hf_caches() -> list[Path]:
 @click.option("--hours", type=float, default=None, help="Hours of use per day (default 24).")
 @click.option("--years", type=float, default=None, help="Years the cards are amortised over (default 3).")
 @click.option(
+    "--search",
+    is_flag=True,
+    help="Read --gpus as a shopping list (at most so many of each); find the cheapest fleet for --users.",
+)
+@click.option(
     "--json",
     "json_file",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -180,6 +185,7 @@ def plan(
     price_api: float | None,
     hours: float | None,
     years: float | None,
+    search: bool,
     json_file: Path | None,
     report_dir: Path | None,
 ) -> None:
@@ -227,8 +233,13 @@ def plan(
             report_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise inputs.PlanInputError(f"cannot write the report to {report_dir}: {exc.strerror}") from None
-    result = _run(request)
-    doc = result.to_dict()
+    if search:
+        found = _run(request, search=True)
+        result = found.plan
+        doc = {**result.to_dict(), "search": found.to_dict()}
+    else:
+        result = _run(request)
+        doc = result.to_dict()
     json_text = json.dumps(doc, indent=2) + "\n"
     if json_file is not None:
         try:
@@ -239,16 +250,25 @@ def plan(
         from hearth.plan_report import decode_curves, write_report
 
         write_report(report_dir, doc, json_text, decode_curves(request, doc))
-    from hearth.plan_tables import tables
+    from hearth.plan_tables import search_table, tables
 
+    if search:
+        click.echo(found.verdict)
+        for line in search_table(doc["search"]):
+            click.echo(line)
+        click.echo("")
+        click.echo(f"The plan for {result.inputs['fleet']}:")
     click.echo(result.verdict)
     for line in tables(doc):
         click.echo(line)
 
 
-def _run(request: Any) -> Any:
-    """The plan, with a progress bar on stderr once the sweep's simulations start (not before an error)."""
-    from hardware.plan import plan as compute
+def _run(request: Any, *, search: bool = False) -> Any:
+    """The plan (or search), with a progress bar on stderr once a sweep starts (not before an error)."""
+    from hardware.plan import plan as plan_fleet
+    from hardware.search import search as search_list
+
+    compute = search_list if search else plan_fleet
 
     with contextlib.ExitStack() as stack:
         bars: list[Any] = []

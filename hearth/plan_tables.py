@@ -121,3 +121,22 @@ def sections(doc: dict[str, Any]) -> tuple[Section, Section, Section, Section]:
         ),
     )
     return fit, speed, simulation, money
+
+
+def search_table(search: dict[str, Any]) -> Iterator[str]:
+    """The fleets `--search` simulated, cheapest first, and which serve the users asked."""
+    yield from _table(
+        f"Search ({search['fleets_in_list']} fleets in the list, {search['fleets_costed']} costed, "
+        f"{search['simulations']} simulated; $ per month to own)",
+        ["fleet", "$ per month", "est. capacity", "max users", f"{search['users']} users"],
+        [
+            [
+                c["fleet"],
+                f"{c['usd_per_month']:,.0f}",
+                str(c["estimated_users"]),
+                str(c["max_users"]) if c["swept"] or not c["ok"] else f"≥{c['max_users']}",
+                ("ok, cheapest" if c == search["best"] else "ok") if c["ok"] else "no",
+            ]
+            for c in search["tried"]
+        ],
+    )
