@@ -23,21 +23,31 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 ADMIN_TIMEOUT_S = 30.0  # a CLI waits longer than the console, which refreshes anyway
 
 
-def one_line_errors(fn: F) -> F:
-    """Errors reach the user as one line on stderr and exit status 1, never a traceback."""
+def errors_as_one_line(status: int, *also: type[Exception]) -> Callable[[F], F]:
+    """Errors reach the user as one line on stderr and exit ``status``, never a traceback: Hearth's own
+    errors, and ``also`` (a command whose inputs are checked by ValueError, like the planner's)."""
 
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except HearthError as exc:
-            click.echo(f"hearth: error: {exc.message}", err=True)
-            sys.exit(1)
-        except KeyboardInterrupt:  # Ctrl-C before the command installed its own handler
-            click.echo("hearth: interrupted", err=True)
-            sys.exit(130)
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except HearthError as exc:
+                click.echo(f"hearth: error: {exc.message}", err=True)
+                sys.exit(status)
+            except also as exc:
+                click.echo(f"hearth: error: {exc}", err=True)
+                sys.exit(status)
+            except KeyboardInterrupt:  # Ctrl-C before the command installed its own handler
+                click.echo("hearth: interrupted", err=True)
+                sys.exit(130)
 
-    return wrapper  # type: ignore[return-value]
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+one_line_errors = errors_as_one_line(1)  # the admin commands: exit status 1
 
 
 data_dir_option = click.option(

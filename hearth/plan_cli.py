@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
-from protocol.errors import HearthError
-
-F = TypeVar("F", bound=Callable[..., Any])
+from hearth.cli_common import errors_as_one_line
 
 # The traces ship beside the repository (../shared/traces), not inside the package; $HEARTH_TRACE_DIR or
 # --trace-dir points elsewhere.
@@ -39,21 +36,9 @@ class _OneLineCommand(click.Command):
             sys.exit(2)
 
 
-def _errors_exit_2(fn: F) -> F:
-    """A bad input is the user's to fix: one line on stderr, exit status 2 (as for usage errors)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except HearthError as exc:
-            click.echo(f"hearth: error: {exc.message}", err=True)
-            sys.exit(2)
-        except ValueError as exc:  # the estimator's own checks (bits, cache bits, prices)
-            click.echo(f"hearth: error: {exc}", err=True)
-            sys.exit(2)
-
-    return wrapper  # type: ignore[return-value]
+# A bad input is the user's to fix: one line on stderr, exit status 2 (as for usage errors); ValueError
+# carries the estimator's own checks (bits, cache bits, prices).
+_errors_exit_2 = errors_as_one_line(2, ValueError)
 
 
 def _prices_by_card(values: Sequence[str], option: str) -> dict[str, float]:
