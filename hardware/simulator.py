@@ -90,6 +90,12 @@ class _Node:
     local: deque[_Job] = field(default_factory=deque)  # baselines: the node's own queue
     reserved: int = 0
     busy_until: float | None = None
+    # A run: `steps` decode iterations of `step_s` each from `run_start`, simulated as one event (nothing
+    # changes on the node between them but the token counts); `version` tells a cut run's old event.
+    run_start: float = 0.0
+    step_s: float = 0.0
+    steps: int = 1
+    version: int = 0
 
     @property
     def active(self) -> int:
@@ -101,9 +107,16 @@ class _Node:
     def single_stream_tps(self) -> float:
         return self.decode[1]
 
-    def outstanding(self) -> int:
+    def steps_done(self, now: float) -> int:
+        """Iterations of the current run finished by ``now``."""
+        if self.busy_until is None or self.steps == 1:
+            return 0
+        return min(self.steps, int((now - self.run_start) / self.step_s + 1e-9))
+
+    def outstanding(self, now: float) -> int:
         jobs = (*self.running, *self.prefilling, *self.admitted)
-        return sum(j.request.output_tokens - j.produced for j in jobs)
+        left = sum(j.request.output_tokens - j.produced for j in jobs)
+        return left - len(self.running) * self.steps_done(now)
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,10 +171,11 @@ class Simulation:
             for i, r in enumerate(trace)
             if r.prompt_tokens + 1 < ctx
         ]
-        events: list[tuple[float, int, int, int]] = []  # (time, order, kind, index): 0 arrival, 1 node
+        # (time, order, kind, index, version): kind 0 an arrival, 1 the end of a node's iteration or run
+        events: list[tuple[float, int, int, int, int]] = []
         counter = itertools.count()
         for job in jobs:
-            heapq.heappush(events, (job.request.arrival, next(counter), 0, job.index))
+            heapq.heappush(events, (job.request.arrival, next(counter), 0, job.index, 0))
         by_index = {j.index: j for j in jobs}
         central: deque[_Job] = deque()
         turn = itertools.count()
@@ -169,12 +183,33 @@ class Simulation:
 
         def start(node_index: int) -> None:
             node = nodes[node_index]
+            if node.busy_until is not None and node.admitted:
+                cut(node_index)
             if node.busy_until is None and (node.running or node.admitted):
                 # The iteration prefills what is admitted now; a job placed while it runs waits for the
                 # next one (its prompt is not in this step's time).
                 node.prefilling, node.admitted = node.admitted, []
-                node.busy_until = now + self._iteration(node)
-                heapq.heappush(events, (node.busy_until, next(counter), 1, node_index))
+                node.steps, node.step_s = 1, self._iteration(node)
+                if not node.prefilling:
+                    # Decode only: every iteration is the same until a sequence ends (or a job is placed
+                    # here, which cuts the run at the iteration in progress), so they are one event.
+                    node.steps = max(1, min(j.request.output_tokens - j.produced for j in node.running))
+                node.run_start = now
+                node.busy_until = now + node.steps * node.step_s
+                node.version += 1
+                heapq.heappush(events, (node.busy_until, next(counter), 1, node_index, node.version))
+
+        def cut(node_index: int) -> None:
+            """End the node's run with the iteration in progress: a job placed now joins the next one."""
+            node = nodes[node_index]
+            if node.steps == 1 or node.busy_until is None:
+                return
+            steps = max(1, min(node.steps, math.ceil((now - node.run_start) / node.step_s - 1e-9)))
+            if steps < node.steps:
+                node.steps = steps
+                node.busy_until = node.run_start + steps * node.step_s
+                node.version += 1
+                heapq.heappush(events, (node.busy_until, next(counter), 1, node_index, node.version))
 
         def pull_local(node: _Node) -> None:
             while node.local and node.fits(node.local[0]):
@@ -184,7 +219,7 @@ class Simulation:
 
         def dispatch_central() -> None:
             while central:
-                decision = place(self._request(central[0]), self._snapshot(nodes), rng)
+                decision = place(self._request(central[0]), self._snapshot(nodes, now), rng)
                 if not isinstance(decision, Placement):
                     return
                 job = central.popleft()
@@ -194,7 +229,7 @@ class Simulation:
                 start(index)
 
         while events:
-            now, _, kind, index = heapq.heappop(events)
+            now, _, kind, index, version = heapq.heappop(events)
             if kind == 0:
                 job = by_index[index]
                 if policy == "hearth":
@@ -212,6 +247,8 @@ class Simulation:
                 start(target)
                 continue
             node = nodes[index]
+            if version != node.version:
+                continue  # a run cut short: its new end is another event
             node.busy_until = None
             self._advance(node, now)
             if policy == "hearth":
@@ -236,7 +273,7 @@ class Simulation:
         still: list[_Job] = []
         for job in node.running:
             if job.first_token != now:
-                job.produced += 1
+                job.produced += node.steps
             if job.produced >= job.request.output_tokens:
                 job.done = now
                 node.reserved -= job.reserved
@@ -247,7 +284,7 @@ class Simulation:
     def _request(self, job: _Job) -> PlacementRequest:
         return PlacementRequest(MODEL_ID, job.request.output_tokens, prompt_tokens=job.request.prompt_tokens)
 
-    def _snapshot(self, nodes: Sequence[_Node]) -> ClusterSnapshot:
+    def _snapshot(self, nodes: Sequence[_Node], now: float) -> ClusterSnapshot:
         return ClusterSnapshot(
             tuple(
                 NodeState(
@@ -265,7 +302,7 @@ class Simulation:
                             max_sequences=n.spec.max_sequences,
                             active=n.active,
                             reserved_tokens=n.reserved,
-                            outstanding_tokens=n.outstanding(),
+                            outstanding_tokens=n.outstanding(now),
                             tokens_per_s=n.single_stream_tps(),
                         ),
                     ),

@@ -77,3 +77,20 @@ def test_a_request_placed_during_an_iteration_waits_for_its_own_prefill() -> Non
     assert result.completed == 2
     # The second request's time to first token: the rest of the first iteration, then its own prefill.
     assert result.ttft_p99 >= first_prefill / 2 + 4000 / prefill
+
+
+def test_a_request_placed_during_a_decode_run_joins_at_the_next_iteration() -> None:
+    # A long answer decodes alone; the simulator runs its identical iterations as one event. A request
+    # placed in the middle of that run must join at the end of the iteration in progress, as it would if
+    # every iteration were its own event: its first token comes after at most one batch-1 step of waiting,
+    # then its own prefill and a batch-2 step.
+    prefill = prefill_tokens_per_s(LLAMA, CARD)
+    step1 = 1 / decode_tokens_per_s(LLAMA, 4.0, CARD, batch=1, context=8192)
+    step2 = 2 / decode_tokens_per_s(LLAMA, 4.0, CARD, batch=2, context=8192)
+    arrival = 200.37 * step1  # well inside the run, between two iteration boundaries
+    trace = [TraceRequest(0.0, 1, 2000), TraceRequest(arrival, 500, 2)]
+    sim = Simulation([NodeSpec("one", CARD, max_sequences=8)], LLAMA, context=8192)
+    result = sim.run(trace, "hearth")
+    assert result.completed == 2
+    own = 500 / prefill + step2
+    assert own <= result.ttft_p99 <= own + step1 * 1.001
