@@ -96,6 +96,7 @@ class _Node:
     step_s: float = 0.0
     steps: int = 1
     version: int = 0
+    left: int = 0  # tokens its jobs have still to write, as of the last iteration's end
 
     @property
     def active(self) -> int:
@@ -113,10 +114,14 @@ class _Node:
             return 0
         return min(self.steps, int((now - self.run_start) / self.step_s + 1e-9))
 
+    def admit(self, job: _Job) -> None:
+        self.admitted.append(job)
+        self.reserved += job.reserved
+        self.left += job.request.output_tokens - job.produced
+
     def outstanding(self, now: float) -> int:
-        jobs = (*self.running, *self.prefilling, *self.admitted)
-        left = sum(j.request.output_tokens - j.produced for j in jobs)
-        return left - len(self.running) * self.steps_done(now)
+        """Tokens its jobs have still to write, as of ``now`` (within a run, its finished iterations)."""
+        return self.left - len(self.running) * self.steps_done(now)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,9 +166,11 @@ class Simulation:
         self._context = context
         self._slo = slo or Slo()
         self._seed = seed
+        self._ended = 0  # sequences finished in the current run, on every node
 
     def run(self, trace: Sequence[TraceRequest], policy: Policy) -> Result:
         rng = random.Random(self._seed)
+        self._ended = 0  # sequences finished so far, on every node
         nodes = [_node(s, self._model, self._bits, self._context) for s in self._specs]
         ctx = self._context
         jobs = [
@@ -213,19 +220,25 @@ class Simulation:
 
         def pull_local(node: _Node) -> None:
             while node.local and node.fits(node.local[0]):
-                job = node.local.popleft()
-                node.admitted.append(job)
-                node.reserved += job.reserved
+                node.admit(node.local.popleft())
+
+        # The queue's head refused when the cluster had freed capacity this many times: placement's filters
+        # (cache, sequences) only pass after a sequence ends, and a refusal draws nothing from `rng`, so
+        # asking again before that would get the same answer.
+        blocked: tuple[int, int] | None = None
 
         def dispatch_central() -> None:
+            nonlocal blocked
             while central:
+                if blocked == (central[0].index, self._ended):
+                    return
                 decision = place(self._request(central[0]), self._snapshot(nodes, now), rng)
                 if not isinstance(decision, Placement):
+                    blocked = (central[0].index, self._ended)
                     return
                 job = central.popleft()
                 index = int(decision.node_id)
-                nodes[index].admitted.append(job)
-                nodes[index].reserved += job.reserved
+                nodes[index].admit(job)
                 start(index)
 
         while events:
@@ -268,15 +281,19 @@ class Simulation:
         for job in node.prefilling:
             job.first_token = now
             job.produced = 1
+            node.left -= 1
         node.running.extend(node.prefilling)
         node.prefilling = []
         still: list[_Job] = []
         for job in node.running:
             if job.first_token != now:
                 job.produced += node.steps
+                node.left -= node.steps
             if job.produced >= job.request.output_tokens:
+                node.left -= job.request.output_tokens - job.produced
                 job.done = now
                 node.reserved -= job.reserved
+                self._ended += 1
             else:
                 still.append(job)
         node.running = still
