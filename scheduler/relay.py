@@ -156,6 +156,15 @@ class _ClientStalled(Exception):
     """The client stopped reading: writing to it timed out."""
 
 
+class ClientLeft(ConnectionResetError):
+    """The client went away while its answer was written.
+
+    aiohttp says so with ``ClientConnectionResetError``, which is also an ``aiohttp.ClientConnectionError``:
+    let through, it would read as the node's connection failing, and a healthy node would be marked failed
+    for a client's leaving. Callers that stop on ``ConnectionResetError`` stop on this too.
+    """
+
+
 class Relay:
     def __init__(
         self,
@@ -325,9 +334,16 @@ class Relay:
     ) -> None:
         if payloads:
             data = b"".join(payloads)
-            await stream.send(self._write, request, data)
+            await self._send(request, stream, data)
             stream.relayed(data)
             on_data(len(payloads))
+
+    async def _send(self, request: web.Request, stream: Stream, data: bytes) -> None:
+        """Write to the client; its leaving is ClientLeft, never an error of the node being read."""
+        try:
+            await stream.send(self._write, request, data)
+        except ConnectionResetError as exc:
+            raise ClientLeft(str(exc)) from None
 
     async def _write(self, request: web.Request, out: web.StreamResponse, payload: bytes) -> None:
         transport = request.transport
@@ -430,11 +446,11 @@ async def _pump_sealed(
                 else:
                     err = _error(frame) if frame.kind == frames.ERROR else ProtocolError("unexpected frame")
                     if relay_now:
-                        await stream.send(relay._write, request, b"".join(relay_now))
+                        await relay._send(request, stream, b"".join(relay_now))
                         on_data(data)
                     raise failed(stream.seq > start, err, FAILOVER_STATUSES)
             if relay_now:
-                await stream.send(relay._write, request, b"".join(relay_now))
+                await relay._send(request, stream, b"".join(relay_now))
                 on_data(data)
         decoder.close()
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError, ProtocolError):
