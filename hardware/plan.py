@@ -281,8 +281,11 @@ def _nice(n: float) -> int:
     return max(1, round(n / step)) * step
 
 
-def plan(p: PlanInput, progress: Callable[[int, int], None] | None = None) -> PlanResult:
-    """The whole answer; `progress(done, total)` is called after each simulation run."""
+def plan(
+    p: PlanInput, progress: Callable[[int, int], None] | None = None, *, refine: bool = True
+) -> PlanResult:
+    """The whole answer; `progress(done, total)` is called after each simulation run. Without `refine`,
+    only the sweep's user counts are simulated (no bisection where the service level is first missed)."""
     copies, unused = form_copies(p)
     if not copies:
         need = weight_bytes(p.model, p.bits) + p.context * kv_bytes_per_token(p.model, p.cache_bits)
@@ -300,7 +303,7 @@ def plan(p: PlanInput, progress: Callable[[int, int], None] | None = None) -> Pl
     if p.users is not None:
         counts.add(p.users)
     users_sorted = sorted(counts)
-    total = len(users_sorted) + REFINE_STEPS
+    total = len(users_sorted) + (REFINE_STEPS if refine else 0)
     done = 0
     sim = Simulation(
         [NodeSpec(str(i), _effective(c, p), max_sequences=MAX_BATCH) for i, c in enumerate(copies)],
@@ -323,7 +326,7 @@ def plan(p: PlanInput, progress: Callable[[int, int], None] | None = None) -> Pl
     first_bad = next((u for u in users_sorted if not points[u].ok), None)
     good = [u for u in users_sorted if points[u].ok and (first_bad is None or u < first_bad)]
     lo, hi = (good[-1] if good else 0), first_bad
-    for _ in range(REFINE_STEPS):
+    for _ in range(REFINE_STEPS if refine else 0):
         if hi is None or hi - lo <= max(1, hi // 50):
             break
         mid = (lo + hi) // 2 if lo else max(1, hi // 2)

@@ -10,10 +10,13 @@ The search is bounded:
    is a lower bound on its cost, so candidates are drawn in that order and costed only when their bound
    is below the cheapest costed one (a heap), so a list of many card types stays cheap to walk.
 2. A candidate is simulated only if the model fits on it and its estimated flat-out capacity (prefill and
-   decode throughput, as `plan` estimates it for its sweep) covers N users.
-3. A simulation replays the demand at N users only (`plan` with one user count); the first candidate that
-   is within the service level then gets the full `plan` sweep, which must confirm at least N users.
-   At most MAX_SIMULATIONS candidates are simulated; a few runner-ups after the winner are checked too.
+   decode throughput, as `plan` estimates it for its sweep) covers N users. That bound is loose (within
+   the service level a fleet serves a third to a half of it where long prompts meet slow prefill), so the
+   plausible candidates are checked in order, cheapest first, without skipping any.
+3. A check replays the demand once, at N users (`plan` with that one user count and no bisection); the
+   first candidate within the service level then gets the full `plan` sweep, which must confirm at least
+   N users. At most MAX_SIMULATIONS simulation runs in all; a few runner-ups after the winner are checked
+   too.
 
 Nothing passing is an answer, not an error: the verdict names the best fleet found and the users it serves.
 """
@@ -34,7 +37,7 @@ from hardware.prices import DAYS_PER_MONTH, IDLE_SHARE, cost
 
 __all__ = ["MAX_SIMULATIONS", "RUNNERS_UP", "Candidate", "SearchResult", "search"]
 
-MAX_SIMULATIONS = 20  # candidates simulated at most (each one run at N users, more if it fails)
+MAX_SIMULATIONS = 60  # simulation runs at most: a check is one run at N users, a full plan one more
 RUNNERS_UP = 2  # candidates after the winner checked as well, so the planner sees the next options
 MAX_CANDIDATES = 1_000_000  # sub-fleets of the list at most: beyond, the list is not a shopping list
 
@@ -46,9 +49,10 @@ class Candidate:
     cards: int
     usd_per_month: float  # owning: cards amortised + electricity at N users' load
     estimated_users: int  # flat-out capacity from the estimated throughput (an upper bound)
-    max_users: int  # users within the service level: at least this many unless swept
+    max_users: int | None  # users within the service level (swept); unswept: N if ok, else None (fewer)
     swept: bool  # max_users comes from the full sweep; otherwise from the check at N users only
     ok: bool  # serves N users within the service level
+    within_slo: float  # at N users, the share of requests within the service level (the check's figure)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,8 +160,9 @@ def search(p: PlanInput, progress: Callable[[int, int], None] | None = None) -> 
     def check(c: _Costed) -> Candidate:
         nonlocal simulations
         simulations += 1
-        one = plan(dataclasses.replace(p, fleet=_entries(p, c.counts), user_counts=(users,)))
-        return _candidate(p, c, one.max_users, swept=False)
+        one = plan(dataclasses.replace(p, fleet=_entries(p, c.counts), user_counts=(users,)), refine=False)
+        point = one.sweep[0]
+        return _candidate(p, c, users if point.ok else None, swept=False, within_slo=point.within_slo)
 
     for c in _cheapest_first(p, users, mean_tokens):
         costed += 1
@@ -170,7 +175,7 @@ def search(p: PlanInput, progress: Callable[[int, int], None] | None = None) -> 
         if found.ok and best is None:
             full = plan(dataclasses.replace(p, fleet=_entries(p, c.counts)), progress)
             simulations += 1
-            found = _candidate(p, c, full.max_users, swept=True)
+            found = _candidate(p, c, full.max_users, swept=True, within_slo=found.within_slo)
             if found.ok:
                 best = (found, full)
         elif best is not None:
@@ -184,13 +189,13 @@ def search(p: PlanInput, progress: Callable[[int, int], None] | None = None) -> 
         verdict = (
             f"The cheapest fleet for {users} users is {chosen.fleet} at ${chosen.usd_per_month:,.0f} a month "
             f"to own; it serves {chosen.max_users} users within the service level "
-            f"({costed} fleets costed, {simulations} simulated)"
+            f"({costed} fleets costed, {simulations} simulation runs)"
         )
     else:
         if not tried:  # none plausible: simulate the strongest, so the verdict can say how far it falls short
             strongest = max(fitting, key=lambda c: (c.estimated_users, -c.usd_per_month))
             tried.append(check(strongest))
-        near = max(tried, key=lambda c: (c.max_users, -c.usd_per_month))
+        near = max(tried, key=lambda c: (c.within_slo, -c.usd_per_month))  # the closest to the level
         counts = next(c.counts for c in fitting if _label(p, c.counts) == near.fleet)
         full = plan(dataclasses.replace(p, fleet=_entries(p, counts)), progress)
         simulations += 1
@@ -198,7 +203,7 @@ def search(p: PlanInput, progress: Callable[[int, int], None] | None = None) -> 
         verdict = (
             f"No fleet from the list serves {users} users within the service level; the best found, "
             f"{near.fleet} (${near.usd_per_month:,.0f} a month to own), serves {full.max_users} users "
-            f"({costed} fleets costed, {simulations} simulated)"
+            f"({costed} fleets costed, {simulations} simulation runs)"
         )
     return SearchResult(
         verdict=verdict,
@@ -218,7 +223,9 @@ def _label(p: PlanInput, counts: tuple[int, ...]) -> str:
     return " + ".join(f"{n}×{e.gpu.name}" for e, n in zip(p.fleet, counts, strict=True) if n)
 
 
-def _candidate(p: PlanInput, c: _Costed, max_users: int, *, swept: bool) -> Candidate:
+def _candidate(
+    p: PlanInput, c: _Costed, max_users: int | None, *, swept: bool, within_slo: float
+) -> Candidate:
     assert p.users is not None
     return Candidate(
         fleet=_label(p, c.counts),
@@ -228,5 +235,6 @@ def _candidate(p: PlanInput, c: _Costed, max_users: int, *, swept: bool) -> Cand
         estimated_users=c.estimated_users,
         max_users=max_users,
         swept=swept,
-        ok=max_users >= p.users,
+        ok=max_users is not None and max_users >= p.users,
+        within_slo=within_slo,
     )

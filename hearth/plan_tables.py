@@ -123,20 +123,36 @@ def sections(doc: dict[str, Any]) -> tuple[Section, Section, Section, Section]:
     return fit, speed, simulation, money
 
 
+SEARCH_ROWS = 12  # fleets the terminal lists at most; the JSON document has them all
+
+
 def search_table(search: dict[str, Any]) -> Iterator[str]:
-    """The fleets `--search` simulated, cheapest first, and which serve the users asked."""
+    """The fleets `--search` simulated, cheapest first, and which serve the users asked; a long run of
+    cheaper fleets that fell short is shortened to its dearest few."""
+    users = search["users"]
+    rows = [
+        [
+            c["fleet"],
+            f"{c['usd_per_month']:,.0f}",
+            str(c["estimated_users"]),
+            _served(c, users),
+            ("ok, cheapest" if c == search["best"] else "ok") if c["ok"] else "no",
+        ]
+        for c in search["tried"]
+    ]
+    if len(rows) > SEARCH_ROWS:
+        hidden = len(rows) - SEARCH_ROWS + 1
+        rows = [[f"… {hidden} cheaper fleets", "", "", f"<{users}", "no"], *rows[hidden:]]
     yield from _table(
         f"Search ({search['fleets_in_list']} fleets in the list, {search['fleets_costed']} costed, "
-        f"{search['simulations']} simulated; $ per month to own)",
-        ["fleet", "$ per month", "est. capacity", "max users", f"{search['users']} users"],
-        [
-            [
-                c["fleet"],
-                f"{c['usd_per_month']:,.0f}",
-                str(c["estimated_users"]),
-                str(c["max_users"]) if c["swept"] or not c["ok"] else f"≥{c['max_users']}",
-                ("ok, cheapest" if c == search["best"] else "ok") if c["ok"] else "no",
-            ]
-            for c in search["tried"]
-        ],
+        f"{search['simulations']} simulation runs; $ per month to own)",
+        ["fleet", "$ per month", "est. capacity", "max users", f"{users} users"],
+        rows,
     )
+
+
+def _served(candidate: dict[str, Any], users: int) -> str:
+    """The users a fleet serves: the sweep's figure, or what the check at N users showed (≥N or <N)."""
+    if candidate["swept"]:
+        return str(candidate["max_users"])
+    return f"≥{users}" if candidate["ok"] else f"<{users}"
