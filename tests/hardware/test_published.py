@@ -111,7 +111,7 @@ def _exl2(spec: ModelSpec, bits: float, head: float, ti: float, ada: float, row:
 # llama-bench's tg 512 generates 512 tokens from an empty prompt: the cache holds 256 tokens on average.
 _HBM_WHY = (
     "streaming-bound on HBM: this llama.cpp build drew {share} of the datasheet bandwidth here (GDDR cards"
-    " 75-85%), where the model assumes 87% for every engine; its fixed cost cannot make up a shortfall that"
+    " 75-82%), where the model assumes 87% for every engine; its fixed cost cannot make up a shortfall that"
     " grows with the weights"
 )
 
