@@ -165,6 +165,8 @@ def load(path: Path) -> dict[str, CardCalibration]:
             found[card] = CardCalibration(
                 card, factor, int(entry["samples"]), str(entry["source"]), str(entry["measured_at"])
             )
+    except CalibrationError:
+        raise
     except UnknownHardware as exc:
         raise CalibrationError(f"{path}: {exc.message}; {fix}") from None
     except (ValueError, TypeError, KeyError, AttributeError):
