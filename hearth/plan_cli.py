@@ -193,6 +193,12 @@ def plan(
     from hardware.plan import PlanInput, ServiceLevel
     from hardware.prices import Prices
 
+    if model_name is None:
+        raise inputs.PlanInputError("missing --model: the model to plan for (e.g. --model Llama-3.1-70B)")
+    if (gpus is None) == (not cluster):
+        raise inputs.PlanInputError(
+            "choose one: --gpus LIST (cards and counts) or --cluster (the live cluster)"
+        )
     if requests < 1 or prompt_tokens < 1 or output_tokens < 1:
         raise inputs.PlanInputError("--requests, --prompt-tokens and --output-tokens must be at least 1")
     given = {
@@ -213,12 +219,6 @@ def plan(
         where = trace_dir or Path(os.environ.get("HEARTH_TRACE_DIR") or _DEFAULT_TRACE_DIR)
         shape = inputs.load_trace(inputs.resolve_trace(trace, where), requests)
         demand = f"trace {trace}, {len(shape)} requests"
-    if model_name is None:
-        raise inputs.PlanInputError("missing --model: the model to plan for (e.g. --model Llama-3.1-70B)")
-    if (gpus is None) == (not cluster):
-        raise inputs.PlanInputError(
-            "choose one: --gpus LIST (cards and counts) or --cluster (the live cluster)"
-        )
     spec = inputs.resolve_model(model_name, hf_caches())
     fleet = inputs.parse_fleet(gpus) if gpus is not None else _cluster_fleet(scheduler_url, token)
     stored = {} if no_calibration else calibration.load(calibration_path(data_dir))

@@ -249,6 +249,23 @@ def test_calibrate_from_a_benchmark_file(tmp_path: Path) -> None:
     assert calibrated["max_users"] > plain["max_users"]
 
 
+def test_search_uses_the_calibration(tmp_path: Path) -> None:
+    bench = _write_bench(tmp_path, BENCH_FACTOR)
+    assert _cli("calibrate", "--bench", str(bench), "--data-dir", str(tmp_path / "data"))[0] == 0
+    doc = _plan(tmp_path, "--gpus", "H100x1,4090x1", "--users", "50", "--search")
+    assert doc["search"]["best"]["fleet"] == "1×RTX 4090"  # the cheapest that serves 50 users
+    assert [s["figures"] for s in doc["speed"]] == ["estimated"]
+    assert doc["inputs"]["calibration"] == {}  # the 4090 alone: the H100's factor plays no part
+    tried = {c["fleet"]: c for c in doc["search"]["tried"]}
+    plain = _plan(tmp_path, "--gpus", "H100x1,4090x1", "--users", "50", "--search", "--no-calibration")
+    plain_tried = {c["fleet"]: c for c in plain["search"]["tried"]}
+    assert set(tried) == set(plain_tried)
+    with_h100 = [fleet for fleet in tried if "H100" in fleet]  # the runner-ups
+    assert with_h100
+    for fleet in with_h100:  # estimated faster once the H100 is calibrated
+        assert tried[fleet]["estimated_users"] > plain_tried[fleet]["estimated_users"]
+
+
 def test_a_later_calibration_keeps_other_cards(cluster: Stack, tmp_path: Path) -> None:
     data = tmp_path / "data"
     assert (
