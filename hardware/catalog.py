@@ -26,7 +26,17 @@ from typing import TypeVar
 from hardware.model_spec import ModelSpec
 from protocol.errors import NotFound
 
-__all__ = ["GPUS", "MODELS", "GpuSpec", "UnknownHardware", "gpu", "gpu_for_probe", "model", "model_aliases"]
+__all__ = [
+    "GPUS",
+    "MODELS",
+    "GpuSpec",
+    "UnknownHardware",
+    "gpu",
+    "gpu_for_probe",
+    "gpu_named",
+    "model",
+    "model_aliases",
+]
 
 T = TypeVar("T")
 
@@ -163,6 +173,13 @@ def gpu(name: str) -> GpuSpec:
 def model(name: str) -> ModelSpec:
     """The catalog model called `name`, by its short name or a Hugging Face id."""
     return _find("model", name, [(spec, spec.name, aliases) for spec, aliases in _MODELS])
+
+
+def gpu_named(name: str) -> GpuSpec | None:
+    """The catalog entry whose name or an alias is `name` exactly (case, spaces, dashes and vendor words
+    aside), or None: no partial match, since a card NVML names "RTX 4060" is not the catalog's 4060 Ti."""
+    key = _key(name)
+    return next((g for g in GPUS if key in {_key(n) for n in (g.name, *g.aliases)}), None)
 
 
 def gpu_for_probe(name: str, vram_total_bytes: int) -> GpuSpec | None:

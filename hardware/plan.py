@@ -13,7 +13,8 @@ How cards become copies: each card type first forms copies of its own (the fewes
 hold the weights, one full-context sequence and a reserve per card); the cards left over are pooled,
 largest first, into mixed copies. A copy spread over several cards runs its layers one card after another,
 so its speed is the layer-weighted harmonic mean of its cards' (the simulator sees one device with those
-figures). Estimates, not measurements: see docs/planning.md for the assumptions and limits.
+figures). Estimates, not measurements, except for the cards `hearth plan calibrate` measured
+(`hardware.calibration`): see docs/planning.md for the assumptions and limits.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from hardware.calibration import CardCalibration
 from hardware.catalog import GpuSpec
 from hardware.estimator import (
     DEFAULT_RESERVE_BYTES,
@@ -71,6 +73,9 @@ class PlanInput:
     slo: ServiceLevel = field(default_factory=ServiceLevel)
     prices: Prices = field(default_factory=Prices)
     user_counts: tuple[int, ...] = ()  # the sweep; empty: shares of the estimated capacity
+    # The cards whose figures were calibrated (their specs in `fleet` already scaled, calibration.apply):
+    # the result says which copies' speeds are measured rather than estimated.
+    calibration: Mapping[str, CardCalibration] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.fleet:
@@ -123,6 +128,7 @@ class CopySpeed:
     batch: int
     decode_batch_tokens_per_s: float  # summed over the batch
     stream_tokens_per_s_at_batch: float
+    figures: str = "estimated"  # "measured" when every card of the copy is calibrated, "partly measured"
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,7 +265,9 @@ def _fit_and_speed(p: PlanInput, copy: Copy, mean_tokens: float) -> tuple[CopyFi
         sequences_at_context=copy.cache_tokens // p.context,
         batch=batch,
     )
-    speed = CopySpeed(copy.label, prefill, decode1, batch, decode_b, decode_b / batch)
+    calibrated = [c.name in p.calibration for c in copy.cards]
+    figures = "measured" if all(calibrated) else "partly measured" if any(calibrated) else "estimated"
+    speed = CopySpeed(copy.label, prefill, decode1, batch, decode_b, decode_b / batch, figures)
     prompt = statistics.fmean(r.prompt_tokens for r in p.trace)
     output = statistics.fmean(r.output_tokens for r in p.trace)
     return fit, speed, 1 / (prompt / prefill + output / decode_b)
@@ -353,6 +361,9 @@ def plan(
         "requests_simulated": len(p.trace),
         "slo": dataclasses.asdict(p.slo),
         "prices": {k: v if not isinstance(v, dict) else dict(v) for k, v in _prices(p.prices).items()},
+        "calibration": {
+            e.gpu.name: p.calibration[e.gpu.name].summary() for e in p.fleet if e.gpu.name in p.calibration
+        },
     }
     return PlanResult(
         verdict=_verdict(p, used, points, lo, hi),

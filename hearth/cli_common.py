@@ -72,16 +72,55 @@ def settings_for(config: Path | None, data_dir: Path | None, **overrides: Any) -
     return load_settings(config, **overrides)
 
 
-_scheduler_url = click.option(
+scheduler_option = click.option(
     "--scheduler", "scheduler_url", metavar="URL", default=None,
     help="The scheduler's URL (default: $HEARTH_SCHEDULER_URL, else http://127.0.0.1:8000).",
 )  # fmt: skip
-_token = click.option("--token", default=None, help="An admin token (default: $HEARTH_TOKEN).")
+token_option = click.option("--token", default=None, help="An admin token (default: $HEARTH_TOKEN).")
 
 
 def admin_command(fn: F) -> F:
     """A command that calls the scheduler's admin API: --scheduler and --token, errors in one line."""
-    return _scheduler_url(_token(one_line_errors(fn)))  # type: ignore[no-any-return]
+    return scheduler_option(token_option(one_line_errors(fn)))  # type: ignore[no-any-return]
+
+
+def _usage_in_one_line(make: Callable[[], click.Context]) -> click.Context:
+    try:
+        return make()
+    except click.UsageError as exc:
+        click.echo(f"hearth: error: {exc.format_message()}", err=True)
+        sys.exit(2)
+
+
+class OneLineUsageCommand(click.Command):
+    """Usage errors (a word where a number goes) as one line and exit 2, like the planner's own errors."""
+
+    def make_context(
+        self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any
+    ) -> click.Context:
+        return _usage_in_one_line(lambda: super(OneLineUsageCommand, self).make_context(
+            info_name, args, parent=parent, **extra
+        ))  # fmt: skip
+
+
+class OneLineUsageGroup(click.Group):
+    """A group whose usage errors, an unknown subcommand's included, are one line and exit 2."""
+
+    def make_context(
+        self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any
+    ) -> click.Context:
+        return _usage_in_one_line(lambda: super(OneLineUsageGroup, self).make_context(
+            info_name, args, parent=parent, **extra
+        ))  # fmt: skip
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        try:
+            return super().resolve_command(ctx, args)
+        except click.UsageError as exc:
+            click.echo(f"hearth: error: {exc.format_message()}", err=True)
+            sys.exit(2)
 
 
 def scheduler_url(url: str | None) -> str:

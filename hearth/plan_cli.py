@@ -8,11 +8,24 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+from click.core import ParameterSource
 
-from hearth.cli_common import errors_as_one_line
+from hearth.cli_common import (
+    OneLineUsageGroup,
+    data_dir_option,
+    errors_as_one_line,
+    scheduler_option,
+    token_option,
+)
+from hearth.cli_common import scheduler_url as scheduler_url_for
+from hearth.plan_calibrate_cli import calibrate, calibration_path, cluster_nodes, hf_caches
+from protocol.errors import ConfigError
+
+if TYPE_CHECKING:
+    from hardware.plan_inputs import FleetEntry
 
 # The traces ship beside the repository (../shared/traces), not inside the package; $HEARTH_TRACE_DIR or
 # --trace-dir points elsewhere.
@@ -21,19 +34,7 @@ _DEFAULT_TRACE_DIR = Path(__file__).resolve().parents[2] / "shared" / "traces"
 
 def register(main: click.Group) -> None:
     main.add_command(plan)
-
-
-class _OneLineCommand(click.Command):
-    """Usage errors (a word where a number goes) as one line and exit 2, like the planner's own errors."""
-
-    def make_context(
-        self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any
-    ) -> click.Context:
-        try:
-            return super().make_context(info_name, args, parent=parent, **extra)
-        except click.UsageError as exc:
-            click.echo(f"hearth: error: {exc.format_message()}", err=True)
-            sys.exit(2)
+    plan.add_command(calibrate)
 
 
 # A bad input is the user's to fix: one line on stderr, exit status 2 (as for usage errors); ValueError
@@ -63,27 +64,23 @@ def _prices_by_card(values: Sequence[str], option: str) -> dict[str, float]:
     return table
 
 
-def _hf_caches() -> list[Path]:
-    hub = os.environ.get("HF_HUB_CACHE") or str(
-        Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface") / "hub"
-    )
-    data = os.environ.get("HEARTH_DATA_DIR") or str(
-        Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "hearth"
-    )
-    return [Path(hub), Path(data) / "hf"]
-
-
-@click.command(cls=_OneLineCommand)
+@click.group(cls=OneLineUsageGroup, invoke_without_command=True)
 @click.option(
     "--model",
     "model_name",
-    required=True,
     metavar="NAME_OR_PATH",
     help="A catalog model (Llama-3.1-70B), a model directory or config.json, or a cached HF id.",
 )
+@click.option("--gpus", metavar="LIST", help='Cards and counts, e.g. "4090x3,3090x4,A100-80GBx1".')
 @click.option(
-    "--gpus", required=True, metavar="LIST", help='Cards and counts, e.g. "4090x3,3090x4,A100-80GBx1".'
+    "--cluster",
+    is_flag=True,
+    help="Plan the live cluster's cards (the approved nodes', from the scheduler's admin API).",
 )
+@scheduler_option
+@token_option
+@click.option("--no-calibration", is_flag=True, help="Ignore the stored calibration: every figure estimated.")
+@data_dir_option
 @click.option("--bits", type=float, default=4.0, show_default=True, help="Bits per weight (EXL2 2-8, or 16).")
 @click.option("--cache-bits", type=int, default=16, show_default=True, help="Cache precision: 16, 8, 6 or 4.")
 @click.option("--context", type=int, default=8192, show_default=True, help="Context length per sequence.")
@@ -150,8 +147,13 @@ def _hf_caches() -> list[Path]:
 )
 @_errors_exit_2
 def plan(
-    model_name: str,
-    gpus: str,
+    model_name: str | None,
+    gpus: str | None,
+    cluster: bool,
+    scheduler_url: str | None,
+    token: str | None,
+    no_calibration: bool,
+    data_dir: Path | None,
     bits: float,
     cache_bits: int,
     context: int,
@@ -175,10 +177,28 @@ def plan(
     report_dir: Path | None,
 ) -> None:
     """Whether a fleet of GPUs serves a model to N users within a service level, and what it costs."""
+    ctx = click.get_current_context()
+    if ctx.invoked_subcommand is not None:
+        options = [
+            p.opts[0] for p in ctx.command.params
+            if ctx.get_parameter_source(p.name or "") == ParameterSource.COMMANDLINE
+        ]  # fmt: skip
+        if options:
+            raise ConfigError(
+                f"{options[0]} is an option of `hearth plan`, not of `hearth plan {ctx.invoked_subcommand}`"
+            )
+        return
+    from hardware import calibration
     from hardware import plan_inputs as inputs
     from hardware.plan import PlanInput, ServiceLevel
     from hardware.prices import Prices
 
+    if model_name is None:
+        raise inputs.PlanInputError("missing --model: the model to plan for (e.g. --model Llama-3.1-70B)")
+    if (gpus is None) == (not cluster):
+        raise inputs.PlanInputError(
+            "choose one: --gpus LIST (cards and counts) or --cluster (the live cluster)"
+        )
     if requests < 1 or prompt_tokens < 1 or output_tokens < 1:
         raise inputs.PlanInputError("--requests, --prompt-tokens and --output-tokens must be at least 1")
     given = {
@@ -199,10 +219,14 @@ def plan(
         where = trace_dir or Path(os.environ.get("HEARTH_TRACE_DIR") or _DEFAULT_TRACE_DIR)
         shape = inputs.load_trace(inputs.resolve_trace(trace, where), requests)
         demand = f"trace {trace}, {len(shape)} requests"
-    spec = inputs.resolve_model(model_name, _hf_caches())
+    spec = inputs.resolve_model(model_name, hf_caches())
+    fleet = inputs.parse_fleet(gpus) if gpus is not None else _cluster_fleet(scheduler_url, token)
+    stored = {} if no_calibration else calibration.load(calibration_path(data_dir))
+    used = {e.gpu.name: stored[e.gpu.name] for e in fleet if e.gpu.name in stored}
     request = PlanInput(
         model=spec,
-        fleet=inputs.parse_fleet(gpus),
+        fleet=calibration.apply(fleet, used),
+        calibration=used,
         trace=tuple(shape),
         demand=demand,
         bits=bits,
@@ -246,6 +270,21 @@ def plan(
     click.echo(result.verdict)
     for line in tables(doc):
         click.echo(line)
+
+
+def _cluster_fleet(url: str | None, token: str | None) -> tuple[FleetEntry, ...]:
+    """The approved nodes' cards; nodes whose cards are unknown are left out, one line each on stderr."""
+    from hardware.measured import cluster_fleet
+    from hardware.plan_inputs import PlanInputError
+
+    fleet, skipped = cluster_fleet(cluster_nodes(url, token))
+    for k in skipped:
+        click.echo(f"hearth: warning: {k.what} left out of the fleet: {k.reason}", err=True)
+    if not fleet:
+        raise PlanInputError(
+            f"the cluster at {scheduler_url_for(url)} has no approved node with a card the catalog knows"
+        )
+    return fleet
 
 
 def _run(request: Any, *, search: bool = False) -> Any:

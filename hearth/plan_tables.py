@@ -60,9 +60,11 @@ def sections(doc: dict[str, Any]) -> tuple[Section, Section, Section, Section]:
         if doc["unused_cards"]
         else (),
     )
+    calibrated = doc["inputs"].get("calibration") or {}
     speed = Section(
-        "Speed (tokens per second, estimated)",
-        ("copy", "prefill", "decode batch 1", "batch", "decode at batch", "per stream"),
+        "Speed (tokens per second, "
+        + ("measured where a card is calibrated, else estimated)" if calibrated else "estimated)"),
+        ("copy", "prefill", "decode batch 1", "batch", "decode at batch", "per stream", "figures"),
         tuple(
             (
                 s["copy"],
@@ -71,8 +73,14 @@ def sections(doc: dict[str, Any]) -> tuple[Section, Section, Section, Section]:
                 str(s["batch"]),
                 f"{s['decode_batch_tokens_per_s']:.0f}",
                 f"{s['stream_tokens_per_s_at_batch']:.1f}",
+                s.get("figures", "estimated"),
             )
             for s in doc["speed"]
+        ),
+        tuple(
+            f"{card}: {c['factor']:g}× the estimate, from {c['samples']} measurements ({c['source']}, "
+            f"{c['when']})"
+            for card, c in calibrated.items()
         ),
     )
     notes = [f"most users within the service level: {doc['max_users']}"]

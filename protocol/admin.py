@@ -101,6 +101,14 @@ class NodeModel(_Reply):
     cache_tokens: int
     page_tokens: int
     max_sequences: int
+    footprint_bytes: int = Field(
+        default=0, description="Memory the model holds on the node: weights, cache and a reserve."
+    )
+    tokens_per_s: float = Field(
+        default=0.0,
+        description="Tokens per second one answer got, as the node measured it (an average over its recent "
+        "answers, whole answers including their prompts); 0 until one finished.",
+    )
 
 
 class Node(_NodeRecord):

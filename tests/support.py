@@ -362,9 +362,17 @@ async def wait_for(
         await asyncio.sleep(interval)
 
 
-async def attach_fake_node(stack: Stack, node_id: str, url: str, models: list[dict[str, Any]]) -> None:
+async def attach_fake_node(
+    stack: Stack,
+    node_id: str,
+    url: str,
+    models: list[dict[str, Any]],
+    *,
+    gpus: str = "cpu",
+    memory_total_bytes: int = 1 << 30,
+) -> None:
     """Approve a node that is not a Hearth node (one that misbehaves on purpose) and keep it looking
-    alive, as its heartbeats would."""
+    alive, as its heartbeats would; ``gpus`` is its heartbeat's GPU summary ("2x NVIDIA GeForce RTX 3090")."""
     assert stack.scheduler_app is not None
     fed = stack.scheduler_app[FEDERATION]
     ident = Identity.generate()
@@ -379,8 +387,8 @@ async def attach_fake_node(stack: Stack, node_id: str, url: str, models: list[di
 
     fed.remember(await fed.store.run(approve))
     status = NodeStatus(
-        node_id=node_id, version="fake", url=url, tier="club", memory_total_bytes=1 << 30,
-        memory_free_bytes=1 << 29, models=[ModelStatus(**m) for m in models],
+        node_id=node_id, version="fake", url=url, tier="club", gpus=gpus, memory_total_bytes=memory_total_bytes,
+        memory_free_bytes=memory_total_bytes // 2, models=[ModelStatus(**m) for m in models],
     )  # fmt: skip
 
     async def beat() -> None:
