@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,25 @@ import pytest
 from node.demo import DEMO_MODEL_ID, build_demo_model
 from node.settings import ModelSettings
 from tests.support import LoopThread, Stack, start_stack, stop_stack
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_user_hearth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The suite never reads the running user's Hearth files: a config in ~/.config/hearth or a planner
+    calibration in ~/.local/share/hearth would move results. Subprocesses inherit the same."""
+    base = tmp_path_factory.mktemp("home")
+    names = ("XDG_DATA_HOME", "XDG_CONFIG_HOME", "HEARTH_DATA_DIR", "HEARTH_CONFIG")
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ["XDG_DATA_HOME"] = str(base / "data")
+    os.environ["XDG_CONFIG_HOME"] = str(base / "config")
+    os.environ.pop("HEARTH_DATA_DIR", None)
+    os.environ.pop("HEARTH_CONFIG", None)
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")
