@@ -137,7 +137,8 @@ def _cheapest_first(p: PlanInput, users: int, mean_tokens: float) -> Iterator[_C
 
 
 def search(p: PlanInput, progress: Callable[[int, int], None] | None = None) -> SearchResult:
-    """The cheapest sub-fleet of `p.fleet` serving `p.users`; `progress` follows the final full plan."""
+    """The cheapest sub-fleet of `p.fleet` serving `p.users`; `progress(done, total)` follows every
+    simulation run (the total is the bound until a full plan starts, then that plan's runs)."""
     if p.users is None:
         raise PlanInputError("--search needs --users: the number of users the fleet must serve")
     users = p.users
@@ -157,10 +158,18 @@ def search(p: PlanInput, progress: Callable[[int, int], None] | None = None) -> 
     runners = 0
     fitting: list[_Costed] = []  # candidates the model fits on, to name the strongest when none is plausible
 
+    def sweep(counts: tuple[int, ...]) -> PlanResult:
+        """The full plan of a sub-fleet, its runs counted after the checks so far."""
+        base = simulations
+        tick = None if progress is None else lambda done, total: progress(base + done, base + total)
+        return plan(dataclasses.replace(p, fleet=_entries(p, counts)), tick)
+
     def check(c: _Costed) -> Candidate:
         nonlocal simulations
         simulations += 1
         one = plan(dataclasses.replace(p, fleet=_entries(p, c.counts), user_counts=(users,)), refine=False)
+        if progress is not None:
+            progress(simulations, MAX_SIMULATIONS)
         point = one.sweep[0]
         return _candidate(p, c, users if point.ok else None, swept=False, within_slo=point.within_slo)
 
@@ -173,7 +182,7 @@ def search(p: PlanInput, progress: Callable[[int, int], None] | None = None) -> 
             break
         found = check(c)
         if found.ok and best is None:
-            full = plan(dataclasses.replace(p, fleet=_entries(p, c.counts)), progress)
+            full = sweep(c.counts)
             simulations += 1
             found = _candidate(p, c, full.max_users, swept=True, within_slo=found.within_slo)
             if found.ok:
@@ -197,7 +206,7 @@ def search(p: PlanInput, progress: Callable[[int, int], None] | None = None) -> 
             tried.append(check(strongest))
         near = max(tried, key=lambda c: (c.within_slo, -c.usd_per_month))  # the closest to the level
         counts = next(c.counts for c in fitting if _label(p, c.counts) == near.fleet)
-        full = plan(dataclasses.replace(p, fleet=_entries(p, counts)), progress)
+        full = sweep(counts)
         simulations += 1
         tried[tried.index(near)] = dataclasses.replace(near, max_users=full.max_users, swept=True)
         verdict = (
