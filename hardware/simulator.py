@@ -25,7 +25,7 @@ import math
 import random
 import statistics
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -73,7 +73,6 @@ class _Job:
     request: TraceRequest
     index: int
     reserved: int
-    produced: int = 0
     first_token: float | None = None
     done: float | None = None
 
@@ -84,11 +83,15 @@ class _Node:
     prefill_tps: float
     cache_tokens: int
     decode: dict[int, float]  # batch size -> tokens per second, summed over the batch
-    running: list[_Job] = field(default_factory=list)
+    # Decoding jobs as a heap of (`clock` when the job writes its last token, index, job): a job's token
+    # count is the iterations it has run, so nothing is counted per job per iteration.
+    running: list[tuple[int, int, _Job]] = field(default_factory=list)
     admitted: list[_Job] = field(default_factory=list)  # placed, prefilled at the next iteration
     prefilling: list[_Job] = field(default_factory=list)  # admitted when this iteration began: its prefill
     local: deque[_Job] = field(default_factory=deque)  # baselines: the node's own queue
     reserved: int = 0
+    active: int = 0  # jobs running, prefilling or admitted
+    clock: int = 0  # iterations finished
     busy_until: float | None = None
     # A run: `steps` decode iterations of `step_s` each from `run_start`, simulated as one event (nothing
     # changes on the node between them but the token counts); `version` tells a cut run's old event.
@@ -97,10 +100,8 @@ class _Node:
     steps: int = 1
     version: int = 0
     left: int = 0  # tokens its jobs have still to write, as of the last iteration's end
-
-    @property
-    def active(self) -> int:
-        return len(self.running) + len(self.prefilling) + len(self.admitted)
+    state: NodeState | None = None  # placement's view of the node, kept while `state_key` holds
+    state_key: tuple[int, int, int] = (-1, -1, -1)
 
     def fits(self, job: _Job) -> bool:
         return self.active < self.spec.max_sequences and self.reserved + job.reserved <= self.cache_tokens
@@ -117,7 +118,8 @@ class _Node:
     def admit(self, job: _Job) -> None:
         self.admitted.append(job)
         self.reserved += job.reserved
-        self.left += job.request.output_tokens - job.produced
+        self.active += 1
+        self.left += job.request.output_tokens
 
     def outstanding(self, now: float) -> int:
         """Tokens its jobs have still to write, as of ``now`` (within a run, its finished iterations)."""
@@ -159,6 +161,7 @@ class Simulation:
         context: int = 8192,
         slo: Slo | None = None,
         seed: int = 0,
+        shortcuts: bool = True,
     ) -> None:
         self._specs = list(nodes)
         self._model = model
@@ -166,6 +169,7 @@ class Simulation:
         self._context = context
         self._slo = slo or Slo()
         self._seed = seed
+        self._shortcuts = shortcuts
         self._ended = 0  # sequences finished in the current run, on every node
 
     def run(self, trace: Sequence[TraceRequest], policy: Policy) -> Result:
@@ -200,7 +204,7 @@ class Simulation:
                 if not node.prefilling:
                     # Decode only: every iteration is the same until a sequence ends (or a job is placed
                     # here, which cuts the run at the iteration in progress), so they are one event.
-                    node.steps = max(1, min(j.request.output_tokens - j.produced for j in node.running))
+                    node.steps = max(1, node.running[0][0] - node.clock)
                 node.run_start = now
                 node.busy_until = now + node.steps * node.step_s
                 node.version += 1
@@ -226,15 +230,32 @@ class Simulation:
         # (cache, sequences) only pass after a sequence ends, and a refusal draws nothing from `rng`, so
         # asking again before that would get the same answer.
         blocked: tuple[int, int] | None = None
+        tiers = PlacementRequest(MODEL_ID, None).tiers
+        allowed = [i for i, n in enumerate(nodes) if n.spec.tier in tiers]
 
         def dispatch_central() -> None:
             nonlocal blocked
             while central:
-                if blocked == (central[0].index, self._ended):
+                head = central[0]
+                if not self._shortcuts:
+                    decision = place(self._request(head), self._snapshot(nodes, range(len(nodes)), now), rng)
+                elif blocked == (head.index, self._ended):
                     return
-                decision = place(self._request(central[0]), self._snapshot(nodes, now), rng)
+                else:
+                    # Placement's own filters, in numbers: only these nodes can start the head now.
+                    can = (
+                        []
+                        if head.request.output_tokens >= ctx
+                        else [i for i in allowed if nodes[i].fits(head)]
+                    )
+                    if len(can) == 1:
+                        decision = Placement(str(can[0]), 0.0)  # placement's only option: no choice to make
+                    elif can:
+                        decision = place(self._request(head), self._snapshot(nodes, can, now), rng)
+                    else:
+                        decision = None
                 if not isinstance(decision, Placement):
-                    blocked = (central[0].index, self._ended)
+                    blocked = (head.index, self._ended)
                     return
                 job = central.popleft()
                 index = int(decision.node_id)
@@ -278,33 +299,33 @@ class Simulation:
         return prefill + batch / node.decode[max(1, batch)]
 
     def _advance(self, node: _Node, now: float) -> None:
+        """An iteration or run ends: each running job gained `steps` tokens, a prefilled one its first."""
+        node.left -= len(node.running) * node.steps + len(node.prefilling)
+        node.clock += node.steps
         for job in node.prefilling:
             job.first_token = now
-            job.produced = 1
-            node.left -= 1
-        node.running.extend(node.prefilling)
+            heapq.heappush(node.running, (node.clock + job.request.output_tokens - 1, job.index, job))
         node.prefilling = []
-        still: list[_Job] = []
-        for job in node.running:
-            if job.first_token != now:
-                job.produced += node.steps
-                node.left -= node.steps
-            if job.produced >= job.request.output_tokens:
-                node.left -= job.request.output_tokens - job.produced
-                job.done = now
-                node.reserved -= job.reserved
-                self._ended += 1
-            else:
-                still.append(job)
-        node.running = still
+        while node.running and node.running[0][0] <= node.clock:
+            last, _, job = heapq.heappop(node.running)
+            node.left -= last - node.clock  # tokens written past the request's (none: a run stops there)
+            job.done = now
+            node.reserved -= job.reserved
+            node.active -= 1
+            self._ended += 1
 
     def _request(self, job: _Job) -> PlacementRequest:
         return PlacementRequest(MODEL_ID, job.request.output_tokens, prompt_tokens=job.request.prompt_tokens)
 
-    def _snapshot(self, nodes: Sequence[_Node], now: float) -> ClusterSnapshot:
-        return ClusterSnapshot(
-            tuple(
-                NodeState(
+    def _snapshot(self, nodes: Sequence[_Node], which: Iterable[int], now: float) -> ClusterSnapshot:
+        """Placement's view of the nodes ``which``; a node's state is rebuilt only when its figures change."""
+        states = []
+        for i in which:
+            n = nodes[i]
+            key = (n.active, n.reserved, n.outstanding(now))
+            if n.state is None or key != n.state_key:
+                n.state_key = key
+                n.state = NodeState(
                     node_id=str(i),
                     tier=n.spec.tier,
                     healthy=True,
@@ -317,16 +338,15 @@ class Simulation:
                             footprint_bytes=0,
                             cache_tokens=n.cache_tokens,
                             max_sequences=n.spec.max_sequences,
-                            active=n.active,
-                            reserved_tokens=n.reserved,
-                            outstanding_tokens=n.outstanding(now),
+                            active=key[0],
+                            reserved_tokens=key[1],
+                            outstanding_tokens=key[2],
                             tokens_per_s=n.single_stream_tps(),
                         ),
                     ),
                 )
-                for i, n in enumerate(nodes)
-            )
-        )
+            states.append(n.state)
+        return ClusterSnapshot(tuple(states))
 
     def _result(self, policy: str, jobs: Sequence[_Job]) -> Result:
         done = [j for j in jobs if j.done is not None and j.first_token is not None]
