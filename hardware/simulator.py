@@ -86,7 +86,9 @@ class _Node:
     # Decoding jobs as a heap of (`clock` when the job writes its last token, index, job): a job's token
     # count is the iterations it has run, so nothing is counted per job per iteration.
     running: list[tuple[int, int, _Job]] = field(default_factory=list)
+    max_sequences: int = 1
     admitted: list[_Job] = field(default_factory=list)  # placed, prefilled at the next iteration
+    admitted_prompts: int = 0  # their prompt tokens
     prefilling: list[_Job] = field(default_factory=list)  # admitted when this iteration began: its prefill
     local: deque[_Job] = field(default_factory=deque)  # baselines: the node's own queue
     reserved: int = 0
@@ -104,7 +106,7 @@ class _Node:
     state_key: tuple[int, int, int] = (-1, -1, -1)
 
     def fits(self, job: _Job) -> bool:
-        return self.active < self.spec.max_sequences and self.reserved + job.reserved <= self.cache_tokens
+        return self.active < self.max_sequences and self.reserved + job.reserved <= self.cache_tokens
 
     def single_stream_tps(self) -> float:
         return self.decode[1]
@@ -117,6 +119,7 @@ class _Node:
 
     def admit(self, job: _Job) -> None:
         self.admitted.append(job)
+        self.admitted_prompts += job.request.prompt_tokens
         self.reserved += job.reserved
         self.active += 1
         self.left += job.request.output_tokens
@@ -148,7 +151,13 @@ def _node(spec: NodeSpec, model: ModelSpec, bits: float, context: int) -> _Node:
         b: decode_tokens_per_s(model, bits, spec.gpu, batch=b, context=context)
         for b in range(1, spec.max_sequences + 1)
     }
-    return _Node(spec, prefill_tokens_per_s(model, spec.gpu), int(cache_tokens), decode)
+    return _Node(
+        spec,
+        prefill_tokens_per_s(model, spec.gpu),
+        int(cache_tokens),
+        decode,
+        max_sequences=spec.max_sequences,
+    )
 
 
 class Simulation:
@@ -182,12 +191,11 @@ class Simulation:
             for i, r in enumerate(trace)
             if r.prompt_tokens + 1 < ctx
         ]
-        # (time, order, kind, index, version): kind 0 an arrival, 1 the end of a node's iteration or run
-        events: list[tuple[float, int, int, int, int]] = []
+        # Arrivals in order, and a heap of (time, order, node, version): the end of a node's iteration or run.
+        # At the same time an arrival comes first.
+        arrivals = sorted(jobs, key=lambda j: j.request.arrival)
+        events: list[tuple[float, int, int, int]] = []
         counter = itertools.count()
-        for job in jobs:
-            heapq.heappush(events, (job.request.arrival, next(counter), 0, job.index, 0))
-        by_index = {j.index: j for j in jobs}
         central: deque[_Job] = deque()
         turn = itertools.count()
         now = 0.0
@@ -199,8 +207,9 @@ class Simulation:
             if node.busy_until is None and (node.running or node.admitted):
                 # The iteration prefills what is admitted now; a job placed while it runs waits for the
                 # next one (its prompt is not in this step's time).
-                node.prefilling, node.admitted = node.admitted, []
-                node.steps, node.step_s = 1, self._iteration(node)
+                prompts = node.admitted_prompts
+                node.prefilling, node.admitted, node.admitted_prompts = node.admitted, [], 0
+                node.steps, node.step_s = 1, self._iteration(node, prompts)
                 if not node.prefilling:
                     # Decode only: every iteration is the same until a sequence ends (or a job is placed
                     # here, which cuts the run at the iteration in progress), so they are one event.
@@ -208,7 +217,7 @@ class Simulation:
                 node.run_start = now
                 node.busy_until = now + node.steps * node.step_s
                 node.version += 1
-                heapq.heappush(events, (node.busy_until, next(counter), 1, node_index, node.version))
+                heapq.heappush(events, (node.busy_until, next(counter), node_index, node.version))
 
         def cut(node_index: int) -> None:
             """End the node's run with the iteration in progress: a job placed now joins the next one."""
@@ -220,7 +229,7 @@ class Simulation:
                 node.steps = steps
                 node.busy_until = node.run_start + steps * node.step_s
                 node.version += 1
-                heapq.heappush(events, (node.busy_until, next(counter), 1, node_index, node.version))
+                heapq.heappush(events, (node.busy_until, next(counter), node_index, node.version))
 
         def pull_local(node: _Node) -> None:
             while node.local and node.fits(node.local[0]):
@@ -246,7 +255,12 @@ class Simulation:
                     can = (
                         []
                         if head.request.output_tokens >= ctx
-                        else [i for i in allowed if nodes[i].fits(head)]
+                        else [
+                            i
+                            for i in allowed
+                            if nodes[i].active < nodes[i].max_sequences
+                            and nodes[i].reserved + head.reserved <= nodes[i].cache_tokens
+                        ]
                     )
                     if len(can) == 1:
                         decision = Placement(str(can[0]), 0.0)  # placement's only option: no choice to make
@@ -262,10 +276,17 @@ class Simulation:
                 nodes[index].admit(job)
                 start(index)
 
-        while events:
-            now, _, kind, index, version = heapq.heappop(events)
-            if kind == 0:
-                job = by_index[index]
+        hearth = policy == "hearth"
+        arrived = 0
+        while arrived < len(arrivals) or events:
+            if arrived < len(arrivals) and (not events or arrivals[arrived].request.arrival <= events[0][0]):
+                job = arrivals[arrived]
+                arrived += 1
+                now = job.request.arrival
+                if hearth:
+                    central.append(job)
+                    dispatch_central()
+                    continue
                 if policy == "hearth":
                     central.append(job)
                     dispatch_central()
@@ -280,21 +301,23 @@ class Simulation:
                 pull_local(nodes[target])
                 start(target)
                 continue
+            now, _, index, version = heapq.heappop(events)
             node = nodes[index]
             if version != node.version:
                 continue  # a run cut short: its new end is another event
             node.busy_until = None
             self._advance(node, now)
-            if policy == "hearth":
+            if hearth:
                 dispatch_central()
             else:
                 pull_local(node)
             start(index)
         return self._result(policy, jobs)
 
-    def _iteration(self, node: _Node) -> float:
-        """Prefill what was admitted when the iteration began, then one decode step for the whole batch."""
-        prefill = sum(j.request.prompt_tokens for j in node.prefilling) / node.prefill_tps
+    def _iteration(self, node: _Node, prompts: int) -> float:
+        """Prefill what was admitted when the iteration began (``prompts`` tokens), then one decode step for
+        the whole batch."""
+        prefill = prompts / node.prefill_tps
         batch = min(len(node.running) + len(node.prefilling), node.spec.max_sequences)
         return prefill + batch / node.decode[max(1, batch)]
 
@@ -322,7 +345,8 @@ class Simulation:
         states = []
         for i in which:
             n = nodes[i]
-            key = (n.active, n.reserved, n.outstanding(now))
+            done = 0 if n.busy_until is None or n.steps == 1 else n.steps_done(now)
+            key = (n.active, n.reserved, n.left - len(n.running) * done)
             if n.state is None or key != n.state_key:
                 n.state_key = key
                 n.state = NodeState(
