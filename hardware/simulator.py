@@ -347,7 +347,7 @@ class Simulation:
             n = nodes[i]
             done = 0 if n.busy_until is None or n.steps == 1 else n.steps_done(now)
             key = (n.active, n.reserved, n.left - len(n.running) * done)
-            if n.state is None or key != n.state_key:
+            if n.state is None or key != n.state_key or not self._shortcuts:
                 n.state_key = key
                 n.state = NodeState(
                     node_id=str(i),

@@ -49,3 +49,23 @@ def test_a_model_that_fits_no_card_is_refused() -> None:
         Simulation([NodeSpec("small", gpu("RTX 3060 12GB"))], model("Llama-3.1-70B")).run(
             trace(n=1), "hearth"
         )
+
+
+@pytest.mark.parametrize("rate", [2.0, 12.0, 40.0])
+def test_the_shortcuts_to_placement_give_the_same_run_as_asking_it_every_time(rate: float) -> None:
+    # The simulator skips placement when fewer than two nodes can start the queue's head, shows it only
+    # those nodes, keeps their states while unchanged, and does not ask again for a head refused until a
+    # sequence ends. None of that may change a run: compared with asking placement, over the whole
+    # cluster, at every chance. Two equal cards (ties, settled by the random stream), a small one with few
+    # sequences, a node of a tier no request may reach, and a last request longer than the context.
+    nodes = [
+        NodeSpec("a", gpu("RTX 4090")),
+        NodeSpec("b", gpu("RTX 4090")),
+        NodeSpec("c", gpu("RTX 3060 12GB"), max_sequences=4),
+        NodeSpec("d", gpu("H100 SXM"), tier="lab"),
+    ]
+    work = [*scale(trace(n=300), rate), TraceRequest(1e6, 100, 9000)]
+    fast = Simulation(nodes, LLAMA, seed=7).run(work, "hearth")
+    straight = Simulation(nodes, LLAMA, seed=7, shortcuts=False).run(work, "hearth")
+    assert fast == straight
+    assert fast.completed == 300  # the last request never fits and is never placed
