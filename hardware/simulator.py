@@ -140,6 +140,14 @@ class Result:
     latency_p99: float
     goodput_rps: float  # requests per second that met the SLO
     slo_attainment: float  # share of requests that met it
+    # Time per output token after the first, (done - first token) / (tokens - 1), over the requests that
+    # wrote more than one token (inf when none did).
+    tpot_p50: float = math.inf
+    tpot_p99: float = math.inf
+    # Requests waiting to be placed (the central queue; for the baselines, the nodes' own queues):
+    # time-weighted mean from the first arrival to the last event, and the most at once.
+    queue_mean: float = 0.0
+    queue_max: int = 0
 
 
 def _node(spec: NodeSpec, model: ModelSpec, bits: float, context: int) -> _Node:
@@ -231,9 +239,13 @@ class Simulation:
                 node.version += 1
                 heapq.heappush(events, (node.busy_until, next(counter), node_index, node.version))
 
+        local_queued = 0  # the baselines: requests in the nodes' own queues
+
         def pull_local(node: _Node) -> None:
+            nonlocal local_queued
             while node.local and node.fits(node.local[0]):
                 node.admit(node.local.popleft())
+                local_queued -= 1
 
         # The queue's head refused when the cluster had freed capacity this many times: placement's filters
         # (cache, sequences) only pass after a sequence ends, and a refusal draws nothing from `rng`, so
@@ -278,7 +290,17 @@ class Simulation:
 
         hearth = policy == "hearth"
         arrived = 0
+        # The queue waiting to be placed: its length since `last` (as the previous event left it), its
+        # integral over time from the first arrival, and its most.
+        queue = queue_max = 0
+        area = 0.0
+        first = last = arrivals[0].request.arrival if arrivals else 0.0
         while arrived < len(arrivals) or events:
+            if queue != len(central) + local_queued:
+                area += queue * (now - last)
+                last = now
+                queue = len(central) + local_queued
+                queue_max = max(queue_max, queue)
             if arrived < len(arrivals) and (not events or arrivals[arrived].request.arrival <= events[0][0]):
                 job = arrivals[arrived]
                 arrived += 1
@@ -298,6 +320,7 @@ class Simulation:
                     least = min(loads)
                     target = rng.choice([i for i, v in enumerate(loads) if v == least])
                 nodes[target].local.append(job)
+                local_queued += 1
                 pull_local(nodes[target])
                 start(target)
                 continue
@@ -312,7 +335,8 @@ class Simulation:
             else:
                 pull_local(node)
             start(index)
-        return self._result(policy, jobs)
+        area += queue * (now - last)
+        return self._result(policy, jobs, area / (now - first) if now > first else 0.0, queue_max)
 
     def _iteration(self, node: _Node, prompts: int) -> float:
         """Prefill what was admitted when the iteration began (``prompts`` tokens), then one decode step for
@@ -372,12 +396,18 @@ class Simulation:
             states.append(n.state)
         return ClusterSnapshot(tuple(states))
 
-    def _result(self, policy: str, jobs: Sequence[_Job]) -> Result:
+    def _result(self, policy: str, jobs: Sequence[_Job], queue_mean: float, queue_max: int) -> Result:
         done = [j for j in jobs if j.done is not None and j.first_token is not None]
         if not done:
-            return Result(policy, 0, 0.0, math.inf, math.inf, math.inf, math.inf, 0.0, 0.0)
+            inf = math.inf
+            return Result(policy, 0, 0.0, inf, inf, inf, inf, 0.0, 0.0, inf, inf, queue_mean, queue_max)
         ttft = sorted(j.first_token - j.request.arrival for j in done)  # type: ignore[operator]
         latency = sorted(j.done - j.request.arrival for j in done)  # type: ignore[operator]
+        tpot = sorted(
+            (j.done - j.first_token) / (j.request.output_tokens - 1)  # type: ignore[operator]
+            for j in done
+            if j.request.output_tokens > 1
+        )
         good = 0
         for j in done:
             assert j.first_token is not None and j.done is not None
@@ -398,6 +428,10 @@ class Simulation:
             latency_p99=_p99(latency),
             goodput_rps=good / duration,
             slo_attainment=good / len(jobs),
+            tpot_p50=statistics.median(tpot) if tpot else math.inf,
+            tpot_p99=_p99(tpot) if tpot else math.inf,
+            queue_mean=queue_mean,
+            queue_max=queue_max,
         )
 
 
