@@ -10,7 +10,10 @@ Policies:
 - ``hearth``: the scheduler's own rule. Requests wait in one central queue; each is placed by the real
   `scheduler.placement.place` over a snapshot built from the simulated nodes (in-flight work, reserved
   cache, measured speed), and only when a node can start it now (cache admission). Late binding: a request
-  goes to whichever node frees up first and suits it best.
+  goes to whichever node frees up first and suits it best. Placement is asked only when it has a choice:
+  when two or more nodes can start the head (by its own cache, sequence, context and tier rules), over those
+  nodes; with one, that is its only option; with none, its refusal (nothing is drawn from the random stream
+  either way). ``shortcuts=False`` asks it at every chance over the whole cluster, for tests to compare.
 - ``round-robin``: each arrival goes to the next node in turn, into that node's own FIFO queue.
 - ``least-outstanding``: each arrival goes to the node with the fewest requests running or queued there.
 
@@ -309,10 +312,6 @@ class Simulation:
                     central.append(job)
                     dispatch_central()
                     continue
-                if policy == "hearth":
-                    central.append(job)
-                    dispatch_central()
-                    continue
                 if policy == "round-robin":
                     target = next(turn) % len(nodes)
                 else:
@@ -336,6 +335,7 @@ class Simulation:
                 pull_local(node)
             start(index)
         area += queue * (now - last)
+        queue_max = max(queue_max, len(central) + local_queued)
         return self._result(policy, jobs, area / (now - first) if now > first else 0.0, queue_max)
 
     def _iteration(self, node: _Node, prompts: int) -> float:
@@ -369,8 +369,7 @@ class Simulation:
         states = []
         for i in which:
             n = nodes[i]
-            done = 0 if n.busy_until is None or n.steps == 1 else n.steps_done(now)
-            key = (n.active, n.reserved, n.left - len(n.running) * done)
+            key = (n.active, n.reserved, n.outstanding(now))
             if n.state is None or key != n.state_key or not self._shortcuts:
                 n.state_key = key
                 n.state = NodeState(
