@@ -138,8 +138,12 @@ class SweepPoint:
     completed: int
     ttft_p50_s: float
     ttft_p99_s: float
+    tpot_p50_s: float  # time per output token after the first, over requests of more than one token
+    tpot_p99_s: float
     latency_p50_s: float  # a whole request, arrival to last token
     latency_p99_s: float
+    queue_mean: float  # requests waiting to be placed, time-weighted over the run
+    queue_max: int  # the most waiting at once
     goodput_rps: float
     within_slo: float  # share of requests that met the service level
     ok: bool
@@ -276,8 +280,8 @@ def _fit_and_speed(p: PlanInput, copy: Copy, mean_tokens: float) -> tuple[CopyFi
 def _point(users: int, rate: float, r: Result, slo: ServiceLevel) -> SweepPoint:
     ok = r.ttft_p99 <= slo.ttft_p99_s and r.slo_attainment >= WITHIN_SHARE
     return SweepPoint(
-        users, rate, r.completed, r.ttft_p50, r.ttft_p99, r.latency_p50, r.latency_p99, r.goodput_rps,
-        r.slo_attainment, ok,
+        users, rate, r.completed, r.ttft_p50, r.ttft_p99, r.tpot_p50, r.tpot_p99, r.latency_p50,
+        r.latency_p99, r.queue_mean, r.queue_max, r.goodput_rps, r.slo_attainment, ok,
     )  # fmt: skip
 
 

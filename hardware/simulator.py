@@ -10,7 +10,10 @@ Policies:
 - ``hearth``: the scheduler's own rule. Requests wait in one central queue; each is placed by the real
   `scheduler.placement.place` over a snapshot built from the simulated nodes (in-flight work, reserved
   cache, measured speed), and only when a node can start it now (cache admission). Late binding: a request
-  goes to whichever node frees up first and suits it best.
+  goes to whichever node frees up first and suits it best. Placement is asked only when it has a choice:
+  when two or more nodes can start the head (by its own cache, sequence, context and tier rules), over those
+  nodes; with one, that is its only option; with none, its refusal (nothing is drawn from the random stream
+  either way). ``shortcuts=False`` asks it at every chance over the whole cluster, for tests to compare.
 - ``round-robin``: each arrival goes to the next node in turn, into that node's own FIFO queue.
 - ``least-outstanding``: each arrival goes to the node with the fewest requests running or queued there.
 
@@ -25,7 +28,7 @@ import math
 import random
 import statistics
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -73,7 +76,6 @@ class _Job:
     request: TraceRequest
     index: int
     reserved: int
-    produced: int = 0
     first_token: float | None = None
     done: float | None = None
 
@@ -84,11 +86,17 @@ class _Node:
     prefill_tps: float
     cache_tokens: int
     decode: dict[int, float]  # batch size -> tokens per second, summed over the batch
-    running: list[_Job] = field(default_factory=list)
+    # Decoding jobs as a heap of (`clock` when the job writes its last token, index, job): a job's token
+    # count is the iterations it has run, so nothing is counted per job per iteration.
+    running: list[tuple[int, int, _Job]] = field(default_factory=list)
+    max_sequences: int = 1
     admitted: list[_Job] = field(default_factory=list)  # placed, prefilled at the next iteration
+    admitted_prompts: int = 0  # their prompt tokens
     prefilling: list[_Job] = field(default_factory=list)  # admitted when this iteration began: its prefill
     local: deque[_Job] = field(default_factory=deque)  # baselines: the node's own queue
     reserved: int = 0
+    active: int = 0  # jobs running, prefilling or admitted
+    clock: int = 0  # iterations finished
     busy_until: float | None = None
     # A run: `steps` decode iterations of `step_s` each from `run_start`, simulated as one event (nothing
     # changes on the node between them but the token counts); `version` tells a cut run's old event.
@@ -97,13 +105,11 @@ class _Node:
     steps: int = 1
     version: int = 0
     left: int = 0  # tokens its jobs have still to write, as of the last iteration's end
-
-    @property
-    def active(self) -> int:
-        return len(self.running) + len(self.prefilling) + len(self.admitted)
+    state: NodeState | None = None  # placement's view of the node, kept while `state_key` holds
+    state_key: tuple[int, int, int] = (-1, -1, -1)
 
     def fits(self, job: _Job) -> bool:
-        return self.active < self.spec.max_sequences and self.reserved + job.reserved <= self.cache_tokens
+        return self.active < self.max_sequences and self.reserved + job.reserved <= self.cache_tokens
 
     def single_stream_tps(self) -> float:
         return self.decode[1]
@@ -116,8 +122,10 @@ class _Node:
 
     def admit(self, job: _Job) -> None:
         self.admitted.append(job)
+        self.admitted_prompts += job.request.prompt_tokens
         self.reserved += job.reserved
-        self.left += job.request.output_tokens - job.produced
+        self.active += 1
+        self.left += job.request.output_tokens
 
     def outstanding(self, now: float) -> int:
         """Tokens its jobs have still to write, as of ``now`` (within a run, its finished iterations)."""
@@ -135,6 +143,14 @@ class Result:
     latency_p99: float
     goodput_rps: float  # requests per second that met the SLO
     slo_attainment: float  # share of requests that met it
+    # Time per output token after the first, (done - first token) / (tokens - 1), over the requests that
+    # wrote more than one token (inf when none did).
+    tpot_p50: float = math.inf
+    tpot_p99: float = math.inf
+    # Requests waiting to be placed (the central queue; for the baselines, the nodes' own queues):
+    # time-weighted mean from the first arrival to the last event, and the most at once.
+    queue_mean: float = 0.0
+    queue_max: int = 0
 
 
 def _node(spec: NodeSpec, model: ModelSpec, bits: float, context: int) -> _Node:
@@ -146,7 +162,13 @@ def _node(spec: NodeSpec, model: ModelSpec, bits: float, context: int) -> _Node:
         b: decode_tokens_per_s(model, bits, spec.gpu, batch=b, context=context)
         for b in range(1, spec.max_sequences + 1)
     }
-    return _Node(spec, prefill_tokens_per_s(model, spec.gpu), int(cache_tokens), decode)
+    return _Node(
+        spec,
+        prefill_tokens_per_s(model, spec.gpu),
+        int(cache_tokens),
+        decode,
+        max_sequences=spec.max_sequences,
+    )
 
 
 class Simulation:
@@ -159,6 +181,7 @@ class Simulation:
         context: int = 8192,
         slo: Slo | None = None,
         seed: int = 0,
+        shortcuts: bool = True,
     ) -> None:
         self._specs = list(nodes)
         self._model = model
@@ -166,6 +189,7 @@ class Simulation:
         self._context = context
         self._slo = slo or Slo()
         self._seed = seed
+        self._shortcuts = shortcuts
         self._ended = 0  # sequences finished in the current run, on every node
 
     def run(self, trace: Sequence[TraceRequest], policy: Policy) -> Result:
@@ -178,12 +202,11 @@ class Simulation:
             for i, r in enumerate(trace)
             if r.prompt_tokens + 1 < ctx
         ]
-        # (time, order, kind, index, version): kind 0 an arrival, 1 the end of a node's iteration or run
-        events: list[tuple[float, int, int, int, int]] = []
+        # Arrivals in order, and a heap of (time, order, node, version): the end of a node's iteration or run.
+        # At the same time an arrival comes first.
+        arrivals = sorted(jobs, key=lambda j: j.request.arrival)
+        events: list[tuple[float, int, int, int]] = []
         counter = itertools.count()
-        for job in jobs:
-            heapq.heappush(events, (job.request.arrival, next(counter), 0, job.index, 0))
-        by_index = {j.index: j for j in jobs}
         central: deque[_Job] = deque()
         turn = itertools.count()
         now = 0.0
@@ -195,16 +218,17 @@ class Simulation:
             if node.busy_until is None and (node.running or node.admitted):
                 # The iteration prefills what is admitted now; a job placed while it runs waits for the
                 # next one (its prompt is not in this step's time).
-                node.prefilling, node.admitted = node.admitted, []
-                node.steps, node.step_s = 1, self._iteration(node)
+                prompts = node.admitted_prompts
+                node.prefilling, node.admitted, node.admitted_prompts = node.admitted, [], 0
+                node.steps, node.step_s = 1, self._iteration(node, prompts)
                 if not node.prefilling:
                     # Decode only: every iteration is the same until a sequence ends (or a job is placed
                     # here, which cuts the run at the iteration in progress), so they are one event.
-                    node.steps = max(1, min(j.request.output_tokens - j.produced for j in node.running))
+                    node.steps = max(1, node.running[0][0] - node.clock)
                 node.run_start = now
                 node.busy_until = now + node.steps * node.step_s
                 node.version += 1
-                heapq.heappush(events, (node.busy_until, next(counter), 1, node_index, node.version))
+                heapq.heappush(events, (node.busy_until, next(counter), node_index, node.version))
 
         def cut(node_index: int) -> None:
             """End the node's run with the iteration in progress: a job placed now joins the next one."""
@@ -216,36 +240,75 @@ class Simulation:
                 node.steps = steps
                 node.busy_until = node.run_start + steps * node.step_s
                 node.version += 1
-                heapq.heappush(events, (node.busy_until, next(counter), 1, node_index, node.version))
+                heapq.heappush(events, (node.busy_until, next(counter), node_index, node.version))
+
+        local_queued = 0  # the baselines: requests in the nodes' own queues
 
         def pull_local(node: _Node) -> None:
+            nonlocal local_queued
             while node.local and node.fits(node.local[0]):
                 node.admit(node.local.popleft())
+                local_queued -= 1
 
         # The queue's head refused when the cluster had freed capacity this many times: placement's filters
         # (cache, sequences) only pass after a sequence ends, and a refusal draws nothing from `rng`, so
         # asking again before that would get the same answer.
         blocked: tuple[int, int] | None = None
+        tiers = PlacementRequest(MODEL_ID, None).tiers
+        allowed = [i for i, n in enumerate(nodes) if n.spec.tier in tiers]
 
         def dispatch_central() -> None:
             nonlocal blocked
             while central:
-                if blocked == (central[0].index, self._ended):
+                head = central[0]
+                if not self._shortcuts:
+                    decision = place(self._request(head), self._snapshot(nodes, range(len(nodes)), now), rng)
+                elif blocked == (head.index, self._ended):
                     return
-                decision = place(self._request(central[0]), self._snapshot(nodes, now), rng)
+                else:
+                    # Placement's own filters, in numbers: only these nodes can start the head now.
+                    can = (
+                        []
+                        if head.request.output_tokens >= ctx
+                        else [
+                            i
+                            for i in allowed
+                            if nodes[i].active < nodes[i].max_sequences
+                            and nodes[i].reserved + head.reserved <= nodes[i].cache_tokens
+                        ]
+                    )
+                    if len(can) == 1:
+                        decision = Placement(str(can[0]), 0.0)  # placement's only option: no choice to make
+                    elif can:
+                        decision = place(self._request(head), self._snapshot(nodes, can, now), rng)
+                    else:
+                        decision = None
                 if not isinstance(decision, Placement):
-                    blocked = (central[0].index, self._ended)
+                    blocked = (head.index, self._ended)
                     return
                 job = central.popleft()
                 index = int(decision.node_id)
                 nodes[index].admit(job)
                 start(index)
 
-        while events:
-            now, _, kind, index, version = heapq.heappop(events)
-            if kind == 0:
-                job = by_index[index]
-                if policy == "hearth":
+        hearth = policy == "hearth"
+        arrived = 0
+        # The queue waiting to be placed: its length since `last` (as the previous event left it), its
+        # integral over time from the first arrival, and its most.
+        queue = queue_max = 0
+        area = 0.0
+        first = last = arrivals[0].request.arrival if arrivals else 0.0
+        while arrived < len(arrivals) or events:
+            if queue != len(central) + local_queued:
+                area += queue * (now - last)
+                last = now
+                queue = len(central) + local_queued
+                queue_max = max(queue_max, queue)
+            if arrived < len(arrivals) and (not events or arrivals[arrived].request.arrival <= events[0][0]):
+                job = arrivals[arrived]
+                arrived += 1
+                now = job.request.arrival
+                if hearth:
                     central.append(job)
                     dispatch_central()
                     continue
@@ -256,55 +319,60 @@ class Simulation:
                     least = min(loads)
                     target = rng.choice([i for i, v in enumerate(loads) if v == least])
                 nodes[target].local.append(job)
+                local_queued += 1
                 pull_local(nodes[target])
                 start(target)
                 continue
+            now, _, index, version = heapq.heappop(events)
             node = nodes[index]
             if version != node.version:
                 continue  # a run cut short: its new end is another event
             node.busy_until = None
             self._advance(node, now)
-            if policy == "hearth":
+            if hearth:
                 dispatch_central()
             else:
                 pull_local(node)
             start(index)
-        return self._result(policy, jobs)
+        area += queue * (now - last)
+        queue_max = max(queue_max, len(central) + local_queued)
+        return self._result(policy, jobs, area / (now - first) if now > first else 0.0, queue_max)
 
-    def _iteration(self, node: _Node) -> float:
-        """Prefill what was admitted when the iteration began, then one decode step for the whole batch."""
-        prefill = sum(j.request.prompt_tokens for j in node.prefilling) / node.prefill_tps
+    def _iteration(self, node: _Node, prompts: int) -> float:
+        """Prefill what was admitted when the iteration began (``prompts`` tokens), then one decode step for
+        the whole batch."""
+        prefill = prompts / node.prefill_tps
         batch = min(len(node.running) + len(node.prefilling), node.spec.max_sequences)
         return prefill + batch / node.decode[max(1, batch)]
 
     def _advance(self, node: _Node, now: float) -> None:
+        """An iteration or run ends: each running job gained `steps` tokens, a prefilled one its first."""
+        node.left -= len(node.running) * node.steps + len(node.prefilling)
+        node.clock += node.steps
         for job in node.prefilling:
             job.first_token = now
-            job.produced = 1
-            node.left -= 1
-        node.running.extend(node.prefilling)
+            heapq.heappush(node.running, (node.clock + job.request.output_tokens - 1, job.index, job))
         node.prefilling = []
-        still: list[_Job] = []
-        for job in node.running:
-            if job.first_token != now:
-                job.produced += node.steps
-                node.left -= node.steps
-            if job.produced >= job.request.output_tokens:
-                node.left -= job.request.output_tokens - job.produced
-                job.done = now
-                node.reserved -= job.reserved
-                self._ended += 1
-            else:
-                still.append(job)
-        node.running = still
+        while node.running and node.running[0][0] <= node.clock:
+            last, _, job = heapq.heappop(node.running)
+            node.left -= last - node.clock  # tokens written past the request's (none: a run stops there)
+            job.done = now
+            node.reserved -= job.reserved
+            node.active -= 1
+            self._ended += 1
 
     def _request(self, job: _Job) -> PlacementRequest:
         return PlacementRequest(MODEL_ID, job.request.output_tokens, prompt_tokens=job.request.prompt_tokens)
 
-    def _snapshot(self, nodes: Sequence[_Node], now: float) -> ClusterSnapshot:
-        return ClusterSnapshot(
-            tuple(
-                NodeState(
+    def _snapshot(self, nodes: Sequence[_Node], which: Iterable[int], now: float) -> ClusterSnapshot:
+        """Placement's view of the nodes ``which``; a node's state is rebuilt only when its figures change."""
+        states = []
+        for i in which:
+            n = nodes[i]
+            key = (n.active, n.reserved, n.outstanding(now))
+            if n.state is None or key != n.state_key or not self._shortcuts:
+                n.state_key = key
+                n.state = NodeState(
                     node_id=str(i),
                     tier=n.spec.tier,
                     healthy=True,
@@ -317,23 +385,28 @@ class Simulation:
                             footprint_bytes=0,
                             cache_tokens=n.cache_tokens,
                             max_sequences=n.spec.max_sequences,
-                            active=n.active,
-                            reserved_tokens=n.reserved,
-                            outstanding_tokens=n.outstanding(now),
+                            active=key[0],
+                            reserved_tokens=key[1],
+                            outstanding_tokens=key[2],
                             tokens_per_s=n.single_stream_tps(),
                         ),
                     ),
                 )
-                for i, n in enumerate(nodes)
-            )
-        )
+            states.append(n.state)
+        return ClusterSnapshot(tuple(states))
 
-    def _result(self, policy: str, jobs: Sequence[_Job]) -> Result:
+    def _result(self, policy: str, jobs: Sequence[_Job], queue_mean: float, queue_max: int) -> Result:
         done = [j for j in jobs if j.done is not None and j.first_token is not None]
         if not done:
-            return Result(policy, 0, 0.0, math.inf, math.inf, math.inf, math.inf, 0.0, 0.0)
+            inf = math.inf
+            return Result(policy, 0, 0.0, inf, inf, inf, inf, 0.0, 0.0, inf, inf, queue_mean, queue_max)
         ttft = sorted(j.first_token - j.request.arrival for j in done)  # type: ignore[operator]
         latency = sorted(j.done - j.request.arrival for j in done)  # type: ignore[operator]
+        tpot = sorted(
+            (j.done - j.first_token) / (j.request.output_tokens - 1)  # type: ignore[operator]
+            for j in done
+            if j.request.output_tokens > 1
+        )
         good = 0
         for j in done:
             assert j.first_token is not None and j.done is not None
@@ -354,6 +427,10 @@ class Simulation:
             latency_p99=_p99(latency),
             goodput_rps=good / duration,
             slo_attainment=good / len(jobs),
+            tpot_p50=statistics.median(tpot) if tpot else math.inf,
+            tpot_p99=_p99(tpot) if tpot else math.inf,
+            queue_mean=queue_mean,
+            queue_max=queue_max,
         )
 
 

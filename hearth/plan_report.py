@@ -99,7 +99,7 @@ def write_report(directory: Path, doc: dict[str, Any], json_text: str, curves: S
 
 def _page(doc: dict[str, Any], pngs: dict[str, bytes]) -> str:
     e = html.escape
-    fit, speed, simulation, cost = sections(doc)
+    fit, speed, simulation, cost = sections(doc, wide=True)
     parts = [
         "<!doctype html>",
         '<html lang="en"><head><meta charset="utf-8">',

@@ -39,8 +39,12 @@ def tables(doc: dict[str, Any]) -> Iterator[str]:
         yield from section.notes
 
 
-def sections(doc: dict[str, Any]) -> tuple[Section, Section, Section, Section]:
-    """The fit, speed, simulation and cost tables of a plan's result document, formatted."""
+def sections(doc: dict[str, Any], *, wide: bool = False) -> tuple[Section, Section, Section, Section]:
+    """The fit, speed, simulation and cost tables of a plan's result document, formatted.
+
+    The terminal's simulation table leaves out the whole request's median latency to stay within about 110
+    columns (the JSON document has it); ``wide`` (the HTML report) shows it too.
+    """
     fit = Section(
         "Fit (each copy of the model, split over its cards)",
         ("copy", "GiB per card", "weights GiB", "cache GiB", "cache tokens", "full contexts", "batch"),
@@ -83,7 +87,11 @@ def sections(doc: dict[str, Any]) -> tuple[Section, Section, Section, Section]:
             for card, c in calibrated.items()
         ),
     )
-    notes = [f"most users within the service level: {doc['max_users']}"]
+    notes = [
+        "TTFT, TPOT (each output token after the first) and latency in seconds; "
+        "queue: requests not yet placed",
+        f"most users within the service level: {doc['max_users']}",
+    ]
     if doc["dropped_requests"]:
         notes.append(
             f"{doc['dropped_requests']} requests had prompts longer than the context and were left out"
@@ -96,8 +104,13 @@ def sections(doc: dict[str, Any]) -> tuple[Section, Section, Section, Section]:
             "req/s",
             "TTFT p50",
             "TTFT p99",
-            "latency p50",
-            "latency p99",
+            "TPOT p50",
+            "TPOT p99",
+            *(
+                ("latency p50", "latency p99", "queue mean", "queue max")
+                if wide
+                else ("latency p99", "queue mean/max")
+            ),
             "goodput/s",
             "within SLO",
             "",
@@ -108,8 +121,15 @@ def sections(doc: dict[str, Any]) -> tuple[Section, Section, Section, Section]:
                 f"{p['requests_per_s']:.2f}",
                 _n(p["ttft_p50_s"], ".2f"),
                 _n(p["ttft_p99_s"], ".2f"),
-                _n(p["latency_p50_s"], ".1f"),
+                _n(p["tpot_p50_s"], ".3f"),
+                _n(p["tpot_p99_s"], ".3f"),
+                *((_n(p["latency_p50_s"], ".1f"),) if wide else ()),
                 _n(p["latency_p99_s"], ".1f"),
+                *(
+                    (f"{p['queue_mean']:.1f}", str(p["queue_max"]))
+                    if wide
+                    else (f"{p['queue_mean']:.1f}/{p['queue_max']}",)
+                ),
                 f"{p['goodput_rps']:.2f}",
                 f"{p['within_slo']:.1%}",
                 "ok" if p["ok"] else "no",

@@ -65,6 +65,27 @@ def test_a_club_fleet_for_a_70b_model(tmp_path: Path) -> None:
     assert all(o["usd_per_month"] > 0 for o in options.values())
 
 
+def test_the_sweep_reports_time_per_token_and_the_queue(tmp_path: Path) -> None:
+    out_file = tmp_path / "plan.json"
+    code, out, err = _run(*SMALL, "--json", str(out_file))
+    assert code == 0, err
+    doc = json.loads(out_file.read_text(encoding="utf-8"))
+    sweep = doc["sweep"]
+    light, flood = sweep[0], sweep[-1]  # a tenth of the estimated capacity, and twice it
+    # Nobody waits to be placed at light load; at twice the capacity the queue runs away.
+    assert light["queue_mean"] == 0 and light["queue_max"] == 0
+    assert flood["queue_max"] > 20 and flood["queue_mean"] > 5
+    # A token after the first takes at least a batch-1 decode step, and longer as batches fill.
+    step = 1 / doc["speed"][0]["decode_batch1_tokens_per_s"]
+    assert step <= light["tpot_p50_s"] <= light["tpot_p99_s"] < flood["tpot_p99_s"]
+    assert all(p["tpot_p50_s"] <= p["tpot_p99_s"] for p in sweep)
+    header = next(line for line in out.splitlines() if line.startswith("users"))
+    assert header.split("  ")[:6] == ["users", "req/s", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99"]
+    assert "queue mean/max" in header and "latency p50" not in header  # that one is in the JSON only
+    assert max(len(line) for line in out.splitlines()[out.splitlines().index(header) :][:20]) <= 110
+    assert f"{flood['queue_mean']:.1f}/{flood['queue_max']}" in out
+
+
 def test_a_local_config_json_and_a_cached_hugging_face_id(tmp_path: Path) -> None:
     model_dir = tmp_path / "my-llama"
     model_dir.mkdir()

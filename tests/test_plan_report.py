@@ -72,6 +72,9 @@ def test_the_report_is_a_page_with_four_real_plots_and_the_json(tmp_path: Path, 
     headings = [text.index(h) for h in ("Fit", "Speed", "Simulation", "Cost")]
     assert headings == sorted(headings)
     assert f"most users within the service level: {doc['max_users']}" in text
+    # The simulation table shows every figure of the sweep, the whole request's median latency included.
+    for column in ("TPOT p50", "TPOT p99", "latency p50", "latency p99", "queue mean", "queue max"):
+        assert f"<th>{column}</th>" in (report / "report.html").read_text(encoding="utf-8")
     assert all(f["copy"] in text for f in doc["fit"])
     assert len(page.images) == 4
     for name, src in zip(("vram", "throughput", "ttft", "cost"), page.images, strict=True):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from hardware.catalog import gpu, model
+from hardware.estimator import decode_tokens_per_s
 from hardware.simulator import POLICIES, NodeSpec, Simulation, TraceRequest, scale
 
 LLAMA = model("Llama-3.1-8B")
@@ -49,3 +52,59 @@ def test_a_model_that_fits_no_card_is_refused() -> None:
         Simulation([NodeSpec("small", gpu("RTX 3060 12GB"))], model("Llama-3.1-70B")).run(
             trace(n=1), "hearth"
         )
+
+
+@pytest.mark.parametrize("rate", [2.0, 12.0, 40.0])
+def test_the_shortcuts_to_placement_give_the_same_run_as_asking_it_every_time(rate: float) -> None:
+    # The simulator skips placement when fewer than two nodes can start the queue's head, shows it only
+    # those nodes, keeps their states while unchanged, and does not ask again for a head refused until a
+    # sequence ends. None of that may change a run: compared with asking placement, over the whole
+    # cluster, at every chance. Two equal cards (ties, settled by the random stream), a small one with few
+    # sequences, a node of a tier no request may reach, and a last request longer than the context.
+    nodes = [
+        NodeSpec("a", gpu("RTX 4090")),
+        NodeSpec("b", gpu("RTX 4090")),
+        NodeSpec("c", gpu("RTX 3060 12GB"), max_sequences=4),
+        NodeSpec("d", gpu("H100 SXM"), tier="lab"),
+    ]
+    work = [*scale(trace(n=300), rate), TraceRequest(1e6, 100, 9000)]
+    fast = Simulation(nodes, LLAMA, seed=7).run(work, "hearth")
+    straight = Simulation(nodes, LLAMA, seed=7, shortcuts=False).run(work, "hearth")
+    assert fast == straight
+    assert fast.completed == 300  # the last request never fits and is never placed: it waits to the end
+    assert fast.queue_max >= 1
+
+
+def test_one_request_alone_writes_each_token_in_a_batch_1_decode_step() -> None:
+    card = gpu("RTX 4090")
+    result = Simulation([NodeSpec("a", card)], LLAMA).run([TraceRequest(0.0, 500, 101)], "hearth")
+    step = 1 / decode_tokens_per_s(LLAMA, 4.0, card, batch=1, context=8192)
+    assert result.tpot_p50 == pytest.approx(step, rel=1e-9)
+    assert result.tpot_p99 == pytest.approx(step, rel=1e-9)
+    assert result.queue_mean == 0.0 and result.queue_max == 0
+
+
+def test_requests_of_one_token_have_no_time_per_token() -> None:
+    work = [TraceRequest(i * 0.1, 300, 1) for i in range(5)]
+    result = Simulation([NodeSpec("a", gpu("RTX 4090"))], LLAMA).run(work, "hearth")
+    assert result.completed == 5 and result.tpot_p50 == result.tpot_p99 == math.inf
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_the_queue_is_empty_at_light_load_and_grows_under_overload(policy: str) -> None:
+    nodes = [NodeSpec("a", gpu("RTX 4090")), NodeSpec("b", gpu("RTX 3090"))]
+    light = Simulation(nodes, LLAMA).run(trace(n=20, every=5.0), policy)  # type: ignore[arg-type]
+    assert light.queue_mean == 0.0 and light.queue_max == 0
+    calm = Simulation(nodes, LLAMA).run(scale(trace(n=300), 20.0), policy)  # type: ignore[arg-type]
+    flood = Simulation(nodes, LLAMA).run(scale(trace(n=300), 200.0), policy)  # type: ignore[arg-type]
+    assert flood.queue_max > calm.queue_max and flood.queue_mean > calm.queue_mean > 0
+
+
+def test_the_queue_of_a_burst_on_a_one_sequence_card_averages_half_the_burst() -> None:
+    # Ten equal requests at once on a card that runs one at a time: the queue holds 9, then 8, ... 0,
+    # each for one request's service time, so its mean over the run is 4.5 and its most 9.
+    nodes = [NodeSpec("a", gpu("RTX 4090"), max_sequences=1)]
+    result = Simulation(nodes, LLAMA).run([TraceRequest(0.0, 400, 50)] * 10, "hearth")
+    assert result.completed == 10
+    assert result.queue_max == 9
+    assert result.queue_mean == pytest.approx(4.5, rel=1e-9)
