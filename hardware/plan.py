@@ -39,7 +39,7 @@ from hardware.estimator import (
 from hardware.model_spec import ModelSpec
 from hardware.plan_inputs import FleetEntry, PlanInputError
 from hardware.prices import DAYS_PER_MONTH, Cost, Prices, cost
-from hardware.simulator import NodeSpec, Result, Simulation, Slo, TraceRequest, scale
+from hardware.simulator import NodeSpec, Result, Simulation, Slo, TraceRequest, scale, servable
 
 __all__ = ["Copy", "PlanInput", "PlanResult", "ServiceLevel", "SweepPoint", "form_copies", "plan"]
 
@@ -158,7 +158,7 @@ class PlanResult:
     speed: tuple[CopySpeed, ...]
     sweep: tuple[SweepPoint, ...]
     max_users: int
-    dropped_requests: int  # prompts longer than the context, which no copy would take
+    dropped_requests: int  # prompts or answers as long as the context, which the service would refuse
     cost_users: int
     cost: Cost
 
@@ -306,6 +306,11 @@ def plan(
             f"({_fleet_label([e.gpu for e in p.fleet for _ in range(e.count)])}): it needs "
             f"{need / 2**30:.1f} GiB plus {DEFAULT_RESERVE_BYTES / 2**30:.0f} GiB per card"
         )
+    if not any(servable(r, p.context) for r in p.trace):
+        raise PlanInputError(
+            f"every request of the demand has a prompt or an answer as long as the {p.context}-token "
+            "context, which the service would refuse: raise --context or shorten the requests"
+        )
     mean_tokens = statistics.fmean(min(p.context, r.prompt_tokens + r.output_tokens) for r in p.trace)
     rows = [_fit_and_speed(p, c, mean_tokens) for c in copies]
     capacity_rps = sum(rps for _, _, rps in rows)
@@ -377,7 +382,7 @@ def plan(
         speed=tuple(s for _, s, _ in rows),
         sweep=sweep,
         max_users=lo,
-        dropped_requests=sum(1 for r in p.trace if r.prompt_tokens + 1 >= p.context),
+        dropped_requests=sum(1 for r in p.trace if not servable(r, p.context)),
         cost_users=cost_users,
         cost=cost(used, tokens_month, cost_users * per_user_rps / capacity_rps, p.prices),
     )

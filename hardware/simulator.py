@@ -55,6 +55,13 @@ class TraceRequest:
     output_tokens: int
 
 
+def servable(request: TraceRequest, context: int) -> bool:
+    """Whether the service would take the request at all: the scheduler refuses max_tokens that fill the
+    context (scheduler.placement's context filter) and the node a prompt that leaves no room to answer.
+    The rest are left out of a run (`hearth plan` counts them as dropped)."""
+    return request.prompt_tokens + 1 < context and request.output_tokens < context
+
+
 @dataclass(frozen=True, slots=True)
 class NodeSpec:
     node_id: str
@@ -200,7 +207,7 @@ class Simulation:
         jobs = [
             _Job(r, i, min(ctx, r.prompt_tokens + r.output_tokens))
             for i, r in enumerate(trace)
-            if r.prompt_tokens + 1 < ctx
+            if servable(r, ctx)
         ]
         # Arrivals in order, and a heap of (time, order, node, version): the end of a node's iteration or run.
         # At the same time an arrival comes first.

@@ -94,7 +94,8 @@ def sections(doc: dict[str, Any], *, wide: bool = False) -> tuple[Section, Secti
     ]
     if doc["dropped_requests"]:
         notes.append(
-            f"{doc['dropped_requests']} requests had prompts longer than the context and were left out"
+            f"{doc['dropped_requests']} requests had a prompt or an answer as long as the context (the "
+            "service would refuse them) and were left out"
         )
     simulation = Section(
         f"Simulation ({doc['inputs']['demand']}; {doc['inputs']['requests_per_user_hour']:g} requests per "

@@ -141,6 +141,22 @@ def test_a_csv_trace_of_the_clubs_own(tmp_path: Path) -> None:
     assert doc["dropped_requests"] == 0
 
 
+def test_answers_the_service_would_refuse_are_dropped_not_waited_for(tmp_path: Path) -> None:
+    # A club's log where a few requests asked for more tokens than the context holds: the scheduler
+    # refuses those at once (400), so the plan leaves them out and the rest are served as usual.
+    trace = tmp_path / "log.csv"
+    rows = [f"{i * 2.0},{300},{9000 if i % 10 == 0 else 200}" for i in range(100)]
+    trace.write_text("arrival_s,prompt_tokens,output_tokens\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    doc = _plan(
+        tmp_path, "--model", "Llama-3.1-8B", "--gpus", "4090x1", "--trace", str(trace), "--users", "5"
+    )
+    assert doc["dropped_requests"] == 10
+    sweep = doc["sweep"]
+    assert isinstance(sweep, list)
+    light = next(p for p in sweep if p["users"] == 5)
+    assert light["completed"] == 90 and light["ok"]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -167,6 +183,8 @@ def test_a_csv_trace_of_the_clubs_own(tmp_path: Path) -> None:
         (["--context", "999999"], "context must be between 1 and"),
         (["--trace", "azure-chat", "--trace-dir", "."], "trace 'azure-chat': no file"),
         (["--requests", "0"], "must be at least 1"),
+        # Answers the length of the context: the scheduler would refuse every one.
+        (["--output-tokens", "8192"], "every request of the demand has a prompt or an answer as long as"),
     ],
 )
 def test_errors_are_one_line_and_exit_2(args: list[str], message: str) -> None:

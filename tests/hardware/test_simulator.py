@@ -60,7 +60,8 @@ def test_the_shortcuts_to_placement_give_the_same_run_as_asking_it_every_time(ra
     # those nodes, keeps their states while unchanged, and does not ask again for a head refused until a
     # sequence ends. None of that may change a run: compared with asking placement, over the whole
     # cluster, at every chance. Two equal cards (ties, settled by the random stream), a small one with few
-    # sequences, a node of a tier no request may reach, and a last request longer than the context.
+    # sequences, a node of a tier no request may reach, and a last request whose answer is longer than
+    # the context (the service would refuse it: left out of both runs).
     nodes = [
         NodeSpec("a", gpu("RTX 4090")),
         NodeSpec("b", gpu("RTX 4090")),
@@ -71,8 +72,7 @@ def test_the_shortcuts_to_placement_give_the_same_run_as_asking_it_every_time(ra
     fast = Simulation(nodes, LLAMA, seed=7).run(work, "hearth")
     straight = Simulation(nodes, LLAMA, seed=7, shortcuts=False).run(work, "hearth")
     assert fast == straight
-    assert fast.completed == 300  # the last request never fits and is never placed: it waits to the end
-    assert fast.queue_max >= 1
+    assert fast.completed == 300
 
 
 def test_one_request_alone_writes_each_token_in_a_batch_1_decode_step() -> None:
