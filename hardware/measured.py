@@ -24,7 +24,7 @@ model, batch and context) or `calibration.Skipped` (what could not be read, and 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from hardware.calibration import Sample, Skipped
@@ -151,17 +151,23 @@ def node_cards(node: Node) -> dict[GpuSpec, int] | str:
     return cards
 
 
-def cluster_fleet(nodes: NodeList) -> tuple[tuple[FleetEntry, ...], list[Skipped]]:
-    """The approved nodes' cards as a fleet, and the nodes left out (CPU nodes, unknown cards)."""
-    counts: dict[str, FleetEntry] = {}
-    skipped: list[Skipped] = []
+def _approved_cards(nodes: NodeList, skipped: list[Skipped]) -> Iterator[tuple[Node, dict[GpuSpec, int]]]:
+    """Each approved node with its cards; a node whose cards cannot be counted goes to ``skipped``."""
     for node in nodes.nodes:
         if node.state != "approved":
             continue
         cards = node_cards(node)
         if isinstance(cards, str):
             skipped.append(Skipped(f"node {node.node_id}", cards))
-            continue
+        else:
+            yield node, cards
+
+
+def cluster_fleet(nodes: NodeList) -> tuple[tuple[FleetEntry, ...], list[Skipped]]:
+    """The approved nodes' cards as a fleet, and the nodes left out (CPU nodes, unknown cards)."""
+    counts: dict[str, FleetEntry] = {}
+    skipped: list[Skipped] = []
+    for _, cards in _approved_cards(nodes, skipped):
         for card, n in cards.items():
             prior = counts.get(card.name)
             counts[card.name] = FleetEntry(card, n + (prior.count if prior else 0))
@@ -190,13 +196,7 @@ def cluster_samples(
     samples: list[Sample] = []
     skipped: list[Skipped] = []
     specs: dict[str, ModelSpec | str] = {}
-    for node in nodes.nodes:
-        if node.state != "approved":
-            continue
-        cards = node_cards(node)
-        if isinstance(cards, str):
-            skipped.append(Skipped(f"node {node.node_id}", cards))
-            continue
+    for node, cards in _approved_cards(nodes, skipped):
         if len(cards) > 1:
             names = " and ".join(c.name for c in cards)
             skipped.append(Skipped(f"node {node.node_id}", f"mixes {names}: its speed is no one card's"))
