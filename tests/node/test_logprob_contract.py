@@ -64,7 +64,9 @@ def test_the_exllamav2_backend_meets_the_logprob_contract(
 ) -> None:
     from tests.node import exllamav2_cpu
 
-    backend, model = exllamav2_cpu.load(demo_model_dir, cache_tokens=2048, max_sequences=sequences, paged=paged)
+    backend, model = exllamav2_cpu.load(
+        demo_model_dir, cache_tokens=2048, max_sequences=sequences, paged=paged
+    )
     vocab = model.config.vocab_size
 
     def reference(ids: Sequence[int]) -> torch.Tensor:
