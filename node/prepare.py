@@ -132,8 +132,12 @@ def prepare_choices(
     """What each choice runs, in the answer's order (index = prompt × n + sample): ``prepare`` for each
     prompt, then n samples of each (seed, seed + 1, …, when a seed is set). The job's token budget, where
     the rules give one, is shared: every prompt once (as usage counts it), every choice's answer."""
-    if sent_text and req.choices > 1:
-        raise InvalidRequest("an answer of several choices cannot be resumed on another node", param="n")
+    echo = isinstance(req, CompletionRequest) and bool(req.echo)
+    if sent_text and (req.choices > 1 or echo):
+        # What the client has is told by choice 0's text, which holds the prompt too with echo.
+        raise InvalidRequest(
+            "an answer of several choices, or with echo, cannot be resumed on another node", param="n"
+        )
     backend = runner.backend
     size = vocab_size(backend)
     if size is not None and any(token >= size for token, _ in req.biases()):
