@@ -40,15 +40,15 @@ from hardware.probe import NodeProbe
 from hardware.probe import probe as probe_gpus
 from node.backends import load_backend
 from node.backends.base import CacheScope
+from node.choices import Batch, echoes
 from node.keys import NodeKeys, ReplayMemory
 from node.metrics import NodeMetrics
 from node.openai_format import ResponseWriter
 from node.owner import OwnerFirst
 from node.plain import Resume, plain_job
 from node.pool import BackendLoader, ModelPool
-from node.prepare import prepare
+from node.prepare import prepare_choices
 from node.receipts import Receipts
-from node.runner import Job
 from node.sealed import SealedFrames, SealedJob, open_job
 from node.settings import ModelSettings, NodeSettings
 from node.trust import Enrollment, Trust
@@ -446,7 +446,7 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
         raise Unavailable(f"the model '{req.model}' is not loaded here ({slot.phase})", retry_after=5)
     slot.last_used = time.monotonic()
     preparing = asyncio.get_running_loop().run_in_executor(
-        None, functools.partial(prepare, slot, runner, req, resume.text, rules)
+        None, functools.partial(prepare_choices, slot, runner, req, resume.text, rules)
     )
     if sealed is not None:
         out = SealedOut(sealed, node_id)  # its key derivation overlaps with the prompt's tokenizing
@@ -459,15 +459,17 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
             raise Unavailable(f"the model '{req.model}' was just unloaded here", retry_after=5) from None
         raise
     assert out is not None
-    job = runner.submit(prepared.prompt_ids, prepared.params, req.stop_sequences(), scope)
+    job = Batch.submit(runner, prepared, req.stop_sequences(), scope)
     writer = ResponseWriter(
         endpoint, model=slot.id, request_id=request_id, stream=req.stream, include_usage=req.include_usage,
-        created=resume.created,
+        created=resume.created, choices=len(prepared), logprobs=req.top_count is not None,
+        echo=echoes(req, prepared, runner.backend.decode),
     )  # fmt: skip
     response = web.StreamResponse(headers={"Content-Type": frames.MEDIA_TYPE})
-    prompt_tokens = len(prepared.prompt_ids) - prepared.resumed_tokens
+    # Each prompt once, however many samples of it run (as OpenAI counts usage).
+    prompt_tokens = sum(len(p.prompt_ids) for p in prepared[:: req.n]) - prepared[0].resumed_tokens
     outcome = "cancelled"
-    tally = Tally(prepared.resumed_tokens)
+    tally = Tally(prepared[0].resumed_tokens)
     started = time.monotonic()
     flush = state.settings.e2e_flush_interval if sealed else 0.0
     try:
@@ -509,7 +511,7 @@ class Tally:
 
 
 async def _stream_job(
-    response: web.StreamResponse, job: Job, writer: ResponseWriter, out: Out, prompt_tokens: int,
+    response: web.StreamResponse, job: Batch, writer: ResponseWriter, out: Out, prompt_tokens: int,
     tally: Tally, *, resumed: bool = False, flush: float = 0.0,
 ) -> str:  # fmt: skip
     """Write the job's frames until its end, counting in ``tally``; return the finish reason.
@@ -520,6 +522,7 @@ async def _stream_job(
     loop = asyncio.get_running_loop()
     pending = b"" if resumed else writer.start()
     last_progress = loop.time()
+    reasons: list[str | None] = [None] * len(job.jobs)
     while True:
         try:
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the handler's cancellation
@@ -531,12 +534,18 @@ async def _stream_job(
             # scheduler, and any proxy on the way, that this node is alive.
             await response.write(out.keepalive(writer.keepalive()))
             continue
-        last = deltas[-1]
-        tally.produced = last.completion_tokens
+        data, pending = pending, b""
+        failed: str | None = None
+        for index, delta in deltas:
+            data += writer.delta(delta.text, index, delta.logprobs, delta.prompt)
+            if delta.finish_reason in ("error", "cancelled"):
+                failed = failed or delta.finish_reason
+            elif delta.finish_reason is not None:
+                data += writer.finish_choice(index, delta.finish_reason)
+                reasons[index] = delta.finish_reason
+        tally.produced = job.completion
         completion = tally.completion
-        data = pending + b"".join(writer.delta(d.text) for d in deltas)
-        pending = b""
-        if last.finish_reason is None:
+        if failed is None and None in reasons:
             chunk = out.data(data)
             if loop.time() - last_progress >= PROGRESS_S:
                 # Running token counts, so a stream the client abandons is still accounted for.
@@ -547,14 +556,15 @@ async def _stream_job(
                 if flush:
                     await asyncio.sleep(flush)
             continue
-        if last.finish_reason in ("error", "cancelled"):
+        if failed is not None:
             err = HearthError("the node failed while generating", code="generation_failed")
             body = {"status": err.status, **err.to_body()}
             await response.write(out.data(data) + frames.encode_json(body, frames.ERROR | frames.FINAL))
-            return last.finish_reason
-        data += writer.finish(last.finish_reason, prompt_tokens, completion)
-        await response.write(out.end(data, _usage_meta(last.finish_reason, prompt_tokens, completion)))
-        return last.finish_reason
+            return failed
+        data += writer.end(prompt_tokens, completion)
+        finish = reasons[0] or "stop"
+        await response.write(out.end(data, _usage_meta(finish, prompt_tokens, completion)))
+        return finish
 
 
 def _usage_meta(finish_reason: str | None, prompt_tokens: int, completion_tokens: int) -> dict[str, object]:

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+from node.runner import TokenLogprob
 from protocol.schemas import Endpoint
 
 
@@ -25,8 +28,24 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+@dataclass
+class _Choice:
+    """One choice's answer so far (the text is kept only when the answer goes out whole)."""
+
+    parts: list[str] = field(default_factory=list)
+    logprobs: list[dict[str, Any]] = field(default_factory=list)  # chat's entries
+    legacy: dict[str, list[Any]] | None = None  # completions' lists
+    offset: int = 0  # completions' text_offset of the next token
+    echoed: bool = False  # the prompt went out first (echo)
+    finish_reason: str | None = None
+
+
 class ResponseWriter:
-    """Turns text deltas into SSE events (streaming) or one JSON body (not streaming)."""
+    """Turns text deltas into SSE events (streaming) or one JSON body (not streaming).
+
+    ``choices`` answers go out together, each under its index; ``logprobs`` adds each token's log
+    probabilities (chat's shape or completions' legacy one, by endpoint); ``echo`` (completions) puts each
+    choice's prompt first."""
 
     def __init__(
         self,
@@ -37,11 +56,16 @@ class ResponseWriter:
         stream: bool,
         include_usage: bool,
         created: int | None = None,
+        choices: int = 1,
+        logprobs: bool = False,
+        echo: Sequence[str] | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.stream = stream
         self.include_usage = include_usage
-        self._parts: list[str] = []
+        self.logprobs = logprobs
+        self._echo = echo
+        self._choices = [_Choice() for _ in range(choices)]
         chat = endpoint == "chat"
         self._head = {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{request_id}",
@@ -56,45 +80,137 @@ class ResponseWriter:
         body = {**self._head, "choices": choices, **(extra or {})}
         return b"data: " + _dumps(body) + b"\n\n"
 
-    def _choice(self, text: str | None, finish_reason: str | None, *, role: bool = False) -> dict[str, Any]:
+    def _choice(
+        self, text: str | None, finish_reason: str | None, *, role: bool = False, index: int = 0,
+        logprobs: Any = None,
+    ) -> dict[str, Any]:  # fmt: skip
         if self.endpoint == "chat":
             delta: dict[str, Any] = {"role": "assistant"} if role else {}
             if text is not None:
                 delta["content"] = text
-            return {"index": 0, "delta": delta, "finish_reason": finish_reason}
-        return {"index": 0, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
+            choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": finish_reason}
+            if self.logprobs:
+                choice["logprobs"] = logprobs
+            return choice
+        return {"index": index, "text": text or "", "finish_reason": finish_reason, "logprobs": logprobs}
 
     def start(self) -> bytes:
         if self.stream and self.endpoint == "chat":
-            return self._event([self._choice("", None, role=True)])
+            return b"".join(
+                self._event([self._choice("", None, role=True, index=i)]) for i in range(len(self._choices))
+            )
         return b""
 
-    def delta(self, text: str) -> bytes:
-        if not text:
+    def delta(
+        self, text: str, index: int = 0, logprobs: Sequence[TokenLogprob] = (),
+        prompt: Sequence[TokenLogprob] | None = None,
+    ) -> bytes:  # fmt: skip
+        choice = self._choices[index]
+        lp: Any = None
+        if self._echo is not None and not choice.echoed:
+            # The choice's first delta: the prompt goes first, its tokens' offsets from 0, the answer's
+            # from the end of the prompt's text.
+            choice.echoed = True
+            echoed = self._echo[index]
+            text = echoed + text
+            if self.logprobs:
+                head = self._logprobs(choice, prompt or ())
+                choice.offset = len(echoed)
+                tail = self._logprobs(choice, logprobs)
+                lp = {key: head[key] + tail[key] for key in head}
+        elif self.logprobs:
+            lp = self._logprobs(choice, logprobs) if logprobs else None
+        if not text and lp is None:
             return b""
         if self.stream:
-            return self._event([self._choice(text, None)])
-        self._parts.append(text)
+            return self._event([self._choice(text, None, index=index, logprobs=lp)])
+        choice.parts.append(text)
         return b""
+
+    def _logprobs(self, choice: _Choice, entries: Sequence[TokenLogprob]) -> Any:
+        if self.endpoint == "chat":
+            content = [_chat_entry(e) for e in entries]
+            if not self.stream:
+                choice.logprobs.extend(content)
+            return {"content": content}
+        legacy: dict[str, list[Any]] = {
+            "tokens": [],
+            "token_logprobs": [],
+            "top_logprobs": [],
+            "text_offset": [],
+        }
+        for entry in entries:
+            legacy["tokens"].append(entry.token)
+            legacy["token_logprobs"].append(entry.logprob)
+            legacy["top_logprobs"].append(_legacy_top(entry))
+            legacy["text_offset"].append(choice.offset)
+            choice.offset += len(entry.token)
+        if not self.stream:
+            if choice.legacy is None:
+                choice.legacy = {k: [] for k in legacy}
+            for key, values in legacy.items():
+                choice.legacy[key].extend(values)
+        return legacy
 
     def keepalive(self) -> bytes:
         """Bytes that say "still working": an SSE comment, which clients and proxies skip, or nothing."""
         return b": keepalive\n\n" if self.stream else b""
 
+    def finish_choice(self, index: int, finish_reason: str) -> bytes:
+        """One choice ended (streaming: its last event)."""
+        self._choices[index].finish_reason = finish_reason
+        if self.stream:
+            return self._event(
+                [self._choice(None if self.endpoint == "chat" else "", finish_reason, index=index)]
+            )
+        return b""
+
     def finish(self, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> bytes:
+        """The only choice ended, and with it the answer."""
+        return self.finish_choice(0, finish_reason) + self.end(prompt_tokens, completion_tokens)
+
+    def end(self, prompt_tokens: int, completion_tokens: int) -> bytes:
+        """Every choice ended: the usage (when asked for) and [DONE], or the whole answer."""
         used = usage(prompt_tokens, completion_tokens)
         if self.stream:
-            tail = self._event([self._choice(None if self.endpoint == "chat" else "", finish_reason)])
-            if self.include_usage:
-                tail += self._event([], {"usage": used})
+            tail = self._event([], {"usage": used}) if self.include_usage else b""
             return tail + b"data: [DONE]\n\n"
-        text = "".join(self._parts)
+        return _dumps(
+            {**self._head, "choices": [self._whole(i) for i in range(len(self._choices))], "usage": used}
+        )
+
+    def _whole(self, index: int) -> dict[str, Any]:
+        choice = self._choices[index]
+        text = "".join(choice.parts)
         if self.endpoint == "chat":
-            choice: dict[str, Any] = {
-                "index": 0,
+            out: dict[str, Any] = {
+                "index": index,
                 "message": {"role": "assistant", "content": text},
-                "finish_reason": finish_reason,
+                "finish_reason": choice.finish_reason,
             }
-        else:
-            choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
-        return _dumps({**self._head, "choices": [choice], "usage": used})
+            if self.logprobs:
+                out["logprobs"] = {"content": choice.logprobs}
+            return out
+        legacy = choice.legacy
+        if self.logprobs and legacy is None:
+            legacy = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        return {"index": index, "text": text, "finish_reason": choice.finish_reason, "logprobs": legacy}
+
+
+def _chat_entry(entry: TokenLogprob) -> dict[str, Any]:
+    return {
+        "token": entry.token,
+        "logprob": entry.logprob,
+        "bytes": list(entry.token.encode()),
+        "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in entry.top],
+    }
+
+
+def _legacy_top(entry: TokenLogprob) -> dict[str, float] | None:
+    """Completions' top_logprobs: the most likely tokens, and the chosen one (as vLLM); null for the
+    prompt's first token."""
+    if entry.logprob is None:
+        return None
+    top = dict(entry.top)
+    top.setdefault(entry.token, entry.logprob)
+    return top

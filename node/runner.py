@@ -18,7 +18,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from node.backends.base import Backend, BatchBackend, CacheScope, NeverFits, SamplingParams, Sequential
+from node.backends.base import (
+    Backend,
+    BatchBackend,
+    CacheScope,
+    NeverFits,
+    SamplingParams,
+    Scores,
+    Sequential,
+)
 from node.textstream import IncrementalDecoder, StopMatcher
 from protocol.errors import Unavailable
 from protocol.web import log_unexpected
@@ -29,12 +37,24 @@ FinishReason = Literal["stop", "length", "cancelled", "error"]
 
 
 @dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A token as text, its log probability (None: the prompt's first) and the most likely ones there."""
+
+    token: str
+    logprob: float | None
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Delta:
-    """Text produced since the last event; ``finish_reason`` is set on the last one."""
+    """Text produced since the last event; ``finish_reason`` is set on the last one. With logprobs, the
+    tokens consumed since the last event (``logprobs``), and once, first, the prompt's (``prompt``: echo)."""
 
     text: str
     completion_tokens: int
     finish_reason: FinishReason | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
+    prompt: tuple[TokenLogprob, ...] | None = None
 
 
 class Job:
@@ -45,8 +65,10 @@ class Job:
         stops: Sequence[str],
         loop: asyncio.AbstractEventLoop,
         scope: CacheScope | None = None,
+        notify: asyncio.Event | None = None,
     ) -> None:
         self.prompt_ids = list(prompt_ids)
+        self.notify = notify  # set at each delta (several jobs read as one answer: node.choices)
         self.params = params
         self.stops = tuple(stops)
         self.scope = scope or CacheScope.private()
@@ -64,6 +86,15 @@ class Job:
     def deliver(self, delta: Delta) -> None:
         """On the event loop: a delta for the handler reading this job."""
         self._events.put_nowait(delta)
+        if self.notify is not None:
+            self.notify.set()
+
+    def ready(self) -> list[Delta]:
+        """The deltas waiting now (none: an empty list)."""
+        deltas = []
+        while not self._events.empty():
+            deltas.append(self._events.get_nowait())
+        return deltas
 
     async def next_deltas(self) -> list[Delta]:
         """Wait for at least one delta, then take every one already waiting (one write for a burst)."""
@@ -162,6 +193,7 @@ class JobRunner:
         params: SamplingParams,
         stops: Sequence[str],
         scope: CacheScope | None = None,
+        notify: asyncio.Event | None = None,
     ) -> Job:
         with self._lock:
             if self._closed:
@@ -169,7 +201,7 @@ class JobRunner:
             if self._queued >= self._max_queued:
                 raise Unavailable("this node's queue is full; try again shortly", retry_after=2)
             self._queued += 1
-            job = Job(prompt_ids, params, stops, asyncio.get_running_loop(), scope)
+            job = Job(prompt_ids, params, stops, asyncio.get_running_loop(), scope, notify)
             self._inbox.put(job)
         return job
 
@@ -301,33 +333,46 @@ class JobRunner:
             run = self._running.get(step.seq)
             if run is None:
                 continue
+            prompt = None if step.prompt_scores is None else self._named_prompt(run.job, step.prompt_scores)
+            scored = tuple(self._named(t, s) for t, s in zip(step.tokens, step.scores, strict=False))
             parts: list[str] = []
-            for token in step.tokens:
+            for i, token in enumerate(step.tokens):
                 run.produced += 1
                 text, stopped = run.stopper.push(run.decoder.push(token))
                 parts.append(text)
                 if stopped:
-                    self._end(step.seq, "stop", "".join(parts))
+                    self._end(step.seq, "stop", "".join(parts), scored[: i + 1], prompt)
                     break
             else:
                 if step.finish is not None:
                     text, stopped = run.stopper.push(run.decoder.flush())
                     parts.append(text if stopped else text + run.stopper.flush())
                     self._forget(step.seq)
-                    self._post(
-                        run.job, Delta("".join(parts), run.produced, "stop" if stopped else step.finish)
-                    )
-                elif any(parts):
-                    self._post(run.job, Delta("".join(parts), run.produced))
+                    reason = "stop" if stopped else step.finish
+                    self._post(run.job, Delta("".join(parts), run.produced, reason, scored, prompt))
+                elif any(parts) or scored or prompt is not None:
+                    self._post(run.job, Delta("".join(parts), run.produced, None, scored, prompt))
 
-    def _end(self, seq: int, reason: FinishReason, text: str = "") -> None:
+    def _named(self, token: int, scores: Scores) -> TokenLogprob:
+        """Scores with tokens as text (each decoded alone, as OpenAI and vLLM show them)."""
+        decode = self.backend.decode
+        return TokenLogprob(decode([token]), scores.logprob, tuple((decode([t]), v) for t, v in scores.top))
+
+    def _named_prompt(self, job: Job, scores: list[Scores]) -> tuple[TokenLogprob, ...]:
+        first = TokenLogprob(self.backend.decode(job.prompt_ids[:1]), None)
+        return (first, *(self._named(t, s) for t, s in zip(job.prompt_ids[1:], scores, strict=False)))
+
+    def _end(
+        self, seq: int, reason: FinishReason, text: str = "", scored: tuple[TokenLogprob, ...] = (),
+        prompt: tuple[TokenLogprob, ...] | None = None,
+    ) -> None:  # fmt: skip
         """End a sequence the backend is still running (cancelled, stopped by a stop string, failed)."""
         run = self._forget(seq)
         try:
             self.backend.cancel(seq)
         except Exception as exc:
             log_unexpected("cancelling a job", exc)
-        self._post(run.job, Delta(text, run.produced, reason))
+        self._post(run.job, Delta(text, run.produced, reason, scored, prompt))
 
     def _forget(self, seq: int) -> _Running:
         with self._lock:

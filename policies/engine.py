@@ -53,6 +53,9 @@ class Visible:
     # What the endpoint gives a request that names no max_tokens (completions: 16, as OpenAI); None: the
     # group's cap.
     default_max_tokens: int | None = None
+    # Answers the request asks for (n × prompts, where the scheduler can read it; a sealed request's node
+    # shares the reservation between its choices): each may be max_tokens long.
+    choices: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,9 +176,11 @@ def decide(principal: Principal, request: Visible, window: UsageWindow) -> Decis
     # (and its message's markers), and the answer. Per-minute token rates count, like OpenAI's, the
     # estimate: a rate is a pace, not a budget, and settles to what was used.
     course = len(group.system_prompt.encode()) + COURSE_MARKERS if group.system_prompt is not None else 0
+    course *= max(1, request.choices)  # batched prompts each get it (n samples of one: a bound all the same)
     bound = request.prompt_bound if request.prompt_bound is not None else request.prompt_tokens
+    answers = max_new * max(1, request.choices)
     cost = Cost(
-        reserve=bound + course + max_new, rate=request.prompt_tokens + course // 4 + max_new, max_new=max_new
+        reserve=bound + course + answers, rate=request.prompt_tokens + course // 4 + answers, max_new=max_new
     )
     rates = _rates(group, window, cost)
     for scope, limits, meter in (("you", group.each, window.each), ("your group", group.total, window.total)):

@@ -244,7 +244,7 @@ def check_header(header: Header) -> None:
         header.endpoint in ("chat", "completion")
         and isinstance(header.model, str)
         and 0 < len(header.model) <= MAX_MODEL_CHARS
-        and (header.max_tokens is None or (type(header.max_tokens) is int and 0 < header.max_tokens < 2**31))
+        and (header.max_tokens is None or (type(header.max_tokens) is int and 0 <= header.max_tokens < 2**31))
         and type(header.stream) is bool
         and type(header.bucket) is int
         and MIN_BUCKET <= header.bucket <= MAX_BODY_BYTES

@@ -31,6 +31,13 @@ MAX_STOP_LENGTH = 256
 MAX_STOP_TOKEN_IDS = 16
 MAX_TOP_K = 1000
 MAX_MODEL_ID_LENGTH = 256
+MAX_CHOICES = 8  # n (and best_of): samples per prompt
+MAX_PROMPTS = 64  # prompts in one batched completions request
+MAX_BATCH_CHOICES = 64  # prompts × n
+MAX_TOP_LOGPROBS = 20  # chat's top_logprobs
+MAX_COMPLETION_LOGPROBS = 5  # completions' logprobs (OpenAI's legacy limit)
+MAX_LOGIT_BIAS = 1024  # entries
+MAX_TOKEN_ID = 2**31 - 1
 
 
 def _valid_unicode(text: str) -> str:
@@ -136,8 +143,13 @@ class _Sampling(_Request):
     # Any, not a dict type: a malformed dict would make pydantic name the client's keys in the error.
     logit_bias: Any = Field(
         default=None,
-        description="Not supported yet; refused when not empty.",
-        json_schema_extra=_EMPTY_OBJECT,
+        description="Token id (as a string) → a bias from -100 to 100 added to its logit before sampling, as "
+        "OpenAI: -100 bans the token, 100 all but forces it. Ids the model does not have are refused.",
+        json_schema_extra={
+            "type": ["object", "null"],
+            "maxProperties": MAX_LOGIT_BIAS,
+            "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+        },
     )
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
@@ -148,7 +160,10 @@ class _Sampling(_Request):
         description="Hearth extension (as in vLLM): keep generating past end-of-text tokens, up to "
         "max_tokens. For benchmarks and tests that need answers of an exact length.",
     )
-    n: int = Field(default=1, description="Only 1 is supported.", json_schema_extra={"enum": [1]})
+    n: int = Field(
+        default=1, ge=1, le=MAX_CHOICES,
+        description="Samples per prompt, one choice each (index = prompt × n + sample).",
+    )  # fmt: skip
     user: str | None = Field(default=None, max_length=256)
 
     @field_validator(
@@ -168,19 +183,16 @@ class _Sampling(_Request):
         # OpenAI's API accepts null for these and applies the default; clients pass None through.
         return cls.model_fields[str(info.field_name)].default if value is None else value
 
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, value: int) -> int:
-        if value != 1:
-            raise ValueError("only n=1 is supported")
-        return value
-
     @field_validator("logit_bias")
     @classmethod
-    def _no_logit_bias(cls, value: Any) -> Any:
-        if value:
-            raise ValueError("logit_bias is not supported yet")
-        return value
+    def _logit_bias(cls, value: Any) -> Any:
+        return None if value is None else check_logit_bias(value)
+
+    def biases(self) -> tuple[tuple[int, float], ...]:
+        """logit_bias as (token id, bias) pairs, by id (empty when none)."""
+        if not self.logit_bias:
+            return ()
+        return tuple(sorted((int(k), float(v)) for k, v in self.logit_bias.items()))
 
     def stop_sequences(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -210,7 +222,15 @@ class ChatCompletionRequest(_Sampling):
         json_schema_extra={"maxItems": 0},
     )
     tool_choice: Any = None
-    logprobs: bool | None = Field(default=None, description="Not supported yet.", json_schema_extra=_OFF)
+    logprobs: bool | None = Field(
+        default=None,
+        description="Return each generated token's log probability (of the model's own distribution, "
+        "before temperature, penalties, logit_bias and truncation, as vLLM).",
+    )
+    top_logprobs: int | None = Field(
+        default=None, ge=0, le=MAX_TOP_LOGPROBS,
+        description="With logprobs: this many most likely tokens at each position, with theirs.",
+    )  # fmt: skip
     response_format: dict[str, Any] | None = Field(
         default=None,
         description='Only {"type": "text"}.',
@@ -221,8 +241,10 @@ class ChatCompletionRequest(_Sampling):
     def _supported(self) -> ChatCompletionRequest:
         if self.tools:
             raise ValueError("tools are not supported yet")
-        if self.logprobs:
-            raise ValueError("logprobs are not supported yet")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequest(
+                "invalid request: 'top_logprobs' needs 'logprobs': true", param="top_logprobs"
+            )
         if self.response_format is not None and self.response_format.get("type", "text") != "text":
             raise ValueError("only response_format type 'text' is supported")
         return self
@@ -231,40 +253,130 @@ class ChatCompletionRequest(_Sampling):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    @property
+    def top_count(self) -> int | None:
+        """How many alternatives each token's logprob comes with; None: no logprobs."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    @property
+    def prompt_count(self) -> int:
+        return 1
+
+    @property
+    def choices(self) -> int:
+        """Choices in the answer (one per sample)."""
+        return self.n
+
+
+TokenId = Annotated[int, Field(strict=True, ge=0, le=MAX_TOKEN_ID)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+
 
 class CompletionRequest(_Sampling):
     # Not empty: an empty prompt has nothing to continue from (most tokenizers give it no token at all).
-    prompt: Prompt | Annotated[list[Prompt], Field(min_length=1, max_length=1)] = Field(
-        description="One prompt, not empty (a string, or a list holding one string)."
+    prompt: (
+        Prompt
+        | Annotated[list[Prompt], Field(min_length=1, max_length=MAX_PROMPTS)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
+    ) = Field(
+        description=f"A prompt (a string, or token ids), or up to {MAX_PROMPTS} of them (a list of strings, "
+        "or a list of token-id lists): one choice per prompt and sample, index = prompt × n + sample. Not "
+        "empty."
     )
     max_tokens: int | None = Field(
-        default=16, ge=1, description="Upper bound on generated tokens (default 16)."
+        default=16, ge=0,
+        description="Upper bound on generated tokens (default 16); 0 (with echo) scores the prompt only.",
+    )  # fmt: skip
+    echo: bool | None = Field(
+        default=False,
+        description="Put the prompt before the completion in the text, and with logprobs its tokens' log "
+        "probabilities (the first one null) before the completion's.",
     )
-    echo: bool | None = Field(default=False, description="Not supported.", json_schema_extra=_OFF)
     suffix: str | None = Field(default=None, description="Not supported.", json_schema_extra={"maxLength": 0})
     logprobs: int | None = Field(
-        default=None, description="Not supported yet.", json_schema_extra={"enum": [None]}
-    )
-    best_of: int | None = Field(default=None, description="Only 1.", json_schema_extra={"enum": [1, None]})
+        default=None, ge=0, le=MAX_COMPLETION_LOGPROBS,
+        description="Return each token's log probability (of the model's own distribution, before "
+        "temperature, penalties, logit_bias and truncation, as vLLM) with this many most likely "
+        "alternatives.",
+    )  # fmt: skip
+    best_of: int | None = Field(
+        default=None, ge=1, le=MAX_CHOICES,
+        description="Only equal to n (or absent): ranking more samples than are returned is not supported.",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _supported(self) -> CompletionRequest:
-        if self.echo:
-            raise ValueError("echo is not supported")
         if self.suffix:
             raise ValueError("suffix is not supported")
-        if self.logprobs is not None:
-            raise ValueError("logprobs are not supported yet")
-        if self.best_of not in (None, 1):
-            raise ValueError("only best_of=1 is supported")
+        if self.best_of is not None and self.best_of != self.n:
+            raise InvalidRequest(
+                "invalid request: 'best_of' greater than n is not supported (Hearth does not rank hidden "
+                "samples): leave it out, or set it equal to n",
+                param="best_of",
+            )
+        if self.max_tokens == 0 and not self.echo:
+            raise InvalidRequest(
+                "invalid request: 'max_tokens' 0 generates nothing; it is for scoring a prompt, with "
+                "'echo': true",
+                param="max_tokens",
+            )
+        if self.prompt_count * self.n > MAX_BATCH_CHOICES:
+            raise InvalidRequest(
+                f"invalid request: {self.prompt_count} prompts × n={self.n} make more than "
+                f"{MAX_BATCH_CHOICES} choices",
+                param="n",
+            )
         return self
 
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, each a string or a list of token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if all(isinstance(p, int) for p in prompt):
+            return [list(prompt)]  # type: ignore[arg-type]
+        return list(prompt)  # type: ignore[arg-type]
+
     def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+        first = self.prompts()[0]
+        return first if isinstance(first, str) else ""
+
+    @property
+    def prompt_count(self) -> int:
+        prompt = self.prompt
+        if isinstance(prompt, str) or all(isinstance(p, int) for p in prompt):
+            return 1
+        return len(prompt)
 
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+    @property
+    def top_count(self) -> int | None:
+        return self.logprobs
+
+    @property
+    def choices(self) -> int:
+        return self.prompt_count * self.n
+
+
+def check_logit_bias(value: Any) -> dict[str, float]:
+    """OpenAI's logit_bias: token ids (strings of digits) → numbers from -100 to 100. The messages name
+    no key or value (a key could be anything the client wrote)."""
+    if not isinstance(value, dict):
+        raise ValueError("logit_bias must be an object mapping token ids to numbers")
+    if len(value) > MAX_LOGIT_BIAS:
+        raise ValueError(f"logit_bias may hold at most {MAX_LOGIT_BIAS} entries")
+    out: dict[str, float] = {}
+    for key, bias in value.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and int(key) <= MAX_TOKEN_ID):
+            raise ValueError("logit_bias keys must be token ids (whole numbers, as strings)")
+        if isinstance(bias, bool) or not isinstance(bias, int | float) or not -100 <= bias <= 100:
+            raise ValueError("logit_bias values must be numbers from -100 to 100")
+        out[str(int(key))] = float(bias)
+    return out
 
 
 Endpoint = Literal["chat", "completion"]
@@ -329,10 +441,25 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: FinishReason
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -353,6 +480,7 @@ class ChunkChoice(BaseModel):
     index: int
     delta: ChunkDelta
     finish_reason: FinishReason | None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -364,11 +492,21 @@ class ChatCompletionChunk(BaseModel):
     usage: Usage | None = None
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy shape: one entry per token in each list (echo: the prompt's first, the first
+    token's logprob and top_logprobs null)."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: FinishReason | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class FinishedCompletionChoice(CompletionChoice):

@@ -328,7 +328,7 @@ async def _admit(request: web.Request, endpoint: Endpoint) -> Admitted:
     prompt_tokens = len(raw) // BYTES_PER_TOKEN_GUESS
     visible = Visible(
         req.model, max_tokens, sealed=False, prompt_tokens=prompt_tokens, prompt_bound=len(raw),
-        default_max_tokens=default,
+        default_max_tokens=default, choices=req.choices,
     )  # fmt: skip
     grant = request.app[ENFORCER].admit(token, visible, request_id)
     preq = PlacementRequest(

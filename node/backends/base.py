@@ -37,6 +37,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     stop_token_ids: tuple[int, ...] = ()  # end the answer like an end-of-sequence token (not yielded)
     ignore_eos: bool = False  # go on past end-of-sequence tokens (stop_token_ids still end it)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit), as OpenAI's
+    logprobs: int | None = None  # None: off; k: each token's logprob and the k most likely (Step.scores)
+    prompt_logprobs: bool = False  # score the prompt's tokens too (echo; Step.prompt_scores)
 
     def __post_init__(self) -> None:
         # Logits divided by a temperature of 1e-300 overflow to infinity and sampling fails; any temperature
@@ -92,9 +95,14 @@ class Backend(TextModel, Protocol):
 
     def generate(
         self, prompt_ids: Sequence[int], params: SamplingParams, cancelled: threading.Event
-    ) -> Iterator[int]:
-        """Yield new token ids one at a time, ending at an end-of-sequence or stop token (not yielded), at
-        ``params.max_new_tokens``, or as soon as ``cancelled`` is set (checked before every step)."""
+    ) -> Iterator[int | Scored]:
+        """Yield new token ids one at a time (``Scored`` ones when ``params.logprobs`` is set), ending at
+        an end-of-sequence or stop token (not yielded), at ``params.max_new_tokens``, or as soon as
+        ``cancelled`` is set (checked before every step)."""
+        ...
+
+    def score_prompt(self, prompt_ids: Sequence[int], top: int) -> list[Scores]:
+        """The log probability of each prompt token after the first, given those before it (echo)."""
         ...
 
     def close(self) -> None:
@@ -105,6 +113,23 @@ class Backend(TextModel, Protocol):
 Finish = Literal["stop", "length"]
 
 
+@dataclass(frozen=True, slots=True)
+class Scores:
+    """Log probabilities at one position, of the model's own distribution (before temperature, penalties,
+    logit bias and truncation, as vLLM returns them): the token's there, and the most likely ones'."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Scored:
+    """What ``Backend.generate`` yields instead of a bare id when ``params.logprobs`` is set."""
+
+    token: int
+    scores: Scores
+
+
 @dataclass(slots=True)
 class Step:
     """What one iteration did for one sequence: the tokens it produced (often one, none while its prompt
@@ -113,6 +138,9 @@ class Step:
     seq: int
     tokens: list[int] = field(default_factory=list)
     finish: Finish | None = None
+    scores: list[Scores] = field(default_factory=list)  # one per token when params.logprobs is set
+    # With params.prompt_logprobs, once (the first step): the prompt's tokens after the first, scored.
+    prompt_scores: list[Scores] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +155,12 @@ class CacheState:
 
 class NeverFits(Exception):
     """A sequence larger than the backend's whole cache: it can never be admitted."""
+
+
+def vocab_size(model: object) -> int | None:
+    """The size of a model's vocabulary (token ids run below it), where its backend says."""
+    size = getattr(model, "vocab_size", None)
+    return size if isinstance(size, int) else None
 
 
 @runtime_checkable
@@ -153,10 +187,12 @@ class BatchBackend(TextModel, Protocol):
 
 @dataclass(slots=True)
 class _Turn:
-    tokens: Iterator[int]
+    tokens: Iterator[int | Scored]
     cancelled: threading.Event
     limit: int
     produced: int = 0
+    prompt: Sequence[int] | None = None  # to score at the first step (echo)
+    top: int = 0
 
 
 class Sequential:
@@ -191,6 +227,10 @@ class Sequential:
     def decode(self, ids: Sequence[int]) -> str:
         return self.inner.decode(ids)
 
+    @property
+    def vocab_size(self) -> int | None:
+        return vocab_size(self.inner)
+
     def cache(self) -> CacheState:
         per, most = self.inner.context_length, self.max_sequences
         return CacheState(per * most, per * (most - len(self._running)), 1, most)
@@ -203,7 +243,8 @@ class Sequential:
         seq = next(self._ids)
         cancelled = threading.Event()
         tokens = self.inner.generate(prompt_ids, params, cancelled)
-        self._running[seq] = _Turn(tokens, cancelled, params.max_new_tokens)
+        prompt = list(prompt_ids) if params.prompt_logprobs else None
+        self._running[seq] = _Turn(tokens, cancelled, params.max_new_tokens, 0, prompt, params.logprobs or 0)
         return seq
 
     def step(self) -> list[Step]:
@@ -211,12 +252,24 @@ class Sequential:
         for seq, turn in list(self._running.items()):
             step = Step(seq)
             steps.append(step)
+            if turn.prompt is not None:
+                step.prompt_scores = self.inner.score_prompt(turn.prompt, turn.top)
+                turn.prompt = None
+            if turn.limit == 0:  # scoring the prompt only (echo with max_tokens 0)
+                step.finish = "length"
+                self.cancel(seq)
+                continue
             try:
-                step.tokens.append(next(turn.tokens))
+                item = next(turn.tokens)
             except StopIteration:
                 step.finish = "stop"
                 del self._running[seq]
                 continue
+            if isinstance(item, Scored):
+                step.tokens.append(item.token)
+                step.scores.append(item.scores)
+            else:
+                step.tokens.append(item)
             turn.produced += 1
             if turn.produced >= turn.limit:
                 step.finish = "length"

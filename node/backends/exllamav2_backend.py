@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from node.backends.base import CacheScope, CacheState, NeverFits, SamplingParams, Step
+from node.backends.base import CacheScope, CacheState, NeverFits, SamplingParams, Scores, Step
 from protocol.errors import ConfigError
 
 log = logging.getLogger("hearth.node.exllamav2")
@@ -151,9 +151,25 @@ def _scoped_job_class() -> type:
     class ScopedJob(ExLlamaV2DynamicJob):  # type: ignore[misc]
         """A job whose cached pages only jobs of the same scope can reuse."""
 
-        def __init__(self, *args: Any, scope: bytes, **kwargs: Any) -> None:
+        def __init__(
+            self, *args: Any, scope: bytes, top: int | None = None, vocab: int = 0, **kwargs: Any
+        ) -> None:
             super().__init__(*args, **kwargs)
             self.hearth_scope = scope
+            self.hearth_top = top  # None: no logprobs; else the alternatives each token comes with
+            self.hearth_vocab = vocab
+            self.hearth_scores: list[Scores] = []  # of tokens sampled and not yet taken by step()
+
+        def receive_logits(self, logits: Any) -> Any:
+            # The sampler changes the logits in place (penalties, bias): the model's own are read first.
+            raw = None if self.hearth_top is None else logits[0, 0, : self.hearth_vocab].clone()
+            result = super().receive_logits(logits)
+            if raw is not None:
+                from node.backends.sampling import scores_at
+
+                token = int(result[0].flatten()[0])
+                self.hearth_scores.append(scores_at(raw, token, self.hearth_top or 0))
+            return result
 
         def prepare_for_queue(self, generator: Any, serial_number: int) -> Any:
             _scope.key = self.hearth_scope
@@ -243,6 +259,8 @@ class ExLlamaV2Backend:
         self._paged = paged
         self._job_class = _scoped_job_class()
         self._jobs: dict[int, Any] = {}  # seq → ExLlamaV2DynamicJob
+        self._prompts: dict[int, list[Scores]] = {}  # seq → its prompt's scores, for the next step (echo)
+        self._scoring: set[int] = set()  # seqs that only score their prompt (max_new_tokens 0)
         self._pages: dict[int, int] = {}  # seq → pages it reserves
         self._next = 0
         self._state = self._measure()  # what cache() reports: taken on the generation thread
@@ -339,6 +357,28 @@ class ExLlamaV2Backend:
         # runner decodes twice per token of every sequence.
         return str(self._tokenizer.decode_(list(ids), False))
 
+    @property
+    def vocab_size(self) -> int:
+        return int(self._model.config.vocab_size)
+
+    @property
+    def score_limit(self) -> int:
+        """The longest prompt ``score_prompt`` takes: one forward pass, without a cache."""
+        return int(self._model.config.max_input_len)
+
+    def score_prompt(self, prompt_ids: Sequence[int], top: int) -> list[Scores]:
+        import torch
+
+        from node.backends.sampling import prompt_scores
+
+        if len(prompt_ids) > self.score_limit:
+            raise NeverFits(f"{len(prompt_ids)} prompt tokens are more than one pass scores")
+        with _GPU, torch.inference_mode():
+            logits = self._model.forward(
+                torch.tensor([list(prompt_ids)], dtype=torch.long), cache=None, last_id_only=False
+            )
+        return prompt_scores(logits[0, :, : self.vocab_size].float().cpu(), prompt_ids, top)
+
     # Batching
 
     def _promised(self) -> int:
@@ -378,6 +418,12 @@ class ExLlamaV2Backend:
             return None
         import torch
 
+        scored = self.score_prompt(prompt_ids, params.logprobs or 0) if params.prompt_logprobs else None
+        if params.max_new_tokens == 0:  # scoring only: nothing for the generator to run
+            seq, self._next = self._next, self._next + 1
+            self._scoring.add(seq)
+            self._prompts[seq] = scored or []
+            return seq
         eos = frozenset() if params.ignore_eos else self._eos_ids
         stop: list[int] = sorted(eos | set(params.stop_token_ids))
         settings = _sampler_settings(params)
@@ -385,6 +431,10 @@ class ExLlamaV2Backend:
             # OpenAI's penalties count the answer's tokens; exllamav2 counts its window of the whole
             # sequence. The window is kept to the answer (nothing yet; widened each step).
             settings.token_repetition_range = 0
+        if params.logit_bias:
+            from node.backends.sampling import bias_vector
+
+            settings.token_bias = bias_vector(params.logit_bias, generator.padded_vocab_size)
         job = self._job_class(
             input_ids=torch.tensor([list(prompt_ids)], dtype=torch.long),
             max_new_tokens=params.max_new_tokens,
@@ -393,8 +443,12 @@ class ExLlamaV2Backend:
             stop_conditions=stop,
             identifier=self._next,
             scope=scope.key,
+            top=params.logprobs,
+            vocab=self.vocab_size,
         )
         seq, self._next = self._next, self._next + 1
+        if scored is not None:
+            self._prompts[seq] = scored
         generator.enqueue(job)
         self._pages[seq] = pages
         self._jobs[seq] = job
@@ -402,24 +456,31 @@ class ExLlamaV2Backend:
         return seq
 
     def step(self) -> list[Step]:
-        with _GPU:
-            results = self._generator.iterate()
         steps: dict[int, Step] = {}
+        for seq, scored in self._prompts.items():
+            steps[seq] = Step(seq, prompt_scores=scored)
+        self._prompts.clear()
+        for seq in self._scoring:
+            steps[seq].finish = "length"
+        self._scoring.clear()
+        with _GPU:
+            results = self._generator.iterate() if self._jobs else []
         for r in results:
             if r.get("stage") != "streaming":
                 continue
             seq = int(r["identifier"])
             step = steps.setdefault(seq, Step(seq))
             ids = r.get("token_ids")
+            job = self._jobs.get(seq)
             if ids is not None:
-                step.tokens += [int(t) for t in ids[0].tolist()]
+                self._take(step, job, [int(t) for t in ids[0].tolist()])
             if r.get("eos"):
                 if r.get("eos_reason") == "stop_token":
                     # Tokens held back (an incomplete UTF-8 character) are not emitted with a stop token's
                     # end: they come under "held", the stop token last (not part of the answer).
                     held = (r.get("held") or {}).get("token_ids")
                     if held is not None:
-                        step.tokens += [int(t) for t in held[0].tolist()[:-1]]
+                        self._take(step, job, [int(t) for t in held[0].tolist()[:-1]])
                 step.finish = "length" if r.get("eos_reason") == "max_new_tokens" else "stop"
                 self._jobs.pop(seq, None)
                 self._pages.pop(seq, None)
@@ -429,7 +490,17 @@ class ExLlamaV2Backend:
         self._state = self._measure()
         return list(steps.values())
 
+    @staticmethod
+    def _take(step: Step, job: Any, tokens: list[int]) -> None:
+        """Tokens the generator emitted for a step, each with its scores when the job keeps them."""
+        step.tokens += tokens
+        if job is not None and job.hearth_top is not None:
+            step.scores += job.hearth_scores[: len(tokens)]
+            del job.hearth_scores[: len(tokens)]
+
     def cancel(self, seq: int) -> None:
+        self._prompts.pop(seq, None)
+        self._scoring.discard(seq)
         job = self._jobs.pop(seq, None)
         self._pages.pop(seq, None)
         if job is not None:

@@ -14,7 +14,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from node.backends.base import SamplingParams
+from node.backends.base import SamplingParams, Scored, Scores
+from node.backends.sampling import biased, prompt_scores, scores_at
 from protocol.errors import ConfigError
 
 
@@ -77,9 +78,20 @@ class TransformersBackend:
     def decode(self, ids: Sequence[int]) -> str:
         return str(self._tokenizer.decode(list(ids), skip_special_tokens=True))
 
+    @property
+    def vocab_size(self) -> int:
+        return int(self._model.get_output_embeddings().weight.shape[0])
+
+    def score_prompt(self, prompt_ids: Sequence[int], top: int) -> list[Scores]:
+        import torch
+
+        with torch.inference_mode():
+            out = self._model(input_ids=torch.tensor([list(prompt_ids)]), use_cache=False)
+            return prompt_scores(out.logits[0], prompt_ids, top)
+
     def generate(
         self, prompt_ids: Sequence[int], params: SamplingParams, cancelled: threading.Event
-    ) -> Iterator[int]:
+    ) -> Iterator[int | Scored]:
         import torch
 
         generator = torch.Generator()
@@ -102,7 +114,7 @@ class TransformersBackend:
             with torch.inference_mode():
                 # Sampled in float64: a temperature or penalty that the API allows but float32 cannot
                 # divide by (5e-324 rounds to 0 there) stays exact, and the scaling below cannot overflow.
-                logits = out.logits[0, -1].double()
+                logits = raw = out.logits[0, -1].double()
                 if params.presence_penalty or params.frequency_penalty:
                     if counts is None:
                         counts = torch.zeros_like(logits)
@@ -117,14 +129,17 @@ class TransformersBackend:
                         logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty
                     )
                     logits = torch.where(seen, penalized, logits)
-                token = _sample(logits, params, generator)
+                token = _sample(biased(logits, params.logit_bias), params, generator)
                 if counts is not None:
                     counts[token] += 1
                 if seen is not None:
                     seen[token] = True
             if token in stop_ids:
                 return
-            yield token
+            if params.logprobs is not None:
+                yield Scored(token, scores_at(raw, token, params.logprobs))
+            else:
+                yield token
             if step + 1 == params.max_new_tokens:
                 return
             with torch.inference_mode():

@@ -176,6 +176,14 @@ class BigramModel:
             return {}
         return {"logits": self.table[input_ids]}
 
+    def forward(
+        self, input_ids: torch.Tensor, cache: Any = None, *, last_id_only: bool = False, **kwargs: Any
+    ) -> torch.Tensor:
+        """``ExLlamaV2.forward`` without a cache: logits at every position (echo's prompt scoring)."""
+        assert cache is None and input_ids.shape[-1] <= self.config.max_input_len
+        logits = self.forward_chunk(input_ids)["logits"]
+        return logits[:, -1:] if last_id_only else logits
+
     def unload(self) -> None:
         self.unloaded = True
 

@@ -136,7 +136,7 @@ def chat(messages: list[dict[str, str]], **extra: Any) -> dict[str, Any]:
     return {"model": DEMO_MODEL_ID, "messages": messages, "max_tokens": 1, **extra}
 
 
-def completion(prompt: str, **extra: Any) -> dict[str, Any]:
+def completion(prompt: str | list[str], **extra: Any) -> dict[str, Any]:
     return {"model": DEMO_MODEL_ID, "prompt": prompt, "max_tokens": 1, **extra}
 
 
@@ -357,3 +357,37 @@ def test_context_fitting_keeps_the_course_prompt(stack: Stack, tokens: Tokens) -
     answer = run_plain(stack, "chat", request, rules={"system_prompt": COURSE, "max_total_tokens": kept + 2})
     assert answer.status == 200, answer.error
     assert answer.meta == {"finish_reason": "length", "prompt_tokens": kept, "completion_tokens": 2}
+
+
+@pytest.mark.parametrize(
+    ("n", "prompts", "left", "each"),
+    [
+        (3, 1, 7, 2),  # three samples share what the budget leaves: 7 // 3 tokens each
+        (2, 2, 4, 1),  # two prompts × two samples: each prompt counted once, 4 // 4 each
+    ],
+)
+def test_choices_share_the_budget(
+    stack: Stack, tokens: Tokens, n: int, prompts: int, left: int, each: int
+) -> None:
+    # A sealed request's n and prompts are hidden from the scheduler, which reserves one answer: the node
+    # shares it between the choices rather than use more than was reserved.
+    texts = ["Once upon", "Far away"][:prompts]
+    read = sum(tokens.completion(t) for t in texts)
+    request = completion(texts if prompts > 1 else texts[0], max_tokens=30, n=n, **GREEDY)
+    answer = run_plain(stack, "completion", request, rules={"max_total_tokens": read + left})
+    assert answer.status == 200, answer.error
+    assert answer.meta == {
+        "finish_reason": "length",
+        "prompt_tokens": read,
+        "completion_tokens": each * n * prompts,
+    }
+    assert answer.total <= read + left
+    assert [c["index"] for c in json.loads(answer.body)["choices"]] == list(range(n * prompts))
+
+
+def test_choices_without_room_are_refused(stack: Stack, tokens: Tokens) -> None:
+    read = tokens.completion("Once upon")
+    answer = run_plain(
+        stack, "completion", completion("Once upon", n=4, **GREEDY), rules={"max_total_tokens": read + 3}
+    )
+    assert answer.status == 429 and answer.error["code"] == "quota_exceeded"

@@ -121,6 +121,8 @@ ALLOWED = [
     (_group(system_prompt="Ten bytes.", each=Limits(tokens_per_day=10_000)), ASK, 176, 156, 176, None),
     # a per-minute token rate counts the estimate, so a prompt whose bytes exceed it still runs
     (_each(tokens_per_minute=500), replace(ASK, prompt_bound=5000), 5100, 150, 5100, None),
+    # several choices (n × prompts, read from a plaintext request): max_tokens for each one
+    (_each(tokens_per_day=10_000), replace(ASK, prompt_bound=200, choices=4), 600, 450, 600, None),
 ]  # fmt: skip
 
 
