@@ -4,6 +4,7 @@ scheduler's Retry-After, x-ratelimit-* and x-request-id headers reach the client
 
     POST /v1/chat/completions, /v1/completions   sealed to the scheduler, answered in plaintext here
     GET  /v1/models                              the scheduler's list, as it answered
+    GET  /v1/models/{id}                         one model of it, as the scheduler answered
     GET  /v1/terms, POST /v1/terms/accept,       passed to the scheduler with the user's token, and its
     GET  /v1/policy                              answer back as it is (hearth.proxy_forward)
     GET  /healthz                                liveness

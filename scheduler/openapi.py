@@ -54,6 +54,7 @@ from protocol.schemas import (
     DirectoryPage,
     ErrorResponse,
     Health,
+    ModelCard,
     ModelList,
 )
 from protocol.terms import TermsAcceptRequest, TermsDocument, TermsStatusList
@@ -89,6 +90,7 @@ _REPLIES: list[type[BaseModel]] = [
     Completion,
     CompletionChunk,
     ModelList,
+    ModelCard,
     ErrorResponse,
     DirectoryPage,
     Health,
@@ -211,6 +213,19 @@ def openapi_document() -> dict[str, Any]:
                     "summary": "List the models the cluster serves.",
                     "security": [{"bearer": []}],
                     "responses": {**ok("ModelList", description="The models."), **errors(401)},
+                }
+            },
+            "/v1/models/{model_id}": {
+                "get": {
+                    "summary": "One model the cluster serves (its id may contain '/').",
+                    "security": [{"bearer": []}],
+                    "parameters": [
+                        {"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}
+                    ],
+                    "responses": {
+                        **ok("ModelCard", description="The model."),
+                        **errors(401, 404, e404="No node serves this model (model_not_found)."),
+                    },
                 }
             },
             "/v1/chat/completions": _generation(
