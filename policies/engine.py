@@ -53,6 +53,9 @@ class Visible:
     # What the endpoint gives a request that names no max_tokens (completions: 16, as OpenAI); None: the
     # group's cap.
     default_max_tokens: int | None = None
+    # False for the tokenizer endpoints (POST /tokenize …): they run no generation, so they count as a
+    # request (rates, concurrency) and as no tokens (quotas, token rates).
+    generates: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,19 +167,7 @@ def decide(principal: Principal, request: Visible, window: UsageWindow) -> Decis
             f"{group.max_prompt_tokens}",
             "prompt_too_long", param="messages",
         )  # fmt: skip
-    cap = group.max_tokens or DEFAULT_MAX_TOKENS
-    if request.max_tokens is not None:
-        max_new = request.max_tokens
-    else:
-        max_new = min(cap, request.default_max_tokens) if request.default_max_tokens is not None else cap
-    # Quotas hold what the node may use at most: the prompt at its largest, the course prompt the node adds
-    # (and its message's markers), and the answer. Per-minute token rates count, like OpenAI's, the
-    # estimate: a rate is a pace, not a budget, and settles to what was used.
-    course = len(group.system_prompt.encode()) + COURSE_MARKERS if group.system_prompt is not None else 0
-    bound = request.prompt_bound if request.prompt_bound is not None else request.prompt_tokens
-    cost = Cost(
-        reserve=bound + course + max_new, rate=request.prompt_tokens + course // 4 + max_new, max_new=max_new
-    )
+    cost = _cost(group, request)
     rates = _rates(group, window, cost)
     for scope, limits, meter in (("you", group.each, window.each), ("your group", group.total, window.total)):
         refused = _counters(scope, limits, meter, window, cost, request.max_tokens is not None, rates)
@@ -190,8 +181,8 @@ def decide(principal: Principal, request: Visible, window: UsageWindow) -> Decis
     return Allowed(
         reserve=cost.reserve,
         rate_tokens=cost.rate,
-        max_total_tokens=cost.reserve if counted else None,
-        max_new_tokens=max_new if request.max_tokens is None else None,
+        max_total_tokens=cost.reserve if counted and request.generates else None,
+        max_new_tokens=cost.max_new if request.max_tokens is None and request.generates else None,
         tiers=tiers,
         weight=group.weight,
         system_prompt=group.system_prompt,
@@ -206,6 +197,24 @@ class Cost:
     reserve: int
     rate: int
     max_new: int
+
+
+def _cost(group: GroupRules, request: Visible) -> Cost:
+    if not request.generates:
+        return Cost(reserve=0, rate=0, max_new=0)
+    cap = group.max_tokens or DEFAULT_MAX_TOKENS
+    if request.max_tokens is not None:
+        max_new = request.max_tokens
+    else:
+        max_new = min(cap, request.default_max_tokens) if request.default_max_tokens is not None else cap
+    # Quotas hold what the node may use at most: the prompt at its largest, the course prompt the node adds
+    # (and its message's markers), and the answer. Per-minute token rates count, like OpenAI's, the
+    # estimate: a rate is a pace, not a budget, and settles to what was used.
+    course = len(group.system_prompt.encode()) + COURSE_MARKERS if group.system_prompt is not None else 0
+    bound = request.prompt_bound if request.prompt_bound is not None else request.prompt_tokens
+    return Cost(
+        reserve=bound + course + max_new, rate=request.prompt_tokens + course // 4 + max_new, max_new=max_new
+    )
 
 
 def _counters(

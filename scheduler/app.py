@@ -12,6 +12,7 @@ POST /v1/enroll              a node joins with a one-time code        (scheduler
 POST /v1/nodes/heartbeat     an approved node's signed status        (scheduler.federation)
      /admin/...              the operator's API                       (scheduler.admin)
 GET  /v1/terms, POST /v1/terms/accept, GET /admin/terms            (scheduler.terms_api)
+POST /tokenize, POST /detokenize, GET|POST /tokenizer_info            (scheduler.tokenizer_api)
 
 This module wires the long-lived parts together (store, registry, federation, admission, relay, the
 usage writer); the request path lives in scheduler.generation.
@@ -40,7 +41,7 @@ from protocol.web import (
     parse_json,
     read_body,
 )
-from scheduler import admin, admin_policy, generation, terms_api
+from scheduler import admin, admin_policy, generation, terms_api, tokenizer_api
 from scheduler.admission import Admission
 from scheduler.directory import DirectoryLog
 from scheduler.directory import serve as serve_directory
@@ -118,6 +119,7 @@ def create_app(settings: SchedulerSettings) -> web.Application:
     admin.add_routes(app)
     admin_policy.add_routes(app)
     terms_api.add_routes(app)
+    tokenizer_api.add_routes(app)
     return app
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 import httpx
@@ -17,6 +19,7 @@ from hearth.proxy_server import serve
 from tests.support import LoopThread, Stack, wait_for
 
 MODEL = "hearth-demo"
+TEXT = "The quick brown fox jumps over the lazy dog."
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +104,123 @@ def test_retrieving_a_model_needs_a_token(stack: Stack) -> None:
     r = httpx.get(f"{stack.api}/models/{MODEL}", timeout=30)
     assert r.status_code == 401
     assert r.json()["error"]["type"] == "authentication_error"
+
+
+# ----- the tokenizer endpoints -----
+
+
+@pytest.fixture(scope="module")
+def tokenizer(demo_model_dir: Path) -> Any:
+    """The demo model's own tokenizer, read here: what the node's answers must equal."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(demo_model_dir)
+
+
+def test_tokenize_a_prompt_as_lm_eval_asks(base: str, stack: Stack, tokenizer: Any) -> None:
+    # lm-evaluation-harness's remote tokenizer names no model and asks for no special tokens.
+    r = httpx.post(
+        base + "/tokenize", json={"prompt": TEXT, "add_special_tokens": False}, headers=_headers(stack),
+        timeout=30,
+    )  # fmt: skip
+    assert r.status_code == 200, r.text
+    ids = tokenizer.encode(TEXT, add_special_tokens=False)
+    assert r.json() == {"tokens": ids, "count": len(ids), "max_model_len": 2048, "token_strs": None}
+
+
+def test_tokenize_adds_special_tokens_by_default_for_a_prompt(
+    base: str, stack: Stack, tokenizer: Any
+) -> None:
+    r = httpx.post(
+        base + "/tokenize", json={"model": MODEL, "prompt": TEXT}, headers=_headers(stack), timeout=30
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["tokens"] == tokenizer.encode(TEXT, add_special_tokens=True)
+
+
+def test_tokenize_messages_as_the_chat_template_renders_them(base: str, stack: Stack) -> None:
+    messages = [{"role": "user", "content": TEXT}]
+    h = _headers(stack)
+    r = httpx.post(base + "/tokenize", json={"model": MODEL, "messages": messages}, headers=h, timeout=30)
+    assert r.status_code == 200, r.text
+    # The same count the chat endpoint reports for the same conversation.
+    chat = openai.OpenAI(base_url=base + "/v1", api_key=stack.token, max_retries=0).chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=1,  # type: ignore[arg-type]
+    )
+    assert chat.usage is not None and r.json()["count"] == chat.usage.prompt_tokens
+    without = httpx.post(
+        base + "/tokenize", json={"model": MODEL, "messages": messages, "add_generation_prompt": False},
+        headers=h, timeout=30,
+    ).json()  # fmt: skip
+    assert without["count"] < r.json()["count"]
+
+
+def test_detokenize_gives_the_text_back(base: str, stack: Stack, tokenizer: Any) -> None:
+    ids = tokenizer.encode(TEXT, add_special_tokens=False)
+    r = httpx.post(base + "/detokenize", json={"tokens": ids}, headers=_headers(stack), timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json() == {"prompt": tokenizer.decode(ids, skip_special_tokens=True)}
+
+
+def test_tokenizer_info_has_what_lm_eval_reads(base: str, stack: Stack, tokenizer: Any) -> None:
+    h = _headers(stack)
+    for url in (base + "/tokenizer_info", f"{base}/tokenizer_info?model={MODEL}"):
+        r = httpx.get(url, headers=h, timeout=30)
+        assert r.status_code == 200, r.text
+        info = r.json()
+        assert info["eos_token"] == tokenizer.eos_token
+        assert info["bos_token"] == (tokenizer.bos_token or None)
+        assert info["model_max_length"] == 2048
+        assert isinstance(info["chat_template"], str) and "{%" in info["chat_template"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param", "says"),
+    [
+        # neither prompt nor messages
+        ("/tokenize", {"model": MODEL}, None, "send either 'prompt'"),
+        # both
+        ("/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "a"}]}, None, "not both"),
+        # not a string
+        ("/tokenize", {"prompt": 7}, "prompt", "must be a string"),
+        # token strings are not offered
+        ("/tokenize", {"prompt": "a", "return_token_strs": True}, None, "return_token_strs"),
+        # ids are numbers of the vocabulary, not text
+        ("/detokenize", {"tokens": ["a"]}, "tokens.0", "must be an integer"),
+        # negative ids
+        ("/detokenize", {"tokens": [-1]}, "tokens.0", "at least 0"),
+        # no tokens at all
+        ("/detokenize", {}, "tokens", "required"),
+    ],
+)
+def test_malformed_tokenizer_requests_say_what_to_send(
+    base: str, stack: Stack, path: str, body: dict[str, object], param: str | None, says: str
+) -> None:
+    r = httpx.post(base + path, json=body, headers=_headers(stack), timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["param"] == param
+    assert says in err["message"]
+
+
+def test_an_unknown_model_is_404(base: str, stack: Stack) -> None:
+    r = httpx.post(
+        base + "/tokenize", json={"model": "nope", "prompt": "a"}, headers=_headers(stack), timeout=30
+    )
+    assert r.status_code == 404, r.text
+    assert r.json()["error"]["code"] == "model_not_found"
+
+
+def test_ids_outside_the_vocabulary_are_400_naming_tokens(base: str, stack: Stack) -> None:
+    r = httpx.post(base + "/detokenize", json={"tokens": [2**31 - 1]}, headers=_headers(stack), timeout=30)
+    # A tokenizer may decode an unknown id to nothing; it never answers 5xx.
+    assert r.status_code in (200, 400), r.text
+    if r.status_code == 400:
+        assert r.json()["error"]["param"] == "tokens"
+
+
+def test_tokenizer_requests_need_a_token(stack: Stack) -> None:
+    r = httpx.post(stack.base_url + "/tokenize", json={"prompt": "a"}, timeout=30)
+    assert r.status_code == 401
