@@ -224,3 +224,93 @@ def test_ids_outside_the_vocabulary_are_400_naming_tokens(base: str, stack: Stac
 def test_tokenizer_requests_need_a_token(stack: Stack) -> None:
     r = httpx.post(stack.base_url + "/tokenize", json={"prompt": "a"}, timeout=30)
     assert r.status_code == 401
+
+
+# ----- malformed messages: errors that say what to send -----
+
+IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "message"),
+    [
+        # an image part: this service takes text only
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, IMAGE]}]},
+            "messages.0.content",
+            "invalid request: 'messages.0.content': part 1 is an 'image_url' part; this service takes text "
+            'only: send the content as a string, or as parts {"type": "text", "text": "..."}',
+        ),
+        # audio, in the second message
+        (
+            {
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]},
+                ]
+            },
+            "messages.1.content",
+            "invalid request: 'messages.1.content': part 0 is an 'input_audio' part; this service takes text "
+            'only: send the content as a string, or as parts {"type": "text", "text": "..."}',
+        ),
+        # a text part without its text
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+            "messages.0.content.0.text",
+            "invalid request: 'messages.0.content.0.text': this field is required",
+        ),
+        # content that is neither a string nor a list
+        (
+            {"messages": [{"role": "user", "content": 42}]},
+            "messages.0.content",
+            "invalid request: 'messages.0.content': must be a string, or a list of parts of type 'text'",
+        ),
+        # a role OpenAI does not have
+        (
+            {"messages": [{"role": "robot", "content": "hi"}]},
+            "messages.0.role",
+            "invalid request: 'messages.0.role': must be 'system', 'developer', 'user', 'assistant' or 'tool'",
+        ),
+        # no messages
+        ({"messages": []}, "messages", "invalid request: 'messages': must hold at least 1 item"),
+        # a stop list with a number in it
+        (
+            {"messages": [{"role": "user", "content": "hi"}], "stop": ["END", 5]},
+            "stop.1",
+            "invalid request: 'stop.1': must be a string",
+        ),
+    ],
+)
+def test_malformed_messages_are_400s_that_say_what_to_send(
+    base: str, stack: Stack, body: dict[str, object], param: str, message: str
+) -> None:
+    r = httpx.post(
+        base + "/v1/chat/completions", json={"model": MODEL, **body}, headers=_headers(stack), timeout=30
+    )
+    assert r.status_code == 400, r.text
+    assert r.json() == {
+        "error": {"message": message, "type": "invalid_request_error", "param": param, "code": None}
+    }
+    assert "Input should" not in r.text and "after validation" not in r.text
+
+
+def test_the_openai_client_gets_the_text_only_refusal(base: str, stack: Stack) -> None:
+    client = openai.OpenAI(base_url=base + "/v1", api_key=stack.token, max_retries=0)
+    content = [{"type": "text", "text": "Describe this picture."}, IMAGE]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": content}],  # type: ignore[list-item,misc]
+            max_tokens=4,
+        )  # fmt: skip
+    assert caught.value.status_code == 400
+    assert caught.value.param == "messages.0.content"
+    assert "takes text only" in caught.value.message
+    assert "Describe this picture" not in caught.value.message  # never the user's text
+
+
+def test_a_completion_prompt_list_too_long_says_how_many(base: str, stack: Stack) -> None:
+    client = openai.OpenAI(base_url=base + "/v1", api_key=stack.token, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=MODEL, prompt=[], max_tokens=4)
+    assert caught.value.param == "prompt"
+    assert "after validation" not in caught.value.message and "Input should" not in caught.value.message
