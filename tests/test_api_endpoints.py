@@ -4,6 +4,7 @@ scheduler and node, in plaintext and through a real `hearth proxy` (end-to-end e
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -314,3 +315,20 @@ def test_a_completion_prompt_list_too_long_says_how_many(base: str, stack: Stack
         client.completions.create(model=MODEL, prompt=[], max_tokens=4)
     assert caught.value.param == "prompt"
     assert "after validation" not in caught.value.message and "Input should" not in caught.value.message
+
+
+def test_a_tokenizer_request_is_a_usage_row_of_no_tokens(stack: Stack) -> None:
+    started = time.time()
+    r = httpx.post(stack.base_url + "/tokenize", json={"prompt": TEXT}, headers=_headers(stack), timeout=30)
+    assert r.status_code == 200, r.text
+    rows: list[tuple[int, int, str]] = []
+    deadline = time.monotonic() + 30  # the usage writer commits in batches, off the request path
+    while not rows and time.monotonic() < deadline:
+        time.sleep(0.05)
+        with sqlite3.connect(stack.data_dir / "hearth.db") as db:
+            rows = db.execute(
+                "select prompt_tokens, completion_tokens, status from usage "
+                "where endpoint = 'tokenize' and started >= ?",
+                [started - 1],
+            ).fetchall()
+    assert rows == [(0, 0, "ok")]
