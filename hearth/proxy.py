@@ -60,6 +60,7 @@ from protocol.errors import (
 )
 from protocol.identity import KEY_BYTES, b64d, fingerprint, write_private
 from protocol.schemas import Endpoint, parse_request
+from protocol.tokenizer import PATHS as TOKENIZER_PATHS
 from protocol.web import parse_json, read_capped
 
 log = logging.getLogger("hearth.proxy")
@@ -78,7 +79,12 @@ INLINE_SEAL_BYTES = 64 * 1024
 # for the scheduler.
 MISS_BACKOFF_MIN_S = 0.25
 MISS_BACKOFF_MAX_S = 1.0
-UNREACHABLE_RETRY_S = 2.0  # a scheduler that is restarting is usually back within a couple of seconds
+UNREACHABLE_RETRY_S = 2.0
+_PATHS = {
+    "chat": "/v1/chat/completions",
+    "completion": "/v1/completions",
+    **TOKENIZER_PATHS,
+}  # a scheduler that is restarting is usually back within a couple of seconds
 
 
 class TrustError(UpstreamFailed):
@@ -351,19 +357,29 @@ class SealedClient:
         if len(body) > MAX_BODY_BYTES // 2:
             raise InvalidRequest("the request body is too large to seal")
         req = parse_request(endpoint, parse_json(body))
+        return await self.send_sealed(
+            endpoint, body, model=req.model, max_tokens=req.requested_max_tokens, stream=req.stream
+        )
+
+    async def send_sealed(
+        self, kind: str, body: bytes, *, model: str, max_tokens: int | None, stream: bool
+    ) -> Answer:
+        """Seal a validated request of ``kind`` (protocol.envelope.JOB_KINDS) with the header given, and
+        send it to its path; the answer, its plaintext payloads opened as they come."""
+        if len(body) > MAX_BODY_BYTES // 2:
+            raise InvalidRequest("the request body is too large to seal")
         prefer: list[str] | None = None
         for _ in range(MAX_RESEALS + 1):
-            chosen = await self.find_candidates(req.model, prefer)
+            chosen = await self.find_candidates(model, prefer)
             request_id = secrets.token_hex(12)
             sealing = functools.partial(
-                seal_request, body, endpoint=endpoint, model=req.model, max_tokens=req.requested_max_tokens,
-                stream=req.stream, request_id=request_id, issued_at=int(time.time()), ttl_s=ENVELOPE_TTL_S,
-                candidates=chosen,
+                seal_request, body, endpoint=kind, model=model, max_tokens=max_tokens, stream=stream,
+                request_id=request_id, issued_at=int(time.time()), ttl_s=ENVELOPE_TTL_S, candidates=chosen,
             )  # fmt: skip
             # A chat-sized body seals in ~0.2 ms per candidate, less than a thread hop; a big one in a thread.
             sealed, seed = sealing() if len(body) <= INLINE_SEAL_BYTES else await asyncio.to_thread(sealing)
             wire = json.dumps(to_wire(sealed)).encode()
-            path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
+            path = _PATHS[kind]
             # Each candidate's response keys, derived while the request is on its way (the loop runs this
             # once the request is written), not after the answer's first frame has arrived.
             openers: dict[str, ResponseOpener] = {}
@@ -386,7 +402,7 @@ class SealedClient:
                 raise scheduler_error(resp.status, refusal, resp.headers)
             names = {c.node_id for c in chosen}
             payloads = _open_stream(resp, seed, request_id, names, openers)
-            return Answer(req.stream, payloads, relayed_headers(resp.headers))
+            return Answer(stream, payloads, relayed_headers(resp.headers))
         raise Unavailable(
             "the scheduler kept asking to re-seal; try again",
             code="reseal_loop",

@@ -4,6 +4,7 @@ the user. OpenAI clients pointed at the proxy reach these with the proxy's addre
     GET  /v1/terms           the terms in force, and whether the user's token accepted them
     POST /v1/terms/accept    accept them
     GET  /v1/policy          the rules (and course prompt) that apply to the user
+    GET  /v1/models/{id}     one model the scheduler lists (its id may contain "/")
 
 None of them carries a prompt, so nothing is sealed: the request goes on with the user's token, and the
 scheduler's answer (its status, its body, and the headers the proxy passes on) comes back unchanged.
@@ -19,7 +20,7 @@ from protocol.errors import InvalidRequest, UpstreamFailed
 from protocol.web import parse_json, read_body, read_capped
 
 FORWARD_TIMEOUT_S = 30
-GETS = ("/v1/terms", "/v1/policy")
+GETS = ("/v1/terms", "/v1/policy", "/v1/models/{model_id:.+}")
 POSTS = ("/v1/terms/accept",)
 
 
@@ -40,7 +41,7 @@ async def _forward(client: SealedClient, request: web.Request) -> web.Response:
         headers["Content-Type"] = "application/json"
     try:
         async with client.session.request(
-            request.method, client.scheduler_url + request.path_qs, data=body, headers=headers,
+            request.method, client.scheduler_url + request.raw_path, data=body, headers=headers,
             timeout=aiohttp.ClientTimeout(total=FORWARD_TIMEOUT_S),
         ) as resp:  # fmt: skip
             raw = await read_capped(resp, MAX_ANSWER_BYTES)

@@ -4,6 +4,9 @@ scheduler's Retry-After, x-ratelimit-* and x-request-id headers reach the client
 
     POST /v1/chat/completions, /v1/completions   sealed to the scheduler, answered in plaintext here
     GET  /v1/models                              the scheduler's list, as it answered
+    GET  /v1/models/{id}                         one model of it, as the scheduler answered
+    POST /tokenize, /detokenize,                 sealed to the scheduler like chat requests (their text is
+    GET  /tokenizer_info                         the user's), answered by the node from its tokenizer
     GET  /v1/terms, POST /v1/terms/accept,       passed to the scheduler with the user's token, and its
     GET  /v1/policy                              answer back as it is (hearth.proxy_forward)
     GET  /healthz                                liveness
@@ -12,16 +15,20 @@ scheduler's Retry-After, x-ratelimit-* and x-request-id headers reach the client
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+from typing import Any
 
 from aiohttp import web
 
 from hearth import proxy_forward
-from hearth.proxy import MAX_ANSWER_BYTES, SealedClient
+from hearth.proxy import MAX_ANSWER_BYTES, Answer, SealedClient
 from protocol.envelope import MAX_BODY_BYTES
 from protocol.errors import HearthError, UpstreamFailed
 from protocol.schemas import Endpoint
-from protocol.web import error_middleware, json_response, log_unexpected, read_body, start_site
+from protocol.tokenizer import PATHS as TOKENIZER_PATHS
+from protocol.tokenizer import default_model, parse_tokenizer_request
+from protocol.web import error_middleware, json_response, log_unexpected, parse_json, read_body, start_site
 
 CLIENT = web.AppKey("client", SealedClient)
 
@@ -32,6 +39,11 @@ def create_app(client: SealedClient) -> web.Application:
     app.router.add_post("/v1/chat/completions", _chat)
     app.router.add_post("/v1/completions", _completion)
     app.router.add_get("/v1/models", _models)
+    for kind, path in TOKENIZER_PATHS.items():
+        if kind == "tokenizer_info":
+            app.router.add_get(path, functools.partial(_tokenizer, kind=kind))
+        else:
+            app.router.add_post(path, functools.partial(_tokenizer, kind=kind))
     proxy_forward.add_routes(app, client)
     app.router.add_get("/healthz", _healthz)
     return app
@@ -54,9 +66,30 @@ async def _models(request: web.Request) -> web.Response:
     return web.Response(body=raw, content_type="application/json", headers=headers)
 
 
+async def _tokenizer(request: web.Request, *, kind: str) -> web.StreamResponse:
+    """A tokenizer request, sealed as a chat request is; a request naming no model goes to the one model
+    the directory says is served (protocol.tokenizer.default_model)."""
+    client = request.app[CLIENT]
+    if request.method == "GET":
+        doc: Any = {"model": request.query["model"]} if "model" in request.query else {}
+    else:
+        doc = parse_json(await read_body(request))
+    req = parse_tokenizer_request(kind, doc)
+    model = req.model
+    if model is None:
+        await client.refresh()
+        model = doc["model"] = default_model(m for m, nodes in client.hints.items() if nodes)
+    body = json.dumps(doc, separators=(",", ":")).encode()
+    answer = await client.send_sealed(kind, body, model=model, max_tokens=None, stream=False)
+    return await _answer(request, answer)
+
+
 async def _relay(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
     client = request.app[CLIENT]
-    answer = await client.send(endpoint, await read_body(request))
+    return await _answer(request, await client.send(endpoint, await read_body(request)))
+
+
+async def _answer(request: web.Request, answer: Answer) -> web.StreamResponse:
     # Closed as soon as this handler ends, also when its client leaves: the scheduler sees it go at once.
     async with contextlib.aclosing(answer.payloads) as payloads:
         if not answer.stream:

@@ -38,6 +38,7 @@ from aiohttp import web
 
 from hardware.probe import NodeProbe
 from hardware.probe import probe as probe_gpus
+from node import tokenizer_jobs
 from node.backends import load_backend
 from node.backends.base import CacheScope
 from node.choices import Batch, echoes
@@ -64,6 +65,8 @@ from protocol.errors import (
 )
 from protocol.identity import RequestVerifier, b64d, b64e, fingerprint, verify_certificate, write_private
 from protocol.rules import JobRules
+from protocol.schemas import ChatCompletionRequest, Endpoint
+from protocol.tokenizer import TOKENIZER_REQUESTS
 from protocol.web import error_middleware, is_loopback, json_response, parse_json, read_body
 
 log = logging.getLogger("hearth.node")
@@ -420,7 +423,7 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
         # A big one (up to 4 MiB of ciphertext) goes to a thread.
         opening = functools.partial(open_job, raw, node_id=node_id, keys=state.keys, replay=state.replay)
         sealed = opening() if len(raw) <= INLINE_OPEN_BYTES else await asyncio.to_thread(opening)
-        endpoint, request_id, req, job_id = sealed.endpoint, sealed.request_id, sealed.request, sealed.job_id
+        request_id, req, job_id = sealed.request_id, sealed.request, sealed.job_id
         resume, rules = Resume(sealed.sent_text, sealed.created), sealed.rules
         if sealed.start_seq:
             log.info("resuming a sealed answer another node began (%d frames sent)", sealed.start_seq)
@@ -435,11 +438,17 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
         # A job carrying an answer to resume (up to a few MiB) is parsed in a thread, as a big envelope is.
         parsing = functools.partial(plain_job, raw)
         plain = parsing() if len(raw) <= INLINE_OPEN_BYTES else await asyncio.to_thread(parsing)
-        endpoint, request_id, req, job_id = plain.endpoint, plain.request_id, plain.request, plain.job_id
+        request_id, req, job_id = plain.request_id, plain.request, plain.job_id
         scope, resume, rules = plain.scope, plain.resume, plain.rules
         if resume.began:
             log.info("resuming an answer another node began")
         out = PlainFrames()
+    if isinstance(req, TOKENIZER_REQUESTS):
+        if out is None:
+            assert sealed is not None  # a plaintext job's frames are made above
+            out = SealedOut(sealed, node_id)
+        return await tokenizer_jobs.serve(request, state.pool, state.receipts, req, out, job_id)
+    endpoint: Endpoint = "chat" if isinstance(req, ChatCompletionRequest) else "completion"
     slot = state.pool.get(req.model)
     runner = slot.runner
     if slot.phase != "ready" or runner is None:

@@ -16,10 +16,11 @@ from typing import Any
 from node.backends.base import CacheScope
 from node.rules import parse_rules
 from node.sealed import said
-from protocol.envelope import EnvelopeError
+from protocol.envelope import JOB_KINDS, EnvelopeError
 from protocol.errors import InvalidRequest
 from protocol.rules import JobRules
-from protocol.schemas import ChatCompletionRequest, CompletionRequest, Endpoint, parse_request
+from protocol.schemas import ChatCompletionRequest, CompletionRequest, Endpoint
+from protocol.tokenizer import TOKENIZER_REQUESTS, TokenizerRequest, parse_job_request
 from protocol.web import parse_json
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -41,9 +42,9 @@ class Resume:
 
 @dataclass(frozen=True)
 class PlainJob:
-    endpoint: Endpoint
+    endpoint: str  # protocol.envelope.JOB_KINDS
     request_id: str
-    request: ChatCompletionRequest | CompletionRequest
+    request: ChatCompletionRequest | CompletionRequest | TokenizerRequest
     job_id: str
     scope: CacheScope | None  # None: a private one (shared with no other job)
     resume: Resume
@@ -52,9 +53,9 @@ class PlainJob:
 
 def plain_job(raw: bytes) -> PlainJob:
     body: Any = parse_json(raw)
-    if not isinstance(body, dict) or body.get("endpoint") not in ("chat", "completion"):
-        raise InvalidRequest("a job needs an endpoint ('chat' or 'completion') and a request")
-    endpoint: Endpoint = body["endpoint"]
+    if not isinstance(body, dict) or body.get("endpoint") not in JOB_KINDS:
+        raise InvalidRequest(f"a job needs an endpoint (one of {', '.join(JOB_KINDS)}) and a request")
+    endpoint: str = body["endpoint"]
     request_id, job_id = str(body.get("request_id", "")), str(body.get("job_id", ""))
     if not _REQUEST_ID.match(request_id) or not _REQUEST_ID.match(job_id):
         raise InvalidRequest("a job needs a request_id and a job_id of 1-64 letters, digits, '-' or '_'")
@@ -63,16 +64,17 @@ def plain_job(raw: bytes) -> PlainJob:
         raise InvalidRequest("cache_scope must be 32 hexadecimal digits")
     # The user's scope as the scheduler names it (it reads these requests anyway); none: shared with no one.
     cache = CacheScope(b"user:" + scope.encode()) if scope else None
-    req = parse_request(endpoint, body.get("request"))
+    req = parse_job_request(endpoint, body.get("request"))
     rules = parse_rules(body.get("rules"))
     # Blind failover's plaintext twin: the SSE bytes the client received from a node that failed mid-answer
     # (the scheduler relayed them, so it may read them), which this node continues.
     resume = Resume()
     if body.get("resume") is not None:
-        if not isinstance(body["resume"], str) or not req.stream:
+        if isinstance(req, TOKENIZER_REQUESTS) or not isinstance(body["resume"], str) or not req.stream:
             raise InvalidRequest("resume is the text of a streamed answer's events so far")
+        kind: Endpoint = "chat" if isinstance(req, ChatCompletionRequest) else "completion"
         try:
-            resume = Resume(*said(body["resume"].encode(), endpoint))
+            resume = Resume(*said(body["resume"].encode(), kind))
         except EnvelopeError:
             raise InvalidRequest("resume is not the events of an answer") from None
     return PlainJob(endpoint, request_id, req, job_id, cache, resume, rules)

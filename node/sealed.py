@@ -34,7 +34,8 @@ from protocol.envelope import (
 from protocol.errors import ProtocolError
 from protocol.identity import b64d, valid_node_id
 from protocol.rules import JobRules
-from protocol.schemas import ChatCompletionRequest, CompletionRequest, Endpoint, parse_request
+from protocol.schemas import ChatCompletionRequest, CompletionRequest
+from protocol.tokenizer import TOKENIZER_REQUESTS, TokenizerRequest, parse_job_request
 
 MAX_RESUME_FRAMES = 100_000
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -43,9 +44,9 @@ _MEMBERS = {"envelope", "resume", "job_id"}
 
 @dataclass(frozen=True)
 class SealedJob:
-    endpoint: Endpoint
+    endpoint: str  # protocol.envelope.JOB_KINDS
     request_id: str
-    request: ChatCompletionRequest | CompletionRequest
+    request: ChatCompletionRequest | CompletionRequest | TokenizerRequest
     seed: bytes
     start_seq: int  # frames the user has received already (from the candidate this one replaces)
     sent_text: str  # what those frames said
@@ -83,18 +84,20 @@ def open_job(raw: bytes, *, node_id: str, keys: NodeKeys, replay: ReplayMemory) 
         parsed: Any = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise EnvelopeError() from None
-    req = parse_request(header.endpoint, parsed)  # type: ignore[arg-type]
-    if (
-        req.model != header.model
-        or req.requested_max_tokens != header.max_tokens
-        or req.stream != header.stream
-    ):
+    req = parse_job_request(header.endpoint, parsed)
+    # A tokenizer request generates nothing: its header names no max_tokens and no stream.
+    max_tokens, stream = (None, False) if isinstance(req, TOKENIZER_REQUESTS) else (
+        req.requested_max_tokens, req.stream
+    )  # fmt: skip
+    if req.model != header.model or max_tokens != header.max_tokens or stream != header.stream:
         raise EnvelopeError()
     start, text, created = 0, "", None
     if doc["resume"] is not None:
+        if isinstance(req, TOKENIZER_REQUESTS):
+            raise EnvelopeError()  # nothing to resume: its answer is one frame
         start, text, created = _resume(doc["resume"], seed, header.request_id, header.endpoint)
     return SealedJob(
-        header.endpoint,  # type: ignore[arg-type]
+        header.endpoint,
         header.request_id, req, seed, start, text, created, doc["job_id"], rules,
     )  # fmt: skip
 

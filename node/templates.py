@@ -214,6 +214,11 @@ class ChatTemplate:
     def __repr__(self) -> str:
         return f"ChatTemplate(name={self.name!r})"
 
+    @property
+    def source(self) -> str:
+        """The Jinja source (GET /tokenizer_info shows it, as vLLM does)."""
+        return self._source
+
     @classmethod
     def from_source(
         cls, source: str, *, name: str = "model", bos_token: str = "", eos_token: str = ""

@@ -56,6 +56,9 @@ class Visible:
     # Answers the request asks for (n × prompts, where the scheduler can read it; a sealed request's node
     # shares the reservation between its choices): each may be max_tokens long.
     choices: int = 1
+    # False for the tokenizer endpoints (POST /tokenize …): they run no generation, so they count as a
+    # request (rates, concurrency) and as no tokens (quotas, token rates).
+    generates: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,21 +170,7 @@ def decide(principal: Principal, request: Visible, window: UsageWindow) -> Decis
             f"{group.max_prompt_tokens}",
             "prompt_too_long", param="messages",
         )  # fmt: skip
-    cap = group.max_tokens or DEFAULT_MAX_TOKENS
-    if request.max_tokens is not None:
-        max_new = request.max_tokens
-    else:
-        max_new = min(cap, request.default_max_tokens) if request.default_max_tokens is not None else cap
-    # Quotas hold what the node may use at most: the prompt at its largest, the course prompt the node adds
-    # (and its message's markers), and the answer. Per-minute token rates count, like OpenAI's, the
-    # estimate: a rate is a pace, not a budget, and settles to what was used.
-    course = len(group.system_prompt.encode()) + COURSE_MARKERS if group.system_prompt is not None else 0
-    course *= max(1, request.choices)  # batched prompts each get it (n samples of one: a bound all the same)
-    bound = request.prompt_bound if request.prompt_bound is not None else request.prompt_tokens
-    answers = max_new * max(1, request.choices)
-    cost = Cost(
-        reserve=bound + course + answers, rate=request.prompt_tokens + course // 4 + answers, max_new=max_new
-    )
+    cost = _cost(group, request)
     rates = _rates(group, window, cost)
     for scope, limits, meter in (("you", group.each, window.each), ("your group", group.total, window.total)):
         refused = _counters(scope, limits, meter, window, cost, request.max_tokens is not None, rates)
@@ -195,8 +184,8 @@ def decide(principal: Principal, request: Visible, window: UsageWindow) -> Decis
     return Allowed(
         reserve=cost.reserve,
         rate_tokens=cost.rate,
-        max_total_tokens=cost.reserve if counted else None,
-        max_new_tokens=max_new if request.max_tokens is None else None,
+        max_total_tokens=cost.reserve if counted and request.generates else None,
+        max_new_tokens=cost.max_new if request.max_tokens is None and request.generates else None,
         tiers=tiers,
         weight=group.weight,
         system_prompt=group.system_prompt,
@@ -211,6 +200,26 @@ class Cost:
     reserve: int
     rate: int
     max_new: int
+
+
+def _cost(group: GroupRules, request: Visible) -> Cost:
+    if not request.generates:
+        return Cost(reserve=0, rate=0, max_new=0)
+    cap = group.max_tokens or DEFAULT_MAX_TOKENS
+    if request.max_tokens is not None:
+        max_new = request.max_tokens
+    else:
+        max_new = min(cap, request.default_max_tokens) if request.default_max_tokens is not None else cap
+    # Quotas hold what the node may use at most: the prompt at its largest, the course prompt the node adds
+    # (and its message's markers), and the answer. Per-minute token rates count, like OpenAI's, the
+    # estimate: a rate is a pace, not a budget, and settles to what was used.
+    course = len(group.system_prompt.encode()) + COURSE_MARKERS if group.system_prompt is not None else 0
+    course *= max(1, request.choices)  # batched prompts each get it (n samples of one: a bound all the same)
+    bound = request.prompt_bound if request.prompt_bound is not None else request.prompt_tokens
+    answers = max_new * max(1, request.choices)
+    return Cost(
+        reserve=bound + course + answers, rate=request.prompt_tokens + course // 4 + answers, max_new=max_new
+    )
 
 
 def _counters(

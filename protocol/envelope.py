@@ -58,6 +58,9 @@ WRAP_BYTES = KEY_BYTES + _WRAP_SECRET_BYTES + TAG_BYTES  # HPKE enc ‖ cipherte
 
 MEDIA_TYPE = "application/x-hearth-envelope"  # proxy → scheduler: the envelope's JSON form
 SEALED_JOB = "application/x-hearth-sealed-job"  # scheduler → node: {"envelope", "resume"}
+# What a sealed request can be: generation, or a tokenizer request the node answers without generating
+# (protocol.tokenizer); the scheduler routes and counts by it.
+JOB_KINDS = ("chat", "completion", "tokenize", "detokenize", "tokenizer_info")
 MAX_CANDIDATES = 8  # what any node accepts; the proxy's own default is 4
 MAX_TTL_S = 600  # an envelope's time window; nodes remember request ids this long (plus the skew)
 MAX_SKEW_S = 30  # clocks of the user's machine and the node may disagree by this much
@@ -82,7 +85,7 @@ class EnvelopeError(InvalidRequest):
 class Header:
     """What the scheduler may see of a sealed request."""
 
-    endpoint: str  # "chat" or "completion"
+    endpoint: str  # one of JOB_KINDS
     model: str
     max_tokens: int | None
     stream: bool
@@ -241,7 +244,7 @@ MAX_MODEL_CHARS = 256
 def check_header(header: Header) -> None:
     """A header any node would accept the shape of: EnvelopeError otherwise."""
     ok = (
-        header.endpoint in ("chat", "completion")
+        header.endpoint in JOB_KINDS
         and isinstance(header.model, str)
         and 0 < len(header.model) <= MAX_MODEL_CHARS
         and (header.max_tokens is None or (type(header.max_tokens) is int and 0 <= header.max_tokens < 2**31))

@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from protocol.errors import InvalidRequest
+from protocol.validation import validation_error as validation_error
 
 MAX_MESSAGES = 2048
 MAX_STOP_SEQUENCES = 4
@@ -74,11 +75,37 @@ class TextPart(BaseModel):
     text: Text
 
 
+# Content part types of OpenAI's API (and close relatives) that Hearth names when it refuses them; any other
+# type is refused without being quoted (it is the client's text).
+NON_TEXT_PARTS = frozenset(
+    {"image_url", "input_image", "image", "input_audio", "audio", "file", "input_file", "video", "refusal"}
+)
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
     role: Role
     content: Text | list[TextPart] | None = None
     name: str | None = Field(default=None, max_length=256)
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, value: Any) -> Any:
+        # Before the union is tried: its branches would each say something beside the point.
+        if not isinstance(value, list):
+            return value
+        for i, part in enumerate(value):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                continue
+            if not isinstance(kind, str):
+                raise ValueError(f'part {i} must be an object {{"type": "text", "text": "..."}}')
+            named = f"an '{kind}' part" if kind in NON_TEXT_PARTS else "a part that is not of type 'text'"
+            raise ValueError(
+                f"part {i} is {named}; this service takes text only: send the content as a string, or as "
+                'parts {"type": "text", "text": "..."}'
+            )
+        return value
 
     def text(self) -> str:
         """The message's content flattened to one string (text parts joined)."""
@@ -394,34 +421,6 @@ def parse_request(endpoint: str, body: Any) -> ChatCompletionRequest | Completio
         return REQUEST_MODELS[endpoint].model_validate(body)
     except ValidationError as exc:
         raise validation_error(exc) from None
-
-
-def validation_error(exc: ValidationError) -> InvalidRequest:
-    errors = exc.errors(include_input=False, include_url=False, include_context=False)
-    path = _path(errors[0]["loc"])
-    # A union field reports one error per branch ("stop": not a string, and a list too long); the branch
-    # that failed on a rule, not on the type, is the one that says what to fix.
-    same_field = [e for e in errors if _path(e["loc"]) == path]
-    first = next((e for e in same_field if not e["type"].endswith("_type")), same_field[0])
-    message = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "missing":
-        message = "this field is required"
-    others = len({_path(e["loc"]) for e in errors}) - 1
-    more = f" (and {others} more problem{'s' if others > 1 else ''})" if others else ""
-    where = f"'{path}': " if path else ""
-    return InvalidRequest(f"invalid request: {where}{message}{more}", param=path or None)
-
-
-def _path(loc: tuple[int | str, ...]) -> str:
-    # pydantic names the union branch it tried ("str", "list[...]"); users want the field path.
-    parts = [str(p) for p in loc]
-    return ".".join(p for p in parts if not _is_type_tag(p))
-
-
-def _is_type_tag(part: str) -> bool:
-    return part in {"str", "int", "float", "bool", "none", "TextPart"} or part.startswith(
-        ("list[", "function-", "constrained-")
-    )
 
 
 # ----- response schemas (documentation and tests; the hot path builds dicts) -----

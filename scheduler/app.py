@@ -1,6 +1,7 @@
 """The scheduler's application factory and its OpenAI-compatible API.
 
 GET  /v1/models              models the cluster serves
+GET  /v1/models/{model_id}   one of them (the id may contain "/")
 GET  /v1/directory           the node directory: certificates and key statements (scheduler.directory)
 POST /v1/chat/completions    chat, streaming (SSE) or not               (scheduler.generation)
 POST /v1/completions         plain completions, streaming or not      (scheduler.generation)
@@ -11,6 +12,7 @@ POST /v1/enroll              a node joins with a one-time code        (scheduler
 POST /v1/nodes/heartbeat     an approved node's signed status        (scheduler.federation)
      /admin/...              the operator's API                       (scheduler.admin)
 GET  /v1/terms, POST /v1/terms/accept, GET /admin/terms            (scheduler.terms_api)
+POST /tokenize, POST /detokenize, GET|POST /tokenizer_info            (scheduler.tokenizer_api)
 
 This module wires the long-lived parts together (store, registry, federation, admission, relay, the
 usage writer); the request path lives in scheduler.generation.
@@ -30,6 +32,7 @@ import aiohttp
 from aiohttp import web
 
 from policies import Refused
+from protocol.errors import ModelNotFound
 from protocol.identity import load_or_create_identity
 from protocol.web import (
     error_middleware,
@@ -38,7 +41,7 @@ from protocol.web import (
     parse_json,
     read_body,
 )
-from scheduler import admin, admin_policy, generation, terms_api
+from scheduler import admin, admin_policy, generation, terms_api, tokenizer_api
 from scheduler.admission import Admission
 from scheduler.directory import DirectoryLog
 from scheduler.directory import serve as serve_directory
@@ -107,6 +110,7 @@ def create_app(settings: SchedulerSettings) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi)
     app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model_id:.+}", get_model)
     app.router.add_get("/v1/directory", directory)
     app.router.add_post("/v1/chat/completions", generation.chat_completions)
     app.router.add_post("/v1/completions", generation.completions)
@@ -115,6 +119,7 @@ def create_app(settings: SchedulerSettings) -> web.Application:
     admin.add_routes(app)
     admin_policy.add_routes(app)
     terms_api.add_routes(app)
+    tokenizer_api.add_routes(app)
     return app
 
 
@@ -345,8 +350,25 @@ async def openapi(request: web.Request) -> web.Response:
 
 async def list_models(request: web.Request) -> web.Response:
     await authenticate(request)
-    snapshot = request.app[FEDERATION].registry.snapshot()
-    created = request.app[STARTED]
+    cards = _model_cards(request.app)
+    return json_response({"object": "list", "data": [cards[k] for k in sorted(cards)]})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    """One model of the list, as OpenAI's ``GET /v1/models/{model}`` answers; 404 for one not served."""
+    await authenticate(request)
+    model_id = request.match_info["model_id"]
+    card = _model_cards(request.app).get(model_id)
+    if card is None:
+        message = f"the model '{model_id}' does not exist here; see /v1/models"
+        raise ModelNotFound(message, param="model", code="model_not_found")
+    return json_response(card)
+
+
+def _model_cards(app: web.Application) -> dict[str, dict[str, Any]]:
+    """Every model an approved node serves or can load (failed loads left out), once each."""
+    snapshot = app[FEDERATION].registry.snapshot()
+    created = app[STARTED]
     cards: dict[str, dict[str, Any]] = {}
     for node in snapshot.nodes:
         for model in node.models:
@@ -359,7 +381,7 @@ async def list_models(request: web.Request) -> web.Response:
             )  # fmt: skip
             if card["context_length"] is None:
                 card["context_length"] = model.context_length
-    return json_response({"object": "list", "data": [cards[k] for k in sorted(cards)]})
+    return cards
 
 
 async def directory(request: web.Request) -> web.Response:

@@ -27,6 +27,7 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
 
@@ -36,7 +37,8 @@ from policies import Visible
 from protocol.envelope import MEDIA_TYPE as ENVELOPE
 from protocol.envelope import EnvelopeError, peek
 from protocol.errors import HearthError, Reseal, Unavailable
-from protocol.schemas import CompletionRequest, Endpoint, parse_request
+from protocol.schemas import CompletionRequest, parse_request
+from protocol.tokenizer import TOKENIZER_KINDS
 from protocol.web import error_response, is_loopback, log_unexpected, parse_json, read_body
 from scheduler.admission import exclude
 from scheduler.enforce import Grant
@@ -71,6 +73,7 @@ DEFAULT_CANDIDATES = 4  # fresh candidates a 409 offers for re-sealing
 INLINE_SEAL_BYTES = 64 * 1024
 SHUTDOWN_DRAIN_S = 2.0  # on shutdown, requests in flight get this long to finish before they are ended
 RETRY_NO_KEY_S = 30.0  # a node's key statement comes with its next heartbeat, or it needs its operator
+TOKENIZER_PLACEMENT_TOKENS = 1  # a tokenizer request holds no cache; placement wants a figure all the same
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,18 @@ async def drain(app: web.Application) -> None:
         await asyncio.wait(left, timeout=SHUTDOWN_DRAIN_S)
 
 
-async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+Admit = Callable[[web.Request, str], Awaitable[Admitted]]
+
+
+async def serve_kind(request: web.Request, kind: str, admit_plain: Admit) -> web.StreamResponse:
+    """A request of another kind than generation (the tokenizer endpoints, scheduler.tokenizer_api) on
+    this same path: admitted by ``admit_plain`` in plaintext, as any sealed request when sealed."""
+    return await _generate(request, kind, admit_plain)
+
+
+async def _generate(
+    request: web.Request, endpoint: str, admit_plain: Admit | None = None
+) -> web.StreamResponse:
     app = request.app
     task = asyncio.current_task()
     assert task is not None
@@ -117,7 +131,10 @@ async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamRespo
     admitted: Admitted | None = None
     job: Job | None = None
     try:
-        admitted = await (_admit_sealed if request.content_type == ENVELOPE else _admit)(request, endpoint)
+        if request.content_type == ENVELOPE:
+            admitted = await _admit_sealed(request, endpoint)
+        else:
+            admitted = await (admit_plain or _admit)(request, endpoint)
         # The answer carries the request's id and the x-ratelimit-* figures, whatever it turns out to be.
         request[ANSWER_HEADERS] = admitted.grant.headers
         app[EVENTS].publish("admitted", group=admitted.grant.group, model=admitted.job.model)
@@ -153,7 +170,7 @@ async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamRespo
 
 
 async def _serve(
-    request: web.Request, endpoint: Endpoint, admitted: Admitted, stream: Stream, job: Job
+    request: web.Request, endpoint: str, admitted: Admitted, stream: Stream, job: Job
 ) -> web.StreamResponse:
     """Queue, place and relay one admitted request, failing over until a node finishes it; ``job`` is
     its entry on the operator's board (scheduler.jobs)."""
@@ -264,6 +281,8 @@ def _seal_toward(
             )
         )
     job, max_tokens = admitted.job, admitted.preq.max_tokens
+    if job.endpoint in TOKENIZER_KINDS:
+        max_tokens = None  # what its sealed header says (node.sealed checks it); placement's figure aside
     return seal_toward(job, admitted.raw, max_tokens, key, bytes(stream.sent))
 
 
@@ -285,7 +304,7 @@ def _reseal_if_others_can(federation: Federation, preq: PlacementRequest) -> Non
         raise Reseal("none of the nodes this request was sealed to can take it now; seal it again", fresh)
 
 
-async def _admit_sealed(request: web.Request, endpoint: Endpoint) -> Admitted:
+async def _admit_sealed(request: web.Request, endpoint: str) -> Admitted:
     token = await authenticate(request)
     started = time.time()
     raw = await read_body(request)
@@ -298,14 +317,16 @@ async def _admit_sealed(request: web.Request, endpoint: Endpoint) -> Admitted:
         raise EnvelopeError()
     # The usage row gets an id of the scheduler's own: the envelope's request id is the client's choice.
     request_id = secrets.token_hex(12)
-    prompt_tokens = header.bucket // BYTES_PER_TOKEN_GUESS
+    tokens_only = endpoint in TOKENIZER_KINDS  # generates nothing: no tokens to count, no cache to hold
+    prompt_tokens = 0 if tokens_only else header.bucket // BYTES_PER_TOKEN_GUESS
     visible = Visible(
-        header.model, header.max_tokens, sealed=True, prompt_tokens=prompt_tokens, prompt_bound=header.bucket
-    )
+        header.model, header.max_tokens, sealed=True, prompt_tokens=prompt_tokens, prompt_bound=header.bucket,
+        generates=not tokens_only,
+    )  # fmt: skip
     grant = request.app[ENFORCER].admit(token, visible, request_id)
     preq = PlacementRequest(
-        model=header.model, max_tokens=header.max_tokens, tiers=grant.tiers, prompt_tokens=prompt_tokens,
-        candidates=frozenset(candidates),
+        model=header.model, max_tokens=TOKENIZER_PLACEMENT_TOKENS if tokens_only else header.max_tokens,
+        tiers=grant.tiers, prompt_tokens=prompt_tokens, candidates=frozenset(candidates),
     )  # fmt: skip
     job = RelayJob(
         request_id, token.id, endpoint, header.model, True, raw, started, rules=grant.rules, group=grant.group
@@ -313,7 +334,7 @@ async def _admit_sealed(request: web.Request, endpoint: Endpoint) -> Admitted:
     return Admitted(token.id, preq, job, sealed=True, grant=grant)
 
 
-async def _admit(request: web.Request, endpoint: Endpoint) -> Admitted:
+async def _admit(request: web.Request, endpoint: str) -> Admitted:
     """Authenticate, validate and apply policy: everything before the request joins the queue."""
     token = await authenticate(request)
     started = time.time()

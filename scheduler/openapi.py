@@ -54,9 +54,18 @@ from protocol.schemas import (
     DirectoryPage,
     ErrorResponse,
     Health,
+    ModelCard,
     ModelList,
 )
 from protocol.terms import TermsAcceptRequest, TermsDocument, TermsStatusList
+from protocol.tokenizer import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenizerInfo,
+    TokenizerInfoRequest,
+)
 from scheduler.openapi_admin import (
     _accounts_paths,
     _admin_paths,
@@ -82,6 +91,10 @@ _REQUESTS: list[type[BaseModel]] = [
     TokenRotateRequest,
     # a model on a node (scheduler.admin_models)
     ModelActionRequest,
+    # the tokenizer endpoints (scheduler.tokenizer_api)
+    TokenizeRequest,
+    DetokenizeRequest,
+    TokenizerInfoRequest,
 ]
 _REPLIES: list[type[BaseModel]] = [
     ChatCompletion,
@@ -89,6 +102,7 @@ _REPLIES: list[type[BaseModel]] = [
     Completion,
     CompletionChunk,
     ModelList,
+    ModelCard,
     ErrorResponse,
     DirectoryPage,
     Health,
@@ -114,6 +128,9 @@ _REPLIES: list[type[BaseModel]] = [
     AuditLog,
     # a model on a node (scheduler.admin_models)
     ModelAction,
+    TokenizeResponse,
+    DetokenizeResponse,
+    TokenizerInfo,
 ]
 
 
@@ -188,6 +205,36 @@ def _generation(summary: str, request: str, response: str, chunk: str) -> dict[s
     }
 
 
+def _tokenizer_op(summary: str, request: str | None, response: str) -> dict[str, Any]:
+    """A tokenizer endpoint (scheduler.tokenizer_api): JSON in and out, or sealed by `hearth proxy`."""
+    op: dict[str, Any] = {
+        "summary": summary,
+        "security": [{"bearer": []}],
+        "responses": {
+            "200": {
+                "description": f"A {response}; for a sealed request, end-to-end encrypted frames.",
+                "headers": ANSWER_HEADERS,
+                "content": {
+                    **json_body(response),
+                    FRAMES: {"schema": {"type": "string", "format": "binary"}},
+                },
+            },
+            **errors(400, 401, 403, 404, 409, 413, 429, 500, 502, 503),
+        },
+    }
+    if request is not None:
+        op["requestBody"] = {
+            "required": True,
+            "content": {
+                **json_body(request),
+                ENVELOPE: {
+                    "schema": {"type": "object", "description": "The request sealed by `hearth proxy`."}
+                },
+            },
+        }
+    return op
+
+
 @cache
 def openapi_document() -> dict[str, Any]:
     _, schemas = models_json_schema(
@@ -213,12 +260,55 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {**ok("ModelList", description="The models."), **errors(401)},
                 }
             },
+            "/v1/models/{model_id}": {
+                "get": {
+                    "summary": "One model the cluster serves (its id may contain '/').",
+                    "security": [{"bearer": []}],
+                    "parameters": [
+                        {"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}
+                    ],
+                    "responses": {
+                        **ok("ModelCard", description="The model."),
+                        **errors(401, 404, e404="No node serves this model (model_not_found)."),
+                    },
+                }
+            },
             "/v1/chat/completions": _generation(
                 "Create a chat completion.", "ChatCompletionRequest", "ChatCompletion", "ChatCompletionChunk"
             ),
             "/v1/completions": _generation(
                 "Create a completion.", "CompletionRequest", "Completion", "CompletionChunk"
             ),
+            "/tokenize": {
+                "post": _tokenizer_op(
+                    "Tokenize text or a conversation (vLLM's shape).", "TokenizeRequest", "TokenizeResponse"
+                )
+            },
+            "/detokenize": {
+                "post": _tokenizer_op(
+                    "Turn token ids back into text (vLLM's shape).", "DetokenizeRequest", "DetokenizeResponse"
+                )
+            },
+            "/tokenizer_info": {
+                "get": {
+                    **_tokenizer_op(
+                        "The model's tokenizer: special tokens, chat template.", None, "TokenizerInfo"
+                    ),
+                    "parameters": [
+                        {
+                            "name": "model",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "string", "minLength": 1, "maxLength": 256},
+                        }
+                    ],
+                },
+                "post": _tokenizer_op(
+                    "The same, the model in a body (how `hearth proxy` seals it).",
+                    "TokenizerInfoRequest",
+                    "TokenizerInfo",
+                ),
+            },
             "/openapi.json": get_operation(
                 "This document.",
                 {"200": {"description": "OpenAPI 3.1.", "content": {"application/json": {"schema": {}}}}},

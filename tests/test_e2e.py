@@ -475,3 +475,23 @@ def test_the_proxy_without_a_token_says_so_in_one_line(tmp_path: Path) -> None:
     assert done.stderr.decode().strip().splitlines() == [
         "hearth: error: this needs your API token: pass --token or set HEARTH_TOKEN"
     ]
+
+
+def test_tokenizer_requests_through_the_proxy_are_sealed_both_hops(e2e: E2E) -> None:
+    """POST /tokenize and /detokenize carry the user's text: the scheduler and the network see none of it."""
+    root = e2e.proxy_url.removesuffix("/v1")
+    text = f"Count the tokens of {CANARY} please."
+    seen_before = (len(e2e.scheduler_tap.seen), len(e2e.node_tap.seen))
+    tokens = httpx.post(root + "/tokenize", json={"prompt": text, "add_special_tokens": False}, timeout=60)
+    assert tokens.status_code == 200, tokens.text
+    ids = tokens.json()["tokens"]
+    assert tokens.json()["count"] == len(ids) > 0
+    back = httpx.post(root + "/detokenize", json={"tokens": ids}, timeout=60)
+    assert back.status_code == 200, back.text
+    assert back.json()["prompt"].strip() == text
+    assert len(e2e.scheduler_tap.seen) > seen_before[0] and len(e2e.node_tap.seen) > seen_before[1]
+    assert CANARY.encode() not in bytes(e2e.scheduler_tap.seen)
+    assert CANARY.encode() not in bytes(e2e.node_tap.seen)
+    assert b"/tokenize" in bytes(e2e.scheduler_tap.seen) and ENVELOPE.encode() in bytes(
+        e2e.scheduler_tap.seen
+    )

@@ -495,3 +495,21 @@ def test_a_course_prompt_reaches_the_model_on_a_sealed_request_and_the_client_ca
     assert added > 0  # the course prompt was read by the model
     assert ask(course, strip) - ask(other, strip) == added  # the client's system message did not replace it
     assert ask(course, HELLO, smuggled) - ask(other, HELLO) == added
+
+
+def test_tokenizer_requests_meet_the_groups_models_and_request_rate(policed: Stack) -> None:
+    """POST /tokenize is held to the group's models and requests per minute, as generation is."""
+    url = policed.base_url + "/tokenize"
+    body = {"model": MODEL, "prompt": "Hello there"}
+    refused = httpx.post(url, json=body, headers=_auth(_token(policed, "elsewhere")), timeout=30)
+    assert refused.status_code == 403
+    assert refused.json()["error"]["code"] == "model_not_allowed"
+    student = _auth(_token(policed, "students"))  # 3 requests per minute
+    answers = [httpx.post(url, json=body, headers=student, timeout=30) for _ in range(4)]
+    assert [a.status_code for a in answers] == [200, 200, 200, 429]
+    assert answers[-1].json()["error"]["code"] == "rate_limit_exceeded"
+    assert answers[0].headers["x-ratelimit-remaining-requests"] == "2"
+
+
+def _auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}

@@ -170,6 +170,13 @@ def test_always_seals_toward_loopback_nodes_too(
     try:
         text, _, tokens = _chat(env.stack, stream=True)
         assert text and tokens == 8
+        # A tokenizer request (a job kind of its own) is sealed toward its node the same way.
+        r = httpx.post(
+            env.stack.base_url + "/tokenize", json={"prompt": CANARY},
+            headers={"Authorization": f"Bearer {env.stack.token}"}, timeout=60,
+        )  # fmt: skip
+        assert r.status_code == 200, r.text
+        assert r.json()["count"] > 0
         assert SEALED_JOB.encode() in bytes(env.tap.seen)
         assert CANARY.encode() not in bytes(env.tap.seen)
     finally:

@@ -496,3 +496,22 @@ async def _phase(stack: Stack, model_id: str, phase: str) -> bool:
 
 async def _unloaded(bigram: Any) -> bool:
     return bool(bigram.unloaded)
+
+
+def test_the_tokenizer_endpoints_answer_from_an_exllamav2_node(exl_stack: Stack) -> None:
+    """POST /tokenize and /detokenize round-trip through the exllamav2 backend's own tokenizer."""
+    h = {"Authorization": f"Bearer {exl_stack.token}"}
+    text = "The quick brown fox"
+    tokens = httpx.post(
+        exl_stack.base_url + "/tokenize", json={"prompt": text, "add_special_tokens": False}, headers=h,
+        timeout=60,
+    )  # fmt: skip
+    assert tokens.status_code == 200, tokens.text
+    ids = tokens.json()["tokens"]
+    assert ids and tokens.json()["count"] == len(ids)
+    back = httpx.post(exl_stack.base_url + "/detokenize", json={"tokens": ids}, headers=h, timeout=60)
+    assert back.status_code == 200, back.text
+    assert back.json()["prompt"].strip() == text
+    info = httpx.get(exl_stack.base_url + "/tokenizer_info", headers=h, timeout=60)
+    assert info.status_code == 200, info.text
+    assert info.json()["chat_template"] and info.json()["model_max_length"] > 0
