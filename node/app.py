@@ -51,6 +51,7 @@ from node.receipts import Receipts
 from node.runner import Job
 from node.sealed import SealedFrames, SealedJob, open_job
 from node.settings import ModelSettings, NodeSettings
+from node.tool_calls import response_writer
 from node.trust import Enrollment, Trust
 from protocol import frames
 from protocol.directory import Directory
@@ -460,9 +461,9 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
         raise
     assert out is not None
     job = runner.submit(prepared.prompt_ids, prepared.params, req.stop_sequences(), scope)
-    writer = ResponseWriter(
-        endpoint, model=slot.id, request_id=request_id, stream=req.stream, include_usage=req.include_usage,
-        created=resume.created,
+    writer = response_writer(
+        endpoint, req, model=slot.id, request_id=request_id, stream=req.stream,
+        include_usage=req.include_usage, created=resume.created,
     )  # fmt: skip
     response = web.StreamResponse(headers={"Content-Type": frames.MEDIA_TYPE})
     prompt_tokens = len(prepared.prompt_ids) - prepared.resumed_tokens

@@ -21,7 +21,10 @@ import secrets
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from node.constrain import ConstraintFactory
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +40,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     stop_token_ids: tuple[int, ...] = ()  # end the answer like an end-of-sequence token (not yielded)
     ignore_eos: bool = False  # go on past end-of-sequence tokens (stop_token_ids still end it)
+    # A grammar the answer must follow (node.constrain): each sequence gets its own matcher from it, and
+    # end-of-sequence tokens end a constrained answer even with ignore_eos (the grammar says where it ends).
+    constraint: ConstraintFactory | None = None
 
     def __post_init__(self) -> None:
         # Logits divided by a temperature of 1e-300 overflow to infinity and sampling fails; any temperature

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from node.backends.base import CacheScope, CacheState, NeverFits, SamplingParams, Step
+from node.backends.exllamav2_filter import constraint_filters
 from protocol.errors import ConfigError
 
 log = logging.getLogger("hearth.node.exllamav2")
@@ -339,6 +340,11 @@ class ExLlamaV2Backend:
         # runner decodes twice per token of every sequence.
         return str(self._tokenizer.decode_(list(ids), False))
 
+    def constraint_vocabulary(self) -> tuple[str, frozenset[int]] | None:
+        """The tokenizer as Hugging Face tokenizers' JSON, and the end-of-sequence ids (node.constrain)."""
+        hf = getattr(self._tokenizer.tokenizer_model, "hf_tokenizer", None)  # None: a SentencePiece model
+        return (str(hf.to_str()), self._eos_ids) if hf is not None else None
+
     # Batching
 
     def _promised(self) -> int:
@@ -378,7 +384,7 @@ class ExLlamaV2Backend:
             return None
         import torch
 
-        eos = frozenset() if params.ignore_eos else self._eos_ids
+        eos = frozenset() if params.ignore_eos and params.constraint is None else self._eos_ids
         stop: list[int] = sorted(eos | set(params.stop_token_ids))
         settings = _sampler_settings(params)
         if params.presence_penalty or params.frequency_penalty:
@@ -393,6 +399,7 @@ class ExLlamaV2Backend:
             stop_conditions=stop,
             identifier=self._next,
             scope=scope.key,
+            filters=constraint_filters(params, self._model, self._tokenizer),
         )
         seq, self._next = self._next, self._next + 1
         generator.enqueue(job)
