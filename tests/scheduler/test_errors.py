@@ -36,7 +36,8 @@ CASES: list[tuple[str, str, Any, dict[str, str] | None, int, str | None]] = [
     ("negative max_tokens", "/v1/chat/completions", {**OK, "max_tokens": -1}, None, 400, None),
     ("repetition_penalty near zero", "/v1/chat/completions", {**OK, "repetition_penalty": 5e-324}, None, 400, None),  # every token seen would weigh ~1e300 times more
     ("n above 1", "/v1/chat/completions", {**OK, "n": 2}, None, 400, None),
-    ("tools unsupported", "/v1/chat/completions", {**OK, "tools": [{"type": "function"}]}, None, 400, None),
+    ("tool without its function", "/v1/chat/completions", {**OK, "tools": [{"type": "function"}]}, None, 400, None),
+    ("legacy functions", "/v1/chat/completions", {**OK, "functions": [{"name": "f"}]}, None, 400, None),
     ("logit_bias unsupported", "/v1/chat/completions", {**OK, "logit_bias": {"50256": -100}}, None, 400, None),
     ("too many stop sequences", "/v1/chat/completions", {**OK, "stop": ["a", "b", "c", "d", "e"]}, None, 400, None),
     ("max_tokens beyond context", "/v1/chat/completions", {**OK, "max_tokens": 4096}, None, 400, "context_length_exceeded"),
