@@ -154,8 +154,11 @@ def grammars_for(backend: object) -> Grammars:
         return _by_model.setdefault(backend, made)
 
 
-def request_constraint(backend: object, req: ChatCompletionRequest) -> ConstraintFactory | None:
-    """The constraint a chat request's answer runs under, or None (free text)."""
+def request_constraint(
+    backend: object, req: ChatCompletionRequest, resumed: Sequence[int] = ()
+) -> ConstraintFactory | None:
+    """The constraint a chat request's answer runs under, or None (free text). ``resumed``: the tokens of
+    the answer another node began (failover), which each sequence's matcher follows before it starts."""
     answer = _answer_rule(req)
     mode = req.tool_mode
     if answer is None and mode == "none":
@@ -170,7 +173,17 @@ def request_constraint(backend: object, req: ChatCompletionRequest) -> Constrain
         for i, tool in enumerate(req.tools or ()):
             grammars.check_schema(_parameters(tool.function.parameters), f"tools.{i}.function.parameters")
 
-    return grammars.constraint(grammar, check=check)
+    factory = grammars.constraint(grammar, check=check)
+    if not resumed:
+        return factory
+
+    def after_resumed() -> SequenceConstraint:
+        constraint = factory()
+        for token in resumed:
+            constraint.advance(token)
+        return constraint
+
+    return after_resumed
 
 
 def build_grammar(req: ChatCompletionRequest) -> str:

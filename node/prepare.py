@@ -110,6 +110,6 @@ def prepare(
         frequency_penalty=req.frequency_penalty,
         ignore_eos=req.ignore_eos,
         # The grammar of a structured answer or tool calls, compiled once per model (node.constrain).
-        constraint=request_constraint(backend, req) if isinstance(req, ChatCompletionRequest) else None,
+        constraint=request_constraint(backend, req, sent) if isinstance(req, ChatCompletionRequest) else None,
     )
     return Prepared(prompt_ids, params, len(sent))

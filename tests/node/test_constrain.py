@@ -250,3 +250,16 @@ def test_a_template_without_one_gets_the_tools_in_a_system_message() -> None:
     # tool_choice "none": the history stays, the tools are not offered.
     quiet, _ = chat_messages(_request(messages=HISTORY, tools=[TOOL], tool_choice="none"), template)
     assert quiet[0]["role"] == "user"
+
+
+def test_an_answer_resumed_on_another_node_goes_on_under_its_grammar(backend: TransformersBackend) -> None:
+    # Failover: the new node's matcher follows what the first node sent, so the whole answer validates.
+    from node.constrain import request_constraint
+
+    schema = {"type": "object", "properties": {"a": {"enum": ["xy", "z"]}, "b": {"type": "boolean"}},
+              "required": ["a", "b"], "additionalProperties": False}  # fmt: skip
+    req = _request(response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
+    sent = '{"a":"xy",'
+    factory = request_constraint(backend, req, backend.encode(sent, add_special_tokens=False))
+    assert factory is not None
+    jsonschema.validate(json.loads(sent + _answer(backend, factory, seed=3)), schema)
