@@ -52,6 +52,7 @@ from node.prepare import prepare_choices
 from node.receipts import Receipts
 from node.sealed import SealedFrames, SealedJob, open_job
 from node.settings import ModelSettings, NodeSettings
+from node.tool_calls import response_writer
 from node.trust import Enrollment, Trust
 from protocol import frames
 from protocol.directory import Directory
@@ -469,9 +470,10 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
         raise
     assert out is not None
     job = Batch.submit(runner, prepared, req.stop_sequences(), scope)
-    writer = ResponseWriter(
-        endpoint, model=slot.id, request_id=request_id, stream=req.stream, include_usage=req.include_usage,
-        created=resume.created, choices=len(prepared), logprobs=req.top_count is not None,
+    writer = response_writer(
+        endpoint, req, model=slot.id, request_id=request_id, stream=req.stream,
+        include_usage=req.include_usage, created=resume.created, choices=len(prepared),
+        logprobs=req.top_count is not None,
         echo=echoes(req, prepared, runner.backend.decode),
     )  # fmt: skip
     response = web.StreamResponse(headers={"Content-Type": frames.MEDIA_TYPE})

@@ -12,11 +12,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from node.backends.base import SamplingParams, vocab_size
+from node.constrain import request_constraint
 from node.context import fit_messages, fit_prompt
 from node.pool import ModelSlot
 from node.rules import course_messages, course_prompt, within_budget
 from node.runner import JobRunner
 from node.templates import Message
+from node.tools import chat_messages
 from protocol.errors import ContextLengthExceeded, InvalidRequest, RateLimited
 from protocol.rules import JobRules
 from protocol.schemas import ChatCompletionRequest, CompletionRequest
@@ -57,17 +59,15 @@ def prepare(
     budget = context - (requested if requested is not None else 1)
     if isinstance(req, ChatCompletionRequest):
         template = slot.template
-        client: list[Message] = [
-            {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-            for m in req.messages
-        ]
+        # Tools, tool calls and their results as the template reads them (node.tools).
+        client, tools = chat_messages(req, template)
         # The course's prompt leads as a system message, and fitting keeps leading system messages.
         messages = course_messages(client, rules)
         # Fitting counts candidate conversations; keep each one's ids so the winner is not encoded twice.
         encoded: dict[tuple[int, ...], list[int]] = {}
 
         def count(candidate: Sequence[Message]) -> int:
-            ids = backend.encode(template.render(candidate), add_special_tokens=False)
+            ids = backend.encode(template.render(candidate, tools=tools), add_special_tokens=False)
             encoded[tuple(map(id, candidate))] = ids
             return len(ids)
 
@@ -77,7 +77,7 @@ def prepare(
         prompt_ids = (
             encoded[key]
             if key in encoded
-            else backend.encode(template.render(fitted.messages), add_special_tokens=False)
+            else backend.encode(template.render(fitted.messages, tools=tools), add_special_tokens=False)
         )
         default = slot.settings.default_max_tokens
     else:
@@ -118,6 +118,8 @@ def prepare(
         logit_bias=req.biases(),
         logprobs=req.top_count,
         prompt_logprobs=isinstance(req, CompletionRequest) and bool(req.echo) and req.logprobs is not None,
+        # The grammar of a structured answer or tool calls, compiled once per model (node.constrain).
+        constraint=request_constraint(backend, req, sent) if isinstance(req, ChatCompletionRequest) else None,
     )
     return Prepared(prompt_ids, params, len(sent))
 

@@ -39,14 +39,16 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, NoReturn
 
-from jinja2 import Template, TemplateSyntaxError
+from jinja2 import Template, TemplateSyntaxError, meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from protocol.errors import ConfigError, InvalidRequest
 
 log = logging.getLogger(__name__)
 
-Message = Mapping[str, str]
+# A message as templates read it: role and content strings, and for tool use (node.tools) an assistant's
+# ``tool_calls`` list and a tool message's ``tool_call_id``.
+Message = Mapping[str, Any]
 
 _SYSTEM_PARTS = """\
 {%- set ns = namespace(system='') -%}
@@ -202,7 +204,7 @@ def _environment() -> ImmutableSandboxedEnvironment:
 class ChatTemplate:
     """A compiled chat template with the model's special tokens bound to it."""
 
-    __slots__ = ("_bos_token", "_eos_token", "_source", "_template", "name")
+    __slots__ = ("_bos_token", "_eos_token", "_source", "_template", "name", "takes_tools")
 
     def __init__(self, name: str, source: str, template: Template, bos_token: str, eos_token: str) -> None:
         self.name = name
@@ -210,6 +212,9 @@ class ChatTemplate:
         self._template = template
         self._bos_token = bos_token
         self._eos_token = eos_token
+        # Whether the template has a tools section (it reads the ``tools`` variable, as Hugging Face's
+        # tool-use templates do); node.tools describes tools in a system message to the others.
+        self.takes_tools = "tools" in meta.find_undeclared_variables(_environment().parse(source))
 
     def __repr__(self) -> str:
         return f"ChatTemplate(name={self.name!r})"
@@ -240,7 +245,13 @@ class ChatTemplate:
             raise ConfigError(f"unknown chat template {name!r}; choose one of: {valid}")
         return cls.from_source(source, name=name, bos_token=bos_token, eos_token=eos_token)
 
-    def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> str:
+    def render(
+        self,
+        messages: Sequence[Message],
+        *,
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> str:
         # Plain dicts in a fresh list: the template sees exactly what it would under Hugging Face, and
         # nothing it does can reach the caller's objects.
         conversation = [dict(m) for m in messages]
@@ -250,6 +261,7 @@ class ChatTemplate:
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self._bos_token,
                 eos_token=self._eos_token,
+                tools=[dict(t) for t in tools] if tools else None,
             )
         except _Rejected as exc:
             reason = self._safe_reason(str(exc), conversation)
@@ -266,7 +278,7 @@ class ChatTemplate:
                 "the chat template could not render this conversation", param="messages"
             ) from None
 
-    def _safe_reason(self, reason: str, conversation: Sequence[Mapping[str, str]]) -> str | None:
+    def _safe_reason(self, reason: str, conversation: Sequence[Mapping[str, Any]]) -> str | None:
         """The template's own reason, or None where it might quote the conversation.
 
         Templates pass literal sentences to ``raise_exception``, but nothing stops one from building the

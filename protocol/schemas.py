@@ -39,6 +39,8 @@ MAX_TOP_LOGPROBS = 20  # chat's top_logprobs
 MAX_COMPLETION_LOGPROBS = 5  # completions' logprobs (OpenAI's legacy limit)
 MAX_LOGIT_BIAS = 1024  # entries
 MAX_TOKEN_ID = 2**31 - 1
+MAX_TOOLS = 128  # OpenAI's limit on tools per request
+MAX_FUNCTION_NAME = 64
 
 
 def _valid_unicode(text: str) -> str:
@@ -54,8 +56,6 @@ Text = Annotated[str, AfterValidator(_valid_unicode)]
 
 # Options Hearth accepts only in their "off" form: the document says so (each in JSON Schema's words, which
 # apply alongside the field's type), and the validators below refuse the rest with a clear message.
-_OFF: dict[str, Any] = {"enum": [False, None]}
-_EMPTY_OBJECT: dict[str, Any] = {"type": ["object", "null"], "maxProperties": 0}
 
 Prompt = Annotated[Text, Field(min_length=1)]
 
@@ -82,11 +82,40 @@ NON_TEXT_PARTS = frozenset(
 )
 
 
+class ToolCallFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    name: str = Field(min_length=1, max_length=MAX_FUNCTION_NAME)
+    arguments: Text = Field(description="The arguments as the model wrote them: a JSON object, as a string.")
+
+
+class ToolCall(BaseModel):
+    """A call an assistant message made (in the history the client sends back)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    id: str = Field(min_length=1, max_length=256)
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
     role: Role
     content: Text | list[TextPart] | None = None
     name: str | None = Field(default=None, max_length=256)
+    tool_calls: list[ToolCall] | None = Field(
+        default=None, max_length=MAX_TOOLS, description="An assistant message's calls to tools."
+    )
+    tool_call_id: str | None = Field(
+        default=None, max_length=256, description="A tool message's answer to this call."
+    )
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        return self
 
     @field_validator("content", mode="before")
     @classmethod
@@ -233,6 +262,72 @@ class _Sampling(_Request):
         return self.stream_options is not None and bool(self.stream_options.include_usage)
 
 
+FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+JsonSchemaDoc = Annotated[
+    dict[str, Any], Field(description="A JSON Schema; Hearth enforces it while generating (docs/api.md).")
+]
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    name: FunctionName
+    description: Text | None = None
+    parameters: JsonSchemaDoc | None = Field(
+        default=None, description="The arguments' JSON Schema (an object); none means no arguments."
+    )
+    strict: bool | None = Field(default=None, description="Accepted; the schema is always enforced.")
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    name: FunctionName
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    name: FunctionName
+    description: Text | None = None
+    # Named schema_, as "schema" shadows a BaseModel attribute; the wire name stays "schema".
+    schema_: JsonSchemaDoc = Field(default_factory=dict, alias="schema")
+    strict: bool | None = Field(default=None, description="Accepted; the schema is always enforced.")
+
+
+class ResponseFormatText(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    type: Literal["text"]
+
+
+class ResponseFormatJsonObject(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    type: Literal["json_object"]
+
+
+class ResponseFormatJsonSchema(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
+
+
+ResponseFormat = Annotated[
+    ResponseFormatText | ResponseFormatJsonObject | ResponseFormatJsonSchema, Field(discriminator="type")
+]
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(default=None, ge=1, description="Upper bound on generated tokens.")
@@ -243,12 +338,29 @@ class ChatCompletionRequest(_Sampling):
         'conversation does not fit the context; "disabled" refuses with context_length_exceeded. '
         "Default: the node's setting.",
     )
-    tools: list[Any] | None = Field(
+    tools: list[Tool] | None = Field(
+        default=None, max_length=MAX_TOOLS,
+        description="Functions the model may call; its calls come back in message.tool_calls.",
+    )  # fmt: skip
+    tool_choice: ToolChoice | None = Field(
         default=None,
-        description="Not supported yet; refused when not empty.",
-        json_schema_extra={"maxItems": 0},
+        description='"auto" (the default with tools), "none", "required", or a named function.',
     )
-    tool_choice: Any = None
+    parallel_tool_calls: bool | None = Field(
+        default=None, description="false: at most one call per answer (default true)."
+    )
+    # Refused, not mapped: their answers have another shape (message.function_call), which Hearth does not
+    # write, and every client that sends them also speaks tools.
+    functions: Any = Field(
+        default=None,
+        description="Deprecated by OpenAI; refused: use tools.",
+        json_schema_extra={"type": "null"},
+    )
+    function_call: Any = Field(
+        default=None,
+        description="Deprecated by OpenAI; refused: use tool_choice.",
+        json_schema_extra={"type": "null"},
+    )
     logprobs: bool | None = Field(
         default=None,
         description="Return each generated token's log probability (of the model's own distribution, "
@@ -258,23 +370,53 @@ class ChatCompletionRequest(_Sampling):
         default=None, ge=0, le=MAX_TOP_LOGPROBS,
         description="With logprobs: this many most likely tokens at each position, with theirs.",
     )  # fmt: skip
-    response_format: dict[str, Any] | None = Field(
+    response_format: ResponseFormat | None = Field(
         default=None,
-        description='Only {"type": "text"}.',
-        json_schema_extra={"properties": {"type": {"const": "text"}}},
+        description='{"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": '
+        '{"name", "schema", "strict"}}: the answer is generated to parse (and to match the schema).',
     )
 
     @model_validator(mode="after")
     def _supported(self) -> ChatCompletionRequest:
-        if self.tools:
-            raise ValueError("tools are not supported yet")
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequest(
                 "invalid request: 'top_logprobs' needs 'logprobs': true", param="top_logprobs"
             )
-        if self.response_format is not None and self.response_format.get("type", "text") != "text":
-            raise ValueError("only response_format type 'text' is supported")
         return self
+
+    @field_validator("functions", "function_call")
+    @classmethod
+    def _no_legacy_functions(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None:
+            newer = "tools" if info.field_name == "functions" else "tool_choice"
+            raise ValueError(f"{info.field_name} is deprecated and not supported: use {newer}")
+        return value
+
+    @model_validator(mode="after")
+    def _tool_choice_names_a_tool(self) -> ChatCompletionRequest:
+        names = [tool.function.name for tool in self.tools or ()]
+        if len(set(names)) != len(names):
+            raise InvalidRequest("invalid request: 'tools': two tools have the same name", param="tools")
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise InvalidRequest(
+                "invalid request: 'tool_choice': it names a function that is not in tools",
+                param="tool_choice",
+            )
+        if choice == "required" and not names:
+            raise InvalidRequest(
+                "invalid request: 'tool_choice': \"required\" needs tools", param="tool_choice"
+            )
+        return self
+
+    @property
+    def tool_mode(self) -> Literal["none", "auto", "required"] | str:
+        """What the answer may be: text only ("none"), text or calls ("auto"), calls ("required"), or a call
+        of the one function named."""
+        if not self.tools or self.tool_choice == "none":
+            return "none"
+        choice = self.tool_choice or "auto"
+        return choice if isinstance(choice, str) else choice.function.name
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -85,11 +85,27 @@ def map_case(ctx: HookContext, case: Case) -> Case:
                 type(value) in (int, float) and value > MAX_TOKENS
             ):
                 body[name] = MAX_TOKENS
+    if path == GENERATION[0] and isinstance(body, dict):
+        _steer_tool_use(body)
     if path == HEARTBEAT and isinstance(body, dict) and _pick(body, (False, True)):
         body["node_id"] = SIGNER_ID  # the node reports on itself, past "only on itself"
     if path == ENROLL and CODES and isinstance(body, dict) and _pick(body, (False, True)):
         _enrollable(body)
     return case
+
+
+def _steer_tool_use(body: dict[str, Any]) -> None:
+    """What the document cannot say about tool use, kept so that valid requests reach the model: a tool
+    message answers a call (tool_call_id), and half the time no tools, tool_choice or response_format (a
+    generated tool_choice rarely names a generated tool, a generated schema is rarely one a node can
+    enforce; the rest go as generated, to be refused with 400)."""
+    messages = body.get("messages")
+    for message in messages if isinstance(messages, list) else ():
+        if isinstance(message, dict) and message.get("role") == "tool" and not message.get("tool_call_id"):
+            message["tool_call_id"] = "call_fuzz"
+    if _pick(body, (False, True)):
+        for name in ("tools", "tool_choice", "response_format"):
+            body.pop(name, None)
 
 
 def _enrollable(body: dict[str, Any]) -> None:

@@ -21,7 +21,10 @@ import secrets
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from node.constrain import ConstraintFactory
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +43,9 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit), as OpenAI's
     logprobs: int | None = None  # None: off; k: each token's logprob and the k most likely (Step.scores)
     prompt_logprobs: bool = False  # score the prompt's tokens too (echo; Step.prompt_scores)
+    # A grammar the answer must follow (node.constrain): each sequence gets its own matcher from it, and
+    # end-of-sequence tokens end a constrained answer even with ignore_eos (the grammar says where it ends).
+    constraint: ConstraintFactory | None = None
 
     def __post_init__(self) -> None:
         # Logits divided by a temperature of 1e-300 overflow to infinity and sampling fails; any temperature

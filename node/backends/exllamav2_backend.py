@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from node.backends.base import CacheScope, CacheState, NeverFits, SamplingParams, Scores, Step
+from node.backends.exllamav2_filter import constraint_filters
 from protocol.errors import ConfigError
 
 log = logging.getLogger("hearth.node.exllamav2")
@@ -379,6 +380,11 @@ class ExLlamaV2Backend:
             )
         return prompt_scores(logits[0, :, : self.vocab_size].float().cpu(), prompt_ids, top)
 
+    def constraint_vocabulary(self) -> tuple[str, frozenset[int]] | None:
+        """The tokenizer as Hugging Face tokenizers' JSON, and the end-of-sequence ids (node.constrain)."""
+        hf = getattr(self._tokenizer.tokenizer_model, "hf_tokenizer", None)  # None: a SentencePiece model
+        return (str(hf.to_str()), self._eos_ids) if hf is not None else None
+
     # Batching
 
     def _promised(self) -> int:
@@ -424,7 +430,7 @@ class ExLlamaV2Backend:
             self._scoring.add(seq)
             self._prompts[seq] = scored or []
             return seq
-        eos = frozenset() if params.ignore_eos else self._eos_ids
+        eos = frozenset() if params.ignore_eos and params.constraint is None else self._eos_ids
         stop: list[int] = sorted(eos | set(params.stop_token_ids))
         settings = _sampler_settings(params)
         if params.presence_penalty or params.frequency_penalty:
@@ -445,6 +451,7 @@ class ExLlamaV2Backend:
             scope=scope.key,
             top=params.logprobs,
             vocab=self.vocab_size,
+            filters=constraint_filters(params, self._model, self._tokenizer),
         )
         seq, self._next = self._next, self._next + 1
         if scored is not None:

@@ -89,6 +89,11 @@ class TransformersBackend:
             out = self._model(input_ids=torch.tensor([list(prompt_ids)]), use_cache=False)
             return prompt_scores(out.logits[0], prompt_ids, top)
 
+    def constraint_vocabulary(self) -> tuple[str, frozenset[int]] | None:
+        """The tokenizer as Hugging Face tokenizers' JSON, and the end-of-sequence ids (node.constrain)."""
+        backend = getattr(self._tokenizer, "backend_tokenizer", None)
+        return (str(backend.to_str()), self._eos_ids) if backend is not None else None
+
     def generate(
         self, prompt_ids: Sequence[int], params: SamplingParams, cancelled: threading.Event
     ) -> Iterator[int | Scored]:
@@ -97,6 +102,9 @@ class TransformersBackend:
         generator = torch.Generator()
         generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
         stop_ids = (set() if params.ignore_eos else set(self._eos_ids)) | set(params.stop_token_ids)
+        constraint = params.constraint() if params.constraint is not None else None
+        if constraint is not None:
+            stop_ids |= self._eos_ids
         # Token counts of the answer (presence/frequency penalties), and which tokens appeared anywhere,
         # prompt included (the repetition penalty, as transformers applies it) unless presence or frequency
         # penalties are set too: exllamav2 applies all three over one window, kept to the answer then.
@@ -129,7 +137,12 @@ class TransformersBackend:
                         logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty
                     )
                     logits = torch.where(seen, penalized, logits)
-                token = _sample(biased(logits, params.logit_bias), params, generator)
+                logits = biased(logits, params.logit_bias)
+                if constraint is not None:
+                    logits = constraint.restrict(logits)
+                token = _sample(logits, params, generator)
+                if constraint is not None:
+                    constraint.advance(token)
                 if counts is not None:
                     counts[token] += 1
                 if seen is not None:
