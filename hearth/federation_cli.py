@@ -87,7 +87,7 @@ def node() -> None:
 
 @node.command("start")
 @click.option("--model", "model_paths", multiple=True, metavar="PATH", help="A model directory (repeatable).")
-@click.option("--demo", is_flag=True, help="Serve the small generated demo model.")
+@click.option("--demo", is_flag=True, help="Serve the demo model (as `hearth up --demo` does).")
 @click.option("--host", default=None, help="Address the node listens on (default 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Port (default: a free one).")
 @click.option("--memory-budget", default=None, help="CPU node: memory its models may use, e.g. 8GiB.")
@@ -114,7 +114,7 @@ def node_start(
     settings = settings_for(config, data_dir, **({"node": overrides} if overrides else {}))
     extra = [resolve_model(p, settings.data_dir) for p in model_paths]
     if demo:
-        extra.append(demo_model(settings.data_dir))
+        extra.append(demo_model(settings.data_dir, settings.demo_model, out=click.echo))
     if extra:
         settings = settings.model_copy(
             update={"node": settings.node.model_copy(update={"models": [*settings.node.models, *extra]})}

