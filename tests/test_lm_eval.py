@@ -1,0 +1,276 @@
+"""lm-evaluation-harness against Hearth, as users run it: `lm_eval.simple_evaluate` in this process, its
+`local-completions` and `local-chat-completions` models over HTTP, to a real stack (scheduler, node, demo
+model) in plaintext and sealed through `hearth proxy`. The tasks are small YAML files over local JSONL, so
+nothing is downloaded (HF_DATASETS_OFFLINE, HF_HUB_OFFLINE). The loglikelihoods lm-eval computes from
+Hearth's answers must equal the model's own, computed here from the same weights with transformers; its
+generations must equal what Hearth answers the same request with the `openai` client (docs/evaluation.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+import torch
+
+from hearth.proxy import SealedClient, state_path
+from hearth.proxy_server import serve
+from node.backends.transformers_backend import TransformersBackend
+from node.settings import ModelSettings
+from tests.support import LoopThread, Stack, start_stack, stop_stack, wait_for
+
+MODEL = "hearth-demo"
+QUESTIONS = [
+    {
+        "question": "Question: What colour is the sky?\nAnswer:",
+        "choices": ["blue", "green", "a cat"],
+        "answer": 0,
+    },
+    {"question": "Question: How many legs has a spider?\nAnswer:", "choices": ["six", "eight"], "answer": 1},
+]
+
+
+@dataclass
+class Env:
+    stack: Stack
+    proxy_url: str = ""
+
+
+@pytest.fixture(scope="module")
+def env(
+    servers: LoopThread, demo_model: ModelSettings, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Env]:
+    data = tmp_path_factory.mktemp("lm-eval")
+
+    async def start() -> Env:
+        stack = await start_stack(data, [demo_model])
+        session = aiohttp.ClientSession()
+        client = SealedClient(stack.base_url, stack.token, state_path(data / "user", stack.base_url), session)
+
+        async def has_keys() -> bool:
+            await client.refresh(force=True)
+            return stack.node_id in client.hints.get(MODEL, [])
+
+        await wait_for(has_keys, within=60, interval=0.2)
+        runner, url = await serve(client, "127.0.0.1", 0)
+        stack.runners.insert(0, runner)
+        stack.tasks.append(asyncio.ensure_future(_close_later(session)))
+        return Env(stack, url)
+
+    got = servers.call(start())
+    yield got
+    servers.call(stop_stack(got.stack))
+
+
+async def _close_later(session: aiohttp.ClientSession) -> None:
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await session.close()
+
+
+@pytest.fixture(scope="module")
+def model(demo_model_dir: Path) -> Iterator[TransformersBackend]:
+    """The demo model in this process: the reference Hearth's numbers must equal."""
+    backend = TransformersBackend.load(demo_model_dir)
+    yield backend
+    backend.close()
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No dataset or model download; lm-eval's requests carry this key (OPENAI_API_KEY, as it reads it)."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+def write_task(folder: Path, name: str, rows: list[dict[str, Any]], spec: str) -> Path:
+    """A task YAML over a JSONL file in `folder`, for lm-eval's include_path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (folder / f"{name}.yaml").write_text(
+        f"task: {name}\n"
+        "dataset_path: json\n"
+        "dataset_kwargs:\n"
+        f"  data_files:\n    test: {json.dumps(str(data))}\n"
+        f"  cache_dir: {json.dumps(str(folder / 'cache'))}\n"
+        "test_split: test\n" + spec,
+        encoding="utf-8",
+    )
+    return folder
+
+
+def evaluate(
+    folder: Path, task: str, model: str, model_args: dict[str, Any], **kwargs: Any
+) -> dict[str, Any]:
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    results = lm_eval.simple_evaluate(
+        model=model,
+        model_args=model_args,
+        tasks=[task],
+        task_manager=TaskManager(include_path=str(folder), include_defaults=False),
+        num_fewshot=0,
+        batch_size=1,
+        limit=len(QUESTIONS),
+        log_samples=True,
+        **kwargs,
+    )
+    assert results is not None
+    return results
+
+
+def reference_loglikelihood(
+    model: TransformersBackend, context: str, continuation: str
+) -> tuple[float, bool]:
+    """The loglikelihood of `continuation` after `context` from the weights, split into tokens as lm-eval
+    splits a pair (the whole text encoded, the context's tokens cut off the front), and whether each of its
+    tokens is the model's most likely one (lm-eval's is_greedy)."""
+    whole = model.encode(context + continuation, add_special_tokens=False)
+    ctx = model.encode(context, add_special_tokens=False)
+    cont = whole[len(ctx) :]
+    with torch.inference_mode():
+        logits = model._model(input_ids=torch.tensor([whole])).logits[0]
+    rows = torch.log_softmax(logits.double(), dim=-1)
+    picked = [rows[len(ctx) - 1 + i] for i in range(len(cont))]
+    greedy = all(int(row.argmax()) == t for row, t in zip(picked, cont, strict=True))
+    return sum(float(row[t]) for row, t in zip(picked, cont, strict=True)), greedy
+
+
+MULTIPLE_CHOICE = (
+    "output_type: multiple_choice\n"
+    'doc_to_text: "{{question}}"\n'
+    'doc_to_choice: "{{choices}}"\n'
+    'doc_to_target: "{{answer}}"\n'
+    "metric_list:\n  - metric: acc\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("route", "tokenizer"), [("plain", "remote"), ("plain", "huggingface"), ("sealed", "remote")]
+)
+@pytest.mark.usefixtures("offline")
+def test_multiple_choice_loglikelihoods_equal_the_models_own(
+    env: Env,
+    model: TransformersBackend,
+    demo_model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    route: str,
+    tokenizer: str,
+) -> None:
+    folder = write_task(tmp_path / "tasks", "hearth_mc", QUESTIONS, MULTIPLE_CHOICE)
+    base = env.stack.base_url if route == "plain" else env.proxy_url
+    # The key lm-eval sends with generation requests; through the proxy the proxy holds the credentials.
+    monkeypatch.setenv("OPENAI_API_KEY", env.stack.token if route == "plain" else "unused-locally")
+    args: dict[str, Any] = {
+        "model": MODEL,
+        "base_url": base + "/v1/completions",
+        "tokenizer_backend": tokenizer,
+        "tokenized_requests": True,
+        "max_retries": 1,
+    }
+    if tokenizer == "huggingface":
+        args["tokenizer"] = str(demo_model_dir)
+    elif route == "plain":
+        args["auth_token"] = env.stack.token  # the remote tokenizer's own requests
+    results = evaluate(folder, "hearth_mc", "local-completions", args)
+
+    samples = results["samples"]["hearth_mc"]
+    assert len(samples) == len(QUESTIONS)
+    for sample in samples:
+        doc = sample["doc"]
+        served = [resp[0] for resp in sample["resps"]]
+        reference = [reference_loglikelihood(model, doc["question"], " " + c) for c in doc["choices"]]
+        assert len(served) == len(doc["choices"])
+        for (got, got_greedy), (want, want_greedy) in zip(served, reference, strict=True):
+            assert math.isclose(got, want, abs_tol=1e-3), (got, want)
+            assert got_greedy == want_greedy
+        expected = [ll for ll, _ in reference]
+        # lm-eval's accuracy is the argmax of those numbers, as the reference's.
+        assert sample["acc"] == float(max(range(len(expected)), key=expected.__getitem__) == doc["answer"])
+    assert results["results"]["hearth_mc"]["acc,none"] == sum(s["acc"] for s in samples) / len(samples)
+
+
+GENERATE = (
+    "output_type: generate_until\n"
+    'doc_to_text: "{{question}}"\n'
+    'doc_to_target: "{{choices[answer]}}"\n'
+    "generation_kwargs:\n"
+    '  until: ["Question:"]\n'
+    "  max_gen_toks: 8\n"
+    "  do_sample: false\n"
+    "  temperature: 0\n"
+    "metric_list:\n  - metric: exact_match\n"
+)
+
+
+@pytest.mark.parametrize("route", ["plain", "sealed"])
+@pytest.mark.usefixtures("offline")
+def test_generate_until_through_chat_completions_answers_as_hearth_does(
+    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, route: str
+) -> None:
+    folder = write_task(tmp_path / "tasks", "hearth_gen", QUESTIONS, GENERATE)
+    base = env.stack.base_url if route == "plain" else env.proxy_url
+    key = env.stack.token if route == "plain" else "unused-locally"
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    results = evaluate(
+        folder,
+        "hearth_gen",
+        "local-chat-completions",
+        {"model": MODEL, "base_url": base + "/v1/chat/completions", "max_retries": 1},
+        apply_chat_template=True,
+    )
+
+    samples = results["samples"]["hearth_gen"]
+    assert len(samples) == len(QUESTIONS)
+    with openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=60) as client:
+        for sample in samples:
+            answer = client.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": sample["doc"]["question"]}],
+                max_tokens=8,
+                temperature=0,
+                stop=["Question:"],
+                seed=1234,
+            )
+            text = answer.choices[0].message.content or ""
+            assert text and sample["resps"][0][0] == text
+    assert "exact_match,none" in results["results"]["hearth_gen"]
+
+
+@pytest.mark.usefixtures("offline")
+def test_generate_until_through_completions_answers_as_hearth_does(
+    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = write_task(tmp_path / "tasks", "hearth_gen", QUESTIONS, GENERATE)
+    monkeypatch.setenv("OPENAI_API_KEY", env.stack.token)
+    results = evaluate(
+        folder,
+        "hearth_gen",
+        "local-completions",
+        {
+            "model": MODEL,
+            "base_url": env.stack.base_url + "/v1/completions",
+            "tokenizer_backend": "remote",
+            "auth_token": env.stack.token,
+            "max_retries": 1,
+        },
+    )
+    samples = results["samples"]["hearth_gen"]
+    with openai.OpenAI(base_url=env.stack.api, api_key=env.stack.token, max_retries=0, timeout=60) as client:
+        for sample in samples:
+            answer = client.completions.create(
+                model=MODEL, prompt=sample["doc"]["question"], max_tokens=8, temperature=0, stop=["Question:"]
+            )
+            assert answer.choices[0].text and sample["resps"][0][0] == answer.choices[0].text
