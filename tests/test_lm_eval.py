@@ -10,6 +10,10 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
+import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +31,9 @@ from node.settings import ModelSettings
 from tests.support import LoopThread, Stack, start_stack, stop_stack, wait_for
 
 MODEL = "hearth-demo"
+EVALUATION = Path(__file__).resolve().parent.parent / "docs" / "evaluation.md"
+# Where docs/evaluation.md writes the server's address; the test puts the real one in its place.
+DOC_ROOT_URL = "http://127.0.0.1:8000"
 QUESTIONS = [
     {
         "question": "Question: What colour is the sky?\nAnswer:",
@@ -171,8 +178,11 @@ def test_multiple_choice_loglikelihoods_equal_the_models_own(
 ) -> None:
     folder = write_task(tmp_path / "tasks", "hearth_mc", QUESTIONS, MULTIPLE_CHOICE)
     base = env.stack.base_url if route == "plain" else env.proxy_url
-    # The key lm-eval sends with generation requests; through the proxy the proxy holds the credentials.
-    monkeypatch.setenv("OPENAI_API_KEY", env.stack.token if route == "plain" else "unused-locally")
+    # The key lm-eval sends with generation requests; through the proxy none: the proxy holds the token.
+    if route == "plain":
+        monkeypatch.setenv("OPENAI_API_KEY", env.stack.token)
+    else:
+        monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     args: dict[str, Any] = {
         "model": MODEL,
         "base_url": base + "/v1/completions",
@@ -223,7 +233,10 @@ def test_generate_until_through_chat_completions_answers_as_hearth_does(
     folder = write_task(tmp_path / "tasks", "hearth_gen", QUESTIONS, GENERATE)
     base = env.stack.base_url if route == "plain" else env.proxy_url
     key = env.stack.token if route == "plain" else "unused-locally"
-    monkeypatch.setenv("OPENAI_API_KEY", key)
+    if route == "plain":
+        monkeypatch.setenv("OPENAI_API_KEY", key)
+    else:
+        monkeypatch.delenv("OPENAI_API_KEY", raising=False)  # as docs/evaluation.md says: none needed
     results = evaluate(
         folder,
         "hearth_gen",
@@ -274,3 +287,46 @@ def test_generate_until_through_completions_answers_as_hearth_does(
                 model=MODEL, prompt=sample["doc"]["question"], max_tokens=8, temperature=0, stop=["Question:"]
             )
             assert answer.choices[0].text and sample["resps"][0][0] == answer.choices[0].text
+
+
+def doc_blocks(lang: str) -> list[str]:
+    text = EVALUATION.read_text(encoding="utf-8")
+    return re.findall(rf"^```{lang}\n(.*?)^```$", text, flags=re.S | re.M)
+
+
+@pytest.mark.usefixtures("offline")
+def test_the_offline_example_in_the_docs_runs_as_written(
+    env: Env, model: TransformersBackend, tmp_path: Path
+) -> None:
+    """docs/evaluation.md's own task, JSONL and `lm-eval run` command, in a shell, against the stack."""
+    rows = [json.loads(line) for line in doc_blocks("json")[-1].splitlines()]
+    (tmp_path / "my-tasks").mkdir()
+    (tmp_path / "my-tasks" / "quiz.jsonl").write_text(doc_blocks("json")[-1], encoding="utf-8")
+    (tmp_path / "my-tasks" / "quiz.yaml").write_text(doc_blocks("yaml")[-1], encoding="utf-8")
+    command = doc_blocks("sh")[-1]
+    assert "--include_path my-tasks" in command and DOC_ROOT_URL in command
+    bin_dir = str(Path(sys.executable).parent)
+    shell_env = {
+        **os.environ,
+        "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+        "HEARTH_TOKEN": env.stack.token,
+        "HF_HOME": str(tmp_path / "hf"),  # the datasets cache, kept out of the user's
+    }
+    done = subprocess.run(
+        ["bash", "-euc", command.replace(DOC_ROOT_URL, env.stack.base_url)],
+        cwd=tmp_path,
+        env=shell_env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    [written] = list((tmp_path / "results").rglob("results_*.json"))
+    acc = json.loads(written.read_text(encoding="utf-8"))["results"]["quiz"]["acc,none"]
+    right = 0
+    for row in rows:
+        lls = [reference_loglikelihood(model, row["question"], " " + c)[0] for c in row["choices"]]
+        right += max(range(len(lls)), key=lls.__getitem__) == row["answer"]
+    assert acc == right / len(rows)
+    assert "quiz" in done.stdout and "acc" in done.stdout
