@@ -34,13 +34,19 @@ MODEL = "hearth-demo"
 EVALUATION = Path(__file__).resolve().parent.parent / "docs" / "evaluation.md"
 # Where docs/evaluation.md writes the server's address; the test puts the real one in its place.
 DOC_ROOT_URL = "http://127.0.0.1:8000"
+# The choices carry their own leading space (the tasks' target_delimiter is ""), so that a choice can be
+# the model's own next token, whatever it is: see with_greedy_choice.
 QUESTIONS = [
     {
         "question": "Question: What colour is the sky?\nAnswer:",
-        "choices": ["blue", "green", "a cat"],
+        "choices": [" blue", " green", " a cat"],
         "answer": 0,
     },
-    {"question": "Question: How many legs has a spider?\nAnswer:", "choices": ["six", "eight"], "answer": 1},
+    {
+        "question": "Question: How many legs has a spider?\nAnswer:",
+        "choices": [" six", " eight"],
+        "answer": 1,
+    },
 ]
 
 
@@ -116,8 +122,20 @@ def write_task(folder: Path, name: str, rows: list[dict[str, Any]], spec: str) -
     return folder
 
 
+def with_greedy_choice(model: TransformersBackend) -> list[dict[str, Any]]:
+    """QUESTIONS, each with one more choice: the model's most likely next token, so that lm-eval's is_greedy
+    is true for one answer and false for the others."""
+    rows = []
+    for row in QUESTIONS:
+        ids = model.encode(row["question"], add_special_tokens=False)
+        with torch.inference_mode():
+            best = int(model._model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+        rows.append({**row, "choices": [*row["choices"], model.decode([best])]})
+    return rows
+
+
 def evaluate(
-    folder: Path, task: str, model: str, model_args: dict[str, Any], **kwargs: Any
+    folder: Path, task: str, model: str, model_args: dict[str, Any], batch_size: int = 1, **kwargs: Any
 ) -> dict[str, Any]:
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -128,7 +146,7 @@ def evaluate(
         tasks=[task],
         task_manager=TaskManager(include_path=str(folder), include_defaults=False),
         num_fewshot=0,
-        batch_size=1,
+        batch_size=batch_size,
         limit=len(QUESTIONS),
         log_samples=True,
         **kwargs,
@@ -159,12 +177,14 @@ MULTIPLE_CHOICE = (
     'doc_to_text: "{{question}}"\n'
     'doc_to_choice: "{{choices}}"\n'
     'doc_to_target: "{{answer}}"\n'
+    'target_delimiter: ""\n'
     "metric_list:\n  - metric: acc\n"
 )
 
 
 @pytest.mark.parametrize(
-    ("route", "tokenizer"), [("plain", "remote"), ("plain", "huggingface"), ("sealed", "remote")]
+    ("route", "tokenizer", "batch_size"),
+    [("plain", "remote", 1), ("plain", "huggingface", 1), ("sealed", "remote", 1), ("sealed", "remote", 4)],
 )
 @pytest.mark.usefixtures("offline")
 def test_multiple_choice_loglikelihoods_equal_the_models_own(
@@ -175,8 +195,11 @@ def test_multiple_choice_loglikelihoods_equal_the_models_own(
     monkeypatch: pytest.MonkeyPatch,
     route: str,
     tokenizer: str,
+    batch_size: int,
 ) -> None:
-    folder = write_task(tmp_path / "tasks", "hearth_mc", QUESTIONS, MULTIPLE_CHOICE)
+    """batch_size 4: lm-eval sends several answers' token ids in one request, one choice each."""
+    rows = with_greedy_choice(model)
+    folder = write_task(tmp_path / "tasks", "hearth_mc", rows, MULTIPLE_CHOICE)
     base = env.stack.base_url if route == "plain" else env.proxy_url
     # The key lm-eval sends with generation requests; through the proxy none: the proxy holds the token.
     if route == "plain":
@@ -194,18 +217,19 @@ def test_multiple_choice_loglikelihoods_equal_the_models_own(
         args["tokenizer"] = str(demo_model_dir)
     elif route == "plain":
         args["auth_token"] = env.stack.token  # the remote tokenizer's own requests
-    results = evaluate(folder, "hearth_mc", "local-completions", args)
+    results = evaluate(folder, "hearth_mc", "local-completions", args, batch_size=batch_size)
 
     samples = results["samples"]["hearth_mc"]
     assert len(samples) == len(QUESTIONS)
     for sample in samples:
         doc = sample["doc"]
         served = [resp[0] for resp in sample["resps"]]
-        reference = [reference_loglikelihood(model, doc["question"], " " + c) for c in doc["choices"]]
+        reference = [reference_loglikelihood(model, doc["question"], c) for c in doc["choices"]]
         assert len(served) == len(doc["choices"])
         for (got, got_greedy), (want, want_greedy) in zip(served, reference, strict=True):
             assert math.isclose(got, want, abs_tol=1e-3), (got, want)
             assert got_greedy == want_greedy
+        assert [greedy for _, greedy in served] == [False] * (len(served) - 1) + [True]
         expected = [ll for ll, _ in reference]
         # lm-eval's accuracy is the argmax of those numbers, as the reference's.
         assert sample["acc"] == float(max(range(len(expected)), key=expected.__getitem__) == doc["answer"])
