@@ -354,3 +354,20 @@ def test_the_offline_example_in_the_docs_runs_as_written(
         right += max(range(len(lls)), key=lls.__getitem__) == row["answer"]
     assert acc == right / len(rows)
     assert "quiz" in done.stdout and "acc" in done.stdout
+
+
+def test_the_tasks_the_docs_name_are_lm_evals() -> None:
+    """Every `--tasks` in docs/evaluation.md's commands (but the docs' own offline quiz) is a task that the
+    installed lm-eval knows, and every command runs one of the two models that talk to Hearth."""
+    from lm_eval.tasks import TaskManager
+
+    commands = [c for c in doc_blocks("sh") if "lm-eval run" in c]
+    named = {t for c in commands for arg in re.findall(r"--tasks (\S+)", c) for t in arg.split(",")}
+    assert {"arc_easy", "arc_challenge", "hellaswag", "mmlu", "truthfulqa_mc2"} <= named
+    known = set(TaskManager().all_tasks)
+    assert named - {"quiz"} <= known, sorted(named - {"quiz"} - known)
+    models = {m for c in commands for m in re.findall(r"--model (\S+)", c)}
+    assert models == {"local-completions", "local-chat-completions"}
+    # The table of benchmarks names tasks too.
+    table = re.findall(r"^\| [^|]+ \| `([a-z0-9_,]+)` \|", EVALUATION.read_text(encoding="utf-8"), flags=re.M)
+    assert len(table) == 5 and {t for cell in table for t in cell.split(",")} <= known
