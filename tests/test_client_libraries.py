@@ -121,7 +121,7 @@ class Note(BaseModel):
     [
         ("json_schema", Forecast, {}),
         # strict: LangChain then closes the objects (additionalProperties: false); without it a weak model
-        # may add keys of its own until max_tokens, as the JSON Schema allows (docs/decisions.md)
+        # may add keys of its own until max_tokens, as the JSON Schema allows (docs/api.md)
         ("function_calling", Forecast, {"strict": True}),
         ("json_mode", Note, {}),
     ],
