@@ -27,7 +27,7 @@ from tests.support import LoopThread, SealedStack, Stack, start_sealed_stack, st
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import litellm
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, ToolMessage
 from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
 
@@ -169,6 +169,22 @@ def test_langchain_tool_loop(endpoint: tuple[str, str]) -> None:
     assert isinstance(final, AIMessage) and not final.tool_calls and isinstance(final.content, str)
     assert final.response_metadata["finish_reason"] in ("stop", "length")
     assert final.usage_metadata is not None and final.usage_metadata["output_tokens"] > 0
+
+
+def test_langchain_streams_a_tool_call_it_can_assemble(endpoint: tuple[str, str]) -> None:
+    llm = _chat(endpoint, max_tokens=ROOM, seed=2).bind_tools(
+        [get_weather], tool_choice="get_weather", strict=True
+    )
+    chunks = list(llm.stream("What is the weather in Paris?"))
+    assert len(chunks) > 2  # it did stream
+    whole = chunks[0]
+    for chunk in chunks[1:]:
+        whole += chunk  # LangChain joins tool_call_chunks by index
+    assert isinstance(whole, AIMessageChunk) and not whole.invalid_tool_calls
+    [call] = whole.tool_calls
+    assert call["name"] == "get_weather" and call["id"]
+    jsonschema.validate(call["args"], get_weather.tool_call_schema.model_json_schema())  # type: ignore[union-attr]
+    assert whole.response_metadata["finish_reason"] == "tool_calls"
 
 
 # ----- LiteLLM -----
