@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
 import jsonschema
+import openai
 import pytest
 from pydantic import BaseModel, Field
 
@@ -147,6 +148,17 @@ def test_langchain_structured_output_returns_a_validated_object(
         assert schema.model_validate(json.loads(str(raw.content))) == parsed
 
 
+class Tags(BaseModel):
+    tags: set[int]  # pydantic writes "uniqueItems": true, which Hearth cannot enforce while generating
+
+
+def test_langchain_gets_hearths_400_for_a_schema_it_cannot_enforce(endpoint: tuple[str, str]) -> None:
+    structured = _chat(endpoint, max_tokens=ROOM).with_structured_output(Tags, method="json_schema")
+    with pytest.raises(openai.BadRequestError) as refused:
+        structured.invoke("Some tags, please.")
+    assert refused.value.status_code == 400 and "uniqueItems" in str(refused.value)
+
+
 @tool
 def get_weather(city: Literal["Paris", "Oslo"], days: Annotated[int, Field(ge=1, le=7)]) -> str:
     """The weather in a city for the next few days."""
@@ -255,3 +267,28 @@ def test_litellm_streamed_tool_calls(endpoint: tuple[str, str]) -> None:
     assert [(c.function.name, c.function.arguments) for c in whole] == [
         (c["name"], c["arguments"]) for c in calls.values()
     ]
+
+
+# LiteLLM's reader of the usage chunk reads pydantic fields the deprecated way (its code, not Hearth's answer).
+@pytest.mark.filterwarnings(
+    "ignore:Accessing the 'model_(computed_)?fields' attribute on the instance:DeprecationWarning"
+)
+def test_litellm_streams_text_with_usage_and_passes_on_a_400(endpoint: tuple[str, str]) -> None:
+    url, key = endpoint
+    common: dict[str, Any] = {
+        "model": f"openai/{MODEL}",
+        "api_base": url,
+        "api_key": key,
+        "messages": [{"role": "user", "content": "Hello"}],
+        "max_tokens": 6,
+    }
+    text, usage = "", None
+    for chunk in litellm.completion(**common, stream=True, stream_options={"include_usage": True}):
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+        usage = getattr(chunk, "usage", None) or usage
+    assert text and usage is not None and usage.completion_tokens == 6
+    unenforceable = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {}}}}
+    with pytest.raises(litellm.BadRequestError) as refused:
+        litellm.completion(**common, response_format=unenforceable)
+    assert refused.value.status_code == 400 and "not" in str(refused.value)
