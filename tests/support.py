@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiohttp
 from aiohttp import web
 
 from hardware.probe import NodeProbe
@@ -422,3 +423,39 @@ async def certify_node(stack: Stack, node_dir: Path, node_id: str, tier: str = "
         return store.set_node_state(node_id, "approved", certificate=cert)
 
     fed.remember(await fed.store.run(certify))
+
+
+@dataclass
+class SealedStack:
+    """A stack that takes sealed requests only, and `hearth proxy` in front of it at ``url`` (ends in /v1)."""
+
+    stack: Stack
+    url: str
+
+
+async def start_sealed_stack(data_dir: Path, models: list[ModelSettings]) -> SealedStack:
+    """`start_stack` with ``require_e2e``, and a `hearth proxy` that already holds the node's keys.
+    `stop_stack(sealed.stack)` stops the proxy too."""
+    from hearth.proxy import SealedClient, state_path
+    from hearth.proxy_server import serve
+
+    stack = await start_stack(data_dir, models, scheduler={"policy": {"require_e2e": True}})
+    session = aiohttp.ClientSession()
+    client = SealedClient(stack.base_url, stack.token, state_path(data_dir / "user", stack.base_url), session)
+
+    async def has_keys() -> bool:
+        await client.refresh(force=True)
+        return all(stack.node_id in client.hints.get(m.model_id, []) for m in models)
+
+    await wait_for(has_keys, within=60, interval=0.2)
+    runner, url = await serve(client, "127.0.0.1", 0)
+    stack.runners.insert(0, runner)
+    stack.tasks.append(asyncio.ensure_future(_close_when_cancelled(session)))
+    return SealedStack(stack, url + "/v1")
+
+
+async def _close_when_cancelled(session: aiohttp.ClientSession) -> None:
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await session.close()

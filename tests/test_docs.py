@@ -402,6 +402,12 @@ def test_the_quickstart_has_sync_and_streaming_openai_examples() -> None:
     assert any("stream=True" not in code and "chat.completions.create" in code for code in quickstart)
 
 
+def test_the_quickstart_has_structured_output_and_tool_loop_examples() -> None:
+    quickstart = [code for name, code in PYTHON_EXAMPLES if name.startswith("quickstart")]
+    assert any("chat.completions.parse" in code and "response_format=" in code for code in quickstart)
+    assert any("tool_choice=" in code and '"role": "tool"' in code for code in quickstart)
+
+
 @pytest.mark.parametrize(("name", "code"), PYTHON_EXAMPLES, ids=[n for n, _ in PYTHON_EXAMPLES])
 def test_python_example_runs(server: Server, name: str, code: str) -> None:
     pytest.importorskip("openai")

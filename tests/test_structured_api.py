@@ -10,23 +10,18 @@ write a string until max_tokens (the grammar allows it), and a cut answer does n
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import aiohttp
 import jsonschema
 import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from hearth.proxy import SealedClient, state_path
-from hearth.proxy_server import serve
 from node.settings import ModelSettings
-from tests.support import LoopThread, Stack, start_stack, stop_stack, wait_for
+from tests.support import LoopThread, SealedStack, Stack, start_sealed_stack, stop_stack
 
 MODEL = "hearth-demo"
 ASK = [{"role": "user", "content": "Answer in JSON, please."}]
@@ -110,44 +105,14 @@ ARGUMENTS = {
 }
 
 
-@dataclass
-class Sealed:
-    stack: Stack
-    url: str
-
-
 @pytest.fixture(scope="module")
 def sealed(
     servers: LoopThread, demo_model: ModelSettings, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Sealed]:
+) -> Iterator[SealedStack]:
     """A stack that takes sealed requests only, and `hearth proxy` in front of it."""
-    data = tmp_path_factory.mktemp("structured-proxy")
-
-    async def start() -> Sealed:
-        stack = await start_stack(data, [demo_model], scheduler={"policy": {"require_e2e": True}})
-        session = aiohttp.ClientSession()
-        client = SealedClient(stack.base_url, stack.token, state_path(data / "user", stack.base_url), session)
-
-        async def has_keys() -> bool:
-            await client.refresh(force=True)
-            return stack.node_id in client.hints.get(MODEL, [])
-
-        await wait_for(has_keys, within=60, interval=0.2)
-        runner, url = await serve(client, "127.0.0.1", 0)
-        stack.runners.insert(0, runner)
-        stack.tasks.append(asyncio.ensure_future(_close_later(session)))
-        return Sealed(stack, url + "/v1")
-
-    env = servers.call(start())
+    env = servers.call(start_sealed_stack(tmp_path_factory.mktemp("structured-proxy"), [demo_model]))
     yield env
     servers.call(stop_stack(env.stack))
-
-
-async def _close_later(session: aiohttp.ClientSession) -> None:
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await session.close()
 
 
 @pytest.fixture(params=["plain", "sealed"])
@@ -155,7 +120,7 @@ def client(request: pytest.FixtureRequest) -> openai.OpenAI:
     if request.param == "plain":
         stack: Stack = request.getfixturevalue("stack")
         return openai.OpenAI(base_url=stack.api, api_key=stack.token, max_retries=0)
-    env: Sealed = request.getfixturevalue("sealed")
+    env: SealedStack = request.getfixturevalue("sealed")
     return openai.OpenAI(base_url=env.url, api_key="unused-locally", max_retries=0)
 
 
