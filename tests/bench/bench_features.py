@@ -35,6 +35,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +170,48 @@ def compile_time(backend: TransformersBackend, repeats: int) -> None:
         print(f"| {name} | {b:.2f} | {m:.2f} | {b + m:.2f} |")
 
 
+def per_token(backend: TransformersBackend, prompt_ids: list[int], tokens: int) -> None:
+    """Each feature's own work per token, apart from the model: the constraint's mask and step (the same
+    ``SequenceConstraint.allowed`` that exllamav2's filter calls), and the logprobs' log-softmax and top 5."""
+    import torch
+
+    from node.backends.sampling import scores_at
+
+    params = SamplingParams(max_new_tokens=tokens, temperature=0.7, seed=7)
+    factory = request_constraint(backend, _request(LONG_SCHEMA, tokens))
+    answer = [
+        int(t) for t in backend.generate(prompt_ids, replace(params, constraint=factory), threading.Event())
+    ]
+    width = backend.vocab_size
+    logits = torch.randn(width, dtype=torch.float32)
+    mask_us: list[float] = []
+    score_us: list[float] = []
+    forward_us: list[float] = []
+    for _ in range(3):
+        constraint = factory()
+        for token in answer:
+            start = time.perf_counter()
+            constraint.restrict(logits.double())
+            constraint.advance(token)
+            mask_us.append((time.perf_counter() - start) * 1e6)
+            start = time.perf_counter()
+            scores_at(logits.double(), token, 5)
+            score_us.append((time.perf_counter() - start) * 1e6)
+    last = time.perf_counter()
+    for _ in backend.generate(prompt_ids, replace(params, ignore_eos=True), threading.Event()):
+        now = time.perf_counter()
+        forward_us.append((now - last) * 1e6)
+        last = now
+    model = statistics.median(forward_us[1:])
+    print(f"\n### Per token, apart from the model (µs, median over {len(answer)} tokens × 3)\n")
+    print("| work | µs per token | of a plain token's time |")
+    print("|---|---|---|")
+    print(f"| plain token (model forward + sampling) | {model:.0f} | 100 % |")
+    for name, values in (("json_schema mask + advance", mask_us), ("top_logprobs=5 scores", score_us)):
+        med = statistics.median(values)
+        print(f"| {name} | {med:.0f} | {med / model:.1%} |")
+
+
 def _model_dir(given: str | None) -> tuple[Path, Path | None]:
     if given:
         return Path(given), None
@@ -212,8 +255,9 @@ def main() -> None:
             f"SmolLM2-135M-Instruct (float32), transformers backend in-process; {platform.processor() or platform.machine()}, "
             f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}"
         )
-        throughput(backend, prompts, opts.tokens, opts.repeats)
         compile_time(backend, max(opts.repeats, 3))
+        per_token(backend, prompts[0], opts.tokens)
+        throughput(backend, prompts, opts.tokens, opts.repeats)
         print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
         backend.close()
     finally:
