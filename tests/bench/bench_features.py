@@ -19,6 +19,8 @@ each on a schema not seen before (the property names are salted per repeat).
     PYTHONPATH=$PWD .venv/bin/python -m tests.bench.bench_features                 # about 3 minutes, 2 cores
     PYTHONPATH=$PWD .venv/bin/python -m tests.bench.bench_features --quick         # a smoke run
     PYTHONPATH=$PWD .venv/bin/python -m tests.bench.bench_features --model-dir DIR # an already converted copy
+    PYTHONPATH=$PWD .venv/bin/python -m tests.bench.bench_features --exllamav2 cpu  # exllamav2 filter path, stand-ins
+    python -m tests.bench.bench_features --exllamav2 gpu --arch llama-3.1-8b        # a GPU machine (after run.sh)
 
 Targets (issue 16): json_schema ≥ 90 % of plain tokens per second, top_logprobs=5 ≥ 95 %; the compile time
 is reported (no target). Medians of ``--repeats`` rounds.
@@ -39,7 +41,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from node.backends.base import SamplingParams
+from node.backends.base import CacheScope, SamplingParams
 from node.backends.transformers_backend import TransformersBackend
 from node.constrain import grammars_for, request_constraint
 from node.templates import resolve_template
@@ -91,13 +93,25 @@ def _request(schema: dict[str, Any] | None, tokens: int) -> ChatCompletionReques
     return ChatCompletionRequest.model_validate(body)
 
 
-def _run(backend: TransformersBackend, prompt_ids: list[int], params: SamplingParams) -> tuple[int, float]:
+def _run(backend: Any, prompt_ids: list[int], params: SamplingParams) -> tuple[int, float]:
+    """One answer's tokens and wall time: ``generate`` (transformers) or ``admit`` and ``step`` until it
+    finishes (exllamav2, as the job runner drives it)."""
     start = time.perf_counter()
-    n = sum(1 for _ in backend.generate(prompt_ids, params, threading.Event()))
+    if hasattr(backend, "generate"):
+        n = sum(1 for _ in backend.generate(prompt_ids, params, threading.Event()))
+        return n, time.perf_counter() - start
+    seq = backend.admit(prompt_ids, params, CacheScope.private())
+    assert seq is not None, "the cache has no room for one answer"
+    n, done = 0, False
+    while not done:
+        for step in backend.step():
+            if step.seq == seq:
+                n += len(step.tokens)
+                done = step.finish is not None
     return n, time.perf_counter() - start
 
 
-def _modes(backend: TransformersBackend, tokens: int) -> dict[str, SamplingParams]:
+def _modes(backend: Any, tokens: int) -> dict[str, SamplingParams]:
     constraint = request_constraint(backend, _request(LONG_SCHEMA, tokens))  # compiled here, once
     return {
         "plain": SamplingParams(max_new_tokens=tokens, temperature=0.7, seed=7, ignore_eos=True),
@@ -108,7 +122,7 @@ def _modes(backend: TransformersBackend, tokens: int) -> dict[str, SamplingParam
     }
 
 
-def throughput(backend: TransformersBackend, prompts: list[list[int]], tokens: int, repeats: int) -> None:
+def throughput(backend: Any, prompts: list[list[int]], tokens: int, repeats: int) -> None:
     modes = _modes(backend, tokens)
     for ids in prompts:  # warm-up: the first calls allocate and fill caches
         for params in modes.values():
@@ -147,7 +161,7 @@ def _timed(fn: Callable[[], object]) -> float:
     return (time.perf_counter() - start) * 1000
 
 
-def compile_time(backend: TransformersBackend, repeats: int) -> None:
+def compile_time(backend: Any, repeats: int) -> None:
     vocab_ms = _timed(lambda: grammars_for(backend))  # the tokenizer handed to llguidance, once per model
     first: dict[str, list[float]] = {"build": [], "first mask": []}
     again: dict[str, list[float]] = {"build": [], "first mask": []}
@@ -227,6 +241,48 @@ def _model_dir(given: str | None) -> tuple[Path, Path | None]:
     return temp / smollm2.CACHE_NAME, temp
 
 
+def exllamav2_main(opts: argparse.Namespace) -> None:
+    """The same rounds on exllamav2's backend (admit/step, its filter for the constraint)."""
+    import contextlib
+
+    from node.demo import build_demo_model
+    from tests.gpu.gpu_model import build_gpu_model
+
+    temp = Path(tempfile.mkdtemp(prefix="hearth-bench-"))
+    try:
+        with contextlib.ExitStack() as stack:
+            cache_tokens = 4 * (256 + opts.tokens + 256)
+            if opts.exllamav2 == "cpu":
+                from tests.node import exllamav2_cpu
+
+                path = build_demo_model(temp / "demo")
+                stack.enter_context(exllamav2_cpu.stand_in())
+                backend, _ = exllamav2_cpu.load(path, cache_tokens=cache_tokens, max_sequences=4)
+                what = "exllamav2 over its CPU stand-ins (bigram table), demo tokenizer"
+            else:
+                import torch
+
+                from node.backends.exllamav2_backend import ExLlamaV2Backend
+
+                path = build_gpu_model(temp / opts.arch, opts.arch)
+                backend = ExLlamaV2Backend.load(path, cache_tokens=cache_tokens, max_sequences=4)
+                what = (
+                    f"exllamav2 on {torch.cuda.get_device_name(0)}, random {opts.arch} (fp16), demo tokenizer"
+                )
+            template = resolve_template(None, backend.chat_template)
+            prompts = [
+                backend.encode(template.render([{"role": "user", "content": p}]), add_special_tokens=False)
+                for p in PROMPTS
+            ]
+            print(f"{what}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
+            compile_time(backend, max(opts.repeats, 3))
+            throughput(backend, prompts, opts.tokens, opts.repeats)
+            print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
+            backend.close()
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -237,10 +293,21 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="tokens per answer")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")
+    parser.add_argument(
+        "--exllamav2",
+        choices=("cpu", "gpu"),
+        help="exllamav2's backend instead, on a generated model with the demo tokenizer: cpu = its generator "
+        "over tests/node/exllamav2_cpu.py's stand-ins (a bigram table: the filter path's cost, no real model); "
+        "gpu = random weights of --arch's shape (tests/gpu/gpu_model.py)",
+    )
+    parser.add_argument("--arch", default="llama-3.2-1b", help="with --exllamav2 gpu: the model shape")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 16 tokens, 2 rounds")
     opts = parser.parse_args()
     if opts.quick:
         opts.tokens, opts.repeats = 16, 2
+    if opts.exllamav2:
+        exllamav2_main(opts)
+        return
     path, temp = _model_dir(opts.model_dir)
     try:
         backend = TransformersBackend.load(path, threads=opts.threads or None)
