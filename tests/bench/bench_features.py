@@ -171,6 +171,7 @@ def compile_time(backend: Any, repeats: int) -> None:
         for into in (first, again):
             start = time.perf_counter()
             factory = request_constraint(backend, req)
+            assert factory is not None
             built = time.perf_counter()
             factory().allowed(width)
             into["build"].append((built - start) * 1000)
@@ -193,8 +194,12 @@ def per_token(backend: TransformersBackend, prompt_ids: list[int], tokens: int) 
 
     params = SamplingParams(max_new_tokens=tokens, temperature=0.7, seed=7)
     factory = request_constraint(backend, _request(LONG_SCHEMA, tokens))
+    assert factory is not None
+    # Without logprobs the backend yields bare ids.
     answer = [
-        int(t) for t in backend.generate(prompt_ids, replace(params, constraint=factory), threading.Event())
+        t
+        for t in backend.generate(prompt_ids, replace(params, constraint=factory), threading.Event())
+        if isinstance(t, int)
     ]
     width = backend.vocab_size
     logits = torch.randn(width, dtype=torch.float32)
