@@ -16,7 +16,7 @@ constraint's set-up included (what a client sees). Then the grammar of a 50-prop
 request's cost (compile, the matcher's copy and its first mask) against the same schema again (cached),
 each on a schema not seen before (the property names are salted per repeat).
 
-    PYTHONPATH=$PWD .venv/bin/python -m tests.bench.bench_features                 # about 3 minutes, 2 cores
+    PYTHONPATH=$PWD .venv/bin/python -m tests.bench.bench_features                 # about 5 minutes, 2 cores
     PYTHONPATH=$PWD .venv/bin/python -m tests.bench.bench_features --quick         # a smoke run
     PYTHONPATH=$PWD .venv/bin/python -m tests.bench.bench_features --model-dir DIR # an already converted copy
     PYTHONPATH=$PWD .venv/bin/python -m tests.bench.bench_features --exllamav2 cpu  # exllamav2 filter path, stand-ins
