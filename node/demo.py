@@ -45,7 +45,7 @@ CHATML_TEMPLATE = (
 
 # Everything a build may leave in the directory; a marker-less directory holding only these is our own
 # interrupted work and safe to replace, anything else belongs to somebody and is never deleted.
-_OUR_FILES = frozenset(
+CHECKPOINT_FILES = frozenset(
     {
         "config.json",
         "generation_config.json",
@@ -54,9 +54,9 @@ _OUR_FILES = frozenset(
         "tokenizer_config.json",
         "special_tokens_map.json",
         "chat_template.jinja",
-        MARKER,
     }
 )
+_OUR_FILES = CHECKPOINT_FILES | {MARKER}
 _STAGING_INFIX = ".building-"
 _STALE_STAGING_S = 600.0  # a build takes seconds; staging this old belongs to a killed builder
 

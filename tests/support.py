@@ -427,19 +427,23 @@ async def certify_node(stack: Stack, node_dir: Path, node_id: str, tier: str = "
 
 @dataclass
 class SealedStack:
-    """A stack that takes sealed requests only, and `hearth proxy` in front of it at ``url`` (ends in /v1)."""
+    """A stack (by default taking sealed requests only) and `hearth proxy` in front of it at ``url`` (ends in
+    /v1)."""
 
     stack: Stack
     url: str
 
 
-async def start_sealed_stack(data_dir: Path, models: list[ModelSettings]) -> SealedStack:
-    """`start_stack` with ``require_e2e``, and a `hearth proxy` that already holds the node's keys.
-    `stop_stack(sealed.stack)` stops the proxy too."""
+async def start_sealed_stack(
+    data_dir: Path, models: list[ModelSettings], scheduler: dict[str, Any] | None = None
+) -> SealedStack:
+    """`start_stack` (by default with ``require_e2e``; ``scheduler`` settings instead), and a `hearth proxy`
+    that already holds the node's keys. `stop_stack(sealed.stack)` stops the proxy too."""
     from hearth.proxy import SealedClient, state_path
     from hearth.proxy_server import serve
 
-    stack = await start_stack(data_dir, models, scheduler={"policy": {"require_e2e": True}})
+    settings = {"policy": {"require_e2e": True}} if scheduler is None else scheduler
+    stack = await start_stack(data_dir, models, scheduler=settings)
     session = aiohttp.ClientSession()
     client = SealedClient(stack.base_url, stack.token, state_path(data_dir / "user", stack.base_url), session)
 

@@ -6,75 +6,42 @@ lm-evaluation-harness relies on."""
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import httpx
 import openai
 import pytest
 import torch
 
-from hearth.proxy import SealedClient, state_path
-from hearth.proxy_server import serve
 from node.backends.transformers_backend import TransformersBackend
 from node.settings import ModelSettings
-from tests.support import LoopThread, Stack, start_stack, stop_stack, wait_for
+from tests.support import LoopThread, SealedStack, start_sealed_stack, stop_stack
 
 MODEL = "hearth-demo"
 HELLO = [{"role": "user", "content": "Hello there"}]
 
 
-@dataclass
-class Env:
-    stack: Stack
-    proxy_url: str = ""
-
-
 @pytest.fixture(scope="module")
 def env(
     servers: LoopThread, demo_model: ModelSettings, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Env]:
+) -> Iterator[SealedStack]:
+    """The demo model's stack, plaintext allowed, and `hearth proxy` in front of it (``env.url``)."""
     data = tmp_path_factory.mktemp("logprobs")
     policy = data / "policies.toml"
     policy.write_text("[groups.default]\ntokens_per_day = 100000000\n", encoding="utf-8")
-
-    async def start() -> Env:
-        stack = await start_stack(data, [demo_model], scheduler={"policy_file": policy})
-        session = aiohttp.ClientSession()
-        client = SealedClient(stack.base_url, stack.token, state_path(data / "user", stack.base_url), session)
-
-        async def has_keys() -> bool:
-            await client.refresh(force=True)
-            return stack.node_id in client.hints.get(MODEL, [])
-
-        await wait_for(has_keys, within=60, interval=0.2)
-        runner, url = await serve(client, "127.0.0.1", 0)
-        stack.runners.insert(0, runner)
-        stack.tasks.append(asyncio.ensure_future(_close_later(session)))
-        return Env(stack, url + "/v1")
-
-    got = servers.call(start())
+    got = servers.call(start_sealed_stack(data, [demo_model], scheduler={"policy_file": policy}))
     yield got
     servers.call(stop_stack(got.stack))
 
 
-async def _close_later(session: aiohttp.ClientSession) -> None:
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await session.close()
-
-
 @pytest.fixture(params=["plain", "sealed"])
-def client(env: Env, request: pytest.FixtureRequest) -> openai.OpenAI:
+def client(env: SealedStack, request: pytest.FixtureRequest) -> openai.OpenAI:
     if request.param == "plain":
         return openai.OpenAI(base_url=env.stack.api, api_key=env.stack.token, max_retries=0)
-    return openai.OpenAI(base_url=env.proxy_url, api_key="unused-locally", max_retries=0)
+    return openai.OpenAI(base_url=env.url, api_key="unused-locally", max_retries=0)
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +211,7 @@ REFUSED = [
 
 @pytest.mark.parametrize(("endpoint", "body", "param"), REFUSED)
 def test_fields_that_cannot_be_honoured_are_refused_naming_them(
-    env: Env, client: openai.OpenAI, endpoint: str, body: dict[str, Any], param: str
+    env: SealedStack, client: openai.OpenAI, endpoint: str, body: dict[str, Any], param: str
 ) -> None:
     base: dict[str, Any] = (
         {"model": MODEL, "messages": HELLO} if endpoint == "chat" else {"model": MODEL, "prompt": "Hi"}

@@ -7,7 +7,6 @@ generations must equal what Hearth answers the same request with the `openai` cl
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import os
@@ -15,20 +14,16 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import openai
 import pytest
 import torch
 
-from hearth.proxy import SealedClient, state_path
-from hearth.proxy_server import serve
 from node.backends.transformers_backend import TransformersBackend
 from node.settings import ModelSettings
-from tests.support import LoopThread, Stack, start_stack, stop_stack, wait_for
+from tests.support import LoopThread, SealedStack, start_sealed_stack, stop_stack
 
 MODEL = "hearth-demo"
 EVALUATION = Path(__file__).resolve().parent.parent / "docs" / "evaluation.md"
@@ -50,43 +45,14 @@ QUESTIONS = [
 ]
 
 
-@dataclass
-class Env:
-    stack: Stack
-    proxy_url: str = ""
-
-
 @pytest.fixture(scope="module")
 def env(
     servers: LoopThread, demo_model: ModelSettings, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Env]:
-    data = tmp_path_factory.mktemp("lm-eval")
-
-    async def start() -> Env:
-        stack = await start_stack(data, [demo_model])
-        session = aiohttp.ClientSession()
-        client = SealedClient(stack.base_url, stack.token, state_path(data / "user", stack.base_url), session)
-
-        async def has_keys() -> bool:
-            await client.refresh(force=True)
-            return stack.node_id in client.hints.get(MODEL, [])
-
-        await wait_for(has_keys, within=60, interval=0.2)
-        runner, url = await serve(client, "127.0.0.1", 0)
-        stack.runners.insert(0, runner)
-        stack.tasks.append(asyncio.ensure_future(_close_later(session)))
-        return Env(stack, url)
-
-    got = servers.call(start())
+) -> Iterator[SealedStack]:
+    """The demo model's stack, plaintext allowed, and `hearth proxy` in front of it."""
+    got = servers.call(start_sealed_stack(tmp_path_factory.mktemp("lm-eval"), [demo_model], scheduler={}))
     yield got
     servers.call(stop_stack(got.stack))
-
-
-async def _close_later(session: aiohttp.ClientSession) -> None:
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await session.close()
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +154,7 @@ MULTIPLE_CHOICE = (
 )
 @pytest.mark.usefixtures("offline")
 def test_multiple_choice_loglikelihoods_equal_the_models_own(
-    env: Env,
+    env: SealedStack,
     model: TransformersBackend,
     demo_model_dir: Path,
     tmp_path: Path,
@@ -200,7 +166,7 @@ def test_multiple_choice_loglikelihoods_equal_the_models_own(
     """batch_size 4: lm-eval sends several answers' token ids in one request, one choice each."""
     rows = with_greedy_choice(model)
     folder = write_task(tmp_path / "tasks", "hearth_mc", rows, MULTIPLE_CHOICE)
-    base = env.stack.base_url if route == "plain" else env.proxy_url
+    base = env.stack.base_url if route == "plain" else env.url.removesuffix("/v1")
     # The key lm-eval sends with generation requests; through the proxy none: the proxy holds the token.
     if route == "plain":
         monkeypatch.setenv("OPENAI_API_KEY", env.stack.token)
@@ -252,10 +218,10 @@ GENERATE = (
 @pytest.mark.parametrize("route", ["plain", "sealed"])
 @pytest.mark.usefixtures("offline")
 def test_generate_until_through_chat_completions_answers_as_hearth_does(
-    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, route: str
+    env: SealedStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, route: str
 ) -> None:
     folder = write_task(tmp_path / "tasks", "hearth_gen", QUESTIONS, GENERATE)
-    base = env.stack.base_url if route == "plain" else env.proxy_url
+    base = env.stack.base_url if route == "plain" else env.url.removesuffix("/v1")
     key = env.stack.token if route == "plain" else "unused-locally"
     if route == "plain":
         monkeypatch.setenv("OPENAI_API_KEY", key)
@@ -288,7 +254,7 @@ def test_generate_until_through_chat_completions_answers_as_hearth_does(
 
 @pytest.mark.usefixtures("offline")
 def test_generate_until_through_completions_answers_as_hearth_does(
-    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    env: SealedStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     folder = write_task(tmp_path / "tasks", "hearth_gen", QUESTIONS, GENERATE)
     monkeypatch.setenv("OPENAI_API_KEY", env.stack.token)
@@ -320,7 +286,7 @@ def doc_blocks(lang: str) -> list[str]:
 
 @pytest.mark.usefixtures("offline")
 def test_the_offline_example_in_the_docs_runs_as_written(
-    env: Env, model: TransformersBackend, tmp_path: Path
+    env: SealedStack, model: TransformersBackend, tmp_path: Path
 ) -> None:
     """docs/evaluation.md's own task, JSONL and `lm-eval run` command, in a shell, against the stack."""
     rows = [json.loads(line) for line in doc_blocks("json")[-1].splitlines()]
