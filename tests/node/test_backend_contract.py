@@ -84,8 +84,9 @@ async def test_cancel_all_and_stop_end_every_job_with_a_final_delta(own: Transfo
     prompt = reference.encode(PROMPT, add_special_tokens=True)
     long = SamplingParams(max_new_tokens=1500, temperature=0.0, ignore_eos=True)
     jobs = [runner.submit(prompt, long, []) for _ in range(5)]  # two run, three wait
-    first = await jobs[0].next_deltas()
-    assert first[-1].finish_reason is None
+    # Both running ones have begun (under load the second may be admitted a moment after the first).
+    for job in jobs[:2]:
+        assert (await job.next_deltas())[-1].finish_reason is None
     runner.cancel_all()
     ends = [await _last(job) for job in jobs]
     assert {d.finish_reason for d in ends} == {"cancelled"}
