@@ -58,7 +58,11 @@ def stack(
     servers: LoopThread, demo_model: ModelSettings, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
     """One node serving the demo model behind one scheduler, shared by the API tests."""
-    s = servers.call(start_stack(tmp_path_factory.mktemp("stack"), [demo_model]))
+    # A generous node timeout: this stack lives through the whole run, beside tests that keep both cores busy
+    # for seconds (in-process evaluations), and a heartbeat late by two seconds would refuse the next request.
+    s = servers.call(
+        start_stack(tmp_path_factory.mktemp("stack"), [demo_model], scheduler={"node_timeout": 15.0})
+    )
     yield s
     servers.call(stop_stack(s))
 
