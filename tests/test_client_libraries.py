@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field
 
 from node.settings import ModelSettings
 from tests.support import LoopThread, SealedStack, Stack, start_sealed_stack, stop_stack
+from tests.test_structured_api import WEATHER  # the same get_weather tool, as OpenAI's JSON
 
 # LiteLLM fetches its model-cost map from GitHub at import unless told to use its bundled copy.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -201,22 +202,6 @@ def test_langchain_streams_a_tool_call_it_can_assemble(endpoint: tuple[str, str]
 
 # ----- LiteLLM -----
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"enum": ["Paris", "Oslo"]},
-                "days": {"type": "integer", "minimum": 1, "maximum": 7},
-            },
-            "required": ["city", "days"],
-            "additionalProperties": False,
-        },
-    },
-}
 PARAMETERS = WEATHER["function"]["parameters"]  # type: ignore[index]
 
 
