@@ -46,10 +46,11 @@ from node.keys import NodeKeys, ReplayMemory
 from node.metrics import NodeMetrics
 from node.openai_format import ResponseWriter
 from node.owner import OwnerFirst
-from node.plain import Resume, plain_job
+from node.plain import plain_job
 from node.pool import BackendLoader, ModelPool
 from node.prepare import prepare_choices
 from node.receipts import Receipts
+from node.resume import Resume
 from node.sealed import SealedFrames, SealedJob, open_job
 from node.settings import ModelSettings, NodeSettings
 from node.tool_calls import response_writer
@@ -425,7 +426,7 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
         opening = functools.partial(open_job, raw, node_id=node_id, keys=state.keys, replay=state.replay)
         sealed = opening() if len(raw) <= INLINE_OPEN_BYTES else await asyncio.to_thread(opening)
         request_id, req, job_id = sealed.request_id, sealed.request, sealed.job_id
-        resume, rules = Resume(sealed.sent_text, sealed.created), sealed.rules
+        resume, rules = sealed.resume, sealed.rules
         if sealed.start_seq:
             log.info("resuming a sealed answer another node began (%d frames sent)", sealed.start_seq)
     else:
@@ -476,6 +477,8 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
         logprobs=req.top_count is not None,
         echo=echoes(req, prepared, runner.backend.decode),
     )  # fmt: skip
+    if resume.began:
+        writer.resume(resume)
     response = web.StreamResponse(headers={"Content-Type": frames.MEDIA_TYPE})
     # Each prompt once, however many samples of it run (as OpenAI counts usage).
     prompt_tokens = sum(len(p.prompt_ids) for p in prepared[:: req.n]) - prepared[0].resumed_tokens

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from node.resume import Resume
 from node.runner import TokenLogprob
 from protocol.schemas import Endpoint
 
@@ -100,6 +101,11 @@ class ResponseWriter:
                 self._event([self._choice("", None, role=True, index=i)]) for i in range(len(self._choices))
             )
         return b""
+
+    def resume(self, sent: Resume) -> None:
+        """Go on from what the client has of the answer (blind failover: one choice, streamed, no echo),
+        saying nothing of it again."""
+        self._choices[0].offset = len(sent.text)  # completions' text_offset counts from the answer's start
 
     def delta(
         self, text: str, index: int = 0, logprobs: Sequence[TokenLogprob] = (),

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from node.backends.base import CacheScope
+from node.resume import Resume, said
 from node.rules import parse_rules
-from node.sealed import said
 from protocol.envelope import JOB_KINDS, EnvelopeError
 from protocol.errors import InvalidRequest
 from protocol.rules import JobRules
@@ -25,19 +25,6 @@ from protocol.web import parse_json
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _CACHE_SCOPE = re.compile(r"^[0-9a-f]{32}$")
-
-
-@dataclass(frozen=True)
-class Resume:
-    """What the client has of an answer another node began: its text and the stream's "created" time."""
-
-    text: str = ""
-    created: int | None = None
-
-    @property
-    def began(self) -> bool:
-        """The client has the stream's first event (the role) already; keepalives alone do not count."""
-        return self.created is not None
 
 
 @dataclass(frozen=True)
@@ -74,7 +61,7 @@ def plain_job(raw: bytes) -> PlainJob:
             raise InvalidRequest("resume is the text of a streamed answer's events so far")
         kind: Endpoint = "chat" if isinstance(req, ChatCompletionRequest) else "completion"
         try:
-            resume = Resume(*said(body["resume"].encode(), kind))
+            resume = said(body["resume"].encode(), kind)
         except EnvelopeError:
             raise InvalidRequest("resume is not the events of an answer") from None
     return PlainJob(endpoint, request_id, req, job_id, cache, resume, rules)

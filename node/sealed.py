@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from node.keys import NodeKeys, ReplayMemory
+from node.resume import Resume, said
 from node.rules import parse_rules
 from protocol import frames
 from protocol.envelope import (
@@ -49,15 +50,9 @@ class SealedJob:
     request: ChatCompletionRequest | CompletionRequest | TokenizerRequest
     seed: bytes
     start_seq: int  # frames the user has received already (from the candidate this one replaces)
-    sent_text: str  # what those frames said
-    created: int | None  # the "created" time the stream so far carried
+    resume: Resume  # what those frames said
     job_id: str  # the scheduler's id of this job (usage receipts)
     rules: JobRules | None = None  # the user's group's (node.rules)
-
-    @property
-    def began(self) -> bool:
-        """The user has the stream's first event (the role) already; keepalives alone do not count."""
-        return self.created is not None
 
 
 def open_job(raw: bytes, *, node_id: str, keys: NodeKeys, replay: ReplayMemory) -> SealedJob:
@@ -91,18 +86,18 @@ def open_job(raw: bytes, *, node_id: str, keys: NodeKeys, replay: ReplayMemory) 
     )  # fmt: skip
     if req.model != header.model or max_tokens != header.max_tokens or stream != header.stream:
         raise EnvelopeError()
-    start, text, created = 0, "", None
+    start, resume = 0, Resume()
     if doc["resume"] is not None:
         if isinstance(req, TOKENIZER_REQUESTS):
             raise EnvelopeError()  # nothing to resume: its answer is one frame
-        start, text, created = _resume(doc["resume"], seed, header.request_id, header.endpoint)
+        start, resume = _resume(doc["resume"], seed, header.request_id, header.endpoint)
     return SealedJob(
         header.endpoint,
-        header.request_id, req, seed, start, text, created, doc["job_id"], rules,
+        header.request_id, req, seed, start, resume, doc["job_id"], rules,
     )  # fmt: skip
 
 
-def _resume(doc: Any, seed: bytes, request_id: str, endpoint: str) -> tuple[int, str, int | None]:
+def _resume(doc: Any, seed: bytes, request_id: str, endpoint: str) -> tuple[int, Resume]:
     """Open what earlier candidates streamed: segments of frames, each sealed by the node named."""
     if not isinstance(doc, list) or not 1 <= len(doc) <= MAX_CANDIDATES:
         raise EnvelopeError()
@@ -128,29 +123,7 @@ def _resume(doc: Any, seed: bytes, request_id: str, endpoint: str) -> tuple[int,
                 payload += opener.open(b64d(frame), final=False)
             except ProtocolError:
                 raise EnvelopeError() from None
-    return count, *said(bytes(payload), endpoint)
-
-
-def said(stream: bytes, endpoint: str) -> tuple[str, int | None]:
-    """The text (and the "created" time) of the SSE events a node streamed before it failed; EnvelopeError
-    when they are not such events."""
-    text: list[str] = []
-    created = None
-    for event in stream.split(b"\n\n"):
-        if not event.startswith(b"data: {"):
-            continue  # keepalive comments, [DONE]
-        try:
-            chunk = json.loads(event[6:])
-            choice = chunk["choices"][0] if chunk["choices"] else None
-            created = created if created is not None else int(chunk["created"])
-        except (ValueError, KeyError, TypeError, IndexError):
-            raise EnvelopeError() from None
-        if choice is None:
-            continue
-        piece = choice.get("delta", {}).get("content") if endpoint == "chat" else choice.get("text")
-        if isinstance(piece, str):
-            text.append(piece)
-    return "".join(text), created
+    return count, said(bytes(payload), endpoint)
 
 
 class SealedFrames:

@@ -17,6 +17,7 @@ from typing import Any
 
 from node.constrain import CALL_CLOSE, CALL_OPEN
 from node.openai_format import ResponseWriter
+from node.resume import Resume
 from node.runner import TokenLogprob
 from protocol.schemas import ChatCompletionRequest, CompletionRequest, Endpoint
 
@@ -64,7 +65,8 @@ class _Scan:
 
 class ToolCallReader:
     """Reads an answer as it grows: plain content, or tool calls. Each ``push`` returns the events it
-    completes: ``("content", text)``, ``("open", call)``, ``("arguments", fragment)``."""
+    completes: ``("content", text)``, ``("open", (index, call))``, ``("arguments", (index, fragment))``,
+    ``index`` being the call's place in the answer (one push may complete several calls)."""
 
     def __init__(self) -> None:
         self.mode: str | None = None  # "content" or "calls", once the first characters tell
@@ -107,7 +109,7 @@ class ToolCallReader:
                     break  # its head is still arriving
                 call = Call(f"call_{secrets.token_hex(12)}", head.group(1))
                 self.calls.append(call)
-                events.append(("open", call))
+                events.append(("open", (len(self.calls) - 1, call)))
                 self._pending = rest[head.end() :]
                 self._scan = _Scan()
             else:
@@ -115,7 +117,7 @@ class ToolCallReader:
                 fragment, self._pending = self._pending[:n], self._pending[n:]
                 if fragment:
                     self.calls[-1].arguments.append(fragment)
-                    events.append(("arguments", fragment))
+                    events.append(("arguments", (len(self.calls) - 1, fragment)))
                 if self._scan.done:
                     self._scan, self._closing = None, "}" + CALL_CLOSE
         return events
@@ -138,6 +140,15 @@ class ToolResponseWriter(ResponseWriter):
         super().__init__(endpoint, **kwargs)
         self._readers = [ToolCallReader() for _ in self._choices]
 
+    def resume(self, sent: Resume) -> None:
+        # The reader takes the answer so far as if it had just been generated, and its calls keep the ids
+        # the client has (the events it makes were sent by the node this one replaces).
+        super().resume(sent)
+        reader = self._readers[0]
+        reader.push(sent.text)
+        for call, known in zip(reader.calls, sent.calls, strict=False):
+            call.id = known.id
+
     def delta(
         self, text: str, index: int = 0, logprobs: Sequence[TokenLogprob] = (),
         prompt: Sequence[TokenLogprob] | None = None,
@@ -149,17 +160,18 @@ class ToolResponseWriter(ResponseWriter):
         self, index: int, events: list[tuple[str, Any]], logprobs: Sequence[TokenLogprob] = ()
     ) -> bytes:
         out = b""
-        reader = self._readers[index]
         for kind, value in events:
             if kind == "content":
                 out += super().delta(value, index, logprobs)
                 logprobs = ()
             elif self.stream and kind == "open":
-                call = {"index": len(reader.calls) - 1, "id": value.id, "type": "function",
-                        "function": {"name": value.name, "arguments": ""}}  # fmt: skip
+                at, opened = value
+                call = {"index": at, "id": opened.id, "type": "function",
+                        "function": {"name": opened.name, "arguments": ""}}  # fmt: skip
                 out += self._event([{"index": index, "delta": {"tool_calls": [call]}, "finish_reason": None}])
             elif self.stream and kind == "arguments":
-                call = {"index": len(reader.calls) - 1, "function": {"arguments": value}}
+                at, fragment = value
+                call = {"index": at, "function": {"arguments": fragment}}
                 out += self._event([{"index": index, "delta": {"tool_calls": [call]}, "finish_reason": None}])
         return out
 

@@ -46,7 +46,7 @@ def test_a_fresh_job_opens(node: tuple[NodeKeys, ReplayMemory]) -> None:
     keys, replay = node
     raw, _ = _job(keys, BODY)
     job = open_job(raw, node_id="gpu-1", keys=keys, replay=replay)
-    assert job.request.model == "m" and job.start_seq == 0 and not job.began
+    assert job.request.model == "m" and job.start_seq == 0 and not job.resume.began
 
 
 @pytest.mark.parametrize(
@@ -83,7 +83,7 @@ def test_a_resume_gives_the_text_already_sent_and_goes_on_numbering(
     doc = json.loads(raw)
     doc["resume"] = resume
     job = open_job(json.dumps(doc).encode(), node_id="gpu-1", keys=keys, replay=replay)
-    assert (job.start_seq, job.sent_text, job.created, job.began) == (3, "Hello", 123, True)
+    assert (job.start_seq, job.resume.text, job.resume.created, job.resume.began) == (3, "Hello", 123, True)
 
 
 def test_a_resume_of_keepalives_only_has_not_begun(node: tuple[NodeKeys, ReplayMemory]) -> None:
@@ -92,7 +92,7 @@ def test_a_resume_of_keepalives_only_has_not_begun(node: tuple[NodeKeys, ReplayM
     doc = json.loads(raw)
     doc["resume"] = [{"node_id": "gpu-0", "frames": _frames(seed, raw, [b": keepalive\n\n"] * 2)}]
     job = open_job(json.dumps(doc).encode(), node_id="gpu-1", keys=keys, replay=replay)
-    assert job.start_seq == 2 and not job.began, "the replacement must still send the role event"
+    assert job.start_seq == 2 and not job.resume.began, "the replacement must still send the role event"
 
 
 def test_a_resume_with_a_damaged_frame_is_refused(node: tuple[NodeKeys, ReplayMemory]) -> None:

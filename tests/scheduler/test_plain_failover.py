@@ -16,11 +16,13 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from node.resume import Resume
 from node.sealed import _resume
 from protocol.directory import KeyStatement, key_id
 from protocol.envelope import from_wire, open_request, public_key_bytes
@@ -80,6 +82,8 @@ def _serving(stack: Stack) -> str:
         ("remote", "chat"),  # loopback nodes get plaintext, and the replacement the events as they are
         ("remote", "completion"),  # the same for plain completions
         ("always", "chat"),  # sealed by the scheduler: the replacement opens the events under the same seed
+        ("remote", "tools"),  # a streamed tool call cut mid-arguments: the replacement finishes the call
+        ("always", "tools"),  # the same, sealed
     ],
     indirect=["pair"],
 )
@@ -87,12 +91,15 @@ def test_a_plaintext_stream_survives_its_node_being_killed(
     pair: tuple[Stack, dict[str, subprocess.Popen[str]]], endpoint: str
 ) -> None:
     stack, procs = pair
-    if endpoint == "chat":
-        path, body = "/chat/completions", {"messages": [{"role": "user", "content": "go on"}]}
-    else:
+    if endpoint == "completion":
         path, body = "/completions", {"prompt": "Once upon a time"}
+    else:
+        path, body = "/chat/completions", {"messages": [{"role": "user", "content": "go on"}]}
     body |= {"model": "hearth-demo", "max_tokens": MAX_TOKENS, "ignore_eos": True, "stream": True,
              "stream_options": {"include_usage": True}}  # fmt: skip
+    if endpoint == "tools":
+        # A call longer than max_tokens (200 words at least), so the kill lands within its arguments.
+        body |= {"tools": [WORDS], "tool_choice": "required"}
     events: list[str] = []
     with httpx.stream(
         "POST", stack.api + path, json=body, timeout=120, headers={"Authorization": f"Bearer {stack.token}"}
@@ -109,8 +116,10 @@ def test_a_plaintext_stream_survives_its_node_being_killed(
     assert not [c for c in chunks if "error" in c], "no error event"
     assert len({c["id"] for c in chunks}) == 1, "one answer"
     choices = [c["choices"][0] for c in chunks if c["choices"]]
-    if endpoint == "chat":
+    if endpoint != "completion":
         assert sum(1 for ch in choices if ch["delta"].get("role")) == 1, "one role event"
+    if endpoint == "tools":
+        _assert_one_call(choices)
     finishes = [ch["finish_reason"] for ch in choices if ch.get("finish_reason")]
     assert finishes == ["length"]
     usage = chunks[-1]["usage"]
@@ -118,6 +127,31 @@ def test_a_plaintext_stream_survives_its_node_being_killed(
     assert usage["completion_tokens"] == MAX_TOKENS
     survivor = ({"n1", "n2"} - {victim}).pop()
     assert stack.snapshot().nodes and any(n.node_id == survivor and n.healthy for n in stack.snapshot().nodes)
+
+
+WORDS = {"type": "function", "function": {"name": "words", "parameters": {
+    "type": "object", "properties": {"words": {"type": "array", "items": {"type": "string", "maxLength": 8},
+                                               "minItems": 200}},
+    "required": ["words"], "additionalProperties": False}}}  # fmt: skip
+
+
+def _assert_one_call(choices: list[dict[str, Any]]) -> None:
+    """The client saw one call, opened once under one id, whose arguments (cut by max_tokens) are one
+    JSON document so far: nothing the killed node sent is repeated or lost at the seam."""
+    parts = [p for ch in choices for p in ch["delta"].get("tool_calls", ())]
+    assert not [ch for ch in choices if ch["delta"].get("content")]
+    opened = [p for p in parts if "id" in p]
+    assert len(opened) == 1 and opened[0]["function"]["name"] == "words"
+    assert {p["index"] for p in parts} == {0}
+    arguments = "".join(p["function"]["arguments"] for p in parts)
+    closed = []
+    for tail in ("]}", '"]}', '""]}'):
+        try:
+            closed.append(json.loads(arguments + tail))
+        except ValueError:
+            continue
+    assert len(closed) == 1, arguments
+    assert all(isinstance(w, str) and len(w) <= 8 for w in closed[0]["words"])
 
 
 def test_a_resumed_answer_is_sealed_to_the_node_it_goes_to_and_opens_there() -> None:
@@ -143,7 +177,7 @@ def test_a_resumed_answer_is_sealed_to_the_node_it_goes_to_and_opens_there() -> 
             from_wire(doc["envelope"]), node_id="n2", keys={key.key_id: private}, now=now
         )
         assert body == request
-        assert _resume(doc["resume"], seed, "req1", "chat") == (1, "Hello", 5)
+        assert _resume(doc["resume"], seed, "req1", "chat") == (1, Resume("Hello", 5))
         assert unsealer._opener.seq == 1  # the scheduler opens n2's own frames from there on
         seeds.append(seed)
     assert seeds[0] != seeds[1]
