@@ -167,11 +167,11 @@ def request_constraint(
     grammar = build_grammar(req)
 
     def check() -> None:
-        fmt = req.response_format
-        if isinstance(fmt, ResponseFormatJsonSchema):
-            grammars.check_schema(fmt.json_schema.schema_, "response_format.json_schema.schema")
+        schema = _answer_schema(req)
+        if schema is not None:
+            grammars.check_schema(schema, "response_format.json_schema.schema")
         for i, tool in enumerate(req.tools or ()):
-            grammars.check_schema(_parameters(tool.function.parameters), f"tools.{i}.function.parameters")
+            grammars.check_schema(_arguments(tool.function), f"tools.{i}.function.parameters")
 
     factory = grammars.constraint(grammar, check=check)
     if not resumed:
@@ -209,11 +209,18 @@ def build_grammar(req: ChatCompletionRequest) -> str:
 
 
 def _answer_rule(req: ChatCompletionRequest) -> str | None:
+    schema = _answer_schema(req)
+    return None if schema is None else _inline(schema)
+
+
+def _answer_schema(req: ChatCompletionRequest) -> dict[str, Any] | None:
+    """The schema the answer is held to (response_format), as enforced; None: free text."""
     fmt = req.response_format
     if isinstance(fmt, ResponseFormatJsonObject):
-        return _inline({"type": "object"})
+        return {"type": "object"}
     if isinstance(fmt, ResponseFormatJsonSchema):
-        return _inline(fmt.json_schema.schema_)
+        schema = fmt.json_schema.schema_
+        return closed(schema) if fmt.json_schema.strict else schema
     return None
 
 
@@ -222,7 +229,7 @@ def _call_schema(functions: Sequence[Any]) -> dict[str, Any]:
     variants = [
         {
             "type": "object",
-            "properties": {"name": {"const": f.name}, "arguments": _parameters(f.parameters)},
+            "properties": {"name": {"const": f.name}, "arguments": _arguments(f)},
             "required": ["name", "arguments"],
             "additionalProperties": False,
         }
@@ -231,11 +238,50 @@ def _call_schema(functions: Sequence[Any]) -> dict[str, Any]:
     return variants[0] if len(variants) == 1 else {"anyOf": variants}
 
 
+def _arguments(function: Any) -> dict[str, Any]:
+    parameters = _parameters(function.parameters)
+    return closed(parameters) if function.strict else parameters
+
+
 def _parameters(parameters: dict[str, Any] | None) -> dict[str, Any]:
     # No parameters: a function that takes none (OpenAI's reading), so "{}".
     if not parameters:
         return {"type": "object", "properties": {}, "additionalProperties": False}
     return parameters
+
+
+# Keywords whose value is one subschema, or a list or a map of them.
+_ONE = ("items", "additionalProperties", "contains", "propertyNames", "unevaluatedProperties", "not", "if",
+        "then", "else")  # fmt: skip
+_LIST = ("prefixItems", "anyOf", "oneOf")
+_MAP = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def closed(schema: Any, *, member_of_all_of: bool = False) -> Any:
+    """``schema`` as ``strict: true`` reads it (OpenAI's strict mode): an object that does not say what
+    else it allows (no ``additionalProperties``, ``patternProperties`` or ``unevaluatedProperties``) allows
+    nothing else, so the answer has exactly the properties named. Members of an ``allOf`` stay as they are
+    (closing each would refuse what the others add); everything inside them is closed."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _ONE:
+        if key in out:
+            out[key] = closed(out[key])
+    for key in _LIST:
+        if isinstance(out.get(key), list):
+            out[key] = [closed(s) for s in out[key]]
+    if isinstance(out.get("allOf"), list):
+        out["allOf"] = [closed(s, member_of_all_of=True) for s in out["allOf"]]
+    for key in _MAP:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: closed(s) for name, s in out[key].items()}
+    kind = out.get("type")
+    is_object = kind == "object" or (isinstance(kind, list) and "object" in kind) or "properties" in out
+    says = {"additionalProperties", "patternProperties", "unevaluatedProperties", "allOf", "$ref"}
+    if is_object and not member_of_all_of and not says & set(out):
+        out["additionalProperties"] = False
+    return out
 
 
 def _inline(schema: dict[str, Any]) -> str:

@@ -275,7 +275,11 @@ class FunctionDefinition(BaseModel):
     parameters: JsonSchemaDoc | None = Field(
         default=None, description="The arguments' JSON Schema (an object); none means no arguments."
     )
-    strict: bool | None = Field(default=None, description="Accepted; the schema is always enforced.")
+    strict: bool | None = Field(
+        default=None,
+        description="The schema is always enforced; true also closes objects that allow nothing else "
+        "(additionalProperties false, as OpenAI's strict mode).",
+    )
 
 
 class Tool(BaseModel):
@@ -304,7 +308,11 @@ class JsonSchemaFormat(BaseModel):
     description: Text | None = None
     # Named schema_, as "schema" shadows a BaseModel attribute; the wire name stays "schema".
     schema_: JsonSchemaDoc = Field(default_factory=dict, alias="schema")
-    strict: bool | None = Field(default=None, description="Accepted; the schema is always enforced.")
+    strict: bool | None = Field(
+        default=None,
+        description="The schema is always enforced; true also closes objects that allow nothing else "
+        "(additionalProperties false, as OpenAI's strict mode).",
+    )
 
 
 class ResponseFormatText(BaseModel):

@@ -263,3 +263,55 @@ def test_an_answer_resumed_on_another_node_goes_on_under_its_grammar(backend: Tr
     factory = request_constraint(backend, req, backend.encode(sent, add_special_tokens=False))
     assert factory is not None
     jsonschema.validate(json.loads(sent + _answer(backend, factory, seed=3)), schema)
+
+
+# ----- strict: true -----
+
+OPEN = {"type": "object", "properties": {"a": {"type": "boolean"}, "n": {"type": "object", "properties": {
+    "b": {"type": "integer"}}}}, "required": ["a"]}  # fmt: skip
+
+
+def test_strict_closes_objects_that_do_not_say_what_else_they_allow() -> None:
+    from node.constrain import closed
+
+    got = closed({**OPEN, "$defs": {"d": {"type": "object"}}, "anyOf": [{"properties": {"x": {}}}]})
+    assert got["additionalProperties"] is False and got["properties"]["n"]["additionalProperties"] is False
+    assert got["$defs"]["d"]["additionalProperties"] is False
+    assert got["anyOf"][0]["additionalProperties"] is False
+    # allOf's members add up: they and the object around them stay open, what is inside them is closed.
+    got = closed(
+        {"type": "object", "allOf": [{"properties": {"y": {}}}, {"properties": {"z": {"type": "object"}}}]}
+    )
+    assert "additionalProperties" not in got and "additionalProperties" not in got["allOf"][0]
+    assert got["allOf"][1]["properties"]["z"]["additionalProperties"] is False
+    # What a schema says it allows stays allowed.
+    for says in ({"additionalProperties": True}, {"additionalProperties": {"type": "integer"}},
+                 {"patternProperties": {"^x": {}}}):  # fmt: skip
+        assert closed({**OPEN, **says}).get("additionalProperties") == says.get("additionalProperties")
+    assert closed(True) is True and OPEN.get("additionalProperties") is None, (
+        "the client's schema is untouched"
+    )
+
+
+@pytest.mark.parametrize("strict", [True, False, None])
+def test_under_strict_an_answer_has_only_the_properties_named(
+    backend: TransformersBackend, strict: bool | None
+) -> None:
+    fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": OPEN, "strict": strict}}
+    tool = {"type": "function", "function": {"name": "f", "parameters": OPEN, "strict": strict}}
+    for req, before in (
+        (_request(response_format=fmt), '{"a":true,"n":{"b":1}'),
+        (
+            _request(tools=[tool], tool_choice="required"),
+            '<tool_call>{"name":"f","arguments":{"a":true,"n":{"b":1}',
+        ),
+    ):
+        factory = grammars_for(backend).constraint(build_grammar(req))
+        constraint = factory()
+        for token in backend.encode(before, add_special_tokens=False):
+            constraint.advance(token)
+        allowed = constraint.allowed(backend.vocab_size)
+        (comma,) = backend.encode(",", add_special_tokens=False)
+        (close,) = backend.encode("}", add_special_tokens=False)
+        assert bool(allowed[close])
+        assert bool(allowed[comma]) is (not strict), "another property may follow only where not strict"
