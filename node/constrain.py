@@ -27,7 +27,12 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from protocol.errors import InvalidRequest
-from protocol.schemas import ChatCompletionRequest, ResponseFormatJsonObject, ResponseFormatJsonSchema
+from protocol.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ResponseFormatJsonObject,
+    ResponseFormatJsonSchema,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -155,13 +160,12 @@ def grammars_for(backend: object) -> Grammars:
 
 
 def request_constraint(
-    backend: object, req: ChatCompletionRequest, resumed: Sequence[int] = ()
+    backend: object, req: ChatCompletionRequest | CompletionRequest, resumed: Sequence[int] = ()
 ) -> ConstraintFactory | None:
-    """The constraint a chat request's answer runs under, or None (free text). ``resumed``: the tokens of
+    """The constraint a request's answer runs under, or None (free text). ``resumed``: the tokens of
     the answer another node began (failover), which each sequence's matcher follows before it starts."""
     answer = _answer_rule(req)
-    mode = req.tool_mode
-    if answer is None and mode == "none":
+    if answer is None and _tool_mode(req) == "none":
         return None
     grammars = grammars_for(backend)
     grammar = build_grammar(req)
@@ -170,7 +174,7 @@ def request_constraint(
         schema = _answer_schema(req)
         if schema is not None:
             grammars.check_schema(schema, "response_format.json_schema.schema")
-        for i, tool in enumerate(req.tools or ()):
+        for i, tool in enumerate(req.tools or () if isinstance(req, ChatCompletionRequest) else ()):
             grammars.check_schema(_arguments(tool.function), f"tools.{i}.function.parameters")
 
     factory = grammars.constraint(grammar, check=check)
@@ -186,12 +190,12 @@ def request_constraint(
     return after_resumed
 
 
-def build_grammar(req: ChatCompletionRequest) -> str:
+def build_grammar(req: ChatCompletionRequest | CompletionRequest) -> str:
     """The request's grammar (llguidance Lark): the answer's format, tool calls, or either."""
     answer = _answer_rule(req)
-    mode = req.tool_mode
+    mode = _tool_mode(req)
     lines: list[str] = []
-    if mode == "none":
+    if mode == "none" or not isinstance(req, ChatCompletionRequest):
         lines.append(f"start: {answer}")
     else:
         tools = [t for t in req.tools or () if mode in ("auto", "required") or t.function.name == mode]
@@ -208,12 +212,16 @@ def build_grammar(req: ChatCompletionRequest) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _answer_rule(req: ChatCompletionRequest) -> str | None:
+def _tool_mode(req: ChatCompletionRequest | CompletionRequest) -> str:
+    return req.tool_mode if isinstance(req, ChatCompletionRequest) else "none"  # completions take no tools
+
+
+def _answer_rule(req: ChatCompletionRequest | CompletionRequest) -> str | None:
     schema = _answer_schema(req)
     return None if schema is None else _inline(schema)
 
 
-def _answer_schema(req: ChatCompletionRequest) -> dict[str, Any] | None:
+def _answer_schema(req: ChatCompletionRequest | CompletionRequest) -> dict[str, Any] | None:
     """The schema the answer is held to (response_format), as enforced; None: free text."""
     fmt = req.response_format
     if isinstance(fmt, ResponseFormatJsonObject):

@@ -119,7 +119,7 @@ def prepare(
         logprobs=req.top_count,
         prompt_logprobs=isinstance(req, CompletionRequest) and bool(req.echo) and req.logprobs is not None,
         # The grammar of a structured answer or tool calls, compiled once per model (node.constrain).
-        constraint=request_constraint(backend, req, sent) if isinstance(req, ChatCompletionRequest) else None,
+        constraint=request_constraint(backend, req, sent),
     )
     return Prepared(prompt_ids, params, len(sent))
 

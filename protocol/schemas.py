@@ -481,6 +481,23 @@ class CompletionRequest(_Sampling):
         default=None, ge=1, le=MAX_CHOICES,
         description="Only equal to n (or absent): ranking more samples than are returned is not supported.",
     )  # fmt: skip
+    response_format: ResponseFormat | None = Field(
+        default=None,
+        description="As in chat completions (vLLM's extension; OpenAI's completions have none): the text "
+        "generated after the prompt is held to the format.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_tools(cls, data: Any) -> Any:
+        # A completion has no messages to carry calls and their results: tools would be silently ignored.
+        for name in ("tools", "tool_choice", "functions", "function_call"):
+            if isinstance(data, dict) and data.get(name) is not None:
+                raise InvalidRequest(
+                    f"invalid request: '{name}' is for /v1/chat/completions; a completion takes no tools",
+                    param=name,
+                )
+        return data
 
     @model_validator(mode="after")
     def _supported(self) -> CompletionRequest:

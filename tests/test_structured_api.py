@@ -221,6 +221,52 @@ def test_what_cannot_be_honoured_is_a_400_naming_the_field(
     assert error["param"] == param and says in error["message"], error
 
 
+# ----- completions -----
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_completions_hold_every_choice_to_the_schema(client: openai.OpenAI, stream: bool) -> None:
+    """vLLM's extension, which OpenAI's completions lack: what follows the prompt is held to the format,
+    for every prompt and sample (two prompts × n=2)."""
+    args: dict[str, Any] = {"extra_body": {"response_format": _json_schema("nested")}}
+    prompts = ["A record:", "Another one:"]
+    if stream:
+        texts = ["", "", "", ""]
+        for chunk in client.completions.create(
+            model=MODEL, prompt=prompts, n=2, max_tokens=ROOM, seed=6, stream=True, **args
+        ):
+            for choice in chunk.choices:
+                texts[choice.index] += choice.text
+    else:
+        r = client.completions.create(model=MODEL, prompt=prompts, n=2, max_tokens=ROOM, seed=6, **args)
+        assert {c.finish_reason for c in r.choices} == {"stop"}
+        texts = [c.text for c in sorted(r.choices, key=lambda c: c.index)]
+    assert len(texts) == 4
+    for text in texts:
+        jsonschema.validate(json.loads(text), SCHEMAS["nested"])
+
+
+def test_completions_echo_the_prompt_before_the_held_answer(client: openai.OpenAI) -> None:
+    r = client.completions.create(
+        model=MODEL, prompt="JSON:", echo=True, max_tokens=ROOM, seed=2,
+        extra_body={"response_format": {"type": "json_object"}, "temperature": 0.0},
+    )  # fmt: skip
+    text = r.choices[0].text
+    assert text.startswith("JSON:")
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(text.removeprefix("JSON:")), dict)
+
+
+@pytest.mark.parametrize("field", ["tools", "tool_choice", "functions", "function_call"])
+def test_completions_refuse_tools(client: openai.OpenAI, field: str) -> None:
+    value: Any = [WEATHER] if field in ("tools", "functions") else "auto"
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=4, extra_body={field: value})
+    error = refused.value.body
+    assert isinstance(error, dict)
+    assert error["param"] == field and "chat/completions" in error["message"], error
+
+
 # ----- tools -----
 
 
