@@ -358,11 +358,12 @@ class SealedClient:
             raise InvalidRequest("the request body is too large to seal")
         req = parse_request(endpoint, parse_json(body))
         return await self.send_sealed(
-            endpoint, body, model=req.model, max_tokens=req.requested_max_tokens, stream=req.stream
-        )
+            endpoint, body, model=req.model, max_tokens=req.requested_max_tokens, stream=req.stream,
+            choices=req.choices,
+        )  # fmt: skip
 
     async def send_sealed(
-        self, kind: str, body: bytes, *, model: str, max_tokens: int | None, stream: bool
+        self, kind: str, body: bytes, *, model: str, max_tokens: int | None, stream: bool, choices: int = 1
     ) -> Answer:
         """Seal a validated request of ``kind`` (protocol.envelope.JOB_KINDS) with the header given, and
         send it to its path; the answer, its plaintext payloads opened as they come."""
@@ -375,6 +376,7 @@ class SealedClient:
             sealing = functools.partial(
                 seal_request, body, endpoint=kind, model=model, max_tokens=max_tokens, stream=stream,
                 request_id=request_id, issued_at=int(time.time()), ttl_s=ENVELOPE_TTL_S, candidates=chosen,
+                choices=choices,
             )  # fmt: skip
             # A chat-sized body seals in ~0.2 ms per candidate, less than a thread hop; a big one in a thread.
             sealed, seed = sealing() if len(body) <= INLINE_SEAL_BYTES else await asyncio.to_thread(sealing)

@@ -81,10 +81,15 @@ def open_job(raw: bytes, *, node_id: str, keys: NodeKeys, replay: ReplayMemory) 
         raise EnvelopeError() from None
     req = parse_job_request(header.endpoint, parsed)
     # A tokenizer request generates nothing: its header names no max_tokens and no stream.
-    max_tokens, stream = (None, False) if isinstance(req, TOKENIZER_REQUESTS) else (
-        req.requested_max_tokens, req.stream
+    max_tokens, stream, choices = (None, False, 1) if isinstance(req, TOKENIZER_REQUESTS) else (
+        req.requested_max_tokens, req.stream, req.choices
     )  # fmt: skip
-    if req.model != header.model or max_tokens != header.max_tokens or stream != header.stream:
+    if (
+        req.model != header.model
+        or max_tokens != header.max_tokens
+        or stream != header.stream
+        or choices != header.choices
+    ):
         raise EnvelopeError()
     start, resume = 0, Resume()
     if doc["resume"] is not None:

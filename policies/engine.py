@@ -53,8 +53,8 @@ class Visible:
     # What the endpoint gives a request that names no max_tokens (completions: 16, as OpenAI); None: the
     # group's cap.
     default_max_tokens: int | None = None
-    # Answers the request asks for (n × prompts, where the scheduler can read it; a sealed request's node
-    # shares the reservation between its choices): each may be max_tokens long.
+    # Answers the request asks for (n × prompts; a sealed request's header says it, and its node checks
+    # that): each may be max_tokens long.
     choices: int = 1
     # False for the tokenizer endpoints (POST /tokenize …): they run no generation, so they count as a
     # request (rates, concurrency) and as no tokens (quotas, token rates).

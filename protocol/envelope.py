@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from protocol.errors import InvalidRequest, ProtocolError
 from protocol.identity import b64d, b64e, canonical
+from protocol.schemas import MAX_BATCH_CHOICES
 
 SUITE_ID = "hearth-e2e-v1"
 _SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.CHACHA20_POLY1305)
@@ -93,14 +94,20 @@ class Header:
     request_id: str
     issued_at: int
     expires_at: int
+    # The answers the body asks for (n × prompts), so the scheduler reserves quota for all of them. Absent
+    # on the wire when 1, so a header is what it was before the field existed.
+    choices: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         # By hand: dataclasses.asdict deep-copies field by field, ~0.1 ms here, on every request's path.
-        return {
+        out = {
             "endpoint": self.endpoint, "model": self.model, "max_tokens": self.max_tokens,
             "stream": self.stream, "bucket": self.bucket, "request_id": self.request_id,
             "issued_at": self.issued_at, "expires_at": self.expires_at,
         }  # fmt: skip
+        if self.choices != 1:
+            out["choices"] = self.choices
+        return out
 
     def canonical(self) -> bytes:
         return canonical(self.to_dict())
@@ -166,7 +173,7 @@ def _info(node_id: str, key_id: str, header_digest: bytes) -> bytes:
 
 def seal_request(
     body: bytes, *, endpoint: str, model: str, max_tokens: int | None, stream: bool, request_id: str,
-    issued_at: int, ttl_s: int, candidates: list[Candidate],
+    issued_at: int, ttl_s: int, candidates: list[Candidate], choices: int = 1,
 ) -> tuple[Sealed, bytes]:  # fmt: skip
     """Seal ``body`` for ``candidates``; returns the envelope and the response seed (the sender keeps it)."""
     if not 1 <= len(candidates) <= MAX_CANDIDATES or len({c.node_id for c in candidates}) != len(candidates):
@@ -175,7 +182,7 @@ def seal_request(
         raise InvalidRequest(f"an envelope lives 1 to {MAX_TTL_S} seconds")
     padded_size = bucket_for(len(body))
     header = Header(
-        endpoint, model, max_tokens, stream, padded_size, request_id, issued_at, issued_at + ttl_s
+        endpoint, model, max_tokens, stream, padded_size, request_id, issued_at, issued_at + ttl_s, choices
     )
     check_header(header)
     digest = header.digest()
@@ -257,6 +264,8 @@ def check_header(header: Header) -> None:
         and type(header.issued_at) is int
         and type(header.expires_at) is int
         and 0 <= header.issued_at < header.expires_at <= header.issued_at + MAX_TTL_S
+        and type(header.choices) is int
+        and 1 <= header.choices <= MAX_BATCH_CHOICES
     )
     if not ok:
         raise EnvelopeError()
@@ -295,7 +304,7 @@ def peek(doc: Any) -> tuple[Header, list[str]]:
     if not isinstance(doc, dict) or set(doc) != _ENVELOPE_FIELDS or doc["suite"] != SUITE_ID:
         raise EnvelopeError()
     head, wraps = doc["header"], doc["wraps"]
-    if not isinstance(head, dict) or set(head) != _HEADER_FIELDS:
+    if not isinstance(head, dict) or not _HEADER_FIELDS - {"choices"} <= set(head) <= _HEADER_FIELDS:
         raise EnvelopeError()
     header = Header(**head)
     check_header(header)

@@ -321,7 +321,7 @@ async def _admit_sealed(request: web.Request, endpoint: str) -> Admitted:
     prompt_tokens = 0 if tokens_only else header.bucket // BYTES_PER_TOKEN_GUESS
     visible = Visible(
         header.model, header.max_tokens, sealed=True, prompt_tokens=prompt_tokens, prompt_bound=header.bucket,
-        generates=not tokens_only,
+        generates=not tokens_only, choices=header.choices,
     )  # fmt: skip
     grant = request.app[ENFORCER].admit(token, visible, request_id)
     preq = PlacementRequest(

@@ -183,6 +183,17 @@ def test_n_choices_and_batched_prompts(client: openai.OpenAI) -> None:
     assert streamed == [ch.text for ch in c.choices]
 
 
+def test_every_choice_gets_all_of_max_tokens_under_a_token_quota(client: openai.OpenAI) -> None:
+    """The scheduler reserves quota for every choice, sealed too (the envelope's header counts them): no
+    choice is cut to a share of one answer's reservation. 3 × 600 tokens is more than one answer's
+    reservation holds (its 1 KiB prompt bound and 600)."""
+    r = client.chat.completions.create(
+        model=MODEL, messages=HELLO, max_tokens=600, n=3, seed=2, extra_body={"ignore_eos": True},  # type: ignore[arg-type]
+    )  # fmt: skip
+    assert [c.finish_reason for c in r.choices] == ["length"] * 3
+    assert r.usage is not None and r.usage.completion_tokens == 1800
+
+
 def test_logit_bias_forces_a_token(client: openai.OpenAI, model: TransformersBackend) -> None:
     token = model.encode(" zebra", add_special_tokens=False)[0]
     r = client.completions.create(

@@ -26,6 +26,7 @@ from node.templates import ChatTemplate, Message, resolve_template
 from protocol import frames
 from protocol.envelope import SEALED_JOB, Candidate, ResponseOpener, response_secret, seal_request, to_wire
 from protocol.identity import b64d
+from protocol.schemas import parse_request
 from tests.support import Stack
 
 COURSE = "You are the tutor of Biology 101. Explain, never write the student's essay."
@@ -114,6 +115,7 @@ def sealed_job(stack: Stack, endpoint: str, request: dict[str, Any]) -> tuple[di
         json.dumps(request).encode(), endpoint=endpoint, model=request["model"],
         max_tokens=request.get("max_tokens"), stream=bool(request.get("stream")), request_id=request_id,
         issued_at=int(time.time()), ttl_s=60, candidates=[_node_key(stack)],
+        choices=parse_request(endpoint, request).choices,
     )  # fmt: skip
     return {"envelope": to_wire(sealed), "resume": None, "job_id": "j1"}, seed, request_id
 
@@ -369,8 +371,8 @@ def test_context_fitting_keeps_the_course_prompt(stack: Stack, tokens: Tokens) -
 def test_choices_share_the_budget(
     stack: Stack, tokens: Tokens, n: int, prompts: int, left: int, each: int
 ) -> None:
-    # A sealed request's n and prompts are hidden from the scheduler, which reserves one answer: the node
-    # shares it between the choices rather than use more than was reserved.
+    # A budget smaller than the choices would use (a scheduler reserves for all of them, but a group's
+    # quota may have less left): the node shares it between the choices rather than use more.
     texts = ["Once upon", "Far away"][:prompts]
     read = sum(tokens.completion(t) for t in texts)
     request = completion(texts if prompts > 1 else texts[0], max_tokens=30, n=n, **GREEDY)

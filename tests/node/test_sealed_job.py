@@ -50,7 +50,8 @@ def test_a_fresh_job_opens(node: tuple[NodeKeys, ReplayMemory]) -> None:
 
 
 @pytest.mark.parametrize(
-    "header", [{"model": "other"}, {"max_tokens": 4000}, {"stream": False}, {"endpoint": "completion"}]
+    "header",
+    [{"model": "other"}, {"max_tokens": 4000}, {"stream": False}, {"endpoint": "completion"}, {"choices": 2}],
 )
 def test_a_header_that_lies_about_the_body_is_refused(
     node: tuple[NodeKeys, ReplayMemory], header: Any
@@ -103,3 +104,14 @@ def test_a_resume_with_a_damaged_frame_is_refused(node: tuple[NodeKeys, ReplayMe
     doc["resume"] = [{"node_id": "gpu-0", "frames": [frames[1], frames[0]]}]  # swapped
     with pytest.raises(EnvelopeError):
         open_job(json.dumps(doc).encode(), node_id="gpu-1", keys=keys, replay=replay)
+
+
+def test_a_header_must_count_the_bodys_choices(node: tuple[NodeKeys, ReplayMemory]) -> None:
+    """The scheduler reserves quota for the choices the header names: fewer than the body asks is refused."""
+    keys, replay = node
+    several = {**BODY, "n": 3}
+    raw, _ = _job(keys, several)  # choices 1 in the header
+    with pytest.raises(InvalidRequest):
+        open_job(raw, node_id="gpu-1", keys=keys, replay=replay)
+    raw, _ = _job(keys, several, choices=3)
+    assert open_job(raw, node_id="gpu-1", keys=keys, replay=replay).request.choices == 3

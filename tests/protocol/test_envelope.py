@@ -60,6 +60,14 @@ def test_every_candidate_opens_the_same_body_and_answers_with_its_own_secret() -
 def test_the_wire_form_round_trips() -> None:
     sealed, _ = seal()
     assert from_wire(to_wire(sealed)) == sealed
+    assert "choices" not in to_wire(sealed)["header"], "one choice: the header as before the field"
+    several, _ = seal(choices=6)
+    assert to_wire(several)["header"]["choices"] == 6 and from_wire(to_wire(several)) == several
+    for bad in (0, 65, True, "2"):
+        doc = to_wire(several)
+        doc["header"]["choices"] = bad
+        with pytest.raises(EnvelopeError):
+            from_wire(doc)
 
 
 # (what an attacker changes) → the node refuses before doing any work
@@ -69,6 +77,7 @@ TAMPERING = [
     ("max_tokens", lambda s: dataclasses.replace(s, header=dataclasses.replace(s.header, max_tokens=8000))),
     ("stream", lambda s: dataclasses.replace(s, header=dataclasses.replace(s.header, stream=False))),
     ("request id", lambda s: dataclasses.replace(s, header=dataclasses.replace(s.header, request_id="req2"))),
+    ("choices", lambda s: dataclasses.replace(s, header=dataclasses.replace(s.header, choices=2))),
     ("expiry", lambda s: dataclasses.replace(s, header=dataclasses.replace(s.header, expires_at=NOW + 10**6))),
     ("wrap moved to another node", lambda s: dataclasses.replace(
         s, wraps={**s.wraps, "n2": Wrap(s.wraps["n2"].key_id, s.wraps["n1"].data)})),
