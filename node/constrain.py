@@ -118,6 +118,9 @@ class Grammars:
         vocab, eos = self._tokenizer.vocab_size, self._eos
         return lambda: SequenceConstraint(compiled.deep_copy(), vocab, eos)
 
+    def token_bytes(self, token: int) -> bytes:
+        return bytes(self._tokenizer.decode_bytes([token]))
+
     def check_schema(self, schema: dict[str, Any], param: str) -> None:
         """Refuse a schema llguidance cannot enforce, naming the keywords (400, ``param``)."""
         import llguidance
@@ -157,6 +160,16 @@ def grammars_for(backend: object) -> Grammars:
         ) from None
     with _by_model_lock:
         return _by_model.setdefault(backend, made)
+
+
+def token_bytes(backend: object) -> Callable[[int], bytes] | None:
+    """Each token's own bytes (llguidance's reading of the model's tokenizer), or None where the tokenizer
+    cannot be read that way (or llguidance is missing)."""
+    try:
+        grammars = grammars_for(backend)
+    except InvalidRequest:
+        return None
+    return grammars.token_bytes
 
 
 def request_constraint(

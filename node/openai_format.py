@@ -204,11 +204,15 @@ class ResponseWriter:
 
 
 def _chat_entry(entry: TokenLogprob) -> dict[str, Any]:
+    top_raw = entry.top_raw or tuple(t.encode() for t, _ in entry.top)
     return {
         "token": entry.token,
         "logprob": entry.logprob,
-        "bytes": list(entry.token.encode()),
-        "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in entry.top],
+        "bytes": list(entry.raw if entry.raw is not None else entry.token.encode()),
+        "top_logprobs": [
+            {"token": t, "logprob": v, "bytes": list(raw)}
+            for (t, v), raw in zip(entry.top, top_raw, strict=True)
+        ],
     }
 
 

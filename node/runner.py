@@ -14,7 +14,7 @@ import collections
 import logging
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,6 +27,7 @@ from node.backends.base import (
     Scores,
     Sequential,
 )
+from node.constrain import token_bytes
 from node.textstream import IncrementalDecoder, StopMatcher
 from protocol.errors import Unavailable
 from protocol.web import log_unexpected
@@ -43,6 +44,11 @@ class TokenLogprob:
     token: str
     logprob: float | None
     top: tuple[tuple[str, float], ...] = ()
+    # The tokens' own bytes, where the tokenizer says them (a token that is part of a character decodes to
+    # U+FFFD alone; its bytes let a client join it with the next): ``raw`` the token's, ``top_raw`` those
+    # of ``top``, in order.
+    raw: bytes | None = None
+    top_raw: tuple[bytes, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +150,7 @@ class JobRunner:
         self._outbox: list[tuple[Job, Delta]] = []  # deltas of this iteration, handed over together
         self.started = 0
         self.skipped = 0
+        self._raw: Callable[[int], bytes] | Literal[False] | None = False  # not looked up yet
 
     @property
     def queued(self) -> int:
@@ -354,12 +361,26 @@ class JobRunner:
                     self._post(run.job, Delta("".join(parts), run.produced, None, scored, prompt))
 
     def _named(self, token: int, scores: Scores) -> TokenLogprob:
-        """Scores with tokens as text (each decoded alone, as OpenAI and vLLM show them)."""
+        """Scores with tokens as text (each decoded alone, as OpenAI and vLLM show them), and their bytes."""
         decode = self.backend.decode
-        return TokenLogprob(decode([token]), scores.logprob, tuple((decode([t]), v) for t, v in scores.top))
+        raw = self._token_bytes()
+        return TokenLogprob(
+            decode([token]), scores.logprob, tuple((decode([t]), v) for t, v in scores.top),
+            raw=None if raw is None else raw(token),
+            top_raw=None if raw is None else tuple(raw(t) for t, _ in scores.top),
+        )  # fmt: skip
+
+    def _token_bytes(self) -> Callable[[int], bytes] | None:
+        if self._raw is False:
+            self._raw = token_bytes(self.backend)  # once, on the first logprobs this model returns
+        return self._raw
 
     def _named_prompt(self, job: Job, scores: list[Scores]) -> tuple[TokenLogprob, ...]:
-        first = TokenLogprob(self.backend.decode(job.prompt_ids[:1]), None)
+        raw = self._token_bytes()
+        first_id = job.prompt_ids[:1]
+        first = TokenLogprob(
+            self.backend.decode(first_id), None, raw=None if raw is None or not first_id else raw(first_id[0])
+        )
         return (first, *(self._named(t, s) for t, s in zip(job.prompt_ids[1:], scores, strict=False)))
 
     def _end(

@@ -194,6 +194,24 @@ def test_every_choice_gets_all_of_max_tokens_under_a_token_quota(client: openai.
     assert r.usage is not None and r.usage.completion_tokens == 1800
 
 
+def test_a_token_that_is_part_of_a_character_says_its_own_bytes(
+    client: openai.OpenAI, model: TransformersBackend
+) -> None:
+    """The demo tokenizer spells "é" in two byte tokens; each decodes alone to U+FFFD, and ``bytes`` says
+    which byte it is, as OpenAI's do, so a client can join them."""
+    first, _ = model.encode("é", add_special_tokens=False)
+    assert model.decode([first]) == "\ufffd"
+    r = client.chat.completions.create(
+        model=MODEL, messages=HELLO, max_tokens=2, logprobs=True, top_logprobs=3,  # type: ignore[arg-type]
+        logit_bias={str(first): 100}, extra_body={"ignore_eos": True, "min_p": 0, "top_k": 0},
+    )  # fmt: skip
+    assert r.choices[0].logprobs is not None and r.choices[0].logprobs.content
+    entry = r.choices[0].logprobs.content[0]
+    assert (entry.token, entry.bytes) == ("\ufffd", list("é".encode()[:1]))
+    for top in entry.top_logprobs:
+        assert top.bytes is not None and bytes(top.bytes).decode(errors="replace") == top.token
+
+
 def test_logit_bias_forces_a_token(client: openai.OpenAI, model: TransformersBackend) -> None:
     token = model.encode(" zebra", add_special_tokens=False)[0]
     r = client.completions.create(
