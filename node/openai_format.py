@@ -89,10 +89,8 @@ class ResponseWriter:
             delta: dict[str, Any] = {"role": "assistant"} if role else {}
             if text is not None:
                 delta["content"] = text
-            choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": finish_reason}
-            if self.logprobs:
-                choice["logprobs"] = logprobs
-            return choice
+            # "logprobs" is always there, null unless asked for, as OpenAI sends it.
+            return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         return {"index": index, "text": text or "", "finish_reason": finish_reason, "logprobs": logprobs}
 
     def start(self) -> bytes:
@@ -189,14 +187,12 @@ class ResponseWriter:
         choice = self._choices[index]
         text = "".join(choice.parts)
         if self.endpoint == "chat":
-            out: dict[str, Any] = {
+            return {
                 "index": index,
                 "message": {"role": "assistant", "content": text},
+                "logprobs": {"content": choice.logprobs} if self.logprobs else None,
                 "finish_reason": choice.finish_reason,
             }
-            if self.logprobs:
-                out["logprobs"] = {"content": choice.logprobs}
-            return out
         legacy = choice.legacy
         if self.logprobs and legacy is None:
             legacy = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
