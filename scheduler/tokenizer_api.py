@@ -22,6 +22,7 @@ import time
 from aiohttp import web
 
 from policies import Visible
+from protocol.errors import PermissionDenied
 from protocol.tokenizer import default_model, parse_tokenizer_request
 from protocol.web import parse_json, read_body
 from scheduler import generation
@@ -67,9 +68,16 @@ async def _admit(request: web.Request, kind: str) -> Admitted:
             m.id
             for node in request.app[FEDERATION].registry.snapshot().nodes
             for m in node.models
-            if m.phase != "failed" and group.allows_model(m.id)
+            if m.phase != "failed"
         }
-        model = doc["model"] = default_model(served)
+        allowed = {m for m in served if group.allows_model(m)}
+        if served and not allowed:
+            # As a request naming one of them would be answered (policies: model_not_allowed).
+            raise PermissionDenied(
+                f"the {group.name} group may use none of the models served here now",
+                param="model", code="model_not_allowed",
+            )  # fmt: skip
+        model = doc["model"] = default_model(allowed)
     raw = json.dumps(doc, separators=(",", ":")).encode()
     request_id = secrets.token_hex(12)
     visible = Visible(model, None, sealed=False, generates=False)

@@ -501,9 +501,13 @@ def test_tokenizer_requests_meet_the_groups_models_and_request_rate(policed: Sta
     """POST /tokenize is held to the group's models and requests per minute, as generation is."""
     url = policed.base_url + "/tokenize"
     body = {"model": MODEL, "prompt": "Hello there"}
-    refused = httpx.post(url, json=body, headers=_auth(_token(policed, "elsewhere")), timeout=30)
+    elsewhere = _auth(_token(policed, "elsewhere"))
+    refused = httpx.post(url, json=body, headers=elsewhere, timeout=30)
     assert refused.status_code == 403
     assert refused.json()["error"]["code"] == "model_not_allowed"
+    # Naming no model, where the one served is not the group's: the same refusal, not "no model is served".
+    unnamed = httpx.post(url, json={"prompt": "Hello there"}, headers=elsewhere, timeout=30)
+    assert unnamed.status_code == 403 and unnamed.json()["error"]["code"] == "model_not_allowed"
     student = _auth(_token(policed, "students"))  # 3 requests per minute
     answers = [httpx.post(url, json=body, headers=student, timeout=30) for _ in range(4)]
     assert [a.status_code for a in answers] == [200, 200, 200, 429]
