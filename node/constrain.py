@@ -27,12 +27,8 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from protocol.errors import InvalidRequest
-from protocol.schemas import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    ResponseFormatJsonObject,
-    ResponseFormatJsonSchema,
-)
+from protocol.messages import ResponseFormatJsonObject, ResponseFormatJsonSchema
+from protocol.schemas import ChatCompletionRequest, CompletionRequest
 
 if TYPE_CHECKING:
     import torch

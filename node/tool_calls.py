@@ -166,14 +166,18 @@ class ToolResponseWriter(ResponseWriter):
                 logprobs = ()
             elif self.stream and kind == "open":
                 at, opened = value
-                call = {"index": at, "id": opened.id, "type": "function",
-                        "function": {"name": opened.name, "arguments": ""}}  # fmt: skip
-                out += self._event([{"index": index, "delta": {"tool_calls": [call]}, "finish_reason": None}])
+                function = {"name": opened.name, "arguments": ""}
+                out += self._call_delta(
+                    index, {"index": at, "id": opened.id, "type": "function", "function": function}
+                )
             elif self.stream and kind == "arguments":
                 at, fragment = value
-                call = {"index": at, "function": {"arguments": fragment}}
-                out += self._event([{"index": index, "delta": {"tool_calls": [call]}, "finish_reason": None}])
+                out += self._call_delta(index, {"index": at, "function": {"arguments": fragment}})
         return out
+
+    def _call_delta(self, index: int, call: dict[str, Any]) -> bytes:
+        choice = {"index": index, "delta": {"tool_calls": [call]}, "logprobs": None, "finish_reason": None}
+        return self._event([choice])
 
     def finish_choice(self, index: int, finish_reason: str) -> bytes:
         head = self._events(index, self._readers[index].finish())

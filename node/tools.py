@@ -21,7 +21,8 @@ from typing import Any
 
 from node.constrain import CALL_CLOSE, CALL_OPEN
 from node.templates import ChatTemplate, Message
-from protocol.schemas import ChatCompletionRequest, ChatMessage, Tool
+from protocol.messages import ChatMessage, Tool
+from protocol.schemas import ChatCompletionRequest
 
 _CALL_FORM = CALL_OPEN + '{"name": "<function name>", "arguments": {<the arguments>}}' + CALL_CLOSE
 

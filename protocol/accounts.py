@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat
 
 from protocol.federation import Tier
-from protocol.schemas import Text
+from protocol.messages import Text
 
 TokenScope = Literal["user", "admin"]
 TokenState = Literal["active", "revoked", "expired"]

@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -24,6 +23,15 @@ from pydantic import (
 )
 
 from protocol.errors import InvalidRequest
+from protocol.messages import (
+    MAX_TOOLS,
+    ChatMessage,
+    NamedToolChoice,
+    ResponseFormat,
+    Text,
+    Tool,
+    ToolChoice,
+)
 from protocol.validation import validation_error as validation_error
 
 MAX_MESSAGES = 2048
@@ -39,27 +47,13 @@ MAX_TOP_LOGPROBS = 20  # chat's top_logprobs
 MAX_COMPLETION_LOGPROBS = 5  # completions' logprobs (OpenAI's legacy limit)
 MAX_LOGIT_BIAS = 1024  # entries
 MAX_TOKEN_ID = 2**31 - 1
-MAX_TOOLS = 128  # OpenAI's limit on tools per request
-MAX_FUNCTION_NAME = 64
 
-
-def _valid_unicode(text: str) -> str:
-    # JSON escapes can smuggle lone surrogates ("\\ud800") that no tokenizer can encode.
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("text must be valid Unicode (it contains a lone surrogate)") from None
-    return text
-
-
-Text = Annotated[str, AfterValidator(_valid_unicode)]
 
 # Options Hearth accepts only in their "off" form: the document says so (each in JSON Schema's words, which
 # apply alongside the field's type), and the validators below refuse the rest with a clear message.
 
 Prompt = Annotated[Text, Field(min_length=1)]
 
-Role = Literal["system", "developer", "user", "assistant", "tool"]
 Truncation = Literal["auto", "disabled"]
 
 
@@ -67,82 +61,6 @@ class _Request(BaseModel):
     # Unknown fields are ignored as OpenAI does, so clients that send extra options keep working; the
     # options we cannot honour are declared below and refused explicitly instead of silently dropped.
     model_config = ConfigDict(extra="ignore", frozen=True)
-
-
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
-    type: Literal["text"]
-    text: Text
-
-
-# Content part types of OpenAI's API (and close relatives) that Hearth names when it refuses them; any other
-# type is refused without being quoted (it is the client's text).
-NON_TEXT_PARTS = frozenset(
-    {"image_url", "input_image", "image", "input_audio", "audio", "file", "input_file", "video", "refusal"}
-)
-
-
-class ToolCallFunction(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
-    name: str = Field(min_length=1, max_length=MAX_FUNCTION_NAME)
-    arguments: Text = Field(description="The arguments as the model wrote them: a JSON object, as a string.")
-
-
-class ToolCall(BaseModel):
-    """A call an assistant message made (in the history the client sends back)."""
-
-    model_config = ConfigDict(extra="ignore", frozen=True)
-    id: str = Field(min_length=1, max_length=256)
-    type: Literal["function"] = "function"
-    function: ToolCallFunction
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
-    role: Role
-    content: Text | list[TextPart] | None = None
-    name: str | None = Field(default=None, max_length=256)
-    tool_calls: list[ToolCall] | None = Field(
-        default=None, max_length=MAX_TOOLS, description="An assistant message's calls to tools."
-    )
-    tool_call_id: str | None = Field(
-        default=None, max_length=256, description="A tool message's answer to this call."
-    )
-
-    @model_validator(mode="after")
-    def _tool_fields(self) -> ChatMessage:
-        if self.tool_calls and self.role != "assistant":
-            raise ValueError("only assistant messages carry tool_calls")
-        if self.role == "tool" and not self.tool_call_id:
-            raise ValueError("a tool message needs the tool_call_id of the call it answers")
-        return self
-
-    @field_validator("content", mode="before")
-    @classmethod
-    def _text_only(cls, value: Any) -> Any:
-        # Before the union is tried: its branches would each say something beside the point.
-        if not isinstance(value, list):
-            return value
-        for i, part in enumerate(value):
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text":
-                continue
-            if not isinstance(kind, str):
-                raise ValueError(f'part {i} must be an object {{"type": "text", "text": "..."}}')
-            named = f"an '{kind}' part" if kind in NON_TEXT_PARTS else "a part that is not of type 'text'"
-            raise ValueError(
-                f"part {i} is {named}; this service takes text only: send the content as a string, or as "
-                'parts {"type": "text", "text": "..."}'
-            )
-        return value
-
-    def text(self) -> str:
-        """The message's content flattened to one string (text parts joined)."""
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.text for part in self.content)
 
 
 class StreamOptions(BaseModel):
@@ -260,80 +178,6 @@ class _Sampling(_Request):
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and bool(self.stream_options.include_usage)
-
-
-FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
-JsonSchemaDoc = Annotated[
-    dict[str, Any], Field(description="A JSON Schema; Hearth enforces it while generating (docs/api.md).")
-]
-
-
-class FunctionDefinition(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
-    name: FunctionName
-    description: Text | None = None
-    parameters: JsonSchemaDoc | None = Field(
-        default=None, description="The arguments' JSON Schema (an object); none means no arguments."
-    )
-    strict: bool | None = Field(
-        default=None,
-        description="The schema is always enforced; true also closes objects that allow nothing else "
-        "(additionalProperties false, as OpenAI's strict mode).",
-    )
-
-
-class Tool(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
-    type: Literal["function"]
-    function: FunctionDefinition
-
-
-class NamedFunction(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
-    name: FunctionName
-
-
-class NamedToolChoice(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
-    type: Literal["function"]
-    function: NamedFunction
-
-
-ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
-
-
-class JsonSchemaFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
-    name: FunctionName
-    description: Text | None = None
-    # Named schema_, as "schema" shadows a BaseModel attribute; the wire name stays "schema".
-    schema_: JsonSchemaDoc = Field(default_factory=dict, alias="schema")
-    strict: bool | None = Field(
-        default=None,
-        description="The schema is always enforced; true also closes objects that allow nothing else "
-        "(additionalProperties false, as OpenAI's strict mode).",
-    )
-
-
-class ResponseFormatText(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
-    type: Literal["text"]
-
-
-class ResponseFormatJsonObject(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
-    type: Literal["json_object"]
-
-
-class ResponseFormatJsonSchema(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
-    type: Literal["json_schema"]
-    json_schema: JsonSchemaFormat
-
-
-ResponseFormat = Annotated[
-    ResponseFormatText | ResponseFormatJsonObject | ResponseFormatJsonSchema, Field(discriminator="type")
-]
 
 
 class ChatCompletionRequest(_Sampling):
@@ -588,168 +432,3 @@ def parse_request(endpoint: str, body: Any) -> ChatCompletionRequest | Completio
         return REQUEST_MODELS[endpoint].model_validate(body)
     except ValidationError as exc:
         raise validation_error(exc) from None
-
-
-# ----- response schemas (documentation and tests; the hot path builds dicts) -----
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-FinishReason = Literal["stop", "length"]
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"]
-    content: str
-
-
-class TopLogprob(BaseModel):
-    token: str
-    logprob: float
-    bytes: list[int] | None
-
-
-class TokenLogprob(TopLogprob):
-    top_logprobs: list[TopLogprob]
-
-
-class ChoiceLogprobs(BaseModel):
-    content: list[TokenLogprob] | None
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: AssistantMessage
-    finish_reason: FinishReason
-    logprobs: ChoiceLogprobs | None = None
-
-
-class ChatCompletion(BaseModel):
-    id: str
-    object: Literal["chat.completion"]
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-
-
-class ChunkDelta(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class ChunkChoice(BaseModel):
-    index: int
-    delta: ChunkDelta
-    finish_reason: FinishReason | None
-    logprobs: ChoiceLogprobs | None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"]
-    created: int
-    model: str
-    choices: list[ChunkChoice]
-    usage: Usage | None = None
-
-
-class CompletionLogprobs(BaseModel):
-    """OpenAI's legacy shape: one entry per token in each list (echo: the prompt's first, the first
-    token's logprob and top_logprobs null)."""
-
-    tokens: list[str]
-    token_logprobs: list[float | None]
-    top_logprobs: list[dict[str, float] | None]
-    text_offset: list[int]
-
-
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    finish_reason: FinishReason | None
-    logprobs: CompletionLogprobs | None = None
-
-
-class FinishedCompletionChoice(CompletionChoice):
-    finish_reason: FinishReason
-
-
-class Completion(BaseModel):
-    id: str
-    object: Literal["text_completion"]
-    created: int
-    model: str
-    choices: list[FinishedCompletionChoice]
-    usage: Usage
-
-
-class CompletionChunk(BaseModel):
-    """One event of a streamed completion: OpenAI streams text_completion objects, with
-    ``finish_reason`` null until the last and ``usage`` only in the last, when asked for."""
-
-    id: str
-    object: Literal["text_completion"]
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"]
-    created: int
-    owned_by: str
-    context_length: int | None = Field(
-        description="Hearth extension: the model's context window in tokens (null if no node knows it yet)."
-    )
-
-
-class ModelList(BaseModel):
-    object: Literal["list"]
-    data: list[ModelCard]
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None
-    code: str | None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
-
-
-class DirectoryHead(BaseModel):
-    seq: int = Field(description="Entries so far; the next entry gets this number.")
-    hash: str = Field(description="The last entry's hash, 64 hex digits (64 zeros for an empty log).")
-
-
-class DirectoryEntry(BaseModel):
-    seq: int
-    prev: str = Field(description="The previous entry's hash.")
-    kind: Literal["certificate", "key", "revoke"]
-    doc: dict[str, Any]
-    at: int = Field(description="Unix time of the entry.")
-
-
-class DirectoryPage(BaseModel):
-    """``GET /v1/directory``: a page of the node directory's log (docs/protocol.md)."""
-
-    authority_key: str | None
-    head: DirectoryHead
-    entries: list[DirectoryEntry]
-    more: bool = Field(description="More entries follow: ask again with since=seq of the next one.")
-    placement: dict[str, list[str]] = Field(
-        description="Unsigned hint: the healthy nodes serving each model."
-    )
-
-
-class Health(BaseModel):
-    status: Literal["ok"]

@@ -20,13 +20,12 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from protocol.errors import InvalidRequest, ModelNotFound
+from protocol.messages import ChatMessage, Text
 from protocol.schemas import (
     MAX_MESSAGES,
     MAX_MODEL_ID_LENGTH,
     ChatCompletionRequest,
-    ChatMessage,
     CompletionRequest,
-    Text,
     parse_request,
     validation_error,
 )

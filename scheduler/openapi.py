@@ -44,19 +44,18 @@ from protocol.envelope import MEDIA_TYPE as ENVELOPE
 from protocol.federation import EnrollReply, EnrollRequest, HeartbeatReply, NodeStatus
 from protocol.frames import MEDIA_TYPE as FRAMES
 from protocol.policy import AdminEvent, CallerPolicy, PolicyState, PolicyUpdate
-from protocol.schemas import (
+from protocol.responses import (
     ChatCompletion,
     ChatCompletionChunk,
-    ChatCompletionRequest,
     Completion,
     CompletionChunk,
-    CompletionRequest,
     DirectoryPage,
     ErrorResponse,
     Health,
     ModelCard,
     ModelList,
 )
+from protocol.schemas import ChatCompletionRequest, CompletionRequest
 from protocol.terms import TermsAcceptRequest, TermsDocument, TermsStatusList
 from protocol.tokenizer import (
     DetokenizeRequest,

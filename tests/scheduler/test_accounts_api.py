@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from protocol.accounts import AuditLog, TokenList, TokenSecret, UsageReport
-from protocol.schemas import ErrorResponse
+from protocol.responses import ErrorResponse
 from scheduler.store import Store, TokenRecord, UsageRecord
 from tests.support import LoopThread, Stack, start_scheduler, stop_stack
 

@@ -27,7 +27,7 @@ from protocol.identity import (
     load_authority,
     sign_request,
 )
-from protocol.schemas import ErrorResponse
+from protocol.responses import ErrorResponse
 from scheduler.store import Store
 from tests.support import LoopThread, Stack, start_scheduler, stop_stack
 

@@ -26,7 +26,7 @@ from node.demo import DEMO_MODEL_ID
 from node.settings import ModelSettings, NodeSettings
 from protocol.admin import ModelAction
 from protocol.identity import Identity
-from protocol.schemas import ErrorResponse
+from protocol.responses import ErrorResponse
 from scheduler.openapi import openapi_document
 from scheduler.state import FEDERATION
 from scheduler.store import NodeRecord

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from protocol.schemas import ErrorResponse
+from protocol.responses import ErrorResponse
 from scheduler.store import Store
 from tests.support import LoopThread, Stack, certify_node, start_scheduler, stop_stack, wait_for
 

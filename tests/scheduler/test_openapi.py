@@ -61,6 +61,43 @@ def test_real_responses_match_their_schemas(stack: Stack) -> None:
     _validator("ErrorResponse").validate(err.json())
 
 
+TOOL = {"type": "function", "function": {"name": "pick", "parameters": {
+    "type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["n"],
+    "additionalProperties": False}}}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {
+            "tools": [TOOL],
+            "tool_choice": "required",
+            "parallel_tool_calls": False,
+        },  # tool calls: content null, tool_calls, "tool_calls"
+        {"logprobs": True, "top_logprobs": 2},
+        {"n": 2},
+    ],
+)
+def test_tool_calls_logprobs_and_choices_match_their_schemas(stack: Stack, extra: dict[str, object]) -> None:
+    h = {"Authorization": f"Bearer {stack.token}"}
+    body = {"model": "hearth-demo", "messages": MSG, "max_tokens": 120, "seed": 1, **extra}
+    whole = httpx.post(stack.api + "/chat/completions", json=body, headers=h, timeout=60).json()
+    _validator("ChatCompletion").validate(whole)
+    _, events = _stream(stack, "/chat/completions", {**body, "stream": True})
+    for event in events[:-1]:
+        _validator("ChatCompletionChunk").validate(json.loads(event))
+    if "tools" in extra:
+        assert (
+            whole["choices"][0]["message"]["tool_calls"]
+            and whole["choices"][0]["finish_reason"] == "tool_calls"
+        )
+        assert any(
+            "tool_calls" in json.loads(e)["choices"][0]["delta"]
+            for e in events[:-1]
+            if json.loads(e)["choices"]
+        )
+
+
 def _stream(stack: Stack, path: str, body: dict[str, object]) -> tuple[str, list[str]]:
     h = {"Authorization": f"Bearer {stack.token}"}
     with httpx.stream("POST", stack.api + path, headers=h, json=body, timeout=30) as r:

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from protocol.policy import PolicyState
-from protocol.schemas import ErrorResponse
+from protocol.responses import ErrorResponse
 from scheduler.openapi import openapi_document
 from tests.support import LoopThread, Stack, start_scheduler, stop_stack
 
