@@ -30,20 +30,19 @@ import math
 import random
 import secrets
 import time
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from protocol import frames
+from hearth.sealed_answer import Answer, derive_openers, open_stream
 from protocol.directory import MAX_DIRECTORY_BYTES, Directory, Head
 from protocol.envelope import (
     MAX_BODY_BYTES,
     Candidate,
     ResponseOpener,
-    response_secret,
     seal_request,
     to_wire,
 )
@@ -133,16 +132,6 @@ def relayed_headers(headers: Mapping[str, str]) -> dict[str, str]:
 
 def _request_id(headers: Mapping[str, str]) -> dict[str, str]:
     return {name: value for name, value in headers.items() if name.lower() == "x-request-id"}
-
-
-@dataclass(frozen=True)
-class Answer:
-    """A sealed request's answer: whether it streams, its plaintext payloads as they open, and the headers
-    of the scheduler's answer to pass on (``relayed_headers``)."""
-
-    stream: bool
-    payloads: AsyncGenerator[bytes, None]
-    headers: dict[str, str]
 
 
 @dataclass
@@ -385,7 +374,7 @@ class SealedClient:
             # Each candidate's response keys, derived while the request is on its way (the loop runs this
             # once the request is written), not after the answer's first frame has arrived.
             openers: dict[str, ResponseOpener] = {}
-            asyncio.get_running_loop().call_soon(_derive, openers, seed, request_id, chosen)
+            asyncio.get_running_loop().call_soon(derive_openers, openers, seed, request_id, chosen)
             try:
                 resp = await self.session.post(
                     self.scheduler_url + path, data=wire,
@@ -403,7 +392,7 @@ class SealedClient:
                     continue
                 raise scheduler_error(resp.status, refusal, resp.headers)
             names = {c.node_id for c in chosen}
-            payloads = _open_stream(resp, seed, request_id, names, openers)
+            payloads = open_stream(resp, seed, request_id, names, openers)
             return Answer(stream, payloads, relayed_headers(resp.headers))
         raise Unavailable(
             "the scheduler kept asking to re-seal; try again",
@@ -421,71 +410,6 @@ def _hints(raw: Any) -> dict[str, list[str]]:
         for model, nodes in raw.items()
         if isinstance(model, str) and isinstance(nodes, list)
     }
-
-
-def _derive(
-    openers: dict[str, ResponseOpener], seed: bytes, request_id: str, chosen: list[Candidate]
-) -> None:
-    for c in chosen:
-        openers.setdefault(
-            c.node_id, ResponseOpener(response_secret(seed, c.node_id, request_id), request_id)
-        )
-
-
-async def _open_stream(
-    resp: aiohttp.ClientResponse,
-    seed: bytes,
-    request_id: str,
-    candidates: set[str],
-    openers: dict[str, ResponseOpener],
-) -> AsyncGenerator[bytes, None]:
-    decoder = frames.FrameDecoder(max_payload=1024 * 1024)
-    opener: ResponseOpener | None = None
-    try:
-        async for chunk in resp.content.iter_any():
-            for frame in decoder.feed(chunk):
-                if frame.kind == frames.ROUTE:
-                    route = frame.json()
-                    node_id = route.get("node_id") if isinstance(route, dict) else None
-                    seq = route.get("seq") if isinstance(route, dict) else None
-                    if node_id not in candidates or type(seq) is not int:
-                        raise ProtocolError("the scheduler routed the answer to a node it was not sealed to")
-                    if opener is None:
-                        if seq != 0:
-                            raise ProtocolError("the answer does not start at its beginning")
-                        opener = openers.get(node_id) or ResponseOpener(
-                            response_secret(seed, node_id, request_id), request_id
-                        )
-                    else:
-                        opener.switch(response_secret(seed, node_id, request_id), at=seq)
-                elif frame.kind == frames.ERROR:
-                    err = frame.json()
-                    raise HearthError.from_body(
-                        int(err.get("status", 502)) if isinstance(err, dict) else 502, err
-                    )
-                elif frame.kind == frames.DATA:
-                    if opener is None:
-                        raise ProtocolError("an answer frame came before its route")
-                    yield opener.open(frame.payload, final=frame.final)
-                else:
-                    raise ProtocolError("an unexpected frame in a sealed answer")
-        if not decoder.finished:
-            raise _cut()  # the connection ended cleanly, but before the answer did
-        decoder.close()
-        if opener is None:
-            raise ProtocolError("the answer is empty")
-        opener.finish()
-    except (aiohttp.ClientError, TimeoutError):
-        raise _cut() from None
-    finally:
-        resp.close()
-
-
-def _cut() -> UpstreamFailed:
-    return UpstreamFailed(
-        "the connection to the scheduler broke mid-answer; the answer is incomplete",
-        code="scheduler_disconnected",
-    )
 
 
 def _loads(raw: bytes) -> Any:

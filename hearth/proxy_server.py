@@ -22,7 +22,8 @@ from typing import Any
 from aiohttp import web
 
 from hearth import proxy_forward
-from hearth.proxy import MAX_ANSWER_BYTES, Answer, SealedClient
+from hearth.proxy import MAX_ANSWER_BYTES, SealedClient
+from hearth.sealed_answer import Answer
 from protocol.envelope import MAX_BODY_BYTES
 from protocol.errors import HearthError, UpstreamFailed
 from protocol.schemas import Endpoint
