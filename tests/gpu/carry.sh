@@ -14,5 +14,6 @@ pip=("${PIP:-.venv/bin/pip}" download -q --no-deps -d .whl --only-binary=:all: -
 "${pip[@]}" exllamav2==0.3.2 websockets fastparquet cramjam \
   pydantic pydantic-core pydantic-settings python-dotenv typing-inspection annotated-types \
   cryptography cffi pycparser sqlite-utils sqlite-fts4 click-default-group zeroconf ifaddr \
-  openai jiter distro sniffio httpx2 httpcore2 truststore pytest-asyncio
+  openai jiter distro sniffio httpx2 httpcore2 truststore pytest-asyncio \
+  llguidance hypothesis sortedcontainers attrs jsonschema jsonschema-specifications referencing rpds-py
 ls .whl

@@ -14,7 +14,9 @@ import torch
 
 from node.backends.base import BatchBackend, Sequential
 from node.backends.transformers_backend import TransformersBackend
-from tests.node.logprob_contract import LOGPROB_CONTRACT, Reference
+from tests.node.logprob_contract import EXACT, GPU_TOLERANCE, LOGPROB_CONTRACT, Reference, Tolerance
+
+Check = Callable[[BatchBackend, Reference, Tolerance], None]
 
 
 @pytest.fixture(scope="module")
@@ -35,12 +37,16 @@ def transformers_reference(backend: TransformersBackend) -> Reference:
     return reference
 
 
+# The GPU run's looser reading (tests/gpu/test_features.py) is checked here too, where it must pass as well.
+@pytest.mark.parametrize("tol", [EXACT, GPU_TOLERANCE], ids=["exact", "gpu-tolerance"])
 @pytest.mark.parametrize("sequences", [1, 3])
 @pytest.mark.parametrize("check", LOGPROB_CONTRACT, ids=lambda c: c.__name__)
 def test_the_transformers_backend_meets_the_logprob_contract(
-    reference_backend: TransformersBackend, sequences: int, check: Callable[[BatchBackend, Reference], None]
+    reference_backend: TransformersBackend, sequences: int, check: Check, tol: Tolerance
 ) -> None:
-    check(Sequential(reference_backend, max_sequences=sequences), transformers_reference(reference_backend))
+    check(
+        Sequential(reference_backend, max_sequences=sequences), transformers_reference(reference_backend), tol
+    )
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +66,7 @@ def _exllamav2_on_a_cpu() -> Iterator[None]:
 @pytest.mark.parametrize(("paged", "sequences"), [(True, 4), (False, 1)], ids=["paged", "unpaged"])
 @pytest.mark.parametrize("check", LOGPROB_CONTRACT, ids=lambda c: c.__name__)
 def test_the_exllamav2_backend_meets_the_logprob_contract(
-    demo_model_dir: Path, paged: bool, sequences: int, check: Callable[[BatchBackend, Reference], None]
+    demo_model_dir: Path, paged: bool, sequences: int, check: Check
 ) -> None:
     from tests.node import exllamav2_cpu
 
@@ -74,6 +80,6 @@ def test_the_exllamav2_backend_meets_the_logprob_contract(
         return torch.log_softmax(model.table[list(ids)][:, :vocab].double(), dim=-1)
 
     try:
-        check(backend, reference)
+        check(backend, reference, EXACT)
     finally:
         backend.close()
