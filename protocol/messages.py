@@ -107,6 +107,14 @@ JsonSchemaDoc = Annotated[
     dict[str, Any], Field(description="A JSON Schema; Hearth enforces it while generating (docs/api.md).")
 ]
 
+Strict = Annotated[
+    bool | None,
+    Field(
+        description="The schema is always enforced; true also closes objects that allow nothing else "
+        "(additionalProperties false, as OpenAI's strict mode)."
+    ),
+]
+
 
 class FunctionDefinition(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
@@ -115,11 +123,7 @@ class FunctionDefinition(BaseModel):
     parameters: JsonSchemaDoc | None = Field(
         default=None, description="The arguments' JSON Schema (an object); none means no arguments."
     )
-    strict: bool | None = Field(
-        default=None,
-        description="The schema is always enforced; true also closes objects that allow nothing else "
-        "(additionalProperties false, as OpenAI's strict mode).",
-    )
+    strict: Strict = None
 
 
 class Tool(BaseModel):
@@ -148,11 +152,7 @@ class JsonSchemaFormat(BaseModel):
     description: Text | None = None
     # Named schema_, as "schema" shadows a BaseModel attribute; the wire name stays "schema".
     schema_: JsonSchemaDoc = Field(default_factory=dict, alias="schema")
-    strict: bool | None = Field(
-        default=None,
-        description="The schema is always enforced; true also closes objects that allow nothing else "
-        "(additionalProperties false, as OpenAI's strict mode).",
-    )
+    strict: Strict = None
 
 
 class ResponseFormatText(BaseModel):

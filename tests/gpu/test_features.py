@@ -17,7 +17,7 @@ import pytest
 from node.backends.base import BatchBackend
 from tests.gpu.gpu_model import build_gpu_model, exllamav2_missing
 from tests.node.logprob_contract import GPU_TOLERANCE, LOGPROB_CONTRACT, Reference, Tolerance
-from tests.node.test_constrain_exllamav2 import SCHEMAS, _run_together
+from tests.node.test_constrain_exllamav2 import SAMPLINGS, SCHEMAS, _run_together
 
 missing = exllamav2_missing()
 pytestmark = pytest.mark.skipif(missing is not None, reason=f"exllamav2 cannot run: {missing}")
@@ -62,11 +62,7 @@ def test_exllamav2_meets_the_logprob_contract_on_a_gpu(
     check(backend, reference, GPU_TOLERANCE)
 
 
-@pytest.mark.parametrize(
-    "sampling",
-    [{"temperature": 0.0}, {"temperature": 1.0}, {"temperature": 0.7, "top_k": 40, "ignore_eos": True}],
-    ids=["greedy", "sampled", "ignore_eos"],
-)
+@SAMPLINGS
 def test_batched_sequences_each_follow_their_own_schema_on_a_gpu(
     backend: BatchBackend, sampling: dict[str, Any]
 ) -> None:

@@ -74,11 +74,14 @@ def _run_together(backend: Any, schemas: list[dict[str, Any]], **sampling: Any) 
     return answers
 
 
-@pytest.mark.parametrize(
+SAMPLINGS = pytest.mark.parametrize(
     "sampling",
     [{"temperature": 0.0}, {"temperature": 1.0}, {"temperature": 0.7, "top_k": 40, "ignore_eos": True}],
     ids=["greedy", "sampled", "ignore_eos"],
 )
+
+
+@SAMPLINGS
 def test_batched_sequences_each_follow_their_own_schema(
     demo_model_dir: Path, sampling: dict[str, Any]
 ) -> None:
