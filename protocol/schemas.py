@@ -82,7 +82,24 @@ StopField = Annotated[
 ]
 
 
+# vLLM's own ways to constrain an answer: Hearth constrains through response_format (and tools), so these are
+# refused by name rather than ignored with the other unknown fields, which would answer unconstrained.
+VLLM_CONSTRAINTS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
+
+
 class _Sampling(_Request):
+    @model_validator(mode="before")
+    @classmethod
+    def _no_vllm_constraints(cls, data: Any) -> Any:
+        for name in VLLM_CONSTRAINTS:
+            if isinstance(data, dict) and data.get(name) is not None:
+                raise InvalidRequest(
+                    f"invalid request: '{name}' (vLLM's) is not supported: constrain the answer with "
+                    "response_format (json_object or json_schema)",
+                    param=name,
+                )
+        return data
+
     model: str = Field(
         min_length=1, max_length=MAX_MODEL_ID_LENGTH, description="A model id from /v1/models."
     )

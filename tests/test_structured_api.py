@@ -257,6 +257,34 @@ def test_completions_echo_the_prompt_before_the_held_answer(client: openai.OpenA
         assert isinstance(json.loads(text.removeprefix("JSON:")), dict)
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("guided_json", {"type": "object"}),
+        ("guided_regex", "[a-z]+"),
+        ("guided_choice", ["yes", "no"]),
+        ("guided_grammar", 'root ::= "a"'),
+        ("structured_outputs", {"choice": ["yes", "no"]}),
+    ],
+)
+@pytest.mark.parametrize("endpoint", ["chat", "completion"])
+def test_vllms_own_constraints_are_refused_not_ignored(
+    client: openai.OpenAI, endpoint: str, field: str, value: Any
+) -> None:
+    def send() -> object:
+        if endpoint == "chat":
+            return client.chat.completions.create(
+                model=MODEL, messages=ASK, max_tokens=4, extra_body={field: value}
+            )
+        return client.completions.create(model=MODEL, prompt="hi", max_tokens=4, extra_body={field: value})
+
+    with pytest.raises(openai.BadRequestError) as refused:
+        send()
+    error = refused.value.body
+    assert isinstance(error, dict)
+    assert error["param"] == field and "response_format" in error["message"], error
+
+
 @pytest.mark.parametrize("field", ["tools", "tool_choice", "functions", "function_call"])
 def test_completions_refuse_tools(client: openai.OpenAI, field: str) -> None:
     value: Any = [WEATHER] if field in ("tools", "functions") else "auto"
