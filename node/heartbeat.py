@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
+from node.state import VERSION, NodeState
 from protocol.errors import HearthError
 from protocol.federation import MAX_RECEIPTS, HeartbeatReply, parse
 from protocol.identity import fingerprint, sign_request
@@ -28,7 +29,6 @@ from protocol.web import is_loopback, log_unexpected, read_capped
 
 if TYPE_CHECKING:
     from hardware.probe import NodeProbe
-    from node.app import NodeState
     from node.settings import NodeSettings
     from protocol.advert import Advert
 
@@ -70,7 +70,7 @@ def status_doc(state: NodeState) -> dict[str, Any]:
     pool = state.pool
     return {
         "node_id": state.settings.node_id,
-        "version": _version(),
+        "version": VERSION,
         "url": state.url or "http://unknown",
         "tier": (state.trust.enrollment.tier if state.trust.enrollment else state.settings.tier),
         "gpus": pool.gpus,
@@ -83,12 +83,6 @@ def status_doc(state: NodeState) -> dict[str, Any]:
         "key_statement": state.keys.current()[1],
         "alarm": state.key_alarm,
     }
-
-
-def _version() -> str:
-    from node.app import VERSION
-
-    return VERSION
 
 
 async def heartbeat_loop(state: NodeState) -> None:
@@ -252,7 +246,7 @@ def advert(state: NodeState) -> Advert:
     port = int((state.url or ":0").rsplit(":", 1)[1].split("/")[0] or 0)
     return Advert(
         node_id=state.settings.node_id,
-        version=_version(),
+        version=VERSION,
         port=port,
         tier=enrollment.tier if enrollment else state.settings.tier,
         fingerprint=state.trust.identity.fingerprint,

@@ -31,7 +31,7 @@ from node.settings import OwnerFirstSettings
 
 if TYPE_CHECKING:
     from hardware.probe import NodeProbe
-    from node.app import NodeState
+    from node.state import NodeState  # which holds an OwnerFirst: the type alone, no import at run time
 
 log = logging.getLogger("hearth.node.owner")
 

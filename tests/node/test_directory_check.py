@@ -12,9 +12,10 @@ from typing import Any
 
 from aiohttp import web
 
-from node.app import STATE, start_node
+from node.app import start_node
 from node.heartbeat import status_doc
 from node.settings import NodeSettings
+from node.state import STATE
 from node.trust import Enrollment, Trust
 from protocol.directory import EMPTY, GENESIS, Head, entry_hash, make_entry
 from protocol.identity import Identity, init_authority, issue_certificate
