@@ -25,15 +25,26 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import PurePath
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
 
 from node.settings import OwnerFirstSettings
 
 if TYPE_CHECKING:
     from hardware.probe import NodeProbe
-    from node.state import NodeState  # which holds an OwnerFirst: the type alone, no import at run time
+    from node.pool import ModelPool
 
 log = logging.getLogger("hearth.node.owner")
+
+
+class Served(Protocol):
+    """What yielding needs of the node: its models, and a way to say its status changed (node.state's
+    NodeState is one; the owner-first part never sees the rest)."""
+
+    @property
+    def pool(self) -> ModelPool: ...
+
+    def touch(self) -> None: ...
+
 
 DAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 _WINDOW = re.compile(
@@ -221,7 +232,7 @@ class OwnerFirst:
             self.settings.owner_processes or self.settings.vram_ceiling is not None
         )
 
-    async def check(self, node: NodeState) -> None:
+    async def check(self, node: Served) -> None:
         if not self.enabled:
             return
         found = await asyncio.to_thread(self._probe) if self._needs_probe() and self._probe else None
@@ -255,7 +266,7 @@ class OwnerFirst:
         if self.phase == "yielding":
             self._drain(node, now)
 
-    def _drain(self, node: NodeState, now: float) -> None:
+    def _drain(self, node: Served, now: float) -> None:
         pool = node.pool
         waited = now - self._yielded_at
         if pool.load and waited >= self.settings.drain_seconds:
@@ -278,7 +289,7 @@ class OwnerFirst:
                 )
             node.touch()
 
-    def _resume(self, node: NodeState) -> None:
+    def _resume(self, node: Served) -> None:
         self.phase, self.reasons, self.since, self._clear_since = "serving", (), None, None
         for model_id in self.released:
             try:
@@ -305,14 +316,14 @@ class OwnerFirst:
             "released": list(self.released),
         }
 
-    async def look(self, node: NodeState) -> None:
+    async def look(self, node: Served) -> None:
         """``check``, logging a failure instead of raising it: a probe that fails now may work next time."""
         try:
             await self.check(node)
         except Exception as exc:
             log.error("owner-first check failed: %s: %s", type(exc).__name__, exc)
 
-    async def run(self, node: NodeState) -> None:
+    async def run(self, node: Served) -> None:
         while True:
             await self.look(node)
             await asyncio.sleep(self.settings.check_interval)
