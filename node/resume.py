@@ -25,7 +25,7 @@ from typing import Any
 from node.constrain import CALL_CLOSE, CALL_OPEN
 from protocol.envelope import EnvelopeError
 
-_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a function's name (protocol.schemas)
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a function's name (protocol.messages)
 _CALL_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # node.tool_calls writes call_ + 24 hex digits
 
 

@@ -21,7 +21,7 @@ from node.resume import Resume
 from node.runner import TokenLogprob
 from protocol.schemas import ChatCompletionRequest, CompletionRequest, Endpoint
 
-# Function names are [A-Za-z0-9_-]{1,64} (protocol.schemas): nothing in them needs escaping.
+# Function names are [A-Za-z0-9_-]{1,64} (protocol.messages): nothing in them needs escaping.
 _HEAD = re.compile(r'\{"name":"([A-Za-z0-9_-]{1,64})","arguments":')
 
 
