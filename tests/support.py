@@ -222,10 +222,16 @@ async def start_stack(
     stack = await start_scheduler(data_dir, **(scheduler or {}))
     stack.node_id = node_settings.node_id
     node_settings = node_settings.model_copy(update={"scheduler_url": stack.base_url})
-    node_runner, stack.node_url, _ = await start_node(node_settings, trust=trust, loader=loader, probe=probe)
-    stack.runners.append(node_runner)
-    if wait_ready:
-        await wait_for(lambda: _ready(stack, [m.model_id for m in models]), within=60)
+    try:
+        node_runner, stack.node_url, _ = await start_node(
+            node_settings, trust=trust, loader=loader, probe=probe
+        )
+        stack.runners.append(node_runner)
+        if wait_ready:
+            await wait_for(lambda: _ready(stack, [m.model_id for m in models]), within=60)
+    except BaseException:
+        await stop_stack(stack)  # a stack that never came up still listens: close it, not the collector
+        raise
     return stack
 
 
@@ -451,8 +457,13 @@ async def start_sealed_stack(
         await client.refresh(force=True)
         return all(stack.node_id in client.hints.get(m.model_id, []) for m in models)
 
-    await wait_for(has_keys, within=60, interval=0.2)
-    runner, url = await serve(client, "127.0.0.1", 0)
+    try:
+        await wait_for(has_keys, within=60, interval=0.2)
+        runner, url = await serve(client, "127.0.0.1", 0)
+    except BaseException:
+        await session.close()
+        await stop_stack(stack)
+        raise
     stack.runners.insert(0, runner)
     stack.tasks.append(asyncio.ensure_future(_close_when_cancelled(session)))
     return SealedStack(stack, url + "/v1")

@@ -9,6 +9,7 @@ every connection the process opens during a test is recorded (an audit hook) and
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -84,6 +85,32 @@ def sealed(
     servers.call(stop_stack(env.stack))
 
 
+@pytest.fixture
+def http() -> Iterator[openai.DefaultHttpxClient]:
+    """The HTTP client a test hands its library, closed when the test ends: a library's own client lives in
+    a module-wide cache, its connections open, until the process exits."""
+    with openai.DefaultHttpxClient() as client:
+        yield client
+
+
+@pytest.fixture
+def litellm_owned(http: openai.DefaultHttpxClient, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """LiteLLM sends through `http`, and its blocking calls find an event loop this test closes.
+
+    A blocking `litellm.completion` times itself on the thread's event loop; where the thread has none,
+    asyncio makes one that nobody closes, and it is collected later, inside another test, as unclosed
+    sockets (its self-pipe)."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    monkeypatch.setattr(litellm, "client_session", http)
+    try:
+        yield
+    finally:
+        litellm.in_memory_llm_clients_cache.flush_cache()  # its cached clients send through `http`, closed
+        asyncio.set_event_loop(None)
+        loop.close()
+
+
 @pytest.fixture(params=["plain", "sealed"])
 def endpoint(request: pytest.FixtureRequest) -> tuple[str, str]:
     """(base URL ending in /v1, API key) as a user would give them to a library."""
@@ -94,9 +121,9 @@ def endpoint(request: pytest.FixtureRequest) -> tuple[str, str]:
     return env.url, "unused-locally"
 
 
-def _chat(endpoint: tuple[str, str], **kwargs: Any) -> ChatOpenAI:
+def _chat(endpoint: tuple[str, str], http: openai.DefaultHttpxClient, **kwargs: Any) -> ChatOpenAI:
     url, key = endpoint
-    return ChatOpenAI(model=MODEL, base_url=url, api_key=key, max_retries=0, **kwargs)  # type: ignore[arg-type]
+    return ChatOpenAI(model=MODEL, base_url=url, api_key=key, max_retries=0, http_client=http, **kwargs)  # type: ignore[arg-type]
 
 
 # ----- LangChain -----
@@ -129,10 +156,14 @@ class Note(BaseModel):
     ],
 )
 def test_langchain_structured_output_returns_a_validated_object(
-    endpoint: tuple[str, str], method: str, schema: type[BaseModel], options: dict[str, Any]
+    endpoint: tuple[str, str],
+    http: openai.DefaultHttpxClient,
+    method: str,
+    schema: type[BaseModel],
+    options: dict[str, Any],
 ) -> None:
     # Greedy: json_mode leaves the object's contents to the model, and the random one then closes it at once.
-    llm = _chat(endpoint, max_tokens=ROOM, seed=1, temperature=0.0)
+    llm = _chat(endpoint, http, max_tokens=ROOM, seed=1, temperature=0.0)
     structured = llm.with_structured_output(schema, method=method, include_raw=True, **options)  # type: ignore[arg-type]
     result = structured.invoke("The weather in Oslo, as JSON.")
     assert isinstance(result, dict) and result["parsing_error"] is None, result
@@ -153,8 +184,10 @@ class Tags(BaseModel):
     tags: set[int]  # pydantic writes "uniqueItems": true, which Hearth cannot enforce while generating
 
 
-def test_langchain_gets_hearths_400_for_a_schema_it_cannot_enforce(endpoint: tuple[str, str]) -> None:
-    structured = _chat(endpoint, max_tokens=ROOM).with_structured_output(Tags, method="json_schema")
+def test_langchain_gets_hearths_400_for_a_schema_it_cannot_enforce(
+    endpoint: tuple[str, str], http: openai.DefaultHttpxClient
+) -> None:
+    structured = _chat(endpoint, http, max_tokens=ROOM).with_structured_output(Tags, method="json_schema")
     with pytest.raises(openai.BadRequestError) as refused:
         structured.invoke("Some tags, please.")
     assert refused.value.status_code == 400 and "uniqueItems" in str(refused.value)
@@ -166,8 +199,8 @@ def get_weather(city: Literal["Paris", "Oslo"], days: Annotated[int, Field(ge=1,
     return f"{days} days of sun in {city}"
 
 
-def test_langchain_tool_loop(endpoint: tuple[str, str]) -> None:
-    llm = _chat(endpoint, max_tokens=ROOM, seed=2)
+def test_langchain_tool_loop(endpoint: tuple[str, str], http: openai.DefaultHttpxClient) -> None:
+    llm = _chat(endpoint, http, max_tokens=ROOM, seed=2)
     messages: list[BaseMessage] = [HumanMessage("What is the weather in Oslo this week?")]
     asked = llm.bind_tools([get_weather], tool_choice="get_weather", strict=True).invoke(messages)
     assert isinstance(asked, AIMessage) and asked.response_metadata["finish_reason"] == "tool_calls"
@@ -184,8 +217,10 @@ def test_langchain_tool_loop(endpoint: tuple[str, str]) -> None:
     assert final.usage_metadata is not None and final.usage_metadata["output_tokens"] > 0
 
 
-def test_langchain_streams_a_tool_call_it_can_assemble(endpoint: tuple[str, str]) -> None:
-    llm = _chat(endpoint, max_tokens=ROOM, seed=2).bind_tools(
+def test_langchain_streams_a_tool_call_it_can_assemble(
+    endpoint: tuple[str, str], http: openai.DefaultHttpxClient
+) -> None:
+    llm = _chat(endpoint, http, max_tokens=ROOM, seed=2).bind_tools(
         [get_weather], tool_choice="get_weather", strict=True
     )
     chunks = list(llm.stream("What is the weather in Paris?"))
@@ -220,6 +255,7 @@ def _litellm(endpoint: tuple[str, str], **kwargs: Any) -> Any:
     )
 
 
+@pytest.mark.usefixtures("litellm_owned")
 def test_litellm_tool_calls(endpoint: tuple[str, str]) -> None:
     r = _litellm(endpoint)
     choice = r.choices[0]
@@ -230,6 +266,7 @@ def test_litellm_tool_calls(endpoint: tuple[str, str]) -> None:
     assert r.usage.completion_tokens > 0
 
 
+@pytest.mark.usefixtures("litellm_owned")
 def test_litellm_streamed_tool_calls(endpoint: tuple[str, str]) -> None:
     chunks = list(_litellm(endpoint, stream=True))
     calls: dict[int, dict[str, str]] = {}
@@ -258,6 +295,7 @@ def test_litellm_streamed_tool_calls(endpoint: tuple[str, str]) -> None:
 @pytest.mark.filterwarnings(
     "ignore:Accessing the 'model_(computed_)?fields' attribute on the instance:DeprecationWarning"
 )
+@pytest.mark.usefixtures("litellm_owned")
 def test_litellm_streams_text_with_usage_and_passes_on_a_400(endpoint: tuple[str, str]) -> None:
     url, key = endpoint
     common: dict[str, Any] = {
