@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from node.backends.base import SamplingParams, vocab_size
-from node.constrain import request_constraint
+from node.constrain import request_constraint, token_bytes
 from node.context import fit_messages, fit_prompt
 from node.pool import ModelSlot
 from node.rules import course_messages, course_prompt, within_budget
@@ -141,6 +141,10 @@ def prepare_choices(
             "an answer of several choices, or with echo, cannot be resumed on another node", param="n"
         )
     backend = runner.backend
+    if req.top_count is not None:
+        # The tokens' own bytes (logprobs' "bytes") come from llguidance's reading of the tokenizer, built
+        # once per model: here, off the loop and off the generation thread, not at the first token.
+        token_bytes(backend)
     size = vocab_size(backend)
     if size is not None and any(token >= size for token, _ in req.biases()):
         raise InvalidRequest(
